@@ -1,0 +1,387 @@
+//! Contracts between the XDP program (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Everything a map holds is defined here, once, as `#[repr(C)]` with explicit padding and
+//! compile-time size/offset asserts, so both sides agree byte for byte. The flow hash lives here
+//! too, so userspace can predict which route (and node) a flow maps to.
+//!
+//! Byte order: addresses and ports are stored exactly as they appear on the wire (network
+//! order). Hash inputs are the raw wire bytes read as little-endian `u32` words; both the BPF
+//! target (`bpfel`) and the supported hosts are little-endian.
+#![no_std]
+
+pub mod hash;
+
+pub use hash::{addr_hash_v4, addr_hash_v6, flow_hash_v4, flow_hash_v6, route_index};
+
+// ---------------------------------------------------------------------------------------------
+// Map names (the contract between the ELF and the loader).
+// ---------------------------------------------------------------------------------------------
+
+/// Program section names.
+pub const PROG_BALANCER: &str = "lb_balancer";
+pub const PROG_DECAP: &str = "lb_decap";
+
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+pub const MAP_ROUTES: &str = "ROUTES";
+pub const MAP_NODES: &str = "NODES";
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_STATS: &str = "STATS";
+pub const MAP_DROPS: &str = "DROPS";
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+pub const MAP_NODE_STATS: &str = "NODE_STATS";
+pub const MAP_ROUTE_STATS: &str = "ROUTE_STATS";
+pub const MAP_DECAP_VIPS: &str = "DECAP_VIPS";
+pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
+
+// ---------------------------------------------------------------------------------------------
+// Limits. Map sizes compiled into the ELF are maxima; the loader may shrink them from config.
+// ---------------------------------------------------------------------------------------------
+
+/// Most VIPs (entries of `VIPS`, and the bound of a VIP index).
+pub const MAX_VIPS: u32 = 1024;
+/// Most nodes (entries of `NODES`, and the bound of a node index).
+pub const MAX_NODES: u32 = 4096;
+/// Most route IDs one VIP may have.
+pub const MAX_ROUTES_PER_VIP: u32 = 65536;
+/// Default route IDs per VIP: with 65536 routes each of 500 equal nodes owns 131 or 132, so
+/// the worst imbalance is under 1%.
+pub const DEFAULT_ROUTES_PER_VIP: u32 = 65536;
+/// Default capacity of `ROUTES` (entries): two generations of 16 default-sized VIPs.
+pub const DEFAULT_ROUTE_SLOTS: u32 = 16 * 2 * DEFAULT_ROUTES_PER_VIP;
+/// Default capacity of `CONNTRACK`.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+/// `VIP_FILTER` is a bitmap of this many `u64` words (65536 bits).
+pub const VIP_FILTER_WORDS: u32 = 1024;
+/// Most VIPs the node-side decap program recognises.
+pub const MAX_DECAP_VIPS: u32 = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Address families and protocols as stored in keys.
+// ---------------------------------------------------------------------------------------------
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+/// `VipKey::proto` of an address marker.
+pub const PROTO_ANY: u8 = 0;
+
+// ---------------------------------------------------------------------------------------------
+// VIPS: (vip address, port, protocol) -> VipMeta.
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `VIPS`. An IPv4 address sits in `addr[0..4]` with the rest zero.
+/// A key with `port == 0` is a wildcard entry: see [`VIP_F_FRAG_ONLY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// VIP address, wire order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Destination port, network byte order (as read from the packet).
+    pub port: u16,
+    /// IP protocol (6 TCP, 17 UDP).
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// Forwarding mode in `VipMeta::flags` bits 0..4.
+pub const VIP_F_MODE_MASK: u32 = 0xf;
+/// dsr-l2: rewrite MACs and `XDP_TX`; the node holds the VIP on loopback.
+pub const VIP_MODE_DSR_L2: u32 = 0;
+/// ipip: IPIP / IP6IP6 to the node, sent to the configured gateway MAC.
+pub const VIP_MODE_IPIP: u32 = 1;
+/// Hash on the source address only (client affinity) instead of the 5-tuple.
+pub const VIP_F_HASH_SRC: u32 = 1 << 4;
+/// A wildcard (`port == 0`) entry that exists only so fragments, which carry no ports after
+/// the first, find their VIP's table; unfragmented traffic ignores it.
+pub const VIP_F_FRAG_ONLY: u32 = 1 << 5;
+/// An address marker (`port == 0`, `proto == PROTO_ANY`): "this address is a VIP address", so
+/// malformed packets to it are dropped and counted instead of passed. Holds no route table.
+pub const VIP_F_ADDR_MARKER: u32 = 1 << 6;
+
+/// Value of `VIPS`. Replaced whole by userspace, so a reader sees either the old or the new
+/// table generation, never a mix (the atomic table switch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into the per-VIP counter arrays, `< MAX_VIPS`.
+    pub index: u32,
+    /// `VIP_F_*` bits and the forwarding mode.
+    pub flags: u32,
+    /// First entry of this VIP's active route table in `ROUTES`.
+    pub route_offset: u32,
+    /// Route IDs in the table (N); never 0 for a live VIP.
+    pub route_count: u32,
+}
+
+impl VipMeta {
+    #[inline(always)]
+    pub const fn mode(&self) -> u32 {
+        self.flags & VIP_F_MODE_MASK
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ROUTES: flat array of route entries; each VIP owns two slices (generations) of N entries.
+// ---------------------------------------------------------------------------------------------
+
+/// The route may have flows on a previous owner: consult `CONNTRACK` for established traffic.
+/// Routes without it need no connection-table lookup (their owner is authoritative).
+pub const ROUTE_F_MOVED: u32 = 1;
+
+/// Value of `ROUTES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// Index into `NODES` of the route's owner.
+    pub node: u32,
+    /// `ROUTE_F_*` bits.
+    pub flags: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// NODES: node index -> where to send.
+// ---------------------------------------------------------------------------------------------
+
+/// Not in service (also what an unused, zeroed slot reads as).
+pub const NODE_DOWN: u8 = 0;
+/// Takes new and tracked flows.
+pub const NODE_ACTIVE: u8 = 1;
+/// Keeps its tracked flows, takes no new ones.
+pub const NODE_DRAINING: u8 = 2;
+
+/// Value of `NODES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// IPv6 address (ipip mode, IPv6 VIPs), wire order; zero when the node has none.
+    pub addr6: [u8; 16],
+    /// IPv4 address (ipip mode, IPv4 VIPs), wire order; zero when the node has none.
+    pub addr4: [u8; 4],
+    /// Node MAC (dsr-l2 destination).
+    pub mac: [u8; 6],
+    /// `NODE_DOWN`, `NODE_ACTIVE` or `NODE_DRAINING`.
+    pub state: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+
+// ---------------------------------------------------------------------------------------------
+// CONNTRACK: flow -> node (LRU).
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `CONNTRACK`: the client-to-VIP 5-tuple. IPv4 addresses in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address, wire order.
+    pub src: [u8; 16],
+    /// VIP address, wire order.
+    pub dst: [u8; 16],
+    /// Client port, network order.
+    pub sport: u16,
+    /// VIP port, network order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// A TCP FIN was seen on the flow.
+pub const CT_F_FIN: u32 = 1;
+/// A TCP RST was seen on the flow.
+pub const CT_F_RST: u32 = 2;
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Index into `NODES` of the flow's node.
+    pub node: u32,
+    /// The VIP's index (lets userspace count flows per VIP/node without parsing keys).
+    pub vip: u32,
+    /// Coarse last-seen time: `bpf_ktime_get_coarse_ns() >> CT_TIME_SHIFT` (~1.07 s units);
+    /// refreshed only when stale, so the hot path rarely writes.
+    pub last_seen: u32,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+}
+
+/// Shift from nanoseconds to `CtEntry::last_seen` units.
+pub const CT_TIME_SHIFT: u32 = 30;
+
+// ---------------------------------------------------------------------------------------------
+// CONFIG: one global entry.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Next-hop MAC for ipip-encapsulated frames.
+    pub gw_mac: [u8; 6],
+    /// Largest L3 packet the path to nodes carries; ipip packets that would exceed it after
+    /// encapsulation get ICMP frag-needed / packet-too-big instead. 0 disables the check.
+    pub mtu: u16,
+    /// IPv4 outer-source base for ipip: the source is `base | (flow_hash & mask)` (wire order).
+    pub ipip_src4: [u8; 4],
+    /// Host-bits mask applied to the flow hash for the IPv4 outer source (wire order).
+    pub ipip_src4_mask: [u8; 4],
+    /// IPv6 outer-source prefix; its last 4 bytes are replaced by the flow hash.
+    pub ipip_src6: [u8; 16],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters. All are per-CPU arrays of u64 (or `TrafficCounter`), summed by userspace.
+// ---------------------------------------------------------------------------------------------
+
+/// Packet and byte counts (value of `VIP_STATS` and `NODE_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Index into `STATS`: verdicts and data-plane events.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Not for a VIP: passed untouched.
+    Pass = 0,
+    /// Forwarded with `XDP_TX`.
+    Tx = 1,
+    /// Dropped (reason in `DROPS`).
+    Drop = 2,
+    /// A new flow recorded in `CONNTRACK`.
+    CtInsert = 3,
+    /// A `CONNTRACK` lookup found the flow.
+    CtHit = 4,
+    /// A `CONNTRACK` lookup missed (route owner used).
+    CtMiss = 5,
+    /// A tracked flow's node was down: re-routed and the entry rewritten.
+    CtReroute = 6,
+    /// ICMP/ICMPv6 error about a VIP flow forwarded to the flow's node.
+    IcmpForward = 7,
+    /// ipip packet too big: ICMP frag-needed / packet-too-big sent back.
+    PmtuReply = 8,
+    /// IPv4 fragment routed by addresses and protocol.
+    Fragment = 9,
+    /// Packets encapsulated (ipip mode).
+    Encap = 10,
+    /// A tracked flow stayed on its draining node.
+    DrainKeep = 11,
+}
+
+pub const STAT_COUNT: u32 = 12;
+
+/// Index into `DROPS`: why a VIP packet was dropped.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// 802.1Q tag cut short.
+    TruncatedVlan = 0,
+    /// IPv4 header cut short or IHL < 5.
+    BadIpv4Header = 1,
+    /// IPv4 total length inconsistent with the frame or header.
+    BadIpv4Length = 2,
+    /// IPv6 header cut short.
+    BadIpv6Header = 3,
+    /// IPv6 payload length inconsistent with the frame.
+    BadIpv6Length = 4,
+    /// TCP header cut short or data offset < 5.
+    BadTcpHeader = 5,
+    /// UDP header cut short or its length inconsistent.
+    BadUdpHeader = 6,
+    /// ICMP error too short to hold the embedded header.
+    BadIcmp = 7,
+    /// The route's owner is down and the flow has no live node.
+    NoBackend = 8,
+    /// ipip packet too big after encapsulation and without DF (so no frag-needed reply).
+    TooBig = 9,
+    /// A kernel helper (adjust head/tail) failed.
+    HelperFailed = 10,
+    /// The VIP has no route table (`route_count == 0`) or its table entry is missing.
+    NoRoute = 11,
+}
+
+pub const DROP_REASON_COUNT: u32 = 12;
+
+/// Index into `DECAP_STATS` (node-side decap program).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapStat {
+    /// Encapsulated packet for a configured VIP: outer header stripped.
+    Decapsulated = 0,
+    /// Encapsulated, but the inner destination is not a configured VIP: passed untouched.
+    NotOurs = 1,
+    /// Malformed encapsulated packet: dropped.
+    Malformed = 2,
+    /// Not encapsulated: passed untouched.
+    Pass = 3,
+}
+
+pub const DECAP_STAT_COUNT: u32 = 4;
+
+/// Key of `DECAP_VIPS` (node side): a VIP address; IPv4 in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapKey {
+    /// VIP address, wire order.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout asserts.
+// ---------------------------------------------------------------------------------------------
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<VipKey>() == 20);
+    assert!(offset_of!(VipKey, port) == 16);
+    assert!(offset_of!(VipKey, proto) == 18);
+    assert!(offset_of!(VipKey, family) == 19);
+    assert!(size_of::<VipMeta>() == 16);
+    assert!(offset_of!(VipMeta, route_offset) == 8);
+    assert!(size_of::<RouteEntry>() == 8);
+    assert!(size_of::<NodeEntry>() == 28);
+    assert!(offset_of!(NodeEntry, addr4) == 16);
+    assert!(offset_of!(NodeEntry, mac) == 20);
+    assert!(offset_of!(NodeEntry, state) == 26);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(offset_of!(FlowKey, sport) == 32);
+    assert!(offset_of!(FlowKey, proto) == 36);
+    assert!(size_of::<CtEntry>() == 16);
+    assert!(size_of::<GlobalConfig>() == 32);
+    assert!(offset_of!(GlobalConfig, ipip_src4) == 8);
+    assert!(offset_of!(GlobalConfig, ipip_src6) == 16);
+    assert!(size_of::<TrafficCounter>() == 16);
+    assert!(size_of::<DecapKey>() == 20);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C) plain data with explicit padding and no implicit holes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for RouteEntry {}
+    unsafe impl aya::Pod for NodeEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for TrafficCounter {}
+    unsafe impl aya::Pod for DecapKey {}
+}

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("lb-bench: not yet");
+    std::process::exit(1);
+}

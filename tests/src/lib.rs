@@ -1,0 +1,1 @@
+//! Shared helpers of the root-only suites: packet builder, network-namespace guards.

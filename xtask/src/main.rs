@@ -1,0 +1,422 @@
+//! `cargo xtask <task>`: setup, build, run, test, bench.
+//!
+//! Everything the project needs beyond the machine image is installed here, idempotently, so a
+//! fresh clone on a fresh machine works with `cargo xtask test` alone.
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    os::unix::{fs::symlink, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release line that builds against the nightly's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13";
+const BPF_LINKER_FEATURE: &str = "llvm-22";
+const NIGHTLY: &str = "nightly";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs beyond the machine image (idempotent).
+    Setup(SetupArgs),
+    /// Build the eBPF programs and the `lb` binary (release).
+    Build(SetupArgs),
+    /// Build everything, then run `lb run ARGS` (root): attach the balancer to a NIC.
+    Run {
+        #[command(flatten)]
+        setup: SetupArgs,
+        /// Arguments for `lb run`, e.g. `--iface eth0 --config lb.toml`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, fmt check, clippy (all crates), host unit tests, then the root-only suites.
+    Test {
+        #[command(flatten)]
+        setup: SetupArgs,
+        /// Only run root-only test binaries whose name contains this (e.g. `fixtures`).
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// Benchmarks that print a table and write JSON under target/bench/.
+    Bench {
+        #[command(flatten)]
+        setup: SetupArgs,
+        /// `dataplane` or `control`.
+        which: String,
+        /// Extra arguments for the benchmark binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct SetupArgs {
+    /// Offline copy of the nightly's rust-src component (tar.xz), used when rustup cannot
+    /// fetch it. Also read from LB_RUST_SRC_TARBALL.
+    #[arg(long, env = "LB_RUST_SRC_TARBALL")]
+    rust_src_tarball: Option<PathBuf>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    match cli.task {
+        Task::Setup(s) => setup(&root, &s),
+        Task::Build(s) => {
+            setup(&root, &s)?;
+            build(&root)
+        }
+        Task::Run { setup: s, args } => {
+            setup(&root, &s)?;
+            require_root("cargo xtask run")?;
+            build(&root)?;
+            let lb = root.join("target/release/lb");
+            let err = Command::new(&lb).arg("run").args(&args).exec();
+            Err(err).with_context(|| format!("exec {}", lb.display()))
+        }
+        Task::Test { setup: s, only } => test(&root, &s, only.as_deref()),
+        Task::Bench {
+            setup: s,
+            which,
+            args,
+        } => {
+            setup(&root, &s)?;
+            require_root("cargo xtask bench")?;
+            ensure_bpffs()?;
+            if !matches!(which.as_str(), "dataplane" | "control") {
+                bail!("unknown benchmark {which:?}: use `dataplane` or `control`");
+            }
+            cargo(&root)
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-bench",
+                    "--",
+                ])
+                .arg(&which)
+                .args(&args)
+                .status_ok("benchmark")
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .context("CARGO_MANIFEST_DIR not set: run this through `cargo xtask`")?;
+    dir.parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+// ---------------------------------------------------------------------------------------------
+// setup
+// ---------------------------------------------------------------------------------------------
+
+fn setup(root: &Path, args: &SetupArgs) -> Result<()> {
+    ensure_nightly()?;
+    ensure_rust_src(root, args)?;
+    ensure_bpf_linker(root)?;
+    Ok(())
+}
+
+fn ensure_nightly() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup (is rustup installed?)")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        say("nightly toolchain: present");
+        return Ok(());
+    }
+    say("nightly toolchain: installing");
+    Command::new("rustup")
+        .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+        .args(["--component", "rust-src,clippy,rustfmt"])
+        .status_ok("rustup toolchain install nightly")
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args([&format!("+{NIGHTLY}"), "--print", "sysroot"])
+        .output()
+        .context("rustc +nightly --print sysroot")?;
+    if !out.status.success() {
+        bail!(
+            "rustc +nightly --print sysroot failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn ensure_rust_src(root: &Path, args: &SetupArgs) -> Result<()> {
+    let sysroot = nightly_sysroot()?;
+    let marker = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    if marker.exists() {
+        say("rust-src for nightly: present");
+        return Ok(());
+    }
+    say("rust-src for nightly: installing with rustup");
+    let ok = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", NIGHTLY])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok && marker.exists() {
+        return Ok(());
+    }
+    // Offline fallback: the tarball named by --rust-src-tarball / LB_RUST_SRC_TARBALL, or the
+    // copy that ships beside the repository in ../shared/toolchain.
+    let tarball = match &args.rust_src_tarball {
+        Some(t) => t.clone(),
+        None => find_shared_rust_src(root).context(
+            "rustup could not install rust-src and no offline copy was given: \
+             pass --rust-src-tarball FILE or set LB_RUST_SRC_TARBALL",
+        )?,
+    };
+    say(&format!(
+        "rust-src for nightly: extracting {}",
+        tarball.display()
+    ));
+    let dest = sysroot.join("lib/rustlib/src");
+    fs::create_dir_all(&dest).with_context(|| format!("mkdir {}", dest.display()))?;
+    Command::new("tar")
+        .arg("-xJf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&dest)
+        .status_ok("extracting rust-src")?;
+    if !marker.exists() {
+        bail!("{} did not provide {}", tarball.display(), marker.display());
+    }
+    Ok(())
+}
+
+fn find_shared_rust_src(root: &Path) -> Option<PathBuf> {
+    let dir = root.join("../shared/toolchain");
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("rust-src-nightly") && n.ends_with(".tar.xz"))
+        })
+}
+
+fn ensure_bpf_linker(root: &Path) -> Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+        && out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("bpf-linker {BPF_LINKER_VERSION}"))
+    {
+        say("bpf-linker: present");
+        return Ok(());
+    }
+    // bpf-linker must link against the nightly's own LLVM: expose it under an LLVM prefix.
+    let sysroot_lib = nightly_sysroot()?.join("lib");
+    let llvm = fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("reading {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", sysroot_lib.display()))?;
+    let prefix = root.join("target/llvm-prefix");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("mkdir {}", lib.display()))?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(sysroot_lib.join(&llvm), &link)
+            .with_context(|| format!("symlink {}", link.display()))?;
+    }
+    say(&format!(
+        "bpf-linker: building {BPF_LINKER_VERSION} against the nightly's LLVM ({llvm}); a few minutes"
+    ));
+    Command::new("cargo")
+        .current_dir(&prefix)
+        .env("LLVM_PREFIX", &prefix)
+        .args(["install", "bpf-linker", "--version"])
+        .arg(format!("^{BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features", BPF_LINKER_FEATURE])
+        .status_ok("cargo install bpf-linker")
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    say("bpffs: mounting at /sys/fs/bpf");
+    fs::create_dir_all("/sys/fs/bpf").context("mkdir /sys/fs/bpf")?;
+    Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status_ok("mount -t bpf bpf /sys/fs/bpf (is BPF enabled in this kernel?)")
+}
+
+/// Debian packages the namespace suites use, installed only when missing.
+fn ensure_test_packages() -> Result<()> {
+    let wanted = [("ip", "iproute2"), ("ethtool", "ethtool")];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !on_path(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        say("test packages (iproute2, ethtool): present");
+        return Ok(());
+    }
+    say(&format!("test packages: installing {}", missing.join(" ")));
+    Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status_ok("apt-get update")?;
+    Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status_ok("apt-get install")
+}
+
+fn on_path(bin: &str) -> bool {
+    env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        || Path::new("/usr/sbin").join(bin).is_file()
+        || Path::new("/sbin").join(bin).is_file()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (BPF programs, bpffs and network namespaces): run it as root");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// build, test
+// ---------------------------------------------------------------------------------------------
+
+fn build(root: &Path) -> Result<()> {
+    cargo(root)
+        .args(["build", "--release", "-p", "lb-userspace", "--bins"])
+        .status_ok("cargo build")
+}
+
+fn test(root: &Path, args: &SetupArgs, only: Option<&str>) -> Result<()> {
+    setup(root, args)?;
+    require_root("cargo xtask test (the kernel suites)")?;
+    ensure_bpffs()?;
+    ensure_test_packages()?;
+
+    step("fmt");
+    cargo(root)
+        .args(["fmt", "--all", "--", "--check"])
+        .status_ok("cargo fmt --check (run `cargo fmt --all`)")?;
+
+    step("clippy (userspace crates)");
+    cargo(root)
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .status_ok("cargo clippy")?;
+
+    step("clippy (eBPF crate, BPF target)");
+    Command::new("cargo")
+        .current_dir(root.join("lb-ebpf"))
+        .arg(format!("+{NIGHTLY}"))
+        .args([
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(["--bins", "--", "-D", "warnings"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .status_ok("cargo clippy (lb-ebpf)")?;
+
+    step("host unit tests");
+    cargo(root)
+        .args(["test", "--workspace", "--exclude", "lb-tests"])
+        .status_ok("host unit tests")?;
+    cargo(root)
+        .args(["test", "-p", "lb-ebpf", "--lib"])
+        .status_ok("lb-ebpf host unit tests")?;
+
+    step("kernel suites (root: BPF_PROG_TEST_RUN fixtures, namespaces)");
+    let mut c = cargo(root);
+    c.args(["test", "--release", "-p", "lb-tests"]);
+    if let Some(only) = only {
+        c.args(["--test", only]);
+    }
+    // The suites share the kernel (namespaces, bpffs): one test at a time.
+    c.args(["--", "--test-threads=1"])
+        .status_ok("kernel suites")
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+fn say(msg: &str) {
+    eprintln!("setup: {msg}");
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> {name}");
+}
+
+trait StatusOk {
+    fn status_ok(&mut self, what: &str) -> Result<()>;
+}
+
+impl StatusOk for Command {
+    fn status_ok(&mut self, what: &str) -> Result<()> {
+        let status = self
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("{what}: could not start {:?}", self.get_program()))?;
+        if !status.success() {
+            bail!("{what} failed ({status})");
+        }
+        Ok(())
+    }
+}
