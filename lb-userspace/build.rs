@@ -9,8 +9,10 @@ const BINS: [&str; 3] = ["lb-balancer", "lb-decap", "lb-baseline"];
 
 fn main() -> anyhow::Result<()> {
     let manifest = env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
-    let root = PathBuf::from(manifest).join("../lb-ebpf");
+    let root = PathBuf::from(&manifest).join("../lb-ebpf");
     let root = root.to_str().context("lb-ebpf path is not UTF-8")?;
+    // The programs also compile lb-common (map types, the flow hash).
+    println!("cargo:rerun-if-changed={manifest}/../lb-common");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",

@@ -77,7 +77,7 @@ pub const PROTO_ANY: u8 = 0;
 /// Key of `VIPS`. An IPv4 address sits in `addr[0..4]` with the rest zero.
 /// A key with `port == 0` is a wildcard entry: see [`VIP_F_FRAG_ONLY`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipKey {
     /// VIP address, wire order; IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
@@ -177,7 +177,7 @@ pub struct NodeEntry {
 
 /// Key of `CONNTRACK`: the client-to-VIP 5-tuple. IPv4 addresses in the first 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {
     /// Client address, wire order.
     pub src: [u8; 16],
@@ -333,7 +333,7 @@ pub const DECAP_STAT_COUNT: u32 = 4;
 
 /// Key of `DECAP_VIPS` (node side): a VIP address; IPv4 in the first 4 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DecapKey {
     /// VIP address, wire order.
     pub addr: [u8; 16],

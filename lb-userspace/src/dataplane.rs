@@ -1,1 +1,823 @@
-//! (in progress)
+//! The data plane from userspace: load the balancer, size and (optionally) pin its maps, write
+//! VIPs, nodes, routes and config, and read counters. Tests, benchmarks and the daemon configure
+//! the XDP program only through this module, so they all exercise the same map-writing code.
+//!
+//! Route tables switch atomically: each VIP owns two slices of `ROUTES` (generations A and B).
+//! A change is written into the inactive slice, then the VIP's `VipMeta` is replaced whole,
+//! so a packet sees exactly one generation (see docs/dataplane.md).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, links::FdLink},
+};
+use lb_common::{
+    CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, NodeEntry, PROTO_ANY,
+    RouteEntry, STAT_COUNT, TrafficCounter, VIP_F_ADDR_MARKER, VIP_F_FRAG_ONLY, VIP_FILTER_WORDS,
+    VipKey, VipMeta, hash,
+};
+use thiserror::Error;
+
+use crate::objects;
+
+/// `VipMeta::flags` bit (ignored by the kernel): the live table is the second slice of the
+/// VIP's pair, so the pair's base is `route_offset - route_count`. Lets a restarted daemon
+/// recover slot allocations from the pinned `VIPS` map alone.
+pub const VIP_F_GEN_B: u32 = 1 << 15;
+
+/// Typed errors of the data-plane layer.
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("loading the {what} eBPF object failed: {source}")]
+    Load {
+        what: &'static str,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {0}: {1}")]
+    Program(&'static str, #[source] Box<ProgramError>),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("invalid {0}")]
+    Invalid(String),
+    #[error(
+        "route table space exhausted: need {need} slots, {free} free of {total} (raise route_slots)"
+    )]
+    NoRouteSpace { need: u32, free: u32, total: u32 },
+    #[error("unknown VIP {0}")]
+    UnknownVip(String),
+    #[error("{0}")]
+    Other(#[from] anyhow::Error),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// Sizes and placement of the data plane's maps.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// Entries of `ROUTES` (and `ROUTE_STATS`): each VIP needs `2 * N`.
+    pub route_slots: u32,
+    /// Entries of `CONNTRACK`.
+    pub conntrack_size: u32,
+    /// Pin maps under this bpffs directory (and re-adopt maps already pinned there).
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        Self {
+            route_slots: lb_common::DEFAULT_ROUTE_SLOTS,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            pin_dir: None,
+        }
+    }
+}
+
+/// Forwarding mode of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardMode {
+    DsrL2,
+    Ipip,
+}
+
+/// How a VIP hashes flows onto routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashMode {
+    /// Source/destination address, ports and protocol.
+    FiveTuple,
+    /// Source address only (client affinity).
+    SourceIp,
+}
+
+/// A VIP as the data plane sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    pub key: VipKey,
+    /// Counter index, `< MAX_VIPS`.
+    pub index: u32,
+    pub mode: ForwardMode,
+    pub hash: HashMode,
+}
+
+impl VipSpec {
+    fn flags(&self) -> u32 {
+        let mode = match self.mode {
+            ForwardMode::DsrL2 => lb_common::VIP_MODE_DSR_L2,
+            ForwardMode::Ipip => lb_common::VIP_MODE_IPIP,
+        };
+        let hash = match self.hash {
+            HashMode::FiveTuple => 0,
+            HashMode::SourceIp => lb_common::VIP_F_HASH_SRC,
+        };
+        mode | hash
+    }
+}
+
+/// Where a VIP's pair of route-table slices lives.
+#[derive(Clone, Copy, Debug)]
+struct VipSlots {
+    meta: VipMeta,
+    /// First slot of the pair.
+    base: u32,
+}
+
+impl VipSlots {
+    fn gen_b(&self) -> bool {
+        self.meta.flags & VIP_F_GEN_B != 0
+    }
+    fn inactive_offset(&self) -> u32 {
+        if self.gen_b() {
+            self.base
+        } else {
+            self.base + self.meta.route_count
+        }
+    }
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Counters {
+    /// Indexed by `lb_common::Stat`.
+    pub stats: Vec<u64>,
+    /// Indexed by `lb_common::DropReason`.
+    pub drops: Vec<u64>,
+}
+
+/// The loaded balancer and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips_map: HashMap<MapData, VipKey, VipMeta>,
+    filter_map: Array<MapData, u64>,
+    routes_map: Array<MapData, RouteEntry>,
+    nodes_map: Array<MapData, NodeEntry>,
+    conntrack_map: HashMap<MapData, FlowKey, CtEntry>,
+    config_map: Array<MapData, GlobalConfig>,
+    stats_map: PerCpuArray<MapData, u64>,
+    drops_map: PerCpuArray<MapData, u64>,
+    vip_stats_map: PerCpuArray<MapData, TrafficCounter>,
+    node_stats_map: PerCpuArray<MapData, TrafficCounter>,
+    route_stats_map: PerCpuArray<MapData, u64>,
+    /// Mirror of the real VIPs (not wildcard/marker entries).
+    vips: BTreeMap<VipKey, VipSlots>,
+    /// Our copy of `VIP_FILTER`, so updates write only changed words.
+    filter: Vec<u64>,
+    route_slots: u32,
+}
+
+/// Every map of the balancer, for pinning.
+const ALL_MAPS: [&str; 11] = [
+    lb_common::MAP_VIPS,
+    lb_common::MAP_VIP_FILTER,
+    lb_common::MAP_ROUTES,
+    lb_common::MAP_NODES,
+    lb_common::MAP_CONNTRACK,
+    lb_common::MAP_CONFIG,
+    lb_common::MAP_STATS,
+    lb_common::MAP_DROPS,
+    lb_common::MAP_VIP_STATS,
+    lb_common::MAP_NODE_STATS,
+    lb_common::MAP_ROUTE_STATS,
+];
+
+fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<M> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap(name))?;
+    M::try_from(map).map_err(map_err(name))
+}
+
+impl Dataplane {
+    /// Loads the balancer program (not attached) and its maps. With `pin_dir`, maps already
+    /// pinned there are re-adopted (their contents kept) and new ones are pinned.
+    pub fn load(opts: &DataplaneOptions) -> Result<Self> {
+        if opts.route_slots == 0 || opts.conntrack_size == 0 {
+            return Err(DataplaneError::Invalid(
+                "route_slots and conntrack_size must be > 0".into(),
+            ));
+        }
+        let obj = objects::get(objects::BALANCER, "balancer")?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(lb_common::MAP_ROUTES, opts.route_slots)
+            .map_max_entries(lb_common::MAP_ROUTE_STATS, opts.route_slots)
+            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_size);
+        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                fs::create_dir_all(dir).map_err(|e| {
+                    DataplaneError::Invalid(format!(
+                        "creating pin directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(obj).map_err(|e| DataplaneError::Load {
+            what: "balancer",
+            source: Box::new(e),
+        })?;
+        {
+            let prog: &mut Xdp = program(&mut ebpf, lb_common::PROG_BALANCER)?;
+            prog.load()
+                .map_err(|e| DataplaneError::Program(lb_common::PROG_BALANCER, Box::new(e)))?;
+        }
+        let mut dp = Self {
+            vips_map: take(&mut ebpf, lb_common::MAP_VIPS)?,
+            filter_map: take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
+            routes_map: take(&mut ebpf, lb_common::MAP_ROUTES)?,
+            nodes_map: take(&mut ebpf, lb_common::MAP_NODES)?,
+            conntrack_map: take(&mut ebpf, lb_common::MAP_CONNTRACK)?,
+            config_map: take(&mut ebpf, lb_common::MAP_CONFIG)?,
+            stats_map: take(&mut ebpf, lb_common::MAP_STATS)?,
+            drops_map: take(&mut ebpf, lb_common::MAP_DROPS)?,
+            vip_stats_map: take(&mut ebpf, lb_common::MAP_VIP_STATS)?,
+            node_stats_map: take(&mut ebpf, lb_common::MAP_NODE_STATS)?,
+            route_stats_map: take(&mut ebpf, lb_common::MAP_ROUTE_STATS)?,
+            ebpf,
+            vips: BTreeMap::new(),
+            filter: vec![0; VIP_FILTER_WORDS as usize],
+            route_slots: opts.route_slots,
+        };
+        dp.readopt()?;
+        Ok(dp)
+    }
+
+    /// Rebuilds the userspace mirror from the (possibly pinned, pre-existing) maps.
+    fn readopt(&mut self) -> Result<()> {
+        let slots = self.routes_map.len();
+        if slots != self.route_slots {
+            return Err(DataplaneError::Invalid(format!(
+                "pinned ROUTES has {slots} slots but {} were asked for; remove the pins or keep the size",
+                self.route_slots
+            )));
+        }
+        for item in self.vips_map.iter() {
+            let (key, meta) = item.map_err(map_err(lb_common::MAP_VIPS))?;
+            if meta.flags & (VIP_F_FRAG_ONLY | VIP_F_ADDR_MARKER) != 0 {
+                continue;
+            }
+            let base = if meta.flags & VIP_F_GEN_B != 0 {
+                meta.route_offset.wrapping_sub(meta.route_count)
+            } else {
+                meta.route_offset
+            };
+            self.vips.insert(key, VipSlots { meta, base });
+        }
+        for (i, w) in self.filter.iter_mut().enumerate() {
+            *w = self
+                .filter_map
+                .get(&(i as u32), 0)
+                .map_err(map_err(lb_common::MAP_VIP_FILTER))?;
+        }
+        Ok(())
+    }
+
+    /// The balancer program (for attaching and `BPF_PROG_TEST_RUN`).
+    pub fn program_mut(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, lb_common::PROG_BALANCER)
+    }
+
+    /// Attaches to `iface` in `mode`, returning the link so the caller can pin it
+    /// (a pinned link keeps forwarding after the daemon exits).
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<FdLink> {
+        let prog = self.program_mut()?;
+        let id = prog
+            .attach(iface, mode)
+            .map_err(|e| DataplaneError::Program(lb_common::PROG_BALANCER, Box::new(e)))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| DataplaneError::Program(lb_common::PROG_BALANCER, Box::new(e)))?;
+        FdLink::try_from(link).map_err(|e| {
+            DataplaneError::Invalid(format!("XDP link on {iface} is not an fd link: {e}"))
+        })
+    }
+
+    /// Atomically replaces the program behind an existing (e.g. re-opened pinned) link.
+    pub fn replace_in_link(&mut self, link: FdLink) -> Result<()> {
+        let prog = self.program_mut()?;
+        let link = aya::programs::xdp::XdpLink::try_from(link)
+            .map_err(|e| DataplaneError::Invalid(format!("pinned link is not an XDP link: {e}")))?;
+        prog.attach_to_link(link)
+            .map(|_| ())
+            .map_err(|e| DataplaneError::Program(lb_common::PROG_BALANCER, Box::new(e)))
+    }
+
+    /// Runs one packet through the program with `BPF_PROG_TEST_RUN`: (verdict, output bytes).
+    pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        // Room for encapsulation headers the program may prepend.
+        let mut out = vec![0u8; packet.len() + 256];
+        let prog = self.program_mut()?;
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .map_err(|e| DataplaneError::Program(lb_common::PROG_BALANCER, Box::new(e)))?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Config and nodes
+    // -----------------------------------------------------------------------------------------
+
+    /// Writes the global config. `mtu` must be 0 (no PMTU check) or at least 1280.
+    pub fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
+        if cfg.mtu != 0 && cfg.mtu < 1280 {
+            return Err(DataplaneError::Invalid(format!(
+                "mtu {} is below 1280 (use 0 to disable the PMTU check)",
+                cfg.mtu
+            )));
+        }
+        self.config_map
+            .set(0, cfg, 0)
+            .map_err(map_err(lb_common::MAP_CONFIG))
+    }
+
+    pub fn config(&self) -> Result<GlobalConfig> {
+        self.config_map
+            .get(&0, 0)
+            .map_err(map_err(lb_common::MAP_CONFIG))
+    }
+
+    /// Writes one node slot.
+    pub fn set_node(&mut self, index: u32, node: &NodeEntry) -> Result<()> {
+        check_node_index(index)?;
+        self.nodes_map
+            .set(index, node, 0)
+            .map_err(map_err(lb_common::MAP_NODES))
+    }
+
+    pub fn node(&self, index: u32) -> Result<NodeEntry> {
+        check_node_index(index)?;
+        self.nodes_map
+            .get(&index, 0)
+            .map_err(map_err(lb_common::MAP_NODES))
+    }
+
+    /// Changes only a node's state (active / draining / down).
+    pub fn set_node_state(&mut self, index: u32, state: u8) -> Result<()> {
+        let mut n = self.node(index)?;
+        n.state = state;
+        self.set_node(index, &n)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // VIPs and route tables
+    // -----------------------------------------------------------------------------------------
+
+    /// Adds a VIP with its route table, or replaces an existing VIP's table (and mode).
+    /// The table becomes visible atomically.
+    pub fn upsert_vip(&mut self, spec: &VipSpec, routes: &[RouteEntry]) -> Result<()> {
+        validate_key(&spec.key)?;
+        let n = u32::try_from(routes.len()).unwrap_or(u32::MAX);
+        if n == 0 || n > lb_common::MAX_ROUTES_PER_VIP {
+            return Err(DataplaneError::Invalid(format!(
+                "route count {n} out of 1..={}",
+                lb_common::MAX_ROUTES_PER_VIP
+            )));
+        }
+        if spec.index >= lb_common::MAX_VIPS {
+            return Err(DataplaneError::Invalid(format!(
+                "VIP index {} >= {}",
+                spec.index,
+                lb_common::MAX_VIPS
+            )));
+        }
+        if let Some(r) = routes.iter().find(|r| r.node >= lb_common::MAX_NODES) {
+            return Err(DataplaneError::Invalid(format!(
+                "route points at node {} >= {}",
+                r.node,
+                lb_common::MAX_NODES
+            )));
+        }
+        let existing = self.vips.get(&spec.key).copied();
+        let (base, offset, gen_b) = match existing {
+            Some(s) if s.meta.route_count == n => (s.base, s.inactive_offset(), !s.gen_b()),
+            // New VIP, or N changed: a fresh pair (the old one is freed by dropping it from
+            // the mirror once the new meta is live).
+            _ => {
+                let base = self.allocate(2 * n)?;
+                (base, base, false)
+            }
+        };
+        self.write_routes(offset, routes)?;
+        let mut flags = spec.flags();
+        if gen_b {
+            flags |= VIP_F_GEN_B;
+        }
+        let meta = VipMeta {
+            index: spec.index,
+            flags,
+            route_offset: offset,
+            route_count: n,
+        };
+        self.vips_map
+            .insert(spec.key, meta, 0)
+            .map_err(map_err(lb_common::MAP_VIPS))?;
+        self.vips.insert(spec.key, VipSlots { meta, base });
+        self.sync_wildcards(&spec.key)?;
+        Ok(())
+    }
+
+    /// Replaces the route table of an existing VIP (same N), atomically.
+    pub fn set_routes(&mut self, key: &VipKey, routes: &[RouteEntry]) -> Result<()> {
+        let s = self
+            .vips
+            .get(key)
+            .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
+        let spec = VipSpec {
+            key: *key,
+            index: s.meta.index,
+            mode: if s.meta.mode() == lb_common::VIP_MODE_IPIP {
+                ForwardMode::Ipip
+            } else {
+                ForwardMode::DsrL2
+            },
+            hash: if s.meta.flags & lb_common::VIP_F_HASH_SRC != 0 {
+                HashMode::SourceIp
+            } else {
+                HashMode::FiveTuple
+            },
+        };
+        self.upsert_vip(&spec, routes)
+    }
+
+    /// The live route table of a VIP.
+    pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
+        let s = self
+            .vips
+            .get(key)
+            .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
+        (s.meta.route_offset..s.meta.route_offset + s.meta.route_count)
+            .map(|i| {
+                self.routes_map
+                    .get(&i, 0)
+                    .map_err(map_err(lb_common::MAP_ROUTES))
+            })
+            .collect()
+    }
+
+    /// The live `VipMeta` of a VIP.
+    pub fn vip_meta(&self, key: &VipKey) -> Option<VipMeta> {
+        self.vips.get(key).map(|s| s.meta)
+    }
+
+    /// Keys of the configured VIPs.
+    pub fn vip_keys(&self) -> Vec<VipKey> {
+        self.vips.keys().copied().collect()
+    }
+
+    /// Removes a VIP and, if it was the last on its address, the address's marker and filter bit.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        if self.vips.remove(key).is_none() {
+            return Err(DataplaneError::UnknownVip(vip_display(key)));
+        }
+        match self.vips_map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(lb_common::MAP_VIPS)(e)),
+        }
+        self.sync_wildcards(key)
+    }
+
+    /// Writes a slice of route entries starting at `offset`.
+    fn write_routes(&mut self, offset: u32, routes: &[RouteEntry]) -> Result<()> {
+        for (i, r) in routes.iter().enumerate() {
+            self.routes_map
+                .set(offset + i as u32, r, 0)
+                .map_err(map_err(lb_common::MAP_ROUTES))?;
+        }
+        Ok(())
+    }
+
+    /// First-fit allocation of `len` consecutive slots. A VIP whose N changes keeps its old pair
+    /// in the mirror until the new meta is live, so the old pair is never reused in that call.
+    fn allocate(&self, len: u32) -> Result<u32> {
+        let mut used: Vec<(u32, u32)> = self
+            .vips
+            .values()
+            .map(|s| (s.base, 2 * s.meta.route_count))
+            .collect();
+        used.sort_unstable();
+        let mut cursor = 0u32;
+        for (start, l) in used {
+            if start >= cursor && start - cursor >= len {
+                return Ok(cursor);
+            }
+            cursor = cursor.max(start + l);
+        }
+        if self.route_slots.saturating_sub(cursor) >= len {
+            return Ok(cursor);
+        }
+        let used_total: u32 = self.vips.values().map(|s| 2 * s.meta.route_count).sum();
+        Err(DataplaneError::NoRouteSpace {
+            need: len,
+            free: self.route_slots - used_total,
+            total: self.route_slots,
+        })
+    }
+
+    /// Re-derives the fragment entry `(addr, 0, proto)`, the address marker `(addr, 0, ANY)`
+    /// and the filter bit for the address (and protocol) of `key`.
+    fn sync_wildcards(&mut self, key: &VipKey) -> Result<()> {
+        let same_addr: Vec<(VipKey, VipSlots)> = self
+            .vips
+            .iter()
+            .filter(|(k, _)| k.addr == key.addr && k.family == key.family)
+            .map(|(k, s)| (*k, *s))
+            .collect();
+        // Fragment entry: the lowest-port VIP on this address and protocol, unless a real
+        // all-ports VIP owns the (addr, 0, proto) key.
+        let frag_key = VipKey { port: 0, ..*key };
+        if !self.vips.contains_key(&frag_key) {
+            let target = same_addr
+                .iter()
+                .filter(|(k, _)| k.proto == key.proto)
+                .min_by_key(|(k, _)| u16::from_be(k.port));
+            match target {
+                Some((_, s)) => {
+                    let meta = VipMeta {
+                        flags: (s.meta.flags | VIP_F_FRAG_ONLY) & !VIP_F_GEN_B,
+                        ..s.meta
+                    };
+                    self.vips_map
+                        .insert(frag_key, meta, 0)
+                        .map_err(map_err(lb_common::MAP_VIPS))?;
+                }
+                None => self.remove_if_present(&frag_key)?,
+            }
+        }
+        let marker = VipKey {
+            port: 0,
+            proto: PROTO_ANY,
+            ..*key
+        };
+        if same_addr.is_empty() {
+            self.remove_if_present(&marker)?;
+        } else {
+            let meta = VipMeta {
+                index: 0,
+                flags: VIP_F_ADDR_MARKER,
+                route_offset: 0,
+                route_count: 0,
+            };
+            self.vips_map
+                .insert(marker, meta, 0)
+                .map_err(map_err(lb_common::MAP_VIPS))?;
+        }
+        self.sync_filter()
+    }
+
+    fn remove_if_present(&mut self, key: &VipKey) -> Result<()> {
+        match self.vips_map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_err(lb_common::MAP_VIPS)(e)),
+        }
+    }
+
+    /// Recomputes the VIP address bitmap and writes the words that changed.
+    fn sync_filter(&mut self) -> Result<()> {
+        let mut want = vec![0u64; VIP_FILTER_WORDS as usize];
+        let addrs: BTreeSet<([u8; 16], u8)> =
+            self.vips.keys().map(|k| (k.addr, k.family)).collect();
+        for (addr, family) in addrs {
+            let (w, bit) = hash::filter_slot(addr_hash(&addr, family));
+            want[w as usize] |= bit;
+        }
+        for (i, (have, want)) in self.filter.iter_mut().zip(want).enumerate() {
+            if *have != want {
+                self.filter_map
+                    .set(i as u32, want, 0)
+                    .map_err(map_err(lb_common::MAP_VIP_FILTER))?;
+                *have = want;
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Conntrack and counters
+    // -----------------------------------------------------------------------------------------
+
+    /// All tracked flows.
+    pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
+        self.conntrack_map
+            .iter()
+            .map(|r| r.map_err(map_err(lb_common::MAP_CONNTRACK)))
+            .collect()
+    }
+
+    /// Looks one flow up.
+    pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
+        match self.conntrack_map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(lb_common::MAP_CONNTRACK)(e)),
+        }
+    }
+
+    /// Deletes one flow (expiry of idle entries).
+    pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
+        match self.conntrack_map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(lb_common::MAP_CONNTRACK)(e)),
+        }
+    }
+
+    /// Inserts or overwrites one flow (tests, and re-homing flows).
+    pub fn conntrack_insert(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
+        self.conntrack_map
+            .insert(key, entry, 0)
+            .map_err(map_err(lb_common::MAP_CONNTRACK))
+    }
+
+    /// Global verdict/event counters and drop reasons, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let sum = |m: &PerCpuArray<MapData, u64>, name: &'static str, n: u32| {
+            (0..n)
+                .map(|i| {
+                    m.get(&i, 0)
+                        .map(|v| v.iter().sum::<u64>())
+                        .map_err(map_err(name))
+                })
+                .collect::<Result<Vec<u64>>>()
+        };
+        Ok(Counters {
+            stats: sum(&self.stats_map, lb_common::MAP_STATS, STAT_COUNT)?,
+            drops: sum(&self.drops_map, lb_common::MAP_DROPS, DROP_REASON_COUNT)?,
+        })
+    }
+
+    /// Forwarded traffic of one VIP index, summed over CPUs.
+    pub fn vip_traffic(&self, index: u32) -> Result<TrafficCounter> {
+        sum_traffic(&self.vip_stats_map, lb_common::MAP_VIP_STATS, index)
+    }
+
+    /// Forwarded traffic of one node index, summed over CPUs.
+    pub fn node_traffic(&self, index: u32) -> Result<TrafficCounter> {
+        sum_traffic(&self.node_stats_map, lb_common::MAP_NODE_STATS, index)
+    }
+
+    /// Packets forwarded through each route of a VIP (both generations summed).
+    pub fn route_packets(&self, key: &VipKey) -> Result<Vec<u64>> {
+        let s = self
+            .vips
+            .get(key)
+            .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
+        let n = s.meta.route_count;
+        (0..n)
+            .map(|r| {
+                let mut total = 0;
+                for slot in [s.base + r, s.base + n + r] {
+                    let v = self
+                        .route_stats_map
+                        .get(&slot, 0)
+                        .map_err(map_err(lb_common::MAP_ROUTE_STATS))?;
+                    total += v.iter().sum::<u64>();
+                }
+                Ok(total)
+            })
+            .collect()
+    }
+}
+
+fn sum_traffic(
+    m: &PerCpuArray<MapData, TrafficCounter>,
+    name: &'static str,
+    index: u32,
+) -> Result<TrafficCounter> {
+    let v = m.get(&index, 0).map_err(map_err(name))?;
+    Ok(v.iter()
+        .fold(TrafficCounter::default(), |a, c| TrafficCounter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    let p = ebpf.program_mut(name).ok_or_else(|| {
+        DataplaneError::Invalid(format!("program {name} missing from the object"))
+    })?;
+    p.try_into()
+        .map_err(|e| DataplaneError::Program(name, Box::new(e)))
+}
+
+fn check_node_index(index: u32) -> Result<()> {
+    if index >= lb_common::MAX_NODES {
+        return Err(DataplaneError::Invalid(format!(
+            "node index {index} >= {}",
+            lb_common::MAX_NODES
+        )));
+    }
+    Ok(())
+}
+
+fn validate_key(key: &VipKey) -> Result<()> {
+    match key.family {
+        FAMILY_V4 if key.addr[4..].iter().all(|b| *b == 0) => {}
+        FAMILY_V4 => {
+            return Err(DataplaneError::Invalid(
+                "IPv4 VIP key with bytes beyond the first 4".into(),
+            ));
+        }
+        FAMILY_V6 => {}
+        f => return Err(DataplaneError::Invalid(format!("address family {f}"))),
+    }
+    if key.proto != lb_common::PROTO_TCP && key.proto != lb_common::PROTO_UDP {
+        return Err(DataplaneError::Invalid(format!(
+            "protocol {} (only TCP and UDP VIPs)",
+            key.proto
+        )));
+    }
+    Ok(())
+}
+
+/// The `VIP_FILTER` hash of an address as the kernel computes it.
+pub fn addr_hash(addr: &[u8; 16], family: u8) -> u32 {
+    if family == FAMILY_V4 {
+        hash::addr_hash_v4(hash::addr_word(&[addr[0], addr[1], addr[2], addr[3]]))
+    } else {
+        hash::addr_hash_v6(&hash::addr_words(addr))
+    }
+}
+
+/// Human form of a VIP key: `10.0.0.1:80/tcp`, `[2001:db8::1]:443/udp`.
+pub fn vip_display(key: &VipKey) -> String {
+    let proto = match key.proto {
+        lb_common::PROTO_TCP => "tcp",
+        lb_common::PROTO_UDP => "udp",
+        _ => "?",
+    };
+    let port = u16::from_be(key.port);
+    if key.family == FAMILY_V4 {
+        let a = std::net::Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]);
+        format!("{a}:{port}/{proto}")
+    } else {
+        format!("[{}]:{port}/{proto}", std::net::Ipv6Addr::from(key.addr))
+    }
+}
+
+/// Builds a VIP key from an address, a host-order port and a protocol number.
+pub fn vip_key(addr: std::net::IpAddr, port: u16, proto: u8) -> VipKey {
+    let (bytes, family) = ip_bytes(addr);
+    VipKey {
+        addr: bytes,
+        port: port.to_be(),
+        proto,
+        family,
+    }
+}
+
+/// An address as stored in keys (IPv4 in the first 4 bytes) and its family.
+pub fn ip_bytes(addr: std::net::IpAddr) -> ([u8; 16], u8) {
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (b, FAMILY_V4)
+        }
+        std::net::IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Removes a pin directory's map files (used with `--detach` / test cleanup).
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
