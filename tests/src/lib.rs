@@ -1,1 +1,2 @@
 //! Shared helpers of the root-only suites: packet builder, network-namespace guards.
+pub mod netns;

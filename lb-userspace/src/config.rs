@@ -1,0 +1,442 @@
+//! `lb.toml`: the daemon's configuration. Parsed and validated up front; every problem is
+//! reported with its field and what is wrong, and nothing starts with a bad config.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+use crate::dataplane::{ForwardMode, HashMode};
+
+/// Whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub ipip: IpipConfig,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<VipConfig>,
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// `[daemon]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Instance name: maps and the XDP link are pinned under `/sys/fs/bpf/<instance>/`.
+    pub instance: String,
+    /// Where heartbeats are received (UDP).
+    pub heartbeat_listen: SocketAddr,
+    /// Multicast group to join for heartbeats, if agents send to one.
+    pub heartbeat_group: Option<IpAddr>,
+    /// Shared heartbeat key (at least 16 bytes; raw or hex).
+    pub key_file: Option<PathBuf>,
+    /// Expected agent heartbeat interval (agents also announce theirs).
+    #[serde(with = "humantime_serde_compat")]
+    pub heartbeat_interval: Duration,
+    /// Missed intervals before a node is down.
+    pub miss_limit: u32,
+    /// A node that was down must beat continuously this long before it rejoins.
+    #[serde(with = "humantime_serde_compat")]
+    pub hold_down: Duration,
+    /// XDP attach mode: `auto` (native when the driver supports it), `native`, `generic`.
+    pub xdp_mode: String,
+    /// Entries of the ROUTES map (each VIP needs 2 x its route count).
+    pub route_slots: u32,
+    /// Entries of the CONNTRACK map.
+    pub conntrack_size: u32,
+    /// Node index of the reserve (HaloD failover) node, if any.
+    pub reserve_node: Option<u32>,
+    /// Idle tracked flows older than this are expired.
+    #[serde(with = "humantime_serde_compat")]
+    pub flow_idle_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            instance: "lb".into(),
+            heartbeat_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7946)),
+            heartbeat_group: None,
+            key_file: None,
+            heartbeat_interval: Duration::from_millis(100),
+            miss_limit: 3,
+            hold_down: Duration::from_secs(2),
+            xdp_mode: "auto".into(),
+            route_slots: lb_common::DEFAULT_ROUTE_SLOTS,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            reserve_node: None,
+            flow_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[ipip]`: encapsulation settings (only needed when a VIP uses `mode = "ipip"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpipConfig {
+    /// Next-hop MAC for encapsulated frames.
+    pub gateway_mac: Option<String>,
+    /// Path MTU towards the nodes; 0 disables PMTU replies.
+    pub mtu: u16,
+    /// IPv4 outer-source network, e.g. `172.16.0.0/16`: host bits come from the flow hash.
+    pub source_v4: String,
+    /// IPv6 outer-source prefix (its last 32 bits come from the flow hash).
+    pub source_v6: Ipv6Addr,
+}
+
+impl Default for IpipConfig {
+    fn default() -> Self {
+        Self {
+            gateway_mac: None,
+            mtu: 1500,
+            source_v4: "172.16.0.0/16".into(),
+            source_v6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0),
+        }
+    }
+}
+
+/// `[[vip]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub addr: IpAddr,
+    /// 0 = all ports.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    #[serde(default = "default_mode")]
+    pub mode: ForwardMode,
+    #[serde(default = "default_hash")]
+    pub hash: HashMode,
+    /// Route IDs (N) of this VIP.
+    #[serde(default = "default_routes")]
+    pub routes: u32,
+}
+
+fn default_mode() -> ForwardMode {
+    ForwardMode::DsrL2
+}
+fn default_hash() -> HashMode {
+    HashMode::FiveTuple
+}
+fn default_routes() -> u32 {
+    lb_common::DEFAULT_ROUTES_PER_VIP
+}
+
+/// `[[node]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node index (also the node ID its agent sends), `< MAX_NODES`.
+    pub id: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// MAC for dsr-l2.
+    pub mac: Option<String>,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// `heartbeat` (default: an agent runs on the node) or `tcp` (active connect check).
+    #[serde(default = "default_check")]
+    pub check: String,
+    /// Target of the TCP check (`addr:port`).
+    pub check_addr: Option<SocketAddr>,
+    /// Optional HTTP GET path for the TCP check.
+    pub check_http_path: Option<String>,
+    /// Per-node override of the missed-interval limit.
+    pub miss_limit: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_check() -> String {
+    "heartbeat".into()
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that parsing alone does not.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.daemon;
+        if d.instance.is_empty()
+            || !d
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!(
+                "daemon.instance {:?}: use letters, digits, '-' and '_'",
+                d.instance
+            );
+        }
+        if d.miss_limit == 0 {
+            bail!("daemon.miss_limit must be at least 1");
+        }
+        if d.heartbeat_interval.is_zero() {
+            bail!("daemon.heartbeat_interval must be > 0");
+        }
+        parse_xdp_mode(&d.xdp_mode)?;
+        if self.ipip.mtu != 0 && self.ipip.mtu < 1280 {
+            bail!("ipip.mtu {} is below 1280 (0 disables)", self.ipip.mtu);
+        }
+        parse_v4_net(&self.ipip.source_v4).context("ipip.source_v4")?;
+        if let Some(m) = &self.ipip.gateway_mac {
+            parse_mac(m).context("ipip.gateway_mac")?;
+        }
+        let mut seen = BTreeSet::new();
+        for (i, v) in self.vips.iter().enumerate() {
+            let p = parse_proto(&v.proto).with_context(|| format!("vip[{i}].proto"))?;
+            if v.routes == 0 || v.routes > lb_common::MAX_ROUTES_PER_VIP {
+                bail!(
+                    "vip[{i}].routes {} out of 1..={}",
+                    v.routes,
+                    lb_common::MAX_ROUTES_PER_VIP
+                );
+            }
+            if !seen.insert((v.addr, v.port, p)) {
+                bail!("vip[{i}] {}:{}/{} is listed twice", v.addr, v.port, v.proto);
+            }
+            if v.mode == ForwardMode::Ipip && self.ipip.gateway_mac.is_none() {
+                bail!("vip[{i}] uses ipip but ipip.gateway_mac is not set");
+            }
+        }
+        if self.vips.len() > lb_common::MAX_VIPS as usize {
+            bail!("{} VIPs configured; at most {}", self.vips.len(), lb_common::MAX_VIPS);
+        }
+        let mut ids = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.id >= lb_common::MAX_NODES {
+                bail!("node[{i}].id {} >= {}", n.id, lb_common::MAX_NODES);
+            }
+            if !ids.insert(n.id) {
+                bail!("node id {} is listed twice", n.id);
+            }
+            if n.weight == 0 {
+                bail!("node[{i}].weight must be at least 1");
+            }
+            if let Some(m) = &n.mac {
+                parse_mac(m).with_context(|| format!("node[{i}].mac"))?;
+            }
+            match n.check.as_str() {
+                "heartbeat" => {}
+                "tcp" if n.check_addr.is_some() => {}
+                "tcp" => bail!("node[{i}] has check = \"tcp\" but no check_addr"),
+                other => bail!("node[{i}].check {other:?}: use \"heartbeat\" or \"tcp\""),
+            }
+            if n.miss_limit == Some(0) {
+                bail!("node[{i}].miss_limit must be at least 1");
+            }
+            let needs_mac = self.vips.iter().any(|v| v.mode == ForwardMode::DsrL2);
+            if needs_mac && n.mac.is_none() {
+                bail!("node[{i}] has no mac, which dsr-l2 VIPs need");
+            }
+            if self
+                .vips
+                .iter()
+                .any(|v| v.mode == ForwardMode::Ipip && v.addr.is_ipv4())
+                && n.ipv4.is_none()
+            {
+                bail!("node[{i}] has no ipv4, which IPv4 ipip VIPs need");
+            }
+            if self
+                .vips
+                .iter()
+                .any(|v| v.mode == ForwardMode::Ipip && v.addr.is_ipv6())
+                && n.ipv6.is_none()
+            {
+                bail!("node[{i}] has no ipv6, which IPv6 ipip VIPs need");
+            }
+        }
+        if let Some(r) = d.reserve_node
+            && !ids.contains(&r)
+        {
+            bail!("daemon.reserve_node {r} is not a configured node");
+        }
+        Ok(())
+    }
+}
+
+/// `tcp` / `udp` -> protocol number.
+pub fn parse_proto(s: &str) -> Result<u8> {
+    match s {
+        "tcp" => Ok(lb_common::PROTO_TCP),
+        "udp" => Ok(lb_common::PROTO_UDP),
+        other => bail!("protocol {other:?}: use \"tcp\" or \"udp\""),
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff` -> bytes.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        bail!("MAC {s:?}: expected six hex bytes separated by ':'");
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).with_context(|| format!("MAC {s:?}: bad byte {p:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// `a.b.c.d/len` -> (base, host mask), both wire order.
+pub fn parse_v4_net(s: &str) -> Result<([u8; 4], [u8; 4])> {
+    let (addr, len) = s
+        .split_once('/')
+        .with_context(|| format!("{s:?}: expected a.b.c.d/len"))?;
+    let addr: Ipv4Addr = addr.parse().with_context(|| format!("{s:?}: bad address"))?;
+    let len: u32 = len.parse().with_context(|| format!("{s:?}: bad prefix length"))?;
+    if !(8..=32).contains(&len) {
+        bail!("{s:?}: prefix length must be 8..=32");
+    }
+    let host = if len == 32 { 0 } else { u32::MAX >> len };
+    let base = u32::from(addr) & !host;
+    Ok((base.to_be_bytes(), host.to_be_bytes()))
+}
+
+/// XDP attach mode setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpModeSetting {
+    Auto,
+    Native,
+    Generic,
+}
+
+pub fn parse_xdp_mode(s: &str) -> Result<XdpModeSetting> {
+    match s {
+        "auto" => Ok(XdpModeSetting::Auto),
+        "native" | "driver" => Ok(XdpModeSetting::Native),
+        "generic" | "skb" => Ok(XdpModeSetting::Generic),
+        other => bail!("xdp_mode {other:?}: use auto, native or generic"),
+    }
+}
+
+/// Durations written as `100ms`, `2s`, `1m`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "ms"), |i| (&s[..i], &s[i..]));
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("duration {s:?}: expected e.g. 100ms, 2s"))?;
+    let secs = match unit.trim() {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "us" => v / 1e6,
+        other => bail!("duration {s:?}: unknown unit {other:?} (ms, s, m)"),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 86_400.0 * 365.0 {
+        bail!("duration {s:?} out of range");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// serde adapter for durations as strings ("100ms").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config> {
+        let c: Config = toml::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    const GOOD: &str = r#"
+[daemon]
+instance = "t1"
+heartbeat_interval = "100ms"
+[ipip]
+gateway_mac = "02:00:00:00:00:01"
+[[vip]]
+addr = "198.18.0.100"
+port = 80
+proto = "tcp"
+routes = 64
+[[vip]]
+addr = "2001:db8::100"
+port = 53
+proto = "udp"
+mode = "ipip"
+hash = "source-ip"
+[[node]]
+id = 1
+mac = "02:00:00:00:01:01"
+ipv4 = "198.18.1.1"
+ipv6 = "2001:db8::1:1"
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.vips[1].mode, ForwardMode::Ipip);
+        assert_eq!(c.vips[1].hash, HashMode::SourceIp);
+        assert_eq!(c.vips[1].routes, lb_common::DEFAULT_ROUTES_PER_VIP);
+        assert_eq!(c.daemon.heartbeat_interval, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let cases = [
+            (GOOD.replace("proto = \"tcp\"", "proto = \"sctp\""), "sctp"),
+            (GOOD.replace("routes = 64", "routes = 0"), "routes"),
+            (GOOD.replace("02:00:00:00:01:01", "02:00:00:01:01"), "MAC"),
+            (GOOD.replace("instance = \"t1\"", "instance = \"a/b\""), "instance"),
+            (GOOD.replace("\"100ms\"", "\"100 parsecs\""), "duration"),
+            (GOOD.replace("id = 1", "id = 99999"), "id"),
+            (GOOD.replace("[[node]]", "[[node]]\nbogus = 1"), "bogus"),
+            (GOOD.replace("gateway_mac = \"02:00:00:00:00:01\"", ""), "gateway_mac"),
+            (format!("{GOOD}\n[[node]]\nid = 1\nmac = \"02:00:00:00:01:02\"\nipv4 = \"198.18.1.2\"\nipv6 = \"2001:db8::2\""), "twice"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(
+            parse_v4_net("172.16.0.0/16").unwrap(),
+            ([172, 16, 0, 0], [0, 0, 255, 255])
+        );
+        assert!(parse_v4_net("172.16.0.0").is_err());
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_mac("0a:0b:0c:0d:0e:0f").unwrap(), [10, 11, 12, 13, 14, 15]);
+    }
+}

@@ -1,0 +1,229 @@
+//! Network namespaces for end-to-end tests. Every namespace and link gets a unique name and is
+//! removed in `Drop`, so a failing test leaves nothing behind.
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::JoinHandle,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short prefix for names (interface names are limited to 15 bytes).
+pub fn unique_prefix() -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("t{}{}", std::process::id() % 100_000, n)
+}
+
+/// Runs a command, failing with its stderr if it fails.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    check(args, out)
+}
+
+fn check(args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted on drop (which also deletes the links inside it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Self> {
+        // A stale namespace of the same name (a killed earlier run) is replaced.
+        let _ = sh(&["ip", "netns", "del", name]);
+        sh(&["ip", "netns", "add", name])?;
+        let ns = Self { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// Runs a command inside the namespace and waits for it.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut v = vec!["ip", "netns", "exec", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// A command prepared to run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> JoinHandle<Result<T>> {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::spawn(move || {
+            enter(&path)?;
+            f()
+        })
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+pub fn enter(path: &std::path::Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns on a valid namespace fd affects only the calling thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) and waits for exit.
+    pub fn signal_and_wait(&mut self, sig: i32) -> Result<std::process::ExitStatus> {
+        let mut child = self.0.take().context("process already gone")?;
+        // SAFETY: kill(2) with a pid we own.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().context("waiting for child")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A host in a [`Lab`]: its namespace, address and MAC on the shared segment.
+pub struct Host {
+    pub ns: Netns,
+    pub ip: std::net::Ipv4Addr,
+    pub mac: [u8; 6],
+    /// Interface name inside the namespace.
+    pub ifname: String,
+}
+
+/// One L2 segment (a bridge in its own namespace) with a client, a balancer and `n` nodes.
+/// Addresses: 198.18.0.1 client, .2 balancer, .11.. nodes (198.18.0.0/15 is the benchmarking
+/// range; it only exists inside these namespaces).
+pub struct Lab {
+    pub prefix: String,
+    pub client: Host,
+    pub lb: Host,
+    pub nodes: Vec<Host>,
+    /// Declared last: dropped after the hosts.
+    pub bridge: Netns,
+}
+
+pub const LAB_NET: &str = "198.18.0";
+
+impl Lab {
+    pub fn new(n_nodes: usize) -> Result<Self> {
+        let prefix = unique_prefix();
+        let bridge = Netns::new(&format!("{prefix}br"))?;
+        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge.ip(&["link", "set", "br0", "up"])?;
+        let mk = |name: &str, last: u8| -> Result<Host> {
+            let ns = Netns::new(&format!("{prefix}{name}"))?;
+            let peer = format!("{prefix}{name}p");
+            let mac = [0x02, 0x00, 0x00, 0x00, 0x00, last];
+            let mac_s = mac_str(&mac);
+            bridge.ip(&[
+                "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ])?;
+            bridge.ip(&["link", "set", &peer, "master", "br0", "up"])?;
+            ns.ip(&["link", "set", "eth0", "address", &mac_s, "up"])?;
+            let ip: std::net::Ipv4Addr = format!("{LAB_NET}.{last}").parse()?;
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0")?;
+            Ok(Host {
+                ns,
+                ip,
+                mac,
+                ifname: "eth0".into(),
+            })
+        };
+        let client = mk("c", 1)?;
+        let lb = mk("l", 2)?;
+        let nodes = (0..n_nodes)
+            .map(|i| mk(&format!("n{i}"), 11 + i as u8))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            prefix,
+            client,
+            lb,
+            nodes,
+            bridge,
+        })
+    }
+
+    /// Makes `vip` reachable for DSR: the client routes it via the balancer, every node holds
+    /// it on loopback (LVS-DR) and does not answer ARP for it.
+    pub fn add_dsr_vip(&self, vip: std::net::Ipv4Addr) -> Result<()> {
+        self.client.ns.ip(&[
+            "route",
+            "add",
+            &format!("{vip}/32"),
+            "via",
+            &self.lb.ip.to_string(),
+        ])?;
+        for n in &self.nodes {
+            n.ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            n.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            n.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+        }
+        Ok(())
+    }
+}
+
+pub fn mac_str(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
