@@ -1,1 +1,836 @@
-//! (in progress)
+//! The failure detector: heartbeats in, membership events out.
+//!
+//! Pure and deterministic: time is passed in, nothing sleeps, nothing does I/O, and nodes are
+//! visited in id order, so the same inputs always give the same events. The daemon calls
+//! [`Membership::on_heartbeat`] for every authentic heartbeat and [`Membership::tick`] when
+//! [`Membership::next_deadline`] is reached, so detection latency is exactly the configured
+//! `k x interval`, never "that plus a polling period".
+//!
+//! Rules:
+//! - A node is *down* once `miss_limit` (k) intervals pass without a valid heartbeat: at
+//!   `last valid heartbeat + k x interval` (inclusive), where the interval is the node's
+//!   configured override or else the one its latest heartbeat advertises.
+//! - A brand-new node (never up since it was added) is *up* on its first valid heartbeat.
+//! - A node that was down, or that restarted (new incarnation) under
+//!   [`RestartPolicy::HoldDown`], is *joining*: it becomes up only after `hold_down` of
+//!   heartbeats with no gap of k intervals and no further restart. So a flapping node gives one
+//!   `NodeDown` and no `NodeUp` until it has been stable for the whole hold-down.
+//! - Replays (sequence not above the last one of the same incarnation) and older incarnations
+//!   are rejected and counted; they never refresh liveness.
+use crate::heartbeat::{Heartbeat, NodeState};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Default k: intervals missed before a node is down.
+pub const DEFAULT_MISS_LIMIT: u32 = 3;
+/// Default hold-down before a returning node is up again.
+pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(2);
+/// Advertised intervals are clamped to this, so a buggy agent cannot make itself immortal.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// Advertised intervals below this are raised to it.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+/// What to do when a node that is up announces a new incarnation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// `NodeRestarted` + `NodeDown{Restarted}`, then up again after the hold-down (a rebooted
+    /// node lost its state; a crash-looping node stays out).
+    #[default]
+    HoldDown,
+    /// `NodeRestarted` only; the node stays up (an agent restart that does not touch the
+    /// service, e.g. an agent upgrade).
+    StayUp,
+}
+
+/// Per-node failure-detector settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeCfg {
+    /// k: missed intervals before the node is down (0 is treated as 1).
+    pub miss_limit: u32,
+    /// Stable time a returning node needs before it is up again.
+    pub hold_down: Duration,
+    /// Expected heartbeat interval; `None` = trust the interval each heartbeat advertises.
+    pub interval: Option<Duration>,
+    pub on_restart: RestartPolicy,
+}
+
+impl Default for NodeCfg {
+    fn default() -> Self {
+        NodeCfg {
+            miss_limit: DEFAULT_MISS_LIMIT,
+            hold_down: DEFAULT_HOLD_DOWN,
+            interval: None,
+            on_restart: RestartPolicy::HoldDown,
+        }
+    }
+}
+
+/// Why a node went down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DownReason {
+    /// k intervals without a valid heartbeat.
+    MissedHeartbeats,
+    /// A new incarnation while up ([`RestartPolicy::HoldDown`]).
+    Restarted,
+    /// The active health check failed `fall` times in a row (see `health`).
+    HealthCheck,
+}
+
+/// A membership change. Heartbeats and active health checks produce the same type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// The node is up. `weight` is the advertised weight (0 = keep the configured one);
+    /// `draining` says it came up already draining.
+    NodeUp {
+        node: u32,
+        weight: u32,
+        draining: bool,
+    },
+    NodeDown {
+        node: u32,
+        reason: DownReason,
+    },
+    /// An up node reports draining.
+    NodeDraining {
+        node: u32,
+    },
+    /// An up, draining node reports up again.
+    NodeUndrained {
+        node: u32,
+    },
+    /// A new incarnation was seen (reported at once, whatever the node's phase).
+    NodeRestarted {
+        node: u32,
+        incarnation: u64,
+    },
+    /// An up node advertises a different weight.
+    WeightChanged {
+        node: u32,
+        old: u32,
+        new: u32,
+    },
+}
+
+impl Event {
+    /// The node the event is about.
+    pub fn node(&self) -> u32 {
+        match *self {
+            Event::NodeUp { node, .. }
+            | Event::NodeDown { node, .. }
+            | Event::NodeDraining { node }
+            | Event::NodeUndrained { node }
+            | Event::NodeRestarted { node, .. }
+            | Event::WeightChanged { node, .. } => node,
+        }
+    }
+}
+
+/// Why a heartbeat was not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Reject {
+    #[error("heartbeat from unknown node")]
+    UnknownNode,
+    #[error("replayed heartbeat (sequence not above the last one)")]
+    Replay,
+    #[error("heartbeat from an older incarnation")]
+    StaleIncarnation,
+}
+
+/// Heartbeats accepted and rejected, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MembershipCounters {
+    pub accepted: u64,
+    pub unknown_node: u64,
+    pub replay: u64,
+    pub stale_incarnation: u64,
+}
+
+/// Where a node stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Added, never heard from.
+    New,
+    /// Up: routes may point at it.
+    Up,
+    /// Heard from again after being down (or a restart); waiting out the hold-down.
+    Joining { since: Instant },
+    /// Down.
+    Down,
+}
+
+/// What the detector knows about a node (for `lb node list`, metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub phase: Phase,
+    pub cfg: NodeCfg,
+    pub incarnation: Option<u64>,
+    pub sequence: u64,
+    pub last_seen: Option<Instant>,
+    /// When the node is (or was) declared down without another valid heartbeat.
+    pub expires: Option<Instant>,
+    /// The interval in use (override or advertised).
+    pub interval: Option<Duration>,
+    pub draining: bool,
+    pub weight: u32,
+    pub cpu_permille: Option<u16>,
+    pub active_conns: Option<u32>,
+}
+
+/// The failure detector.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    defaults: NodeCfg,
+    nodes: BTreeMap<u32, NodeStatus>,
+    counters: MembershipCounters,
+}
+
+fn add(t: Instant, d: Duration) -> Option<Instant> {
+    t.checked_add(d)
+}
+
+impl Membership {
+    /// An empty detector; `defaults` is what [`Membership::add_node_default`] uses.
+    pub fn new(defaults: NodeCfg) -> Membership {
+        Membership {
+            defaults,
+            nodes: BTreeMap::new(),
+            counters: MembershipCounters::default(),
+        }
+    }
+
+    /// The default node settings.
+    pub fn defaults(&self) -> NodeCfg {
+        self.defaults
+    }
+
+    /// Adds (or reconfigures, keeping its state) a node.
+    pub fn add_node(&mut self, id: u32, cfg: NodeCfg) {
+        let cfg = NodeCfg {
+            miss_limit: cfg.miss_limit.max(1),
+            ..cfg
+        };
+        self.nodes
+            .entry(id)
+            .and_modify(|n| n.cfg = cfg)
+            .or_insert(NodeStatus {
+                phase: Phase::New,
+                cfg,
+                incarnation: None,
+                sequence: 0,
+                last_seen: None,
+                expires: None,
+                interval: cfg.interval,
+                draining: false,
+                weight: 0,
+                cpu_permille: None,
+                active_conns: None,
+            });
+    }
+
+    /// Adds a node with the default settings.
+    pub fn add_node_default(&mut self, id: u32) {
+        self.add_node(id, self.defaults);
+    }
+
+    /// Forgets a node; its heartbeats are then rejected as `UnknownNode`. No event.
+    pub fn remove_node(&mut self, id: u32) -> bool {
+        self.nodes.remove(&id).is_some()
+    }
+
+    /// Marks a node up without a heartbeat (a restarted daemon re-adopting a node that was up):
+    /// it stays up until `now + grace` unless a heartbeat extends it. Its next heartbeat is
+    /// accepted whatever its incarnation, and compared against `draining` and `weight`.
+    pub fn assume_up(
+        &mut self,
+        id: u32,
+        now: Instant,
+        grace: Duration,
+        draining: bool,
+        weight: u32,
+    ) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.phase = Phase::Up;
+            n.incarnation = None;
+            n.sequence = 0;
+            n.last_seen = Some(now);
+            n.expires = add(now, grace);
+            n.draining = draining;
+            n.weight = weight;
+        }
+    }
+
+    /// A node's status.
+    pub fn status(&self, id: u32) -> Option<&NodeStatus> {
+        self.nodes.get(&id)
+    }
+
+    /// All nodes, in id order.
+    pub fn nodes(&self) -> impl Iterator<Item = (u32, &NodeStatus)> {
+        self.nodes.iter().map(|(id, n)| (*id, n))
+    }
+
+    /// Accepted/rejected heartbeat counters.
+    pub fn counters(&self) -> &MembershipCounters {
+        &self.counters
+    }
+
+    /// Processes an authentic heartbeat received at `now`.
+    pub fn on_heartbeat(&mut self, now: Instant, hb: &Heartbeat) -> Result<Vec<Event>, Reject> {
+        let Some(n) = self.nodes.get_mut(&hb.node) else {
+            self.counters.unknown_node += 1;
+            return Err(Reject::UnknownNode);
+        };
+        let mut restarted = false;
+        if let Some(inc) = n.incarnation {
+            if hb.incarnation < inc {
+                self.counters.stale_incarnation += 1;
+                return Err(Reject::StaleIncarnation);
+            }
+            if hb.incarnation == inc && hb.sequence <= n.sequence {
+                self.counters.replay += 1;
+                return Err(Reject::Replay);
+            }
+            restarted = hb.incarnation > inc;
+        }
+        self.counters.accepted += 1;
+        let node = hb.node;
+        let mut events = Vec::new();
+        // Whatever tick() was or was not called, silence before this heartbeat counts first.
+        expire(node, n, now, &mut events);
+
+        n.incarnation = Some(hb.incarnation);
+        n.sequence = hb.sequence;
+        n.last_seen = Some(now);
+        let interval = n.cfg.interval.unwrap_or_else(|| {
+            Duration::from_millis(u64::from(hb.interval_ms)).clamp(MIN_INTERVAL, MAX_INTERVAL)
+        });
+        n.interval = Some(interval);
+        n.expires = interval
+            .checked_mul(n.cfg.miss_limit)
+            .and_then(|d| add(now, d));
+        n.cpu_permille = hb.cpu_permille;
+        n.active_conns = hb.active_conns;
+        let draining = hb.state == NodeState::Draining;
+        if restarted {
+            events.push(Event::NodeRestarted {
+                node,
+                incarnation: hb.incarnation,
+            });
+        }
+
+        match n.phase {
+            Phase::New => {
+                n.phase = Phase::Up;
+                n.draining = draining;
+                n.weight = hb.weight;
+                events.push(Event::NodeUp {
+                    node,
+                    weight: n.weight,
+                    draining,
+                });
+                return Ok(events);
+            }
+            Phase::Up if restarted && n.cfg.on_restart == RestartPolicy::HoldDown => {
+                events.push(Event::NodeDown {
+                    node,
+                    reason: DownReason::Restarted,
+                });
+                n.phase = Phase::Joining { since: now };
+            }
+            Phase::Up => {
+                if draining != n.draining {
+                    events.push(if draining {
+                        Event::NodeDraining { node }
+                    } else {
+                        Event::NodeUndrained { node }
+                    });
+                }
+                if hb.weight != n.weight {
+                    events.push(Event::WeightChanged {
+                        node,
+                        old: n.weight,
+                        new: hb.weight,
+                    });
+                }
+            }
+            Phase::Down => n.phase = Phase::Joining { since: now },
+            Phase::Joining { .. } if restarted => n.phase = Phase::Joining { since: now },
+            Phase::Joining { .. } => {}
+        }
+        n.draining = draining;
+        n.weight = hb.weight;
+        if let Phase::Joining { since } = n.phase {
+            if now.saturating_duration_since(since) >= n.cfg.hold_down {
+                n.phase = Phase::Up;
+                events.push(Event::NodeUp {
+                    node,
+                    weight: n.weight,
+                    draining,
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// Applies the passage of time: nodes silent for k intervals go down, joining nodes whose
+    /// hold-down is over come up.
+    pub fn tick(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (&id, n) in self.nodes.iter_mut() {
+            expire(id, n, now, &mut events);
+            if let Phase::Joining { since } = n.phase {
+                if add(since, n.cfg.hold_down).is_some_and(|t| now >= t) {
+                    n.phase = Phase::Up;
+                    events.push(Event::NodeUp {
+                        node: id,
+                        weight: n.weight,
+                        draining: n.draining,
+                    });
+                }
+            }
+        }
+        events
+    }
+
+    /// The earliest instant at which [`Membership::tick`] can change anything, or `None` when
+    /// only a heartbeat can (sleep until then, or until a heartbeat arrives).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.nodes
+            .values()
+            .filter_map(|n| match n.phase {
+                Phase::Up => n.expires,
+                Phase::Joining { since } => {
+                    let up = add(since, n.cfg.hold_down);
+                    match (n.expires, up) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                }
+                Phase::New | Phase::Down => None,
+            })
+            .min()
+    }
+}
+
+/// Up or joining node past its expiry: down (an event only if it was up).
+fn expire(id: u32, n: &mut NodeStatus, now: Instant, events: &mut Vec<Event>) {
+    let expired = n.expires.is_some_and(|t| now >= t);
+    match n.phase {
+        Phase::Up if expired => {
+            n.phase = Phase::Down;
+            events.push(Event::NodeDown {
+                node: id,
+                reason: DownReason::MissedHeartbeats,
+            });
+        }
+        Phase::Joining { .. } if expired => n.phase = Phase::Down,
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    struct Agent {
+        node: u32,
+        inc: u64,
+        seq: u64,
+        state: NodeState,
+        weight: u32,
+    }
+
+    impl Agent {
+        fn new(node: u32, inc: u64) -> Agent {
+            Agent {
+                node,
+                inc,
+                seq: 0,
+                state: NodeState::Up,
+                weight: 0,
+            }
+        }
+        fn beat(&mut self) -> Heartbeat {
+            self.seq += 1;
+            Heartbeat {
+                node: self.node,
+                incarnation: self.inc,
+                sequence: self.seq,
+                state: self.state,
+                weight: self.weight,
+                interval_ms: 100,
+                cpu_permille: None,
+                active_conns: None,
+            }
+        }
+    }
+
+    fn setup() -> (Membership, Instant) {
+        let mut m = Membership::new(NodeCfg::default());
+        m.add_node_default(1);
+        m.add_node_default(2);
+        (m, Instant::now())
+    }
+
+    fn up(node: u32) -> Event {
+        Event::NodeUp {
+            node,
+            weight: 0,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn up_on_first_beat_and_nothing_while_steady() {
+        let (mut m, t0) = setup();
+        assert_eq!(m.next_deadline(), None);
+        assert!(
+            m.tick(t0 + Duration::from_secs(10)).is_empty(),
+            "never-seen nodes are not 'down'"
+        );
+        let mut a = Agent::new(1, 10);
+        assert_eq!(m.on_heartbeat(t0, &a.beat()), Ok(vec![up(1)]));
+        for i in 1..50 {
+            assert_eq!(m.on_heartbeat(t0 + 100 * MS * i, &a.beat()), Ok(vec![]));
+            assert!(m.tick(t0 + 100 * MS * i + 50 * MS).is_empty());
+        }
+        assert_eq!(m.status(1).unwrap().phase, Phase::Up);
+        assert_eq!(m.status(2).unwrap().phase, Phase::New);
+        assert_eq!(m.counters().accepted, 50);
+    }
+
+    #[test]
+    fn down_after_exactly_k_intervals() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        let deadline = t0 + 300 * MS;
+        assert_eq!(m.next_deadline(), Some(deadline));
+        assert!(m.tick(deadline - MS).is_empty());
+        assert_eq!(m.status(1).unwrap().phase, Phase::Up);
+        assert_eq!(
+            m.tick(deadline + MS),
+            vec![Event::NodeDown {
+                node: 1,
+                reason: DownReason::MissedHeartbeats
+            }]
+        );
+        assert!(
+            m.tick(deadline + 2 * MS).is_empty(),
+            "down is reported once"
+        );
+        assert_eq!(m.next_deadline(), None);
+        // Exactly at the deadline counts as missed, so next_deadline is an exact wake-up time.
+        let mut b = Agent::new(2, 1);
+        m.on_heartbeat(t0, &b.beat()).unwrap();
+        assert_eq!(m.next_deadline(), Some(deadline));
+        assert_eq!(m.tick(deadline).len(), 1);
+        let _ = b.beat();
+    }
+
+    #[test]
+    fn interval_override_and_miss_limit() {
+        let mut m = Membership::new(NodeCfg::default());
+        m.add_node(
+            1,
+            NodeCfg {
+                miss_limit: 5,
+                interval: Some(200 * MS),
+                ..NodeCfg::default()
+            },
+        );
+        let t0 = Instant::now();
+        let mut a = Agent::new(1, 1); // advertises 100 ms, overridden
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        assert_eq!(m.next_deadline(), Some(t0 + 1000 * MS));
+        assert!(m.tick(t0 + 999 * MS).is_empty());
+        assert_eq!(m.tick(t0 + 1001 * MS).len(), 1);
+    }
+
+    #[test]
+    fn advertised_interval_is_used() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 1);
+        let mut hb = a.beat();
+        hb.interval_ms = 250;
+        m.on_heartbeat(t0, &hb).unwrap();
+        assert_eq!(m.next_deadline(), Some(t0 + 750 * MS));
+        hb = a.beat();
+        hb.interval_ms = u32::MAX; // clamped
+        m.on_heartbeat(t0, &hb).unwrap();
+        assert_eq!(m.next_deadline(), Some(t0 + 3 * MAX_INTERVAL));
+    }
+
+    #[test]
+    fn replay_stale_and_unknown_rejected_and_counted() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        let first = a.beat();
+        let second = a.beat();
+        m.on_heartbeat(t0, &first).unwrap();
+        m.on_heartbeat(t0 + MS, &second).unwrap();
+        assert_eq!(m.on_heartbeat(t0 + 2 * MS, &second), Err(Reject::Replay));
+        assert_eq!(m.on_heartbeat(t0 + 2 * MS, &first), Err(Reject::Replay));
+        let mut old = Agent::new(1, 9);
+        old.seq = 1000;
+        assert_eq!(
+            m.on_heartbeat(t0 + 2 * MS, &old.beat()),
+            Err(Reject::StaleIncarnation)
+        );
+        assert_eq!(
+            m.on_heartbeat(t0, &Agent::new(99, 1).beat()),
+            Err(Reject::UnknownNode)
+        );
+        let c = m.counters();
+        assert_eq!(
+            (c.accepted, c.replay, c.stale_incarnation, c.unknown_node),
+            (2, 2, 1, 1)
+        );
+        // Rejected beats do not keep the node alive.
+        for i in 0..10 {
+            let _ = m.on_heartbeat(t0 + 100 * MS * i, &second);
+        }
+        assert_eq!(m.tick(t0 + MS + 300 * MS).len(), 1);
+    }
+
+    #[test]
+    fn restart_noticed_immediately_and_held_down() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        m.on_heartbeat(t0 + 100 * MS, &a.beat()).unwrap();
+        let mut b = Agent::new(1, 11); // restarted: sequence starts again
+        let t1 = t0 + 150 * MS;
+        assert_eq!(
+            m.on_heartbeat(t1, &b.beat()),
+            Ok(vec![
+                Event::NodeRestarted {
+                    node: 1,
+                    incarnation: 11
+                },
+                Event::NodeDown {
+                    node: 1,
+                    reason: DownReason::Restarted
+                },
+            ])
+        );
+        // The old incarnation is now stale.
+        assert_eq!(
+            m.on_heartbeat(t1 + MS, &a.beat()),
+            Err(Reject::StaleIncarnation)
+        );
+        assert_eq!(m.next_deadline(), Some(t1 + 300 * MS));
+        let mut t = t1;
+        while t + 100 * MS < t1 + DEFAULT_HOLD_DOWN {
+            t += 100 * MS;
+            assert_eq!(m.on_heartbeat(t, &b.beat()), Ok(vec![]));
+            assert!(m.tick(t).is_empty());
+        }
+        assert_eq!(m.next_deadline(), Some(t1 + DEFAULT_HOLD_DOWN));
+        assert_eq!(m.tick(t1 + DEFAULT_HOLD_DOWN), vec![up(1)]);
+    }
+
+    #[test]
+    fn restart_stay_up_policy() {
+        let mut m = Membership::new(NodeCfg::default());
+        m.add_node(
+            1,
+            NodeCfg {
+                on_restart: RestartPolicy::StayUp,
+                ..NodeCfg::default()
+            },
+        );
+        let t0 = Instant::now();
+        m.on_heartbeat(t0, &Agent::new(1, 1).beat()).unwrap();
+        assert_eq!(
+            m.on_heartbeat(t0 + MS, &Agent::new(1, 2).beat()),
+            Ok(vec![Event::NodeRestarted {
+                node: 1,
+                incarnation: 2
+            }])
+        );
+        assert_eq!(m.status(1).unwrap().phase, Phase::Up);
+    }
+
+    #[test]
+    fn hold_down_on_return_after_failure() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        assert_eq!(m.tick(t0 + 300 * MS).len(), 1);
+        // Same incarnation comes back (a network partition healed): hold-down too.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(m.on_heartbeat(t1, &a.beat()), Ok(vec![]));
+        assert!(matches!(m.status(1).unwrap().phase, Phase::Joining { .. }));
+        let mut t = t1;
+        let mut ups = vec![];
+        while t < t1 + DEFAULT_HOLD_DOWN + 500 * MS {
+            t += 100 * MS;
+            ups.extend(m.on_heartbeat(t, &a.beat()).unwrap());
+            ups.extend(m.tick(t));
+        }
+        assert_eq!(ups, vec![up(1)]);
+        assert_eq!(m.status(1).unwrap().phase, Phase::Up);
+    }
+
+    #[test]
+    fn hold_down_restarts_after_a_gap() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        m.tick(t0 + 300 * MS);
+        let t1 = t0 + Duration::from_secs(1);
+        m.on_heartbeat(t1, &a.beat()).unwrap();
+        // Silent for k intervals while joining: back to down, silently.
+        assert!(m.tick(t1 + 300 * MS).is_empty());
+        assert_eq!(m.status(1).unwrap().phase, Phase::Down);
+        let t2 = t1 + 400 * MS;
+        m.on_heartbeat(t2, &a.beat()).unwrap();
+        assert_eq!(m.status(1).unwrap().phase, Phase::Joining { since: t2 });
+        // A heartbeat after a gap, without any tick in between, also restarts the hold-down.
+        let t3 = t2 + 500 * MS;
+        m.on_heartbeat(t3, &a.beat()).unwrap();
+        assert_eq!(m.status(1).unwrap().phase, Phase::Joining { since: t3 });
+    }
+
+    #[test]
+    fn flapping_node_does_not_churn() {
+        let (mut m, t0) = setup();
+        let mut events = vec![];
+        let mut t = t0;
+        // Crash-looping: a new incarnation every 400 ms for 10 s, 100 ms heartbeats in between.
+        for inc in 1..=25u64 {
+            let mut a = Agent::new(1, inc);
+            for _ in 0..4 {
+                events.extend(m.on_heartbeat(t, &a.beat()).unwrap());
+                t += 100 * MS;
+                events.extend(m.tick(t));
+            }
+        }
+        let ups = events
+            .iter()
+            .filter(|e| matches!(e, Event::NodeUp { .. }))
+            .count();
+        let downs = events
+            .iter()
+            .filter(|e| matches!(e, Event::NodeDown { .. }))
+            .count();
+        assert_eq!((ups, downs), (1, 1), "{events:?}");
+        // Flapping by silence: up 1 s, silent 0.5 s, repeatedly: one NodeUp per hold-down at most.
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 1);
+        let mut events = vec![];
+        let mut t = t0;
+        for _ in 0..10 {
+            for _ in 0..10 {
+                events.extend(m.on_heartbeat(t, &a.beat()).unwrap());
+                t += 100 * MS;
+                events.extend(m.tick(t));
+            }
+            t += 500 * MS;
+            events.extend(m.tick(t));
+        }
+        let ups = events
+            .iter()
+            .filter(|e| matches!(e, Event::NodeUp { .. }))
+            .count();
+        assert_eq!(ups, 1, "{events:?}");
+    }
+
+    #[test]
+    fn draining_and_weight() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 1);
+        a.state = NodeState::Draining;
+        a.weight = 5;
+        assert_eq!(
+            m.on_heartbeat(t0, &a.beat()),
+            Ok(vec![Event::NodeUp {
+                node: 1,
+                weight: 5,
+                draining: true
+            }])
+        );
+        a.state = NodeState::Up;
+        assert_eq!(
+            m.on_heartbeat(t0 + MS, &a.beat()),
+            Ok(vec![Event::NodeUndrained { node: 1 }])
+        );
+        a.state = NodeState::Draining;
+        a.weight = 7;
+        assert_eq!(
+            m.on_heartbeat(t0 + 2 * MS, &a.beat()),
+            Ok(vec![
+                Event::NodeDraining { node: 1 },
+                Event::WeightChanged {
+                    node: 1,
+                    old: 5,
+                    new: 7
+                }
+            ])
+        );
+        assert_eq!(m.on_heartbeat(t0 + 3 * MS, &a.beat()), Ok(vec![]));
+        assert!(m.status(1).unwrap().draining);
+    }
+
+    #[test]
+    fn next_deadline_tracks_earliest_node() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 1);
+        let mut b = Agent::new(2, 1);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        m.on_heartbeat(t0 + 50 * MS, &b.beat()).unwrap();
+        assert_eq!(m.next_deadline(), Some(t0 + 300 * MS));
+        m.on_heartbeat(t0 + 100 * MS, &a.beat()).unwrap();
+        assert_eq!(m.next_deadline(), Some(t0 + 350 * MS));
+        // Sleeping until each deadline finds every event with zero latency.
+        let t = m.next_deadline().unwrap();
+        assert_eq!(
+            m.tick(t),
+            vec![Event::NodeDown {
+                node: 2,
+                reason: DownReason::MissedHeartbeats
+            }]
+        );
+        let t = m.next_deadline().unwrap();
+        assert_eq!(t, t0 + 400 * MS);
+        assert_eq!(m.tick(t).len(), 1);
+        assert_eq!(m.next_deadline(), None);
+        // Joining: the earlier of expiry and hold-down end.
+        m.on_heartbeat(t0 + Duration::from_secs(1), &a.beat())
+            .unwrap();
+        assert_eq!(m.next_deadline(), Some(t0 + 1300 * MS));
+        let mut quick = NodeCfg {
+            hold_down: 100 * MS,
+            ..NodeCfg::default()
+        };
+        quick.miss_limit = 0; // treated as 1
+        m.add_node(1, quick);
+        assert_eq!(m.next_deadline(), Some(t0 + 1100 * MS));
+    }
+
+    #[test]
+    fn assume_up_and_remove() {
+        let (mut m, t0) = setup();
+        m.assume_up(1, t0, Duration::from_secs(1), false, 3);
+        assert_eq!(m.next_deadline(), Some(t0 + Duration::from_secs(1)));
+        let mut a = Agent::new(1, 77);
+        a.weight = 3;
+        assert_eq!(
+            m.on_heartbeat(t0 + MS, &a.beat()),
+            Ok(vec![]),
+            "no restart, no up"
+        );
+        assert_eq!(m.next_deadline(), Some(t0 + 301 * MS));
+        assert!(m.remove_node(1));
+        assert_eq!(
+            m.on_heartbeat(t0 + 2 * MS, &a.beat()),
+            Err(Reject::UnknownNode)
+        );
+        m.assume_up(2, t0, Duration::from_secs(1), false, 0);
+        assert_eq!(m.tick(t0 + Duration::from_secs(1)).len(), 1);
+        assert_eq!(m.nodes().count(), 1);
+    }
+}
