@@ -43,6 +43,9 @@ pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 pub const MAX_VIPS: u32 = 1024;
 /// Most nodes (entries of `NODES`, and the bound of a node index).
 pub const MAX_NODES: u32 = 4096;
+/// Node index that routes point at when no node owns them: never configured, so always DOWN
+/// (packets on such a route are dropped as `NoBackend`). Configurable nodes are `< NODE_NONE`.
+pub const NODE_NONE: u32 = MAX_NODES - 1;
 /// Most route IDs one VIP may have.
 pub const MAX_ROUTES_PER_VIP: u32 = 65536;
 /// Default route IDs per VIP: with 65536 routes each of 500 equal nodes owns 131 or 132, so

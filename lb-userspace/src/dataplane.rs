@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -134,23 +135,18 @@ impl VipSpec {
 }
 
 /// Where a VIP's pair of route-table slices lives.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct VipSlots {
     meta: VipMeta,
     /// First slot of the pair.
     base: u32,
+    /// What each of the two slices holds, so a change writes only the entries that differ.
+    halves: [Vec<RouteEntry>; 2],
 }
 
 impl VipSlots {
     fn gen_b(&self) -> bool {
         self.meta.flags & VIP_F_GEN_B != 0
-    }
-    fn inactive_offset(&self) -> u32 {
-        if self.gen_b() {
-            self.base
-        } else {
-            self.base + self.meta.route_count
-        }
     }
 }
 
@@ -169,6 +165,8 @@ pub struct Dataplane {
     vips_map: HashMap<MapData, VipKey, VipMeta>,
     filter_map: Array<MapData, u64>,
     routes_map: Array<MapData, RouteEntry>,
+    /// A second fd of `ROUTES` for `BPF_MAP_UPDATE_BATCH` (aya has no batch API).
+    routes_fd: OwnedFd,
     nodes_map: Array<MapData, NodeEntry>,
     conntrack_map: HashMap<MapData, FlowKey, CtEntry>,
     config_map: Array<MapData, GlobalConfig>,
@@ -251,6 +249,7 @@ impl Dataplane {
         let mut dp = Self {
             vips_map: take(&mut ebpf, lb_common::MAP_VIPS)?,
             filter_map: take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
+            routes_fd: dup_map_fd(&ebpf, lb_common::MAP_ROUTES)?,
             routes_map: take(&mut ebpf, lb_common::MAP_ROUTES)?,
             nodes_map: take(&mut ebpf, lb_common::MAP_NODES)?,
             conntrack_map: take(&mut ebpf, lb_common::MAP_CONNTRACK)?,
@@ -288,7 +287,15 @@ impl Dataplane {
             } else {
                 meta.route_offset
             };
-            self.vips.insert(key, VipSlots { meta, base });
+            let mut halves = [Vec::new(), Vec::new()];
+            for (h, half) in halves.iter_mut().enumerate() {
+                let start = base + h as u32 * meta.route_count;
+                *half = (start..start + meta.route_count)
+                    .map(|i| self.routes_map.get(&i, 0))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(map_err(lb_common::MAP_ROUTES))?;
+            }
+            self.vips.insert(key, VipSlots { meta, base, halves });
         }
         for (i, w) in self.filter.iter_mut().enumerate() {
             *w = self
@@ -420,17 +427,17 @@ impl Dataplane {
                 lb_common::MAX_NODES
             )));
         }
-        let existing = self.vips.get(&spec.key).copied();
-        let (base, offset, gen_b) = match existing {
-            Some(s) if s.meta.route_count == n => (s.base, s.inactive_offset(), !s.gen_b()),
-            // New VIP, or N changed: a fresh pair (the old one is freed by dropping it from
-            // the mirror once the new meta is live).
-            _ => {
-                let base = self.allocate(2 * n)?;
-                (base, base, false)
-            }
+        let (base, gen_b, mut halves) = match self.vips.get(&spec.key) {
+            Some(s) if s.meta.route_count == n => (s.base, !s.gen_b(), s.halves.clone()),
+            // New VIP, or N changed: a fresh pair (the old one stays in the mirror, so it is
+            // not reused, until the new meta is live).
+            _ => (self.allocate(2 * n)?, false, [Vec::new(), Vec::new()]),
         };
-        self.write_routes(offset, routes)?;
+        let half = usize::from(gen_b);
+        let offset = base + if gen_b { n } else { 0 };
+        // On error the live table is untouched and the mirror unchanged.
+        self.write_half(offset, &halves[half], routes)?;
+        halves[half] = routes.to_vec();
         let mut flags = spec.flags();
         if gen_b {
             flags |= VIP_F_GEN_B;
@@ -444,7 +451,7 @@ impl Dataplane {
         self.vips_map
             .insert(spec.key, meta, 0)
             .map_err(map_err(lb_common::MAP_VIPS))?;
-        self.vips.insert(spec.key, VipSlots { meta, base });
+        self.vips.insert(spec.key, VipSlots { meta, base, halves });
         self.sync_wildcards(&spec.key)?;
         Ok(())
     }
@@ -509,18 +516,30 @@ impl Dataplane {
         self.sync_wildcards(key)
     }
 
-    /// Writes a slice of route entries starting at `offset`.
-    fn write_routes(&mut self, offset: u32, routes: &[RouteEntry]) -> Result<()> {
-        for (i, r) in routes.iter().enumerate() {
-            self.routes_map
-                .set(offset + i as u32, r, 0)
-                .map_err(map_err(lb_common::MAP_ROUTES))?;
-        }
-        Ok(())
+    /// Makes the slice at `offset` hold `routes`, writing only the entries that differ from
+    /// `have` (what the slice held), in one `BPF_MAP_UPDATE_BATCH` call.
+    fn write_half(
+        &mut self,
+        offset: u32,
+        have: &[RouteEntry],
+        routes: &[RouteEntry],
+    ) -> Result<()> {
+        let (keys, values): (Vec<u32>, Vec<RouteEntry>) = routes
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| have.get(*i) != Some(*r))
+            .map(|(i, r)| (offset + i as u32, *r))
+            .unzip();
+        batch_update(self.routes_fd.as_fd(), &keys, &values).map_err(|e| DataplaneError::Map {
+            name: lb_common::MAP_ROUTES,
+            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error: e,
+            })),
+        })
     }
 
-    /// First-fit allocation of `len` consecutive slots. A VIP whose N changes keeps its old pair
-    /// in the mirror until the new meta is live, so the old pair is never reused in that call.
+    /// First-fit allocation of `len` consecutive slots.
     fn allocate(&self, len: u32) -> Result<u32> {
         let mut used: Vec<(u32, u32)> = self
             .vips
@@ -549,11 +568,11 @@ impl Dataplane {
     /// Re-derives the fragment entry `(addr, 0, proto)`, the address marker `(addr, 0, ANY)`
     /// and the filter bit for the address (and protocol) of `key`.
     fn sync_wildcards(&mut self, key: &VipKey) -> Result<()> {
-        let same_addr: Vec<(VipKey, VipSlots)> = self
+        let same_addr: Vec<(VipKey, VipMeta)> = self
             .vips
             .iter()
             .filter(|(k, _)| k.addr == key.addr && k.family == key.family)
-            .map(|(k, s)| (*k, *s))
+            .map(|(k, s)| (*k, s.meta))
             .collect();
         // Fragment entry: the lowest-port VIP on this address and protocol, unless a real
         // all-ports VIP owns the (addr, 0, proto) key.
@@ -564,10 +583,10 @@ impl Dataplane {
                 .filter(|(k, _)| k.proto == key.proto)
                 .min_by_key(|(k, _)| u16::from_be(k.port));
             match target {
-                Some((_, s)) => {
+                Some((_, live)) => {
                     let meta = VipMeta {
-                        flags: (s.meta.flags | VIP_F_FRAG_ONLY) & !VIP_F_GEN_B,
-                        ..s.meta
+                        flags: (live.flags | VIP_F_FRAG_ONLY) & !VIP_F_GEN_B,
+                        ..*live
                     };
                     self.vips_map
                         .insert(frag_key, meta, 0)
@@ -713,6 +732,65 @@ impl Dataplane {
             })
             .collect()
     }
+}
+
+/// A second fd of a map, before it is taken.
+fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
+    match ebpf.map(name) {
+        Some(aya::maps::Map::Array(data)) => data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DataplaneError::Invalid(format!("dup of map {name} fd: {e}"))),
+        _ => Err(DataplaneError::MissingMap(name)),
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` on an array map: one syscall for many entries.
+fn batch_update<V: Copy>(fd: BorrowedFd<'_>, keys: &[u32], values: &[V]) -> std::io::Result<()> {
+    /// `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    debug_assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points at live key/value arrays of `count` elements of the map's key and
+        // value sizes; the kernel writes back only `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("batch update made no progress"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
 }
 
 fn sum_traffic(

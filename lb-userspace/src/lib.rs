@@ -1,9 +1,12 @@
 //! Control plane of the load balancer: data-plane loading and map writes, route assignment,
 //! membership (heartbeats, failure detection), persistent state, the daemon and the agent.
 pub mod agent;
+pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod heartbeat;
 pub mod membership;
 pub mod objects;
 pub mod routes;
+pub mod signals;
+pub mod state;
