@@ -95,7 +95,7 @@ impl Key {
     pub fn parse(contents: &[u8]) -> Result<Key, KeyError> {
         let trimmed = contents.trim_ascii();
         if !trimmed.is_empty()
-            && trimmed.len() % 2 == 0
+            && trimmed.len().is_multiple_of(2)
             && trimmed.iter().all(u8::is_ascii_hexdigit)
         {
             let bytes: Vec<u8> = trimmed

@@ -359,15 +359,15 @@ impl Membership {
         }
         n.draining = draining;
         n.weight = hb.weight;
-        if let Phase::Joining { since } = n.phase {
-            if now.saturating_duration_since(since) >= n.cfg.hold_down {
-                n.phase = Phase::Up;
-                events.push(Event::NodeUp {
-                    node,
-                    weight: n.weight,
-                    draining,
-                });
-            }
+        if let Phase::Joining { since } = n.phase
+            && now.saturating_duration_since(since) >= n.cfg.hold_down
+        {
+            n.phase = Phase::Up;
+            events.push(Event::NodeUp {
+                node,
+                weight: n.weight,
+                draining,
+            });
         }
         Ok(events)
     }
@@ -378,15 +378,15 @@ impl Membership {
         let mut events = Vec::new();
         for (&id, n) in self.nodes.iter_mut() {
             expire(id, n, now, &mut events);
-            if let Phase::Joining { since } = n.phase {
-                if add(since, n.cfg.hold_down).is_some_and(|t| now >= t) {
-                    n.phase = Phase::Up;
-                    events.push(Event::NodeUp {
-                        node: id,
-                        weight: n.weight,
-                        draining: n.draining,
-                    });
-                }
+            if let Phase::Joining { since } = n.phase
+                && add(since, n.cfg.hold_down).is_some_and(|t| now >= t)
+            {
+                n.phase = Phase::Up;
+                events.push(Event::NodeUp {
+                    node: id,
+                    weight: n.weight,
+                    draining: n.draining,
+                });
             }
         }
         events
