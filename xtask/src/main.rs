@@ -380,6 +380,10 @@ fn test(root: &Path, args: &SetupArgs, only: Option<&str>) -> Result<()> {
         .status_ok("lb-ebpf host unit tests")?;
 
     step("kernel suites (root: BPF_PROG_TEST_RUN fixtures, namespaces)");
+    // The namespace suites run the real `lb` binary (daemon and agents).
+    cargo(root)
+        .args(["build", "--release", "-p", "lb-userspace", "--bins"])
+        .status_ok("building lb")?;
     let mut c = cargo(root);
     c.args(["test", "--release", "-p", "lb-tests"]);
     if let Some(only) = only {
