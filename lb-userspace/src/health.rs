@@ -1,8 +1,8 @@
 //! Active health checks for nodes without an agent: TCP connect, optionally an HTTP GET that
 //! must answer 2xx/3xx.
 //!
-//! The decision (rise/fall counting) is the pure [`RiseFall`]; [`HealthChecker`] runs probes on
-//! a thread and sends the resulting membership [`Event`]s (`NodeUp` / `NodeDown{HealthCheck}`)
+//! The decision (rise/fall counting) is the pure [`RiseFall`]; [`spawn_tcp_checker`] runs probes
+//! on a thread and sends the resulting membership [`Event`]s (`NodeUp` / `NodeDown{HealthCheck}`)
 //! down a channel. The daemon picks a source per node: heartbeats ([`crate::membership`]) or a
 //! checker; both speak the same event type.
 use crate::membership::{DownReason, Event};
@@ -12,9 +12,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Health-check settings.
+/// One node's health check: where, how often, and how strict.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthCfg {
+pub struct TcpCheck {
+    /// The node's service address (TCP connect target).
+    pub addr: SocketAddr,
     /// Time between probe starts.
     pub interval: Duration,
     /// Whole-probe timeout (connect, and the HTTP exchange).
@@ -29,9 +31,10 @@ pub struct HealthCfg {
     pub http_host: Option<String>,
 }
 
-impl Default for HealthCfg {
+impl Default for TcpCheck {
     fn default() -> Self {
-        HealthCfg {
+        TcpCheck {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             rise: 2,
@@ -103,9 +106,10 @@ impl RiseFall {
     }
 }
 
-/// One probe: TCP connect to `target` and, with `cfg.http_path`, a GET with a 2xx/3xx answer,
-/// all within `cfg.timeout`. `Err` says what failed.
-pub fn probe(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
+/// One probe: TCP connect to `cfg.addr` and, with `cfg.http_path`, a GET with a 2xx/3xx
+/// answer, all within `cfg.timeout`. `Err` says what failed.
+pub fn probe(cfg: &TcpCheck) -> Result<(), String> {
+    let target = cfg.addr;
     let deadline = Instant::now() + cfg.timeout;
     let mut s = TcpStream::connect_timeout(&target, cfg.timeout.max(Duration::from_millis(1)))
         .map_err(|e| format!("connect {target}: {e}"))?;
@@ -154,53 +158,58 @@ pub fn probe(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
 
 /// A running checker; dropping it stops the thread (within one interval).
 #[derive(Debug)]
-pub struct HealthChecker {
+pub struct CheckerHandle {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
-impl HealthChecker {
-    /// Probes `target` every `cfg.interval` on a new thread, sending `(node, event)` on each
-    /// rise/fall transition. The thread ends when the checker is dropped or `events` closes.
-    pub fn spawn(
-        node: u32,
-        target: SocketAddr,
-        cfg: HealthCfg,
-        events: mpsc::Sender<(u32, Event)>,
-    ) -> std::io::Result<HealthChecker> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = thread::Builder::new()
-            .name(format!("health-{node}"))
-            .spawn(move || {
-                let mut rf = RiseFall::new(cfg.rise, cfg.fall);
-                loop {
-                    let start = Instant::now();
-                    let result = probe(target, &cfg);
-                    if let Err(e) = &result {
-                        log::debug!("health check of node {node} ({target}): {e}");
-                    }
-                    if let Some(up) = rf.record(result.is_ok()) {
-                        log::info!(
-                            "node {node} ({target}) health check: {}",
-                            if up { "up" } else { "down" }
-                        );
-                        if events.send((node, RiseFall::event(node, up))).is_err() {
-                            return;
-                        }
-                    }
-                    let wait = cfg.interval.saturating_sub(start.elapsed());
-                    match stopped.recv_timeout(wait) {
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        _ => return,
+/// Probes `check.addr` every `check.interval` on a new thread and sends `NodeUp` /
+/// `NodeDown{HealthCheck}` for `node` on each rise/fall transition. The thread ends when the
+/// handle is dropped or `events` closes. (If the thread cannot be started, which only happens
+/// when the process is out of resources, that is logged and the handle is inert.)
+pub fn spawn_tcp_checker(node: u32, check: TcpCheck, events: mpsc::Sender<Event>) -> CheckerHandle {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let spawned = thread::Builder::new()
+        .name(format!("health-{node}"))
+        .spawn(move || {
+            let target = check.addr;
+            let mut rf = RiseFall::new(check.rise, check.fall);
+            loop {
+                let start = Instant::now();
+                let result = probe(&check);
+                if let Err(e) = &result {
+                    log::debug!("health check of node {node} ({target}): {e}");
+                }
+                if let Some(up) = rf.record(result.is_ok()) {
+                    log::info!(
+                        "node {node} ({target}) health check: {}",
+                        if up { "up" } else { "down" }
+                    );
+                    if events.send(RiseFall::event(node, up)).is_err() {
+                        return;
                     }
                 }
-            })?;
-        Ok(HealthChecker {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+                let wait = check.interval.saturating_sub(start.elapsed());
+                match stopped.recv_timeout(wait) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        });
+    let thread = match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            log::error!("cannot start the health-check thread of node {node}: {e}");
+            None
+        }
+    };
+    CheckerHandle {
+        stop: Some(stop),
+        thread,
     }
+}
 
+impl CheckerHandle {
     /// Stops the checker and waits for its thread (at most one probe timeout).
     pub fn stop(mut self) {
         self.stop.take();
@@ -210,7 +219,7 @@ impl HealthChecker {
     }
 }
 
-impl Drop for HealthChecker {
+impl Drop for CheckerHandle {
     fn drop(&mut self) {
         self.stop.take(); // disconnects the channel; the thread notices at its next wait
     }
@@ -267,8 +276,9 @@ mod tests {
         );
     }
 
-    fn cfg() -> HealthCfg {
-        HealthCfg {
+    fn cfg() -> TcpCheck {
+        TcpCheck {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9)),
             interval: Duration::from_millis(20),
             timeout: Duration::from_millis(500),
             rise: 1,
@@ -282,13 +292,14 @@ mod tests {
     fn tcp_check_up_then_down() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        assert_eq!(probe(addr, &cfg()), Ok(()));
+        let check = TcpCheck { addr, ..cfg() };
+        assert_eq!(probe(&check), Ok(()));
         let (tx, rx) = mpsc::channel();
-        let checker = HealthChecker::spawn(9, addr, cfg(), tx).unwrap();
-        let (node, ev) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!((node, ev), (9, RiseFall::event(9, true)));
+        let checker = spawn_tcp_checker(9, check.clone(), tx);
+        let ev = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(ev, RiseFall::event(9, true));
         drop(l);
-        let (_, ev) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let ev = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(
             ev,
             Event::NodeDown {
@@ -296,7 +307,7 @@ mod tests {
                 reason: DownReason::HealthCheck
             }
         );
-        assert!(probe(addr, &cfg()).is_err());
+        assert!(probe(&check).is_err());
         checker.stop();
     }
 
@@ -321,17 +332,38 @@ mod tests {
     fn http_check() {
         let mut c = cfg();
         c.http_path = Some("/healthz".into());
-        assert_eq!(probe(http_server("200 OK"), &c), Ok(()));
-        assert_eq!(probe(http_server("302 Found"), &c), Ok(()));
         assert_eq!(
-            probe(http_server("503 Unavailable"), &c),
+            probe(&TcpCheck {
+                addr: http_server("200 OK"),
+                ..c.clone()
+            }),
+            Ok(())
+        );
+        assert_eq!(
+            probe(&TcpCheck {
+                addr: http_server("302 Found"),
+                ..c.clone()
+            }),
+            Ok(())
+        );
+        assert_eq!(
+            probe(&TcpCheck {
+                addr: http_server("503 Unavailable"),
+                ..c.clone()
+            }),
             Err("HTTP status 503".into())
         );
         // A TCP listener that never answers: timeout.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         c.timeout = Duration::from_millis(100);
         let t = Instant::now();
-        assert!(probe(l.local_addr().unwrap(), &c).is_err());
+        assert!(
+            probe(&TcpCheck {
+                addr: l.local_addr().unwrap(),
+                ..c
+            })
+            .is_err()
+        );
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 }
