@@ -1,8 +1,8 @@
 //! Active health checks for nodes without an agent: TCP connect, optionally an HTTP GET that
 //! must answer 2xx/3xx.
 //!
-//! The decision (rise/fall counting) is the pure [`RiseFall`]; [`spawn_tcp_checker`] runs probes
-//! on a thread and sends the resulting membership [`Event`]s (`NodeUp` / `NodeDown{HealthCheck}`)
+//! The decision (rise/fall counting) is the pure [`RiseFall`]; [`HealthChecker`] runs probes on
+//! a thread and sends the resulting membership [`Event`]s (`NodeUp` / `NodeDown{HealthCheck}`)
 //! down a channel. The daemon picks a source per node: heartbeats ([`crate::membership`]) or a
 //! checker; both speak the same event type.
 use crate::membership::{DownReason, Event};
@@ -12,11 +12,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// One node's health check: where, how often, and how strict.
+/// Health-check settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TcpCheck {
-    /// The node's service address (TCP connect target).
-    pub addr: SocketAddr,
+pub struct HealthCfg {
     /// Time between probe starts.
     pub interval: Duration,
     /// Whole-probe timeout (connect, and the HTTP exchange).
@@ -31,10 +29,9 @@ pub struct TcpCheck {
     pub http_host: Option<String>,
 }
 
-impl Default for TcpCheck {
+impl Default for HealthCfg {
     fn default() -> Self {
-        TcpCheck {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        HealthCfg {
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             rise: 2,
@@ -106,10 +103,9 @@ impl RiseFall {
     }
 }
 
-/// One probe: TCP connect to `cfg.addr` and, with `cfg.http_path`, a GET with a 2xx/3xx
-/// answer, all within `cfg.timeout`. `Err` says what failed.
-pub fn probe(cfg: &TcpCheck) -> Result<(), String> {
-    let target = cfg.addr;
+/// One probe: TCP connect to `target` and, with `cfg.http_path`, a GET with a 2xx/3xx answer,
+/// all within `cfg.timeout`. `Err` says what failed.
+pub fn probe(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
     let deadline = Instant::now() + cfg.timeout;
     let mut s = TcpStream::connect_timeout(&target, cfg.timeout.max(Duration::from_millis(1)))
         .map_err(|e| format!("connect {target}: {e}"))?;
@@ -158,58 +154,53 @@ pub fn probe(cfg: &TcpCheck) -> Result<(), String> {
 
 /// A running checker; dropping it stops the thread (within one interval).
 #[derive(Debug)]
-pub struct CheckerHandle {
+pub struct HealthChecker {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
-/// Probes `check.addr` every `check.interval` on a new thread and sends `NodeUp` /
-/// `NodeDown{HealthCheck}` for `node` on each rise/fall transition. The thread ends when the
-/// handle is dropped or `events` closes. (If the thread cannot be started, which only happens
-/// when the process is out of resources, that is logged and the handle is inert.)
-pub fn spawn_tcp_checker(node: u32, check: TcpCheck, events: mpsc::Sender<Event>) -> CheckerHandle {
-    let (stop, stopped) = mpsc::channel::<()>();
-    let spawned = thread::Builder::new()
-        .name(format!("health-{node}"))
-        .spawn(move || {
-            let target = check.addr;
-            let mut rf = RiseFall::new(check.rise, check.fall);
-            loop {
-                let start = Instant::now();
-                let result = probe(&check);
-                if let Err(e) = &result {
-                    log::debug!("health check of node {node} ({target}): {e}");
-                }
-                if let Some(up) = rf.record(result.is_ok()) {
-                    log::info!(
-                        "node {node} ({target}) health check: {}",
-                        if up { "up" } else { "down" }
-                    );
-                    if events.send(RiseFall::event(node, up)).is_err() {
-                        return;
+impl HealthChecker {
+    /// Probes `target` every `cfg.interval` on a new thread, sending `(node, event)` on each
+    /// rise/fall transition. The thread ends when the checker is dropped or `events` closes.
+    pub fn spawn(
+        node: u32,
+        target: SocketAddr,
+        cfg: HealthCfg,
+        events: mpsc::Sender<(u32, Event)>,
+    ) -> std::io::Result<HealthChecker> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = thread::Builder::new()
+            .name(format!("health-{node}"))
+            .spawn(move || {
+                let mut rf = RiseFall::new(cfg.rise, cfg.fall);
+                loop {
+                    let start = Instant::now();
+                    let result = probe(target, &cfg);
+                    if let Err(e) = &result {
+                        log::debug!("health check of node {node} ({target}): {e}");
+                    }
+                    if let Some(up) = rf.record(result.is_ok()) {
+                        log::info!(
+                            "node {node} ({target}) health check: {}",
+                            if up { "up" } else { "down" }
+                        );
+                        if events.send((node, RiseFall::event(node, up))).is_err() {
+                            return;
+                        }
+                    }
+                    let wait = cfg.interval.saturating_sub(start.elapsed());
+                    match stopped.recv_timeout(wait) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
                     }
                 }
-                let wait = check.interval.saturating_sub(start.elapsed());
-                match stopped.recv_timeout(wait) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-            }
-        });
-    let thread = match spawned {
-        Ok(t) => Some(t),
-        Err(e) => {
-            log::error!("cannot start the health-check thread of node {node}: {e}");
-            None
-        }
-    };
-    CheckerHandle {
-        stop: Some(stop),
-        thread,
+            })?;
+        Ok(HealthChecker {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
-}
 
-impl CheckerHandle {
     /// Stops the checker and waits for its thread (at most one probe timeout).
     pub fn stop(mut self) {
         self.stop.take();
@@ -219,7 +210,7 @@ impl CheckerHandle {
     }
 }
 
-impl Drop for CheckerHandle {
+impl Drop for HealthChecker {
     fn drop(&mut self) {
         self.stop.take(); // disconnects the channel; the thread notices at its next wait
     }
@@ -276,9 +267,8 @@ mod tests {
         );
     }
 
-    fn cfg() -> TcpCheck {
-        TcpCheck {
-            addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+    fn cfg() -> HealthCfg {
+        HealthCfg {
             interval: Duration::from_millis(20),
             timeout: Duration::from_millis(500),
             rise: 1,
@@ -292,14 +282,13 @@ mod tests {
     fn tcp_check_up_then_down() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let check = TcpCheck { addr, ..cfg() };
-        assert_eq!(probe(&check), Ok(()));
+        assert_eq!(probe(addr, &cfg()), Ok(()));
         let (tx, rx) = mpsc::channel();
-        let checker = spawn_tcp_checker(9, check.clone(), tx);
-        let ev = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(ev, RiseFall::event(9, true));
+        let checker = HealthChecker::spawn(9, addr, cfg(), tx).unwrap();
+        let (node, ev) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((node, ev), (9, RiseFall::event(9, true)));
         drop(l);
-        let ev = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (_, ev) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(
             ev,
             Event::NodeDown {
@@ -307,7 +296,7 @@ mod tests {
                 reason: DownReason::HealthCheck
             }
         );
-        assert!(probe(&check).is_err());
+        assert!(probe(addr, &cfg()).is_err());
         checker.stop();
     }
 
@@ -332,38 +321,17 @@ mod tests {
     fn http_check() {
         let mut c = cfg();
         c.http_path = Some("/healthz".into());
+        assert_eq!(probe(http_server("200 OK"), &c), Ok(()));
+        assert_eq!(probe(http_server("302 Found"), &c), Ok(()));
         assert_eq!(
-            probe(&TcpCheck {
-                addr: http_server("200 OK"),
-                ..c.clone()
-            }),
-            Ok(())
-        );
-        assert_eq!(
-            probe(&TcpCheck {
-                addr: http_server("302 Found"),
-                ..c.clone()
-            }),
-            Ok(())
-        );
-        assert_eq!(
-            probe(&TcpCheck {
-                addr: http_server("503 Unavailable"),
-                ..c.clone()
-            }),
+            probe(http_server("503 Unavailable"), &c),
             Err("HTTP status 503".into())
         );
         // A TCP listener that never answers: timeout.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         c.timeout = Duration::from_millis(100);
         let t = Instant::now();
-        assert!(
-            probe(&TcpCheck {
-                addr: l.local_addr().unwrap(),
-                ..c
-            })
-            .is_err()
-        );
+        assert!(probe(l.local_addr().unwrap(), &c).is_err());
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 }

@@ -237,38 +237,35 @@ impl Membership {
         self.nodes.remove(&id).is_some()
     }
 
-    /// Marks a node up without a heartbeat (a restarted daemon re-adopting a node that was
-    /// up): it stays up until `now + k x interval` unless a heartbeat extends it. `incarnation`
-    /// and `sequence` are the last ones accepted before the restart (persisted), so replays stay
-    /// rejected; `(0, 0)` means unknown: the next heartbeat is then accepted whatever its
-    /// incarnation. A newer incarnation is a restart, as usual. Draining and weight are taken
-    /// as "up, configured weight" until the first heartbeat says otherwise (which then gives
-    /// `NodeDraining` / `WeightChanged`).
+    /// Marks a node up without a heartbeat (a restarted daemon re-adopting a node that was up):
+    /// it stays up until `now + grace` unless a heartbeat extends it. Its next heartbeat is
+    /// accepted whatever its incarnation, and compared against `draining` and `weight`.
     pub fn assume_up(
         &mut self,
         id: u32,
         now: Instant,
-        incarnation: u64,
-        sequence: u64,
-        interval: Duration,
+        grace: Duration,
+        draining: bool,
+        weight: u32,
     ) {
         if let Some(n) = self.nodes.get_mut(&id) {
-            let interval = n
-                .cfg
-                .interval
-                .unwrap_or(interval)
-                .clamp(MIN_INTERVAL, MAX_INTERVAL);
-            let known = incarnation != 0 || sequence != 0;
             n.phase = Phase::Up;
-            n.incarnation = known.then_some(incarnation);
-            n.sequence = if known { sequence } else { 0 };
+            n.incarnation = None;
+            n.sequence = 0;
             n.last_seen = Some(now);
-            n.interval = Some(interval);
-            n.expires = interval
-                .checked_mul(n.cfg.miss_limit)
-                .and_then(|d| add(now, d));
-            n.draining = false;
-            n.weight = 0;
+            n.expires = add(now, grace);
+            n.draining = draining;
+            n.weight = weight;
+        }
+    }
+
+    /// Restores the last incarnation and sequence accepted from a node before a daemon restart
+    /// (persisted state), so heartbeats captured before the restart stay rejected as replays.
+    /// Call after [`Membership::add_node`] (and [`Membership::assume_up`], which forgets them).
+    pub fn restore_seen(&mut self, id: u32, incarnation: u64, sequence: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.incarnation = Some(incarnation);
+            n.sequence = sequence;
         }
     }
 
@@ -827,9 +824,10 @@ mod tests {
     #[test]
     fn assume_up_and_remove() {
         let (mut m, t0) = setup();
-        m.assume_up(1, t0, 0, 0, 100 * MS);
-        assert_eq!(m.next_deadline(), Some(t0 + 300 * MS));
+        m.assume_up(1, t0, Duration::from_secs(1), false, 3);
+        assert_eq!(m.next_deadline(), Some(t0 + Duration::from_secs(1)));
         let mut a = Agent::new(1, 77);
+        a.weight = 3;
         assert_eq!(
             m.on_heartbeat(t0 + MS, &a.beat()),
             Ok(vec![]),
@@ -841,8 +839,16 @@ mod tests {
             m.on_heartbeat(t0 + 2 * MS, &a.beat()),
             Err(Reject::UnknownNode)
         );
-        // Known incarnation and sequence survive a daemon restart: replays stay rejected.
-        m.assume_up(2, t0, 5, 10, Duration::from_secs(1));
+        m.assume_up(2, t0, Duration::from_secs(1), false, 0);
+        assert_eq!(m.tick(t0 + Duration::from_secs(1)).len(), 1);
+        assert_eq!(m.nodes().count(), 1);
+    }
+
+    #[test]
+    fn restored_incarnation_keeps_replays_out() {
+        let (mut m, t0) = setup();
+        m.assume_up(2, t0, Duration::from_secs(1), false, 0);
+        m.restore_seen(2, 5, 10);
         let mut b = Agent::new(2, 5);
         b.seq = 9;
         assert_eq!(m.on_heartbeat(t0 + MS, &b.beat()), Err(Reject::Replay));
@@ -850,7 +856,19 @@ mod tests {
             m.on_heartbeat(t0 + MS, &Agent::new(2, 4).beat()),
             Err(Reject::StaleIncarnation)
         );
-        assert_eq!(m.tick(t0 + Duration::from_secs(3)).len(), 1);
-        assert_eq!(m.nodes().count(), 1);
+        assert_eq!(m.on_heartbeat(t0 + MS, &b.beat()), Ok(vec![]));
+        assert_eq!(
+            m.on_heartbeat(t0 + 2 * MS, &Agent::new(2, 6).beat()),
+            Ok(vec![
+                Event::NodeRestarted {
+                    node: 2,
+                    incarnation: 6
+                },
+                Event::NodeDown {
+                    node: 2,
+                    reason: DownReason::Restarted
+                },
+            ])
+        );
     }
 }
