@@ -221,12 +221,16 @@ impl Config {
             }
         }
         if self.vips.len() > lb_common::MAX_VIPS as usize {
-            bail!("{} VIPs configured; at most {}", self.vips.len(), lb_common::MAX_VIPS);
+            bail!(
+                "{} VIPs configured; at most {}",
+                self.vips.len(),
+                lb_common::MAX_VIPS
+            );
         }
         let mut ids = BTreeSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.id >= lb_common::MAX_NODES {
-                bail!("node[{i}].id {} >= {}", n.id, lb_common::MAX_NODES);
+            if n.id >= lb_common::NODE_NONE {
+                bail!("node[{i}].id {} >= {}", n.id, lb_common::NODE_NONE);
             }
             if !ids.insert(n.id) {
                 bail!("node id {} is listed twice", n.id);
@@ -303,8 +307,12 @@ pub fn parse_v4_net(s: &str) -> Result<([u8; 4], [u8; 4])> {
     let (addr, len) = s
         .split_once('/')
         .with_context(|| format!("{s:?}: expected a.b.c.d/len"))?;
-    let addr: Ipv4Addr = addr.parse().with_context(|| format!("{s:?}: bad address"))?;
-    let len: u32 = len.parse().with_context(|| format!("{s:?}: bad prefix length"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .with_context(|| format!("{s:?}: bad address"))?;
+    let len: u32 = len
+        .parse()
+        .with_context(|| format!("{s:?}: bad prefix length"))?;
     if !(8..=32).contains(&len) {
         bail!("{s:?}: prefix length must be 8..=32");
     }
@@ -414,12 +422,23 @@ ipv6 = "2001:db8::1:1"
             (GOOD.replace("proto = \"tcp\"", "proto = \"sctp\""), "sctp"),
             (GOOD.replace("routes = 64", "routes = 0"), "routes"),
             (GOOD.replace("02:00:00:00:01:01", "02:00:00:01:01"), "MAC"),
-            (GOOD.replace("instance = \"t1\"", "instance = \"a/b\""), "instance"),
+            (
+                GOOD.replace("instance = \"t1\"", "instance = \"a/b\""),
+                "instance",
+            ),
             (GOOD.replace("\"100ms\"", "\"100 parsecs\""), "duration"),
             (GOOD.replace("id = 1", "id = 99999"), "id"),
             (GOOD.replace("[[node]]", "[[node]]\nbogus = 1"), "bogus"),
-            (GOOD.replace("gateway_mac = \"02:00:00:00:00:01\"", ""), "gateway_mac"),
-            (format!("{GOOD}\n[[node]]\nid = 1\nmac = \"02:00:00:00:01:02\"\nipv4 = \"198.18.1.2\"\nipv6 = \"2001:db8::2\""), "twice"),
+            (
+                GOOD.replace("gateway_mac = \"02:00:00:00:00:01\"", ""),
+                "gateway_mac",
+            ),
+            (
+                format!(
+                    "{GOOD}\n[[node]]\nid = 1\nmac = \"02:00:00:00:01:02\"\nipv4 = \"198.18.1.2\"\nipv6 = \"2001:db8::2\""
+                ),
+                "twice",
+            ),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", parse(&text).unwrap_err());
@@ -437,6 +456,9 @@ ipv6 = "2001:db8::1:1"
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("-1s").is_err());
-        assert_eq!(parse_mac("0a:0b:0c:0d:0e:0f").unwrap(), [10, 11, 12, 13, 14, 15]);
+        assert_eq!(
+            parse_mac("0a:0b:0c:0d:0e:0f").unwrap(),
+            [10, 11, 12, 13, 14, 15]
+        );
     }
 }

@@ -899,3 +899,52 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
         r => r,
     }
 }
+
+/// Read-only view of a running daemon's pinned maps (tests, benchmarks, inspection tools):
+/// the live route table of a VIP exactly as packets see it.
+pub struct PinnedView {
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    routes: Array<MapData, RouteEntry>,
+    nodes: Array<MapData, NodeEntry>,
+}
+
+impl PinnedView {
+    /// Opens the maps pinned under `pin_dir` (`/sys/fs/bpf/<instance>`).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        fn open_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<M> {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+            let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+            M::try_from(map).map_err(map_err(name))
+        }
+        Ok(Self {
+            vips: open_map(pin_dir, lb_common::MAP_VIPS)?,
+            routes: open_map(pin_dir, lb_common::MAP_ROUTES)?,
+            nodes: open_map(pin_dir, lb_common::MAP_NODES)?,
+        })
+    }
+
+    /// The live route table of `key` (one `VipMeta` read, then its generation's entries).
+    pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
+        let meta = self
+            .vips
+            .get(key, 0)
+            .map_err(|_| DataplaneError::UnknownVip(vip_display(key)))?;
+        (meta.route_offset..meta.route_offset + meta.route_count)
+            .map(|i| {
+                self.routes
+                    .get(&i, 0)
+                    .map_err(map_err(lb_common::MAP_ROUTES))
+            })
+            .collect()
+    }
+
+    /// A node's entry.
+    pub fn node(&self, index: u32) -> Result<NodeEntry> {
+        self.nodes
+            .get(&index, 0)
+            .map_err(map_err(lb_common::MAP_NODES))
+    }
+}

@@ -1,3 +1,37 @@
-fn main() {
-    println!("lb");
+//! `lb`: the balancer daemon (`lb run`) and the node agent (`lb agent`).
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "XDP L4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the balancer on an interface (root).
+    Run(lb_userspace::daemon::RunArgs),
+    /// Run the node agent: heartbeats to the balancer(s), route-moved notices back.
+    Agent(lb_userspace::agent::AgentArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(args) => lb_userspace::daemon::Daemon::start(args).and_then(|d| d.run()),
+        Cmd::Agent(args) => lb_userspace::agent::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

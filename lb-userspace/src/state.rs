@@ -15,6 +15,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::routes::RouteTable;
+
 /// Bumped whenever the file's meaning changes; older/newer files are refused, not guessed at.
 pub const STATE_FORMAT: u32 = 1;
 pub const STATE_FILE: &str = "state.json";
@@ -23,7 +25,9 @@ pub const STATE_FILE: &str = "state.json";
 pub enum StateError {
     #[error("state file {path}: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("state file {path}: format {found}, this lb reads format {STATE_FORMAT} (move it aside or use --reset-state)")]
+    #[error(
+        "state file {path}: format {found}, this lb reads format {STATE_FORMAT} (move it aside or use --reset-state)"
+    )]
     Format { path: PathBuf, found: u32 },
     #[error("state file {path}: {source}")]
     Io {
@@ -63,41 +67,16 @@ pub enum NodeStatus {
     Down,
 }
 
-/// A VIP's route table: owners run-length encoded (`[[node or null, count], ...]`), routes
-/// flagged "moved" (conntrack consulted) as a sorted list.
+/// A VIP's route table (validated when parsed: see `routes::RouteTable`'s serde form) and the
+/// routes flagged "moved" (the kernel consults conntrack for them), sorted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableRecord {
     pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
-    pub owners: Vec<(Option<u32>, u32)>,
+    pub table: RouteTable,
     #[serde(default)]
     pub moved: Vec<u32>,
-}
-
-/// Run-length encodes an owner list.
-pub fn rle_encode(owners: &[Option<u32>]) -> Vec<(Option<u32>, u32)> {
-    let mut out: Vec<(Option<u32>, u32)> = Vec::new();
-    for o in owners {
-        match out.last_mut() {
-            Some((last, n)) if last == o => *n += 1,
-            _ => out.push((*o, 1)),
-        }
-    }
-    out
-}
-
-/// Inverse of [`rle_encode`]; refuses absurd lengths instead of allocating them.
-pub fn rle_decode(runs: &[(Option<u32>, u32)], max: u32) -> Result<Vec<Option<u32>>, String> {
-    let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
-    if total > u64::from(max) {
-        return Err(format!("route table of {total} entries exceeds {max}"));
-    }
-    let mut out = Vec::with_capacity(total as usize);
-    for (o, n) in runs {
-        out.extend(std::iter::repeat_n(*o, *n as usize));
-    }
-    Ok(out)
 }
 
 impl State {
@@ -135,14 +114,6 @@ impl State {
             path: path.clone(),
             what: e.to_string(),
         })?;
-        for t in &state.tables {
-            rle_decode(&t.owners, lb_common::MAX_ROUTES_PER_VIP).map_err(|what| {
-                StateError::Corrupt {
-                    path: path.clone(),
-                    what,
-                }
-            })?;
-        }
         Ok(Some(state))
     }
 
@@ -192,27 +163,25 @@ mod tests {
                 sequence: Some(9),
             },
         );
+        let mut table = RouteTable::new(4).unwrap();
+        table.join(1, 2).unwrap();
         s.tables.push(TableRecord {
             addr: "198.18.0.100".parse().unwrap(),
             port: 80,
             proto: 6,
-            owners: rle_encode(&[Some(1), Some(1), None, Some(2)]),
+            table,
             moved: vec![3],
         });
         s
     }
 
     #[test]
-    fn round_trip_and_rle() {
+    fn round_trip() {
         let d = tmpdir("rt");
         assert_eq!(State::load(&d).unwrap(), None);
         let s = sample();
         s.save(&d).unwrap();
         assert_eq!(State::load(&d).unwrap(), Some(s.clone()));
-        assert_eq!(
-            rle_decode(&s.tables[0].owners, 10).unwrap(),
-            vec![Some(1), Some(1), None, Some(2)]
-        );
         assert!(!d.join(format!(".{STATE_FILE}.tmp")).exists());
         fs::remove_dir_all(&d).unwrap();
     }
@@ -226,8 +195,8 @@ mod tests {
             (&b"{\"format\": 99}"[..], "format 99"),
             (&b"{\"format\": 1, \"nodes\": 5}"[..], "invalid type"),
             (
-                &b"{\"format\":1,\"nodes\":{},\"tables\":[{\"addr\":\"1.2.3.4\",\"port\":1,\"proto\":6,\"owners\":[[1,4000000000]]}]}"[..],
-                "exceeds",
+                &b"{\"format\":1,\"nodes\":{},\"tables\":[{\"addr\":\"1.2.3.4\",\"port\":1,\"proto\":6,\"table\":{\"routes\":2,\"nodes\":[],\"reserve\":null,\"owners\":[5,null]}}]}"[..],
+                "route table",
             ),
         ] {
             fs::write(&p, content).unwrap();

@@ -2,3 +2,5 @@
 pub mod netns;
 pub mod fixture;
 pub mod packet;
+pub mod daemon;
+pub mod bench_control;

@@ -87,12 +87,20 @@ impl Netns {
         &self,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> JoinHandle<Result<T>> {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            enter(&path)?;
-            f()
-        })
+        spawn_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread inside the namespace called `name`.
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> JoinHandle<Result<T>> {
+    let path = PathBuf::from("/run/netns").join(name);
+    std::thread::spawn(move || {
+        enter(&path)?;
+        f()
+    })
 }
 
 /// Moves the calling thread into the namespace at `path`.
@@ -101,7 +109,11 @@ pub fn enter(path: &std::path::Path) -> Result<()> {
     // SAFETY: setns on a valid namespace fd affects only the calling thread's network namespace.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
-        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

@@ -105,6 +105,10 @@ fn real_main() -> Result<()> {
             if !matches!(which.as_str(), "dataplane" | "control") {
                 bail!("unknown benchmark {which:?}: use `dataplane` or `control`");
             }
+            // The control benchmark runs the real daemon and agents.
+            cargo(&root)
+                .args(["build", "--release", "-p", "lb-userspace", "--bins"])
+                .status_ok("building lb")?;
             cargo(&root)
                 .args([
                     "run",

@@ -1,0 +1,308 @@
+//! Running the real `lb` binary (daemon and agents) inside lab namespaces.
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{RouteEntry, VipKey};
+use lb_userspace::dataplane::{PinnedView, vip_key};
+
+use crate::netns::{ChildGuard, Lab, Netns, mac_str};
+
+/// The `lb` binary built next to this test (`target/<profile>/lb`).
+pub fn lb_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .context("test binary has no parent directory")?;
+    let lb = dir.join("lb");
+    if !lb.exists() {
+        bail!(
+            "{} is missing: build it first (`cargo build --release -p lb-userspace`; `cargo xtask test` does)",
+            lb.display()
+        );
+    }
+    Ok(lb)
+}
+
+/// Removes a bpffs pin directory (maps and the XDP link) on drop.
+pub struct PinGuard(pub PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let d = std::env::temp_dir().join(format!("lb-{tag}-{}", crate::netns::unique_prefix()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d)?;
+        Ok(Self(d))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The heartbeat port the lab daemon listens on.
+pub const HB_PORT: u16 = 7711;
+
+/// A lab daemon's files and names.
+pub struct DaemonSetup {
+    pub instance: String,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub key: PathBuf,
+    pub state_dir: PathBuf,
+    pub pins: PinGuard,
+}
+
+impl DaemonSetup {
+    /// Writes a config for a dsr-l2 VIP `vip:port/proto` with `routes` route IDs over all lab
+    /// nodes (ids 1..), heartbeat-checked. `extra_daemon` is appended to `[daemon]`.
+    pub fn dsr(
+        lab: &Lab,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: &str,
+        routes: u32,
+        extra_daemon: &str,
+    ) -> Result<Self> {
+        let instance = format!("lbt{}", lab.prefix);
+        let dir = TempDir::new("daemon")?;
+        let key = dir.0.join("key");
+        std::fs::write(
+            &key,
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+        )?;
+        let mut cfg = format!(
+            "[daemon]\ninstance = \"{instance}\"\nheartbeat_listen = \"{}:{HB_PORT}\"\nkey_file = \"{}\"\nxdp_mode = \"generic\"\nroute_slots = {slots}\nconntrack_size = 65536\n{extra_daemon}\n\n[[vip]]\naddr = \"{vip}\"\nport = {port}\nproto = \"{proto}\"\nroutes = {routes}\n",
+            lab.lb.ip,
+            key.display(),
+            slots = (2 * routes).max(4096),
+        );
+        for (i, n) in lab.nodes.iter().enumerate() {
+            cfg.push_str(&format!(
+                "\n[[node]]\nid = {}\nmac = \"{}\"\nipv4 = \"{}\"\n",
+                i + 1,
+                mac_str(&n.mac),
+                n.ip
+            ));
+        }
+        let config = dir.0.join("lb.toml");
+        std::fs::write(&config, cfg)?;
+        let state_dir = dir.0.join("state");
+        Ok(Self {
+            pins: PinGuard(PathBuf::from("/sys/fs/bpf").join(&instance)),
+            instance,
+            config,
+            key,
+            state_dir,
+            dir,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.0
+    }
+
+    /// Starts `lb run` in the balancer namespace and waits until it says it is ready.
+    pub fn start(&self, lab: &Lab, extra: &[&str]) -> Result<ChildGuard> {
+        let lb = lb_binary()?;
+        let mut cmd = lab.lb.ns.command(&lb.to_string_lossy());
+        cmd.args(["run", "--iface", &lab.lb.ifname, "--config"])
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("starting lb run")?;
+        let stdout = child.stdout.take().context("daemon stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                eprintln!("[daemon] {line}");
+                if line.contains("lb: ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut guard = ChildGuard(Some(child));
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Ok(guard),
+            Err(_) => {
+                let status = guard.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                bail!("daemon did not become ready in 30 s (exit status: {status:?})")
+            }
+        }
+    }
+
+    /// Starts an agent for node `id` (1-based) inside that node's namespace.
+    pub fn agent(&self, lab: &Lab, id: u32, interval: &str) -> Result<ChildGuard> {
+        let lb = lb_binary()?;
+        let node = &lab.nodes[(id - 1) as usize];
+        let child = node
+            .ns
+            .command(&lb.to_string_lossy())
+            .args(["agent", "--node-id", &id.to_string(), "--balancer"])
+            .arg(format!("{}:{HB_PORT}", lab.lb.ip))
+            .arg("--key-file")
+            .arg(&self.key)
+            .args(["--interval", interval])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting lb agent")?;
+        Ok(ChildGuard(Some(child)))
+    }
+
+    /// The live route table of a VIP as the kernel sees it.
+    pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
+        Ok(PinnedView::open(self.pin_dir())?.routes(key)?)
+    }
+
+    /// Waits until `pred(routes)` holds, returning how long it took.
+    pub fn wait_routes(
+        &self,
+        key: &VipKey,
+        timeout: Duration,
+        pred: impl Fn(&[RouteEntry]) -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let view = PinnedView::open(self.pin_dir())?;
+        loop {
+            if let Ok(r) = view.routes(key)
+                && pred(&r)
+            {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("route table condition not met within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+pub fn udp_vip(vip: Ipv4Addr, port: u16) -> VipKey {
+    vip_key(vip.into(), port, lb_common::PROTO_UDP)
+}
+
+/// Counts datagrams (tagged `flow:u32, seq:u32`) that reach a node's UDP port.
+pub struct UdpSink {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<Vec<(u32, u32)>>>>,
+}
+
+impl UdpSink {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = ns.spawn(move || {
+            let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let _ = ready_tx.send(());
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf)
+                    && n >= 8
+                {
+                    let flow = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                    let seq = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                    got.push((flow, seq));
+                }
+            }
+            Ok(got)
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("UDP sink did not start")?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops and returns what arrived.
+    pub fn finish(mut self) -> Result<Vec<(u32, u32)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| anyhow::anyhow!("sink thread panicked"))?,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Sends `count` datagrams per flow from the client namespace to `vip:port`, one flow per
+/// source port, `gap` apart (round-robin over flows). Returns the (flow, seq) pairs sent.
+pub fn send_udp(
+    ns: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    flows: u32,
+    count: u32,
+    gap: Duration,
+) -> Result<Vec<(u32, u32)>> {
+    let h = crate::netns::spawn_in(ns, move || {
+        let socks: Vec<UdpSocket> = (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+                s.connect(SocketAddr::from((vip, port)))?;
+                Ok(s)
+            })
+            .collect::<Result<_>>()?;
+        let mut sent = Vec::new();
+        for seq in 0..count {
+            for (flow, s) in socks.iter().enumerate() {
+                let mut msg = [0u8; 64];
+                msg[..4].copy_from_slice(&(flow as u32).to_be_bytes());
+                msg[4..8].copy_from_slice(&seq.to_be_bytes());
+                s.send(&msg)?;
+                sent.push((flow as u32, seq));
+            }
+            std::thread::sleep(gap);
+        }
+        Ok(sent)
+    });
+    h.join()
+        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+}

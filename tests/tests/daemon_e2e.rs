@@ -1,0 +1,231 @@
+//! The real daemon and agents in network namespaces with real traffic: dsr-l2 forwarding,
+//! failover timing, restart under traffic without loss, and refusal of bad state/config.
+use std::{net::Ipv4Addr, time::Duration};
+
+use lb_tests::{
+    daemon::{DaemonSetup, UdpSink, lb_binary, send_udp, udp_vip},
+    netns::{Lab, Netns},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+const PORT: u16 = 5000;
+
+#[test]
+fn dsr_forwarding_and_failover_with_agents() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let mut agent1 = setup.agent(&lab, 1, "100ms").unwrap();
+    let _agent2 = setup.agent(&lab, 2, "100ms").unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
+        })
+        .unwrap();
+    let routes = setup.routes(&key).unwrap();
+    let n1 = routes.iter().filter(|e| e.node == 1).count();
+    assert_eq!(n1, 32, "two equal nodes split 64 routes evenly");
+
+    // Real traffic: 32 flows reach both nodes, every datagram arrives once.
+    let sinks: Vec<UdpSink> = lab
+        .nodes
+        .iter()
+        .map(|n| UdpSink::start(&n.ns, PORT).unwrap())
+        .collect();
+    let sent = send_udp(
+        &lab.client.ns.name,
+        VIP,
+        PORT,
+        32,
+        10,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let got: Vec<Vec<(u32, u32)>> = sinks.into_iter().map(|s| s.finish().unwrap()).collect();
+    assert!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "both nodes got traffic"
+    );
+    let mut all: Vec<(u32, u32)> = got.iter().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, sent, "every datagram delivered exactly once");
+    // A flow sticks to one node.
+    for flow in 0..32 {
+        let on: Vec<usize> = (0..2)
+            .filter(|i| got[*i].iter().any(|(f, _)| *f == flow))
+            .collect();
+        assert_eq!(on.len(), 1, "flow {flow} seen on {on:?}");
+    }
+
+    // Kill node 1's agent: its routes move to node 2 within the failure-detection budget.
+    agent1.signal_and_wait(libc::SIGKILL).unwrap();
+    let took = setup
+        .wait_routes(&key, Duration::from_secs(3), |r| {
+            r.iter().all(|e| e.node == 2)
+        })
+        .unwrap();
+    eprintln!("failover took {took:?}");
+    assert!(took < Duration::from_millis(800), "failover took {took:?}");
+
+    let sink2 = UdpSink::start(&lab.nodes[1].ns, PORT).unwrap();
+    let sent = send_udp(
+        &lab.client.ns.name,
+        VIP,
+        PORT,
+        16,
+        5,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut got2 = sink2.finish().unwrap();
+    got2.sort_unstable();
+    assert_eq!(got2, sent, "after failover node 2 gets everything");
+}
+
+#[test]
+fn restart_under_traffic_loses_no_packets() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let mut daemon = setup.start(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let _a1 = setup.agent(&lab, 1, "100ms").unwrap();
+    let _a2 = setup.agent(&lab, 2, "100ms").unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().all(|e| e.node == 1 || e.node == 2) && r.iter().any(|e| e.node == 1)
+        })
+        .unwrap();
+    let before = setup.routes(&key).unwrap();
+
+    let sinks: Vec<UdpSink> = lab
+        .nodes
+        .iter()
+        .map(|n| UdpSink::start(&n.ns, PORT).unwrap())
+        .collect();
+    // ~3 s of traffic over 16 flows; the daemon is stopped and restarted in the middle.
+    let client = lab.client.ns.name.clone();
+    let sender = std::thread::spawn(move || {
+        send_udp(&client, VIP, PORT, 16, 1500, Duration::from_millis(2))
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let status = daemon.signal_and_wait(libc::SIGTERM).unwrap();
+    assert!(status.success(), "daemon exit status {status}");
+    // The program keeps forwarding with no daemon at all.
+    std::thread::sleep(Duration::from_millis(500));
+    let _daemon2 = setup.start(&lab, &[]).unwrap();
+    let sent = sender.join().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got: Vec<(u32, u32)> = sinks
+        .into_iter()
+        .flat_map(|s| s.finish().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "lost {} packets",
+        sent.len() - got.len()
+    );
+    assert_eq!(got, sent);
+    assert_eq!(
+        setup.routes(&key).unwrap(),
+        before,
+        "the restarted daemon kept the route table"
+    );
+}
+
+/// A namespace with a dummy interface, enough for the daemon to start (or refuse to).
+fn dummy_ns() -> Netns {
+    let ns = Netns::new(&format!("{}d", lb_tests::netns::unique_prefix())).unwrap();
+    ns.ip(&["link", "add", "eth0", "type", "dummy"]).unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    ns
+}
+
+#[test]
+fn corrupt_state_file_is_refused_and_reset_state_recovers() {
+    let lab = Lab::new(1).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 16, "").unwrap();
+    std::fs::create_dir_all(&setup.state_dir).unwrap();
+    let state_file = setup.state_dir.join("state.json");
+    std::fs::write(&state_file, b"{\"format\": 1, \"nodes\": [oops").unwrap();
+    let out = lab
+        .lb
+        .ns
+        .command(&lb_binary().unwrap().to_string_lossy())
+        .args(["run", "--iface", "eth0", "--config"])
+        .arg(&setup.config)
+        .arg("--state-dir")
+        .arg(&setup.state_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a corrupt state file");
+    assert!(
+        err.contains(&state_file.display().to_string()),
+        "error names the file: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&state_file).unwrap(),
+        b"{\"format\": 1, \"nodes\": [oops",
+        "the bad file is left for the operator"
+    );
+    // An explicit --reset-state starts empty.
+    let mut d = setup.start(&lab, &["--reset-state"]).unwrap();
+    assert!(d.signal_and_wait(libc::SIGTERM).unwrap().success());
+}
+
+#[test]
+fn bad_config_and_arguments_fail_with_one_line_errors() {
+    let ns = dummy_ns();
+    let dir = lb_tests::daemon::TempDir::new("badcfg").unwrap();
+    let lb = lb_binary().unwrap();
+    let cases: [(&str, &str); 4] = [
+        (
+            "[[vip]]\naddr = \"198.18.100.1\"\nport = 80\nproto = \"sctp\"\n",
+            "sctp",
+        ),
+        ("[daemon]\nmiss_limit = 0\n", "miss_limit"),
+        ("[daemon]\nheartbeat_interval = \"soon\"\n", "duration"),
+        ("this is not toml", "parsing config"),
+    ];
+    for (text, needle) in cases {
+        let cfg = dir.0.join("bad.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let out = ns
+            .command(&lb.to_string_lossy())
+            .args(["run", "--iface", "eth0", "--config"])
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(dir.0.join("state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        assert!(err.starts_with("lb: error:"), "{err:?}");
+    }
+    // Unknown interface: a clear error, nothing left pinned.
+    let cfg = dir.0.join("ok.toml");
+    std::fs::write(&cfg, "[daemon]\ninstance = \"lbtbadif\"\n").unwrap();
+    let out = ns
+        .command(&lb.to_string_lossy())
+        .args(["run", "--iface", "nosuchif0", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.0.join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("nosuchif0"), "{err}");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/lbtbadif").exists(),
+        "a failed start pinned nothing"
+    );
+}
