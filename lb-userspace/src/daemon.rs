@@ -212,6 +212,10 @@ impl Daemon {
                         info.weight,
                     );
                 }
+                // Heartbeats captured before the restart stay replays.
+                if let Some((inc, seq)) = seen.get(&n.id) {
+                    membership.restore_seen(n.id, *inc, *seq);
+                }
             } else if let Some(addr) = n.check_addr {
                 let hc = health::HealthCfg {
                     http_path: n.check_http_path.clone(),

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod health;
 pub mod heartbeat;
 pub mod membership;

@@ -16,6 +16,8 @@ enum Cmd {
     Run(lb_userspace::daemon::RunArgs),
     /// Run the node agent: heartbeats to the balancer(s), route-moved notices back.
     Agent(lb_userspace::agent::AgentArgs),
+    /// On a node of an ipip VIP: strip the outer header of packets for its VIPs (XDP).
+    Decap(lb_userspace::decap::DecapArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(args) => lb_userspace::daemon::Daemon::start(args).and_then(|d| d.run()),
         Cmd::Agent(args) => lb_userspace::agent::run(args),
+        Cmd::Decap(args) => lb_userspace::decap::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -166,6 +166,17 @@ impl DaemonSetup {
 
     /// Starts an agent for node `id` (1-based) inside that node's namespace.
     pub fn agent(&self, lab: &Lab, id: u32, interval: &str) -> Result<ChildGuard> {
+        self.agent_with(lab, id, interval, &[])
+    }
+
+    /// [`DaemonSetup::agent`] with extra `lb agent` arguments.
+    pub fn agent_with(
+        &self,
+        lab: &Lab,
+        id: u32,
+        interval: &str,
+        extra: &[&str],
+    ) -> Result<ChildGuard> {
         let lb = lb_binary()?;
         let node = &lab.nodes[(id - 1) as usize];
         let child = node
@@ -176,6 +187,7 @@ impl DaemonSetup {
             .arg("--key-file")
             .arg(&self.key)
             .args(["--interval", interval])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -17,7 +17,21 @@ fn dsr_forwarding_and_failover_with_agents() {
     let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
     let _daemon = setup.start(&lab, &[]).unwrap();
     let key = udp_vip(VIP, PORT);
-    let mut agent1 = setup.agent(&lab, 1, "100ms").unwrap();
+    // Node 1 alone owns every route; its hook records route-moved notices.
+    let hook_file = setup.dir.0.join("moved.log");
+    let hook = format!(
+        "echo \"$LB_REASON $LB_ROUTE_COUNT $LB_VIP\" >> {}",
+        hook_file.display()
+    );
+    let mut agent1 = setup
+        .agent_with(&lab, 1, "100ms", &["--on-route-moved", &hook])
+        .unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().all(|e| e.node == 1)
+        })
+        .unwrap();
+    // Node 2 joins: exactly its share moves, and node 1's agent is told which routes.
     let _agent2 = setup.agent(&lab, 2, "100ms").unwrap();
     setup
         .wait_routes(&key, Duration::from_secs(10), |r| {
@@ -27,6 +41,19 @@ fn dsr_forwarding_and_failover_with_agents() {
     let routes = setup.routes(&key).unwrap();
     let n1 = routes.iter().filter(|e| e.node == 1).count();
     assert_eq!(n1, 32, "two equal nodes split 64 routes evenly");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = std::fs::read_to_string(&hook_file).unwrap_or_default();
+        if !log.is_empty() || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        log.trim(),
+        format!("join 32 {VIP}:{PORT}/udp"),
+        "hook output"
+    );
 
     // Real traffic: 32 flows reach both nodes, every datagram arrives once.
     let sinks: Vec<UdpSink> = lab
