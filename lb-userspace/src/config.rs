@@ -63,7 +63,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             instance: "lb".into(),
-            heartbeat_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7946)),
+            heartbeat_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, crate::heartbeat::DEFAULT_PORT)),
             heartbeat_group: None,
             key_file: None,
             heartbeat_interval: Duration::from_millis(100),
