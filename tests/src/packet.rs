@@ -500,7 +500,7 @@ impl Packet {
         match &self.l4 {
             L4::Tcp(t) => {
                 let mut opts = t.options.clone();
-                while opts.len() % 4 != 0 {
+                while !opts.len().is_multiple_of(4) {
                     opts.push(0);
                 }
                 let doff = (20 + opts.len()) / 4;
@@ -589,7 +589,7 @@ impl Packet {
 
 fn ipv4_header_bytes(h: &Ipv4, l4_proto: u8, l4_len: usize) -> Vec<u8> {
     let mut opts = h.options.clone();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let hl = 20 + opts.len();
@@ -633,7 +633,7 @@ pub fn arp_request(sha: Mac, spa: Ipv4Addr, tpa: Ipv4Addr, vlan: Option<u16>) ->
 /// a whole) split into fragments of `frag_len` bytes (a multiple of 8 except the last). Each
 /// fragment is a full frame with MF/offset set; the L4 header is only in the first.
 pub fn fragments(p: &Packet, frag_len: usize) -> Vec<Vec<u8>> {
-    assert!(frag_len % 8 == 0 && frag_len > 0);
+    assert!(frag_len.is_multiple_of(8) && frag_len > 0);
     let l4 = p.l4_bytes();
     let proto = p.l4.proto(false);
     let chunks: Vec<&[u8]> = l4.chunks(frag_len).collect();

@@ -8,6 +8,7 @@
 //! counters are checked against the tallies. The contract is `docs/dataplane.md`.
 //!
 //! Run: `cargo test --release -p lb-tests --test fixtures -- --test-threads=1` (as root).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
