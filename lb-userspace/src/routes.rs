@@ -1,1 +1,1196 @@
-//! (in progress)
+//! Route assignment for one VIP: which node owns each of the VIP's N route IDs. Pure: no I/O,
+//! no clock, no randomness, so the same table and the same events always give the same table
+//! (the daemon can replay, persist and later share it between balancers).
+//!
+//! # Model
+//! The data plane hashes a flow onto a route ID in `0..N` and sends it to that route's owner.
+//! Moving a route breaks (or forces a connection-table lookup for) the flows on it, so the
+//! control plane moves as few routes as possible. Nodes are `NODES` indices with a weight
+//! (>= 1) and a [`NodeState`]. The **share holders** are the active nodes other than the reserve
+//! (or the reserve alone, when it is the only active node). Node `i`'s share is
+//! `s_i = N * w_i / W` with `W` the share holders' total weight, in exact `u64` arithmetic.
+//!
+//! # Invariant and optimality
+//! After every event (except a failover to the reserve, below) each share holder owns
+//! `floor(s_i)` or `ceil(s_i)` routes, every other node owns none, and a route is unowned only
+//! when there is no share holder. Every event is one [`RouteTable::rebalance`]:
+//! 1. Targets `t_i ∈ {floor(s_i), ceil(s_i)}` with `Σ t_i = N`: the `E = N - Σ floor(s_i)` extra
+//!    routes go first to nodes that already own more than their floor (each such slot saves a
+//!    move), least over their share first, so the nodes most over their share give first.
+//! 2. Donors: every route of a non-holder (and every unowned route), plus each holder's
+//!    `c_i - t_i` excess, taking that donor's **highest route IDs** (as HaloD does).
+//! 3. The moving routes, highest ID first, each go to the holder most under its target.
+//!
+//! Every final table must give each holder `t_i` from such a set, and must move at least the
+//! routes counted in step 2; choosing the ceil slots as in step 1 makes that count minimal:
+//! `moves = Σ_non-holders c_i + Σ_holders max(0, c_i - floor_i) - min(E, #{c_i > floor_i, s_i
+//! not integral})`. From a balanced table this gives HaloD's rules, weighted and exact: a join
+//! moves only routes to the new node (its share, from the nodes most over theirs), and a leave,
+//! failure or drain moves only that node's routes, each to the node most under its share.
+//! Ties are broken by node index (lower index gives first and receives first), never by map
+//! iteration order. Cost per event: `O(N + M log M)` for `M` nodes.
+//!
+//! # Reserve node (HaloD's failover node)
+//! An optional reserve is a known node with share 0: while other share holders exist it owns
+//! nothing after a rebalance. When an active node **fails** and the reserve is active, all the
+//! failed node's routes go to the reserve and nothing else moves: one target, one cheap write,
+//! and the survivors' flows are untouched. This is the one state that breaks the invariant
+//! (the reserve holds routes, see [`RouteTable::is_balanced`]). The next event that changes the
+//! share holders or their weights (join, rejoin, activate, drain, remove, weight change) or an
+//! explicit [`RouteTable::rebalance`] empties the reserve first: its routes count as donated and
+//! go to the nodes under their targets, so a rejoining node gets back exactly the reserve's
+//! routes when it is the only one short. Planned departures (drain, remove) never use the
+//! reserve: they spread directly, since the cost has to be paid anyway. If the reserve is the
+//! only active node, it is the sole share holder and owns every route.
+//!
+//! Event results are [`Move`] lists (in descending route order) that the daemon turns into map
+//! writes, "route moved" notices to the old owners and `ROUTE_F_MOVED` flags.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+
+use lb_common::{DEFAULT_ROUTES_PER_VIP, MAX_NODES, MAX_ROUTES_PER_VIP};
+use serde::{Deserialize, Serialize};
+
+/// `owners` sentinel for an unowned route (never a valid node index: those are `< MAX_NODES`).
+const NO_OWNER: u32 = u32::MAX;
+
+/// Life-cycle state of a node in a route table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Takes a share of the routes (unless it is the reserve).
+    Active,
+    /// Owns no routes and gets none; stays known so its tracked flows can finish.
+    Draining,
+    /// Failed (or administratively down): owns no routes; may rejoin.
+    Down,
+}
+
+impl NodeState {
+    /// Lower-case name, as used in JSON and the CLI.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's weight and state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Relative capacity, at least 1.
+    pub weight: u32,
+    /// Current state.
+    pub state: NodeState,
+}
+
+/// One route changing owner. `from` is `None` for a previously unowned route, `to` is `None`
+/// only when no share holder remains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Move {
+    /// Route ID in `0..N`.
+    pub route: u32,
+    /// Previous owner.
+    pub from: Option<u32>,
+    /// New owner.
+    pub to: Option<u32>,
+}
+
+/// A membership event, for callers that log, persist or replay events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// [`RouteTable::join`].
+    Join { node: u32, weight: u32 },
+    /// [`RouteTable::fail`].
+    Fail { node: u32 },
+    /// [`RouteTable::remove`].
+    Remove { node: u32 },
+    /// [`RouteTable::drain`].
+    Drain { node: u32 },
+    /// [`RouteTable::activate`].
+    Activate { node: u32 },
+    /// [`RouteTable::set_weight`].
+    SetWeight { node: u32, weight: u32 },
+    /// [`RouteTable::set_reserve`].
+    SetReserve { node: Option<u32> },
+    /// [`RouteTable::rebalance`].
+    Rebalance,
+}
+
+/// Why an event or a persisted table was rejected. A rejected event changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// N outside `1..=MAX_ROUTES_PER_VIP`.
+    #[error("route count {0} is out of range (1..={MAX_ROUTES_PER_VIP})")]
+    InvalidRouteCount(u64),
+    /// A node index that cannot be a `NODES` index.
+    #[error("node index {0} is out of range (must be below {MAX_NODES})")]
+    NodeOutOfRange(u32),
+    /// Weight 0.
+    #[error("node {0}: weight must be at least 1")]
+    ZeroWeight(u32),
+    /// The event names a node the table does not know.
+    #[error("node {0} is not in the route table")]
+    UnknownNode(u32),
+    /// `join` for a node that is already active or draining.
+    #[error("node {node} is already a member ({state})")]
+    AlreadyMember { node: u32, state: NodeState },
+    /// The event does not apply to the node's state (e.g. draining a down node).
+    #[error("cannot {event} node {node}: it is {state}")]
+    InvalidTransition {
+        node: u32,
+        state: NodeState,
+        event: &'static str,
+    },
+    /// A persisted table that does not hold together.
+    #[error("invalid route table: {0}")]
+    Invalid(String),
+}
+
+/// The route table of one VIP: N route IDs, each owned by at most one node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "TableRepr", into = "TableRepr")]
+pub struct RouteTable {
+    /// Owner of each route, `NO_OWNER` when unowned.
+    owners: Vec<u32>,
+    nodes: BTreeMap<u32, NodeInfo>,
+    reserve: Option<u32>,
+    /// Cache: routes owned per node index (length `MAX_NODES`).
+    counts: Vec<u32>,
+    /// Cache: unowned routes.
+    unowned: u32,
+}
+
+impl PartialEq for RouteTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.owners == other.owners && self.nodes == other.nodes && self.reserve == other.reserve
+    }
+}
+
+impl Eq for RouteTable {}
+
+impl Default for RouteTable {
+    /// An empty table with [`DEFAULT_ROUTES_PER_VIP`] routes.
+    fn default() -> Self {
+        Self::empty(DEFAULT_ROUTES_PER_VIP as usize)
+    }
+}
+
+impl RouteTable {
+    /// An empty table (no nodes, every route unowned) with `routes` route IDs.
+    pub fn new(routes: u32) -> Result<Self, RouteError> {
+        check_route_count(routes as usize)?;
+        Ok(Self::empty(routes as usize))
+    }
+
+    fn empty(routes: usize) -> Self {
+        Self {
+            owners: vec![NO_OWNER; routes],
+            nodes: BTreeMap::new(),
+            reserve: None,
+            counts: vec![0; MAX_NODES as usize],
+            unowned: routes as u32,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Accessors
+    // -----------------------------------------------------------------------------------------
+
+    /// N, the number of route IDs.
+    pub fn route_count(&self) -> u32 {
+        self.owners.len() as u32
+    }
+
+    /// Owner of `route` (`None` if unowned or out of range).
+    pub fn owner(&self, route: u32) -> Option<u32> {
+        self.owners.get(route as usize).copied().and_then(owner_opt)
+    }
+
+    /// Owner of every route, in route order (what the daemon writes to `ROUTES`).
+    pub fn owners(&self) -> impl ExactSizeIterator<Item = Option<u32>> + '_ {
+        self.owners.iter().map(|&o| owner_opt(o))
+    }
+
+    /// Routes owned by `node` (0 for unknown nodes).
+    pub fn count(&self, node: u32) -> u32 {
+        self.counts.get(node as usize).copied().unwrap_or(0)
+    }
+
+    /// Routes owned by every known node.
+    pub fn counts(&self) -> BTreeMap<u32, u32> {
+        self.nodes.keys().map(|&id| (id, self.count(id))).collect()
+    }
+
+    /// Routes without an owner (all of them while there is no share holder).
+    pub fn unowned(&self) -> u32 {
+        self.unowned
+    }
+
+    /// Route IDs owned by `node`, ascending.
+    pub fn routes_of(&self, node: u32) -> Vec<u32> {
+        if node == NO_OWNER {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.count(node) as usize);
+        out.extend(
+            self.owners
+                .iter()
+                .enumerate()
+                .filter(|&(_, &o)| o == node)
+                .map(|(r, _)| r as u32),
+        );
+        out
+    }
+
+    /// A node's weight and state.
+    pub fn node(&self, node: u32) -> Option<NodeInfo> {
+        self.nodes.get(&node).copied()
+    }
+
+    /// Every known node, by index.
+    pub fn nodes(&self) -> impl Iterator<Item = (u32, NodeInfo)> + '_ {
+        self.nodes.iter().map(|(&id, &info)| (id, info))
+    }
+
+    /// The reserve node, if one is designated.
+    pub fn reserve(&self) -> Option<u32> {
+        self.reserve
+    }
+
+    /// The share holders `(node, weight)` by index: the active non-reserve nodes, or the
+    /// reserve alone if it is the only active node.
+    pub fn share_holders(&self) -> Vec<(u32, u32)> {
+        let holders: Vec<(u32, u32)> = self
+            .nodes
+            .iter()
+            .filter(|&(&id, info)| info.state == NodeState::Active && Some(id) != self.reserve)
+            .map(|(&id, info)| (id, info.weight))
+            .collect();
+        if !holders.is_empty() {
+            return holders;
+        }
+        match self
+            .reserve
+            .and_then(|r| self.nodes.get(&r).map(|i| (r, i)))
+        {
+            Some((r, info)) if info.state == NodeState::Active => vec![(r, info.weight)],
+            _ => holders,
+        }
+    }
+
+    /// `(floor, ceil)` of each share holder's share `N * w / W`.
+    pub fn shares(&self) -> BTreeMap<u32, (u32, u32)> {
+        let holders = self.share_holders();
+        let total: u64 = holders.iter().map(|&(_, w)| u64::from(w)).sum();
+        let n = self.owners.len() as u64;
+        holders
+            .iter()
+            .map(|&(id, w)| {
+                let num = n * u64::from(w);
+                let floor = (num / total) as u32;
+                (id, (floor, floor + u32::from(!num.is_multiple_of(total))))
+            })
+            .collect()
+    }
+
+    /// Whether the invariant holds: each share holder owns floor or ceil of its share, nobody
+    /// else owns anything, and no route is unowned while a share holder exists. False only
+    /// after a failover to the reserve (or for a table loaded from elsewhere).
+    pub fn is_balanced(&self) -> bool {
+        let shares = self.shares();
+        if shares.is_empty() {
+            return self.unowned == self.route_count();
+        }
+        let holders_total: u64 = shares.keys().map(|&id| u64::from(self.count(id))).sum();
+        holders_total == u64::from(self.route_count())
+            && shares.iter().all(|(&id, &(lo, hi))| {
+                let c = self.count(id);
+                lo <= c && c <= hi
+            })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Events
+    // -----------------------------------------------------------------------------------------
+
+    /// Apply one [`Event`].
+    pub fn apply(&mut self, event: Event) -> Result<Vec<Move>, RouteError> {
+        match event {
+            Event::Join { node, weight } => self.join(node, weight),
+            Event::Fail { node } => self.fail(node),
+            Event::Remove { node } => self.remove(node),
+            Event::Drain { node } => self.drain(node),
+            Event::Activate { node } => self.activate(node),
+            Event::SetWeight { node, weight } => self.set_weight(node, weight),
+            Event::SetReserve { node } => self.set_reserve(node),
+            Event::Rebalance => Ok(self.rebalance()),
+        }
+    }
+
+    /// A new node, or a down node coming back, becomes active with `weight` and takes its
+    /// share. Joining an active or draining node is an error (use [`Self::activate`] or
+    /// [`Self::set_weight`]).
+    pub fn join(&mut self, node: u32, weight: u32) -> Result<Vec<Move>, RouteError> {
+        if node >= MAX_NODES {
+            return Err(RouteError::NodeOutOfRange(node));
+        }
+        if weight == 0 {
+            return Err(RouteError::ZeroWeight(node));
+        }
+        if let Some(info) = self.nodes.get(&node)
+            && info.state != NodeState::Down
+        {
+            return Err(RouteError::AlreadyMember {
+                node,
+                state: info.state,
+            });
+        }
+        Ok(self.change(&[node], |t| {
+            t.nodes.insert(
+                node,
+                NodeInfo {
+                    weight,
+                    state: NodeState::Active,
+                },
+            );
+        }))
+    }
+
+    /// The node failed: it becomes down. If a reserve is designated and active, all the
+    /// node's routes go to it and nothing else moves; otherwise they spread to the nodes most
+    /// under their share. Failing a down node does nothing.
+    pub fn fail(&mut self, node: u32) -> Result<Vec<Move>, RouteError> {
+        let info = self.known(node)?;
+        match info.state {
+            NodeState::Down => Ok(Vec::new()),
+            NodeState::Draining => {
+                self.set_state(node, NodeState::Down);
+                Ok(Vec::new())
+            }
+            NodeState::Active => {
+                let failover = self.reserve.filter(|&r| {
+                    r != node
+                        && self
+                            .nodes
+                            .get(&r)
+                            .is_some_and(|i| i.state == NodeState::Active)
+                });
+                match failover {
+                    Some(reserve) => {
+                        self.set_state(node, NodeState::Down);
+                        Ok(self.move_all(node, reserve))
+                    }
+                    None => Ok(self.change(&[node], |t| t.set_state(node, NodeState::Down))),
+                }
+            }
+        }
+    }
+
+    /// Forget the node (it must be added again with [`Self::join`]); its routes spread to the
+    /// nodes most under their share. Removing the reserve clears the designation.
+    pub fn remove(&mut self, node: u32) -> Result<Vec<Move>, RouteError> {
+        self.known(node)?;
+        Ok(self.change(&[node], |t| {
+            t.nodes.remove(&node);
+            if t.reserve == Some(node) {
+                t.reserve = None;
+            }
+        }))
+    }
+
+    /// The node stops taking new flows: its routes spread to the nodes most under their
+    /// share, and it stays known as draining (its tracked flows finish). Draining a draining
+    /// node does nothing; draining a down node is an error.
+    pub fn drain(&mut self, node: u32) -> Result<Vec<Move>, RouteError> {
+        let info = self.known(node)?;
+        match info.state {
+            NodeState::Draining => Ok(Vec::new()),
+            NodeState::Down => Err(RouteError::InvalidTransition {
+                node,
+                state: info.state,
+                event: "drain",
+            }),
+            NodeState::Active => {
+                Ok(self.change(&[node], |t| t.set_state(node, NodeState::Draining)))
+            }
+        }
+    }
+
+    /// A draining or down node becomes active again with its weight and takes its share
+    /// (undrain). Activating an active node does nothing.
+    pub fn activate(&mut self, node: u32) -> Result<Vec<Move>, RouteError> {
+        let info = self.known(node)?;
+        if info.state == NodeState::Active {
+            return Ok(Vec::new());
+        }
+        Ok(self.change(&[node], |t| t.set_state(node, NodeState::Active)))
+    }
+
+    /// Change a node's weight (in any state); if it holds a share, routes move to or from it.
+    pub fn set_weight(&mut self, node: u32, weight: u32) -> Result<Vec<Move>, RouteError> {
+        let info = self.known(node)?;
+        if weight == 0 {
+            return Err(RouteError::ZeroWeight(node));
+        }
+        if info.weight == weight {
+            return Ok(Vec::new());
+        }
+        Ok(self.change(&[node], |t| {
+            if let Some(i) = t.nodes.get_mut(&node) {
+                i.weight = weight;
+            }
+        }))
+    }
+
+    /// Designate (or, with `None`, clear) the reserve. A new reserve gives up its share; a
+    /// former reserve that is active takes one.
+    pub fn set_reserve(&mut self, node: Option<u32>) -> Result<Vec<Move>, RouteError> {
+        if let Some(n) = node {
+            self.known(n)?;
+        }
+        if node == self.reserve {
+            return Ok(Vec::new());
+        }
+        let affected: Vec<u32> = self.reserve.into_iter().chain(node).collect();
+        Ok(self.change(&affected, |t| t.reserve = node))
+    }
+
+    /// Restore the invariant with the fewest moves (e.g. to empty the reserve after a
+    /// failover once the failed node is known to stay away). A no-op on a balanced table.
+    pub fn rebalance(&mut self) -> Vec<Move> {
+        self.rebalance_for(None)
+    }
+
+    /// [`Self::rebalance`]; `prefer` (the node an event is about) wins ties for the extra
+    /// routes that do not save a move, so that after a join, as far as the invariant allows,
+    /// only the new node receives routes.
+    fn rebalance_for(&mut self, prefer: Option<u32>) -> Vec<Move> {
+        let holders = self.share_holders();
+        // Routes each node index gives up: non-holders (including a node just removed from
+        // `nodes`) give up everything. Unowned routes move only if someone can take them.
+        let mut excess = self.counts.clone();
+        let take_unowned = !holders.is_empty();
+        let mut receivers: BinaryHeap<(u32, Reverse<u32>)> = BinaryHeap::new();
+        for (&(id, _), target) in holders.iter().zip(self.targets(&holders, prefer)) {
+            let c = self.counts[id as usize];
+            excess[id as usize] = c.saturating_sub(target);
+            if target > c {
+                receivers.push((target - c, Reverse(id)));
+            }
+        }
+        let total = excess.iter().map(|&e| e as usize).sum::<usize>()
+            + if take_unowned {
+                self.unowned as usize
+            } else {
+                0
+            };
+        let mut moves = Vec::with_capacity(total);
+        for (r, owner) in self.owners.iter().enumerate().rev() {
+            if moves.len() == total {
+                break;
+            }
+            let give = match excess.get_mut(*owner as usize) {
+                Some(e) if *e > 0 => {
+                    *e -= 1;
+                    true
+                }
+                Some(_) => false,
+                None => take_unowned, // NO_OWNER
+            };
+            if give {
+                moves.push(Move {
+                    route: r as u32,
+                    from: owner_opt(*owner),
+                    to: None,
+                });
+            }
+        }
+        for mv in &mut moves {
+            // Most under target first, ties to the lower node index.
+            if let Some((deficit, Reverse(to))) = receivers.pop() {
+                if deficit > 1 {
+                    receivers.push((deficit - 1, Reverse(to)));
+                }
+                mv.to = Some(to);
+            }
+            self.reassign(mv.route, mv.to);
+        }
+        moves
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------------------------
+
+    fn known(&self, node: u32) -> Result<NodeInfo, RouteError> {
+        self.nodes
+            .get(&node)
+            .copied()
+            .ok_or(RouteError::UnknownNode(node))
+    }
+
+    fn set_state(&mut self, node: u32, state: NodeState) {
+        if let Some(i) = self.nodes.get_mut(&node) {
+            i.state = state;
+        }
+    }
+
+    /// Apply a membership change and rebalance if it changed the share holders or their
+    /// weights, or if one of the `affected` nodes owns routes. Otherwise nothing moves (so,
+    /// e.g., removing a down node leaves a failover on the reserve in place). The first
+    /// affected node is preferred for extra routes (see [`Self::targets`]).
+    fn change(&mut self, affected: &[u32], f: impl FnOnce(&mut Self)) -> Vec<Move> {
+        let before = self.share_holders();
+        f(self);
+        if before != self.share_holders() || affected.iter().any(|&n| self.count(n) > 0) {
+            self.rebalance_for(affected.first().copied())
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Failover: every route of `from` goes to `to`, nothing else moves.
+    fn move_all(&mut self, from: u32, to: u32) -> Vec<Move> {
+        let mut moves = Vec::with_capacity(self.count(from) as usize);
+        for (r, owner) in self.owners.iter_mut().enumerate().rev() {
+            if *owner == from {
+                *owner = to;
+                moves.push(Move {
+                    route: r as u32,
+                    from: Some(from),
+                    to: Some(to),
+                });
+            }
+        }
+        self.counts[from as usize] = 0;
+        self.counts[to as usize] += moves.len() as u32;
+        moves
+    }
+
+    fn reassign(&mut self, route: u32, to: Option<u32>) {
+        let slot = &mut self.owners[route as usize];
+        match owner_opt(*slot) {
+            Some(old) => self.counts[old as usize] -= 1,
+            None => self.unowned -= 1,
+        }
+        *slot = to.unwrap_or(NO_OWNER);
+        match to {
+            Some(new) => self.counts[new as usize] += 1,
+            None => self.unowned += 1,
+        }
+    }
+
+    /// Targets `t_i ∈ {floor(s_i), ceil(s_i)}`, `Σ t_i = N`, in `holders` order, minimising
+    /// `Σ max(0, c_i - t_i)`: the extra routes go first to holders owning more than their
+    /// floor (each saves a move), least over their share first (ties: higher index, so lower
+    /// indices give first, as in HaloD); the rest (which cannot save a move) go to `prefer`
+    /// first, then to the holders most under their share (ties: lower index).
+    fn targets(&self, holders: &[(u32, u32)], prefer: Option<u32>) -> Vec<u32> {
+        let n = self.owners.len() as u64;
+        let total: u64 = holders.iter().map(|&(_, w)| u64::from(w)).sum();
+        if total == 0 {
+            return Vec::new();
+        }
+        let mut targets = Vec::with_capacity(holders.len());
+        // (index into holders, over target, c*W - N*w)
+        let mut candidates: Vec<(usize, bool, i128)> = Vec::new();
+        let mut floors: u64 = 0;
+        for (k, &(id, w)) in holders.iter().enumerate() {
+            let num = n * u64::from(w);
+            let floor = num / total;
+            floors += floor;
+            targets.push(floor as u32);
+            if !num.is_multiple_of(total) {
+                let c = u64::from(self.counts[id as usize]);
+                let over = i128::from(c) * i128::from(total) - i128::from(num);
+                candidates.push((k, c > floor, over));
+            }
+        }
+        let extra = (n - floors) as usize;
+        if extra > 0 {
+            candidates.sort_unstable_by(|a, b| {
+                let (ia, ib) = (holders[a.0].0, holders[b.0].0);
+                let pref = |over: bool, id: u32| !over && Some(id) == prefer;
+                b.1.cmp(&a.1)
+                    .then(pref(b.1, ib).cmp(&pref(a.1, ia)))
+                    .then(a.2.cmp(&b.2))
+                    .then(if a.1 { ib.cmp(&ia) } else { ia.cmp(&ib) })
+            });
+            for &(k, _, _) in candidates.iter().take(extra) {
+                targets[k] += 1;
+            }
+        }
+        targets
+    }
+}
+
+fn owner_opt(o: u32) -> Option<u32> {
+    (o != NO_OWNER).then_some(o)
+}
+
+fn check_route_count(routes: usize) -> Result<(), RouteError> {
+    if routes == 0 || routes > MAX_ROUTES_PER_VIP as usize {
+        return Err(RouteError::InvalidRouteCount(routes as u64));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistence
+// ---------------------------------------------------------------------------------------------
+
+/// One node in the persisted form.
+#[derive(Serialize, Deserialize)]
+struct NodeRecord {
+    node: u32,
+    weight: u32,
+    state: NodeState,
+}
+
+/// Persisted form: plain, validated on load (the caches are rebuilt, never trusted).
+#[derive(Serialize, Deserialize)]
+struct TableRepr {
+    routes: u32,
+    nodes: Vec<NodeRecord>,
+    reserve: Option<u32>,
+    owners: Vec<Option<u32>>,
+}
+
+impl From<RouteTable> for TableRepr {
+    fn from(t: RouteTable) -> Self {
+        Self {
+            routes: t.route_count(),
+            nodes: t
+                .nodes
+                .iter()
+                .map(|(&node, i)| NodeRecord {
+                    node,
+                    weight: i.weight,
+                    state: i.state,
+                })
+                .collect(),
+            reserve: t.reserve,
+            owners: t.owners().collect(),
+        }
+    }
+}
+
+impl TryFrom<TableRepr> for RouteTable {
+    type Error = RouteError;
+
+    fn try_from(r: TableRepr) -> Result<Self, RouteError> {
+        check_route_count(r.routes as usize)?;
+        if r.owners.len() != r.routes as usize {
+            return Err(RouteError::Invalid(format!(
+                "{} owners for {} routes",
+                r.owners.len(),
+                r.routes
+            )));
+        }
+        let mut t = Self::empty(r.routes as usize);
+        for rec in r.nodes {
+            if rec.node >= MAX_NODES {
+                return Err(RouteError::NodeOutOfRange(rec.node));
+            }
+            if rec.weight == 0 {
+                return Err(RouteError::ZeroWeight(rec.node));
+            }
+            let info = NodeInfo {
+                weight: rec.weight,
+                state: rec.state,
+            };
+            if t.nodes.insert(rec.node, info).is_some() {
+                return Err(RouteError::Invalid(format!(
+                    "node {} listed twice",
+                    rec.node
+                )));
+            }
+        }
+        if let Some(res) = r.reserve
+            && !t.nodes.contains_key(&res)
+        {
+            return Err(RouteError::Invalid(format!("reserve {res} is not a node")));
+        }
+        t.reserve = r.reserve;
+        for (route, owner) in r.owners.into_iter().enumerate() {
+            if let Some(o) = owner {
+                if !t.nodes.contains_key(&o) {
+                    return Err(RouteError::Invalid(format!(
+                        "route {route} owned by unknown node {o}"
+                    )));
+                }
+                t.reassign(route as u32, Some(o));
+            }
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    // ---- Independent checks (recomputed from the raw owners, never from the caches) -------
+
+    /// Routes per node index and unowned routes, counted from the owners.
+    struct Tally {
+        n: u32,
+        per: Vec<u32>,
+        unowned: u32,
+    }
+
+    impl Tally {
+        fn of(t: &RouteTable) -> Self {
+            let mut per = vec![0u32; MAX_NODES as usize];
+            let mut unowned = 0;
+            for o in t.owners() {
+                match o {
+                    Some(n) => per[n as usize] += 1,
+                    None => unowned += 1,
+                }
+            }
+            Tally {
+                n: t.route_count(),
+                per,
+                unowned,
+            }
+        }
+
+        fn c(&self, node: u32) -> u32 {
+            self.per[node as usize]
+        }
+
+        /// Routes owned by nodes outside `holders`.
+        fn outside(&self, holders: &[(u32, u32)]) -> usize {
+            let inside: u64 = holders.iter().map(|&(id, _)| u64::from(self.c(id))).sum();
+            (u64::from(self.n - self.unowned) - inside) as usize
+        }
+    }
+
+    /// Share holders from the node states alone.
+    fn holders_of(t: &RouteTable) -> Vec<(u32, u32)> {
+        let active: Vec<(u32, u32)> = t
+            .nodes()
+            .filter(|&(id, i)| i.state == NodeState::Active && Some(id) != t.reserve())
+            .map(|(id, i)| (id, i.weight))
+            .collect();
+        if active.is_empty()
+            && let Some(r) = t.reserve()
+            && t.node(r).map(|i| i.state) == Some(NodeState::Active)
+        {
+            return vec![(r, t.node(r).unwrap().weight)];
+        }
+        active
+    }
+
+    /// Floor of `n * w / total` and whether it is exact (u128: shares no code with the module).
+    fn floor_share(n: u32, w: u32, total: u128) -> (u32, bool) {
+        let num = n as u128 * w as u128;
+        ((num / total) as u32, num.is_multiple_of(total))
+    }
+
+    fn total_weight(holders: &[(u32, u32)]) -> u128 {
+        holders.iter().map(|&(_, w)| w as u128).sum()
+    }
+
+    /// The claimed minimum for reaching a balanced table over `holders` from `before`:
+    /// Σ non-holders (+ unowned) + Σ max(0, c - floor) - min(E, #{c > floor, share not integral}).
+    fn min_moves(before: &Tally, holders: &[(u32, u32)]) -> usize {
+        if holders.is_empty() {
+            return (before.n - before.unowned) as usize; // everything goes to "none"
+        }
+        let total = total_weight(holders);
+        let (mut floors, mut over, mut savable) = (0u64, 0usize, 0usize);
+        for &(id, w) in holders {
+            let c = before.c(id);
+            let (f, integral) = floor_share(before.n, w, total);
+            floors += u64::from(f);
+            over += c.saturating_sub(f) as usize;
+            savable += usize::from(c > f && !integral);
+        }
+        let extra = (u64::from(before.n) - floors) as usize;
+        before.unowned as usize + before.outside(holders) + over - extra.min(savable)
+    }
+
+    /// The same minimum by brute force over every choice of ceil slots (small tables).
+    fn brute_min_moves(before: &Tally, holders: &[(u32, u32)]) -> usize {
+        if holders.is_empty() {
+            return (before.n - before.unowned) as usize;
+        }
+        let total = total_weight(holders);
+        let fixed = before.unowned as usize + before.outside(holders);
+        let shares: Vec<(u32, bool, u32)> = holders
+            .iter()
+            .map(|&(id, w)| {
+                let (f, integral) = floor_share(before.n, w, total);
+                (f, integral, before.c(id))
+            })
+            .collect();
+        let extra = before.n as usize - shares.iter().map(|s| s.0 as usize).sum::<usize>();
+        (0u32..(1 << shares.len()))
+            .filter(|mask| mask.count_ones() as usize == extra)
+            .filter(|mask| {
+                shares
+                    .iter()
+                    .enumerate()
+                    .all(|(k, s)| mask & (1 << k) == 0 || !s.1)
+            })
+            .map(|mask| {
+                let up = |k: usize| u32::from(mask & (1 << k) != 0);
+                fixed
+                    + shares
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &(f, _, c))| c.saturating_sub(f + up(k)) as usize)
+                        .sum::<usize>()
+            })
+            .min()
+            .unwrap()
+    }
+
+    /// After a join of `node` to a balanced table, how many old holders must receive a route:
+    /// the extra (ceil) slots that neither save a move nor can go to the new node.
+    fn forced_bumps(before: &Tally, holders: &[(u32, u32)], node: u32) -> usize {
+        let total = total_weight(holders);
+        let (mut floors, mut savable, mut joiner) = (0u64, 0usize, 0usize);
+        for &(id, w) in holders {
+            let (f, integral) = floor_share(before.n, w, total);
+            floors += u64::from(f);
+            savable += usize::from(before.c(id) > f && !integral);
+            joiner += usize::from(id == node && !integral);
+        }
+        let extra = (u64::from(before.n) - floors) as usize;
+        extra.saturating_sub(savable + joiner)
+    }
+
+    /// The invariant, computed independently.
+    fn balanced(t: &RouteTable, tally: &Tally) -> bool {
+        let holders = holders_of(t);
+        if holders.is_empty() {
+            return tally.unowned == t.route_count();
+        }
+        let total = total_weight(&holders);
+        tally.unowned == 0
+            && tally.outside(&holders) == 0
+            && holders.iter().all(|&(id, w)| {
+                let (f, integral) = floor_share(t.route_count(), w, total);
+                let c = tally.c(id);
+                c == f || (!integral && c == f + 1)
+            })
+    }
+
+    /// Caches match the owners, owners are known nodes, and `moves` turn `before` into
+    /// `after`.
+    fn check_consistent(before: &RouteTable, after: &RouteTable, tally: &Tally, moves: &[Move]) {
+        assert_eq!(after.unowned(), tally.unowned);
+        for id in 0..MAX_NODES {
+            assert_eq!(after.count(id), tally.c(id), "cached count of node {id}");
+            assert!(
+                tally.c(id) == 0 || after.node(id).is_some(),
+                "unknown owner {id}"
+            );
+        }
+        assert_eq!(after.is_balanced(), balanced(after, tally));
+        let mut owners: Vec<Option<u32>> = before.owners().collect();
+        let mut seen = BTreeSet::new();
+        for m in moves {
+            assert!(seen.insert(m.route), "route {} moved twice", m.route);
+            assert_ne!(m.from, m.to, "{m:?}");
+            assert_eq!(owners[m.route as usize], m.from, "{m:?}");
+            owners[m.route as usize] = m.to;
+        }
+        assert!(
+            owners.iter().copied().eq(after.owners()),
+            "moves do not explain the table"
+        );
+    }
+
+    // ---- Random event sequences ------------------------------------------------------------
+
+    #[derive(Clone, Copy, Debug)]
+    struct Op {
+        kind: u8,
+        pick: u32,
+        weight: u32,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let weight = prop_oneof![8 => 1u32..=100, 1 => Just(1u32), 1 => 1_000_000u32..=u32::MAX];
+        (0u8..13, any::<u32>(), weight).prop_map(|(kind, pick, weight)| Op { kind, pick, weight })
+    }
+
+    /// Turn a raw op into an event against the current table (mostly valid ones).
+    fn event_for(t: &RouteTable, op: Op, node_space: u32) -> Event {
+        let known: Vec<u32> = t.nodes().map(|(id, _)| id).collect();
+        let pick_known = || {
+            if known.is_empty() || op.pick.is_multiple_of(31) {
+                op.pick % (MAX_NODES + 8) // often unknown or out of range: the error paths
+            } else {
+                known[op.pick as usize % known.len()]
+            }
+        };
+        match op.kind {
+            0..=3 => Event::Join {
+                node: if op.pick.is_multiple_of(53) {
+                    MAX_NODES + op.pick % 3
+                } else {
+                    op.pick % node_space
+                },
+                weight: if op.pick.is_multiple_of(19) {
+                    0
+                } else {
+                    op.weight
+                },
+            },
+            4 | 5 => Event::Fail { node: pick_known() },
+            6 => Event::Drain { node: pick_known() },
+            7 => Event::Remove { node: pick_known() },
+            8 => Event::SetWeight {
+                node: pick_known(),
+                weight: if op.pick.is_multiple_of(17) {
+                    0
+                } else {
+                    op.weight
+                },
+            },
+            9 | 10 => Event::Activate { node: pick_known() },
+            11 => Event::SetReserve {
+                node: (!op.pick.is_multiple_of(4)).then(pick_known),
+            },
+            _ => Event::Rebalance,
+        }
+    }
+
+    fn subject(e: Event) -> Option<u32> {
+        match e {
+            Event::Join { node, .. }
+            | Event::Fail { node }
+            | Event::Remove { node }
+            | Event::Drain { node }
+            | Event::Activate { node }
+            | Event::SetWeight { node, .. } => Some(node),
+            Event::SetReserve { node } => node,
+            Event::Rebalance => None,
+        }
+    }
+
+    /// Apply `event` and check everything the module promises about it.
+    fn step(t: &mut RouteTable, event: Event) -> Result<Vec<Move>, RouteError> {
+        let before = t.clone();
+        let tally0 = Tally::of(&before);
+        let was_balanced = balanced(&before, &tally0);
+        let holders_before = holders_of(&before);
+        let result = t.apply(event);
+        let Ok(moves) = &result else {
+            assert_eq!(*t, before, "rejected {event:?} changed the table");
+            return result;
+        };
+        let tally = Tally::of(t);
+        check_consistent(&before, t, &tally, moves);
+        let holders = holders_of(t);
+        let reserve0 = before.reserve();
+        let active = |t: &RouteTable, n: u32| t.node(n).map(|i| i.state) == Some(NodeState::Active);
+        if let Event::Fail { node } = event
+            && active(&before, node)
+            && let Some(r) = reserve0.filter(|&r| r != node && active(&before, r))
+        {
+            // Failover: the failed node's routes, all to the reserve, nothing else.
+            assert_eq!(moves.len(), tally0.c(node) as usize);
+            assert!(
+                moves
+                    .iter()
+                    .all(|m| m.from == Some(node) && m.to == Some(r))
+            );
+            return result;
+        }
+        // Rebalance iff the share holders (or weights) changed, or a node the event is about
+        // (or the old reserve, for set_reserve) owns routes and was actually changed.
+        let touched: Vec<u32> = subject(event)
+            .into_iter()
+            .chain(reserve0.filter(|_| matches!(event, Event::SetReserve { .. })))
+            .collect();
+        let changed = |n: u32| {
+            t.node(n) != before.node(n)
+                || (matches!(event, Event::SetReserve { .. }) && reserve0 != t.reserve())
+        };
+        let rebalances = matches!(event, Event::Rebalance)
+            || holders != holders_before
+            || touched.iter().any(|&n| tally0.c(n) > 0 && changed(n));
+        if !rebalances {
+            assert!(moves.is_empty(), "{event:?} moved routes: {moves:?}");
+            assert_eq!(balanced(t, &tally), was_balanced);
+            return result;
+        }
+        assert!(
+            balanced(t, &tally),
+            "unbalanced after {event:?}: {:?}",
+            t.counts()
+        );
+        assert_eq!(moves.len(), min_moves(&tally0, &holders), "{event:?}");
+        if was_balanced {
+            match event {
+                // A join: routes go only to the new node, except for ceil slots that weights
+                // force onto others (never with equal weights).
+                Event::Join { node, .. } => {
+                    let others = moves.iter().filter(|m| m.to != Some(node)).count();
+                    assert!(others <= forced_bumps(&tally0, &holders, node), "{moves:?}");
+                }
+                // A departure: all of its routes move (the rest is covered by min_moves).
+                Event::Fail { node } | Event::Drain { node } | Event::Remove { node } => {
+                    let own = moves.iter().filter(|m| m.from == Some(node)).count();
+                    assert_eq!(own, tally0.c(node) as usize);
+                }
+                _ => {}
+            }
+        }
+        result
+    }
+
+    fn run(n: u32, node_space: u32, setup: &[u32], ops: &[Op]) {
+        let mut t = RouteTable::new(n).unwrap();
+        let mut log = Vec::new();
+        let mut results = Vec::new();
+        for (k, &w) in setup.iter().enumerate() {
+            let e = Event::Join {
+                node: k as u32 % node_space,
+                weight: w,
+            };
+            results.push(step(&mut t, e));
+            log.push(e);
+        }
+        for &op in ops {
+            let e = event_for(&t, op, node_space);
+            results.push(step(&mut t, e));
+            log.push(e);
+        }
+        // Replay determinism: same start + same events => same table and same moves.
+        let mut replay = RouteTable::new(n).unwrap();
+        let replayed: Vec<_> = log.iter().map(|&e| replay.apply(e)).collect();
+        assert_eq!(replay, t);
+        assert!(replayed == results, "replay gave different moves");
+        // Persistence round trip.
+        let back: RouteTable = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.counts(), t.counts());
+        assert_eq!(back.unowned(), t.unowned());
+    }
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+        #[test]
+        fn prop_small_tables(
+            n in 1u32..=64,
+            node_space in 1u32..=12,
+            setup in prop::collection::vec(1u32..=100, 0..8),
+            ops in prop::collection::vec(op(), 1..80),
+        ) {
+            run(n, node_space, &setup, &ops);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(150))]
+        #[test]
+        fn prop_medium_tables(
+            n in 1u32..=4096,
+            node_space in 1u32..=300,
+            setup in prop::collection::vec(1u32..=100, 0..120),
+            ops in prop::collection::vec(op(), 1..60),
+        ) {
+            run(n, node_space, &setup, &ops);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(2))]
+        #[test]
+        fn prop_large_tables(
+            n in prop_oneof![Just(65536u32), 30000u32..=65536],
+            setup in prop::collection::vec(1u32..=100, 300..=1000),
+            ops in prop::collection::vec(op(), 1..40),
+        ) {
+            run(n, 1000, &setup, &ops);
+        }
+    }
+
+    /// Arbitrary, unbalanced tables (as a persisted table from elsewhere might be).
+    fn arbitrary_table() -> impl Strategy<Value = RouteTable> {
+        let nodes = prop::collection::vec((1u32..=6, 0u8..4), 1..=7);
+        (1u32..=40, nodes, any::<u64>(), any::<u8>()).prop_map(|(n, specs, seed, res)| {
+            let nodes: Vec<NodeRecord> = specs
+                .iter()
+                .enumerate()
+                .map(|(k, &(weight, s))| NodeRecord {
+                    node: k as u32 * 3,
+                    weight,
+                    state: match s {
+                        0 | 1 => NodeState::Active,
+                        2 => NodeState::Draining,
+                        _ => NodeState::Down,
+                    },
+                })
+                .collect();
+            let mut x = seed | 1;
+            let owners = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    nodes
+                        .get((x % (nodes.len() as u64 + 1)) as usize)
+                        .map(|r| r.node)
+                })
+                .collect();
+            let reserve = (res % 3 == 0).then(|| nodes[res as usize % nodes.len()].node);
+            RouteTable::try_from(TableRepr {
+                routes: n,
+                nodes,
+                reserve,
+                owners,
+            })
+            .unwrap()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config(4000))]
+        /// One rebalance from any table reaches the brute-force minimum, which the closed
+        /// formula matches; a second rebalance is a no-op.
+        #[test]
+        fn prop_rebalance_from_any_table_is_minimal(t in arbitrary_table()) {
+            let before = t.clone();
+            let tally0 = Tally::of(&before);
+            let mut t = t;
+            let moves = t.rebalance();
+            let tally = Tally::of(&t);
+            check_consistent(&before, &t, &tally, &moves);
+            let holders = holders_of(&t);
+            prop_assert_eq!(moves.len(), brute_min_moves(&tally0, &holders));
+            prop_assert_eq!(moves.len(), min_moves(&tally0, &holders));
+            prop_assert!(balanced(&t, &tally));
+            prop_assert!(t.rebalance().is_empty());
+        }
+    }
+}
