@@ -1,3 +1,9 @@
 //! Packet logic of the XDP programs. Builds for the BPF target and on the host, so parsing,
-//! hashing and rewrite logic get ordinary unit tests.
+//! checksum, encapsulation and forwarding decisions get ordinary unit tests; the programs
+//! (`main.rs`, `bin/decap.rs`) only wire maps and packet memory to these functions.
 #![cfg_attr(target_arch = "bpf", no_std)]
+
+pub mod csum;
+pub mod decide;
+pub mod encap;
+pub mod parse;

@@ -1,11 +1,1096 @@
+//! `lb_balancer`: the XDP L4 load balancer. Packet semantics are docs/dataplane.md, step by
+//! step; this file wires the maps and packet memory to the logic in the `lb_ebpf` library.
+//!
+//! Cost model (the product's selling point): non-VIP traffic stops at one array lookup
+//! (`VIP_FILTER`); established TCP on a route that has not moved does one hash lookup (`VIPS`)
+//! and only array lookups after it; `CONNTRACK` and `CONFIG` are touched only on the paths that
+//! need them.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT,
+    DropReason, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_NODES, MAX_VIPS, NODE_DOWN,
+    NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED,
+    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
+    VIP_FILTER_WORDS, VIP_MODE_IPIP, VipKey, VipMeta, addr_hash_v4, addr_hash_v6, flow_hash_v4,
+    flow_hash_v6, hash::filter_slot, route_index,
+};
+use lb_ebpf::{
+    decide::{self, CtAction, FlowKind},
+    encap,
+    parse::{
+        self, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, ICMP_HLEN, IPV4_HLEN,
+        IPV6_HLEN, PROTO_IPIP, PROTO_IPV6_IN, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ipv4, ipv6, tcp,
+    },
+};
+
+// ---------------------------------------------------------------------------------------------
+// Maps (names are the contract with the loader, which pins them itself when the daemon runs).
+// ---------------------------------------------------------------------------------------------
+
+/// Every VIP by (address, port, protocol), plus per-address fragment entries and markers.
+#[map]
+static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
+/// Bitmap of VIP destination addresses: a clear bit passes a packet without a hash lookup.
+#[map]
+static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+/// Route tables, two generations per VIP: slot -> owning node and `ROUTE_F_*` flags.
+#[map]
+static ROUTES: Array<RouteEntry> = Array::with_max_entries(DEFAULT_ROUTE_SLOTS, 0);
+/// Node index -> MAC, ipip addresses and state.
+#[map]
+static NODES: Array<NodeEntry> = Array::with_max_entries(MAX_NODES, 0);
+/// Client flow -> node, so tracked flows keep their node when routes move.
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+/// The one global setting record: ipip gateway MAC, MTU, outer source addresses.
+#[map]
+static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+/// Verdict and event counts by `Stat`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+/// Drop counts by `DropReason`.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_COUNT, 0);
+/// Forwarded packets and bytes by VIP index.
+#[map]
+static VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+/// Forwarded packets and bytes by node index.
+#[map]
+static NODE_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_NODES, 0);
+/// Forwarded packets by `ROUTES` slot.
+#[map]
+static ROUTE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_ROUTE_SLOTS, 0);
+
+// ---------------------------------------------------------------------------------------------
+// Entry.
+// ---------------------------------------------------------------------------------------------
+
+/// What happened to a packet that was not dropped.
+enum Verdict {
+    /// Not for us (or not handled): `XDP_PASS`, counted as `Stat::Pass`.
+    Pass,
+    /// Sent back out with `XDP_TX`; counters already updated.
+    Tx,
+}
 
 #[xdp]
-pub fn lb_balancer(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn lb_balancer(ctx: XdpContext) -> u32 {
+    match try_balance(&ctx) {
+        Ok(Verdict::Pass) => {
+            count(Stat::Pass);
+            XDP_PASS
+        }
+        Ok(Verdict::Tx) => XDP_TX,
+        Err(reason) => {
+            count(Stat::Drop);
+            if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+                // SAFETY: per-CPU slot, only this CPU writes it.
+                unsafe { *c += 1 };
+            }
+            XDP_DROP
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet access.
+// ---------------------------------------------------------------------------------------------
+
+/// The frame's bounds, read from the context (again after every head/tail adjustment).
+#[derive(Clone, Copy)]
+struct Frame {
+    start: usize,
+    end: usize,
+}
+
+impl Frame {
+    #[inline(always)]
+    fn of(ctx: &XdpContext) -> Self {
+        Self {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The one bounds check: a `T` at byte `off` lies inside the frame.
+    #[inline(always)]
+    fn ptr_at<T>(&self, off: usize) -> Option<*mut T> {
+        let p = self.start + off;
+        if p + size_of::<T>() > self.end {
+            return None;
+        }
+        Some(p as *mut T)
+    }
+
+    /// `ptr_at` for an `N`-byte header, as its address (read it with `ld` and friends).
+    #[inline(always)]
+    fn at<const N: usize>(&self, off: usize) -> Option<usize> {
+        self.ptr_at::<[u8; N]>(off).map(|p| p as usize)
+    }
+}
+
+/// A `T` from packet (or map) memory at `p`, bounds already checked by the caller.
+///
+/// Packet fields are only 2-byte aligned behind a 14-byte Ethernet header. A plain typed load
+/// makes LLVM emit one BPF load instead of a byte-by-byte sequence (which also spills heavily);
+/// the kernel permits unaligned packet loads on the architectures XDP runs on.
+#[inline(always)]
+fn ld<T: Copy>(p: usize) -> T {
+    // SAFETY: every caller passes an address inside a bounds-checked header.
+    unsafe { (p as *const T).read() }
+}
+
+#[inline(always)]
+fn be16(p: usize) -> u16 {
+    u16::from_be(ld::<u16>(p))
+}
+
+/// A port as stored in keys: the wire bytes read as a native `u16`.
+#[inline(always)]
+fn port(p: usize) -> u16 {
+    ld::<u16>(p)
+}
+
+/// Wire bytes read as a little-endian word (the hash and key convention of `lb-common`).
+#[inline(always)]
+fn le32(p: usize) -> u32 {
+    u32::from_le(ld::<u32>(p))
+}
+
+#[inline(always)]
+fn words16(p: usize) -> [u32; 4] {
+    [le32(p), le32(p + 4), le32(p + 8), le32(p + 12)]
+}
+
+/// Address words back to wire bytes (the words were read little-endian).
+#[inline(always)]
+fn bytes16(w: &[u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let x = w[i].to_le_bytes();
+        b[i * 4] = x[0];
+        b[i * 4 + 1] = x[1];
+        b[i * 4 + 2] = x[2];
+        b[i * 4 + 3] = x[3];
+        i += 1;
+    }
+    b
+}
+
+/// Copies `N` (even) bytes into the packet at `p` (2-byte aligned, bounds already checked) as
+/// 16-bit stores.
+#[inline(always)]
+unsafe fn put<const N: usize>(p: usize, bytes: &[u8; N]) {
+    let mut i = 0;
+    while i + 1 < N {
+        // SAFETY: the caller checked `p .. p + N` against the frame end.
+        unsafe { ((p + i) as *mut u16).write(u16::from_ne_bytes([bytes[i], bytes[i + 1]])) };
+        i += 2;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters.
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_traffic(map: &PerCpuArray<TrafficCounter>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// Counts the `Stat` events of a `decide::Choice` (bit `1 << stat`).
+#[inline(always)]
+fn count_events(bits: u32) {
+    if bits == 0 {
+        return;
+    }
+    for s in [
+        Stat::CtInsert,
+        Stat::CtHit,
+        Stat::CtMiss,
+        Stat::CtReroute,
+        Stat::DrainKeep,
+    ] {
+        if bits & (1 << s as u32) != 0 {
+            count(s);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing (steps 1-7 and 11).
+// ---------------------------------------------------------------------------------------------
+
+/// The packet's own IP header, as forwarding needs it.
+#[derive(Clone, Copy)]
+struct Ip {
+    /// Offset of the IP header: 14, or 18 behind a VLAN tag.
+    l3: usize,
+    v6: bool,
+    /// IPv4 header length (IHL*4).
+    ihl_len: usize,
+    /// IPv4 total length, or IPv6 payload length.
+    len: u16,
+    /// IPv4: `[tos, 0]`; IPv6: the header's first two bytes (they hold the traffic class).
+    tc: [u8; 2],
+    /// IPv4 DF bit.
+    df: bool,
+    /// Addresses as little-endian words of the wire bytes (IPv4 in word 0).
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+impl Ip {
+    #[inline(always)]
+    fn family(&self) -> u8 {
+        if self.v6 { FAMILY_V6 } else { FAMILY_V4 }
+    }
+}
+
+/// The client-to-VIP flow a packet belongs to.
+struct Flow {
+    client: [u32; 4],
+    vip: [u32; 4],
+    /// `ports_word(client port, VIP port)`; 0 for fragments.
+    ports: u32,
+    proto: u8,
+    kind: FlowKind,
+    /// An ICMP error about the flow (never answered with another ICMP error).
+    icmp: bool,
+}
+
+#[inline(always)]
+fn try_balance(ctx: &XdpContext) -> Result<Verdict, DropReason> {
+    let f = Frame::of(ctx);
+    // Frames too short for Ethernet (or the tag) carry nothing that marks them as VIP traffic.
+    let Some(eth) = f.at::<ETH_HLEN>(0) else {
+        return Ok(Verdict::Pass);
+    };
+    let mut ethertype = be16(eth + 12);
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        let Some(tag) = f.at::<VLAN_HLEN>(ETH_HLEN) else {
+            return Ok(Verdict::Pass);
+        };
+        ethertype = be16(tag + 2);
+        l3 = ETH_VLAN_HLEN;
+    }
+    match ethertype {
+        ETH_P_IPV4 => ipv4(ctx, f, l3),
+        ETH_P_IPV6 => ipv6(ctx, f, l3),
+        _ => Ok(Verdict::Pass),
+    }
+}
+
+#[inline(always)]
+fn in_filter(addr_hash: u32) -> bool {
+    let (word, bit) = filter_slot(addr_hash);
+    VIP_FILTER.get(word).is_some_and(|w| w & bit != 0)
+}
+
+#[inline(always)]
+fn vip_get(key: &VipKey) -> Option<VipMeta> {
+    // SAFETY: the value is copied out at once; the loader replaces values whole.
+    unsafe { VIPS.get(key) }.copied()
+}
+
+/// A malformed packet: dropped for `reason` if its destination is a VIP address (the address
+/// marker exists), otherwise passed untouched.
+#[inline(never)]
+fn malformed(dst: &[u32; 4], family: u8, reason: DropReason) -> Result<Verdict, DropReason> {
+    let marker = VipKey {
+        addr: bytes16(dst),
+        port: 0,
+        proto: PROTO_ANY,
+        family,
+    };
+    if vip_get(&marker).is_some() {
+        Err(reason)
+    } else {
+        Ok(Verdict::Pass)
+    }
+}
+
+/// Step 7: `(addr, port, proto)`, else the all-ports VIP `(addr, 0, proto)` (fragment-only
+/// entries do not count).
+#[inline(always)]
+fn lookup_vip(addr: &[u32; 4], family: u8, port: u16, proto: u8) -> Option<VipMeta> {
+    let mut key = VipKey {
+        addr: bytes16(addr),
+        port,
+        proto,
+        family,
+    };
+    if let Some(m) = vip_get(&key)
+        && m.flags & VIP_F_FRAG_ONLY == 0
+    {
+        return Some(m);
+    }
+    if port == 0 {
+        return None;
+    }
+    key.port = 0;
+    vip_get(&key).filter(|m| m.flags & VIP_F_FRAG_ONLY == 0)
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
+    let Some(h) = f.at::<IPV4_HLEN>(l3) else {
+        return Ok(Verdict::Pass);
+    };
+    let dst = le32(h + ipv4::DST);
+    if !in_filter(addr_hash_v4(dst)) {
+        return Ok(Verdict::Pass);
+    }
+    let dst = [dst, 0, 0, 0];
+    let avail = f.len() - l3;
+    let ihl_len = match parse::ipv4_header_len(ld(h + ipv4::VER_IHL), avail) {
+        Ok(n) => n,
+        Err(r) => return malformed(&dst, FAMILY_V4, r),
+    };
+    let tot = be16(h + ipv4::TOT_LEN);
+    let l4_len = match parse::ipv4_l4_len(tot, ihl_len, avail) {
+        Ok(n) => n,
+        Err(r) => return malformed(&dst, FAMILY_V4, r),
+    };
+    let proto: u8 = ld(h + ipv4::PROTO);
+    let frag = be16(h + ipv4::FRAG_OFF);
+    let ip = Ip {
+        l3,
+        v6: false,
+        ihl_len,
+        len: tot,
+        tc: [ld(h + ipv4::TOS), 0],
+        df: frag & ipv4::DF != 0,
+        src: [le32(h + ipv4::SRC), 0, 0, 0],
+        dst,
+    };
+    let l4 = l3 + ihl_len;
+    match proto {
+        PROTO_TCP | PROTO_UDP if parse::is_fragment(frag) => fragment(ctx, &ip, proto),
+        // Non-first fragments carry no ICMP header; ICMP errors are never fragmented in practice.
+        _ if parse::is_fragment(frag) => Ok(Verdict::Pass),
+        PROTO_TCP => tcp_packet(ctx, f, &ip, l4, l4_len),
+        PROTO_UDP => udp_packet(ctx, f, &ip, l4, l4_len),
+        PROTO_ICMP => icmp4(ctx, &ip, l4, l4_len),
+        _ => Ok(Verdict::Pass),
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
+    let Some(h) = f.at::<IPV6_HLEN>(l3) else {
+        return Ok(Verdict::Pass);
+    };
+    let dst = words16(h + ipv6::DST);
+    if !in_filter(addr_hash_v6(&dst)) {
+        return Ok(Verdict::Pass);
+    }
+    let plen = be16(h + ipv6::PAYLOAD_LEN);
+    let l4_len = match parse::ipv6_l4_len(plen, f.len() - l3) {
+        Ok(n) => n,
+        Err(r) => return malformed(&dst, FAMILY_V6, r),
+    };
+    let ip = Ip {
+        l3,
+        v6: true,
+        ihl_len: IPV6_HLEN,
+        len: plen,
+        tc: [ld(h), ld(h + 1)],
+        df: false,
+        src: words16(h + ipv6::SRC),
+        dst,
+    };
+    let l4 = l3 + IPV6_HLEN;
+    match ld::<u8>(h + ipv6::NEXT_HDR) {
+        PROTO_TCP => tcp_packet(ctx, f, &ip, l4, l4_len),
+        PROTO_UDP => udp_packet(ctx, f, &ip, l4, l4_len),
+        PROTO_ICMPV6 => icmp6(ctx, &ip, l4, l4_len),
+        // Extension headers included.
+        _ => Ok(Verdict::Pass),
+    }
+}
+
+/// Step 5: fragments go by addresses and protocol to the `(dst, 0, proto)` table.
+#[inline(always)]
+fn fragment(ctx: &XdpContext, ip: &Ip, proto: u8) -> Result<Verdict, DropReason> {
+    let key = VipKey {
+        addr: bytes16(&ip.dst),
+        port: 0,
+        proto,
+        family: FAMILY_V4,
+    };
+    let Some(meta) = vip_get(&key) else {
+        return Ok(Verdict::Pass);
+    };
+    let flow = Flow {
+        client: ip.src,
+        vip: ip.dst,
+        ports: 0,
+        proto,
+        kind: FlowKind::Fragment,
+        icmp: false,
+    };
+    balance(ctx, ip, &flow, &meta, Some(Stat::Fragment))
+}
+
+#[inline(always)]
+fn tcp_packet(
+    ctx: &XdpContext,
+    f: Frame,
+    ip: &Ip,
+    l4: usize,
+    l4_len: usize,
+) -> Result<Verdict, DropReason> {
+    let Some(t) = f.at::<TCP_HLEN>(l4) else {
+        return malformed(&ip.dst, ip.family(), DropReason::BadTcpHeader);
+    };
+    if let Err(r) = parse::tcp_header(l4_len, ld(t + tcp::DOFF)) {
+        return malformed(&ip.dst, ip.family(), r);
+    }
+    let Some(meta) = lookup_vip(&ip.dst, ip.family(), port(t + 2), PROTO_TCP) else {
+        return Ok(Verdict::Pass);
+    };
+    let flow = Flow {
+        client: ip.src,
+        vip: ip.dst,
+        ports: le32(t),
+        proto: PROTO_TCP,
+        kind: FlowKind::tcp(ld(t + tcp::FLAGS)),
+        icmp: false,
+    };
+    balance(ctx, ip, &flow, &meta, None)
+}
+
+#[inline(always)]
+fn udp_packet(
+    ctx: &XdpContext,
+    f: Frame,
+    ip: &Ip,
+    l4: usize,
+    l4_len: usize,
+) -> Result<Verdict, DropReason> {
+    let Some(u) = f.at::<UDP_HLEN>(l4) else {
+        return malformed(&ip.dst, ip.family(), DropReason::BadUdpHeader);
+    };
+    if let Err(r) = parse::udp_header(l4_len, be16(u + 4)) {
+        return malformed(&ip.dst, ip.family(), r);
+    }
+    let Some(meta) = lookup_vip(&ip.dst, ip.family(), port(u + 2), PROTO_UDP) else {
+        return Ok(Verdict::Pass);
+    };
+    let flow = Flow {
+        client: ip.src,
+        vip: ip.dst,
+        ports: le32(u),
+        proto: PROTO_UDP,
+        kind: FlowKind::Udp,
+        icmp: false,
+    };
+    balance(ctx, ip, &flow, &meta, None)
+}
+
+/// Step 11 for IPv4: an ICMP error quoting a packet the node sent from the VIP.
+#[inline(always)]
+fn icmp4(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict, DropReason> {
+    let f = Frame::of(ctx);
+    // Type, code and checksum; anything shorter is not an ICMP message we could act on.
+    if l4_len < 4 {
+        return Ok(Verdict::Pass);
+    }
+    let Some(t) = f.at::<4>(l4) else {
+        return Ok(Verdict::Pass);
+    };
+    if !parse::is_icmp4_error(ld(t)) {
+        return Ok(Verdict::Pass);
+    }
+    let emb = l4 + ICMP_HLEN;
+    let Some(e) = f.at::<IPV4_HLEN>(emb) else {
+        return malformed(&ip.dst, FAMILY_V4, DropReason::BadIcmp);
+    };
+    let emb_ihl = match parse::icmp4_embedded(l4_len, ld(e + ipv4::VER_IHL)) {
+        Ok(n) => n,
+        Err(r) => return malformed(&ip.dst, FAMILY_V4, r),
+    };
+    let Some(p) = f.at::<4>(emb + emb_ihl) else {
+        return malformed(&ip.dst, FAMILY_V4, DropReason::BadIcmp);
+    };
+    let proto: u8 = ld(e + ipv4::PROTO);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(Verdict::Pass);
+    }
+    let vip = [le32(e + ipv4::SRC), 0, 0, 0];
+    icmp_flow(ctx, ip, vip, [le32(e + ipv4::DST), 0, 0, 0], p, proto)
+}
+
+/// Step 11 for IPv6.
+#[inline(always)]
+fn icmp6(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict, DropReason> {
+    let f = Frame::of(ctx);
+    // Type, code and checksum; anything shorter is not an ICMP message we could act on.
+    if l4_len < 4 {
+        return Ok(Verdict::Pass);
+    }
+    let Some(t) = f.at::<4>(l4) else {
+        return Ok(Verdict::Pass);
+    };
+    if !parse::is_icmp6_error(ld(t)) {
+        return Ok(Verdict::Pass);
+    }
+    if let Err(r) = parse::icmp6_embedded(l4_len) {
+        return malformed(&ip.dst, FAMILY_V6, r);
+    }
+    let emb = l4 + ICMP_HLEN;
+    let Some(e) = f.at::<{ IPV6_HLEN + 4 }>(emb) else {
+        return malformed(&ip.dst, FAMILY_V6, DropReason::BadIcmp);
+    };
+    let proto: u8 = ld(e + ipv6::NEXT_HDR);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(Verdict::Pass);
+    }
+    icmp_flow(
+        ctx,
+        ip,
+        words16(e + ipv6::SRC),
+        words16(e + ipv6::DST),
+        e + IPV6_HLEN,
+        proto,
+    )
+}
+
+/// The flow an ICMP error is about: client = embedded destination, VIP = embedded source.
+#[inline(always)]
+fn icmp_flow(
+    ctx: &XdpContext,
+    ip: &Ip,
+    vip: [u32; 4],
+    client: [u32; 4],
+    ports: usize,
+    proto: u8,
+) -> Result<Verdict, DropReason> {
+    let Some(meta) = lookup_vip(&vip, ip.family(), port(ports), proto) else {
+        return Ok(Verdict::Pass);
+    };
+    let flow = Flow {
+        client,
+        vip,
+        ports: parse::reverse_ports_word(le32(ports)),
+        proto,
+        // TCP as "TCP other"; UDP flows are always looked up, never inserted.
+        kind: FlowKind::Tracked {
+            seen: 0,
+            always: proto == PROTO_UDP,
+        },
+        icmp: true,
+    };
+    balance(ctx, ip, &flow, &meta, Some(Stat::IcmpForward))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Route, node choice and conntrack (steps 8-9).
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn flow_key(ip: &Ip, flow: &Flow) -> FlowKey {
+    let p = flow.ports.to_le_bytes();
+    FlowKey {
+        src: bytes16(&flow.client),
+        dst: bytes16(&flow.vip),
+        sport: u16::from_ne_bytes([p[0], p[1]]),
+        dport: u16::from_ne_bytes([p[2], p[3]]),
+        proto: flow.proto,
+        family: ip.family(),
+        _pad: [0; 2],
+    }
+}
+
+/// Steps 8-10 for every kind of packet (one subprogram, so the verifier and the stack see it
+/// once).
+#[inline(never)]
+fn balance(
+    ctx: &XdpContext,
+    ip: &Ip,
+    flow: &Flow,
+    meta: &VipMeta,
+    event: Option<Stat>,
+) -> Result<Verdict, DropReason> {
+    let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
+        0
+    } else {
+        flow.ports
+    };
+    let hash = if ip.v6 {
+        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
+    } else {
+        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
+    };
+    if meta.route_count == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    let slot = meta
+        .route_offset
+        .wrapping_add(route_index(hash, meta.route_count));
+    let Some(route) = ROUTES.get(slot) else {
+        return Err(DropReason::NoRoute);
+    };
+    let (node_idx, node) = choose_node(ip, flow, meta, route)?;
+
+    let f = Frame::of(ctx);
+    let bytes = f.len() as u64;
+    let mut sent = if meta.mode() == VIP_MODE_IPIP {
+        encap(ctx, ip, hash, node, flow.icmp)?
+    } else {
+        dsr(f, node)?
+    };
+    if let Sent::NeedPmtu(mtu) = sent {
+        sent = if ip.v6 {
+            pmtu6(ctx, ip, mtu)?
+        } else {
+            pmtu4(ctx, ip, mtu)?
+        };
+    }
+    count(Stat::Tx);
+    if let Sent::PmtuReply = sent {
+        count(Stat::PmtuReply);
+        return Ok(Verdict::Tx);
+    }
+    if let Some(e) = event {
+        count(e);
+    }
+    count_traffic(&VIP_STATS, meta.index, bytes);
+    count_traffic(&NODE_STATS, node_idx, bytes);
+    if let Some(c) = ROUTE_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+    Ok(Verdict::Tx)
+}
+
+/// Step 9: the node for this packet.
+#[inline(always)]
+fn choose_node(
+    ip: &Ip,
+    flow: &Flow,
+    meta: &VipMeta,
+    route: &RouteEntry,
+) -> Result<(u32, &'static NodeEntry), DropReason> {
+    let looked_up = decide::needs_lookup(flow.kind, route.flags & ROUTE_F_MOVED != 0);
+    let node = if !looked_up && flow.kind != FlowKind::Syn {
+        // The hot path: the route's owner is authoritative, no conntrack at all.
+        let owner = NODES.get(route.node);
+        let state = owner.map_or(NODE_DOWN, |n| n.state);
+        decide::choose(flow.kind, route.node, state, false, None)?;
+        route.node
+    } else {
+        tracked(ip, flow, meta, route)?
+    };
+    // A chosen node is never DOWN, so its entry exists.
+    NODES
+        .get(node)
+        .map(|n| (node, n))
+        .ok_or(DropReason::NoBackend)
+}
+
+/// Node choice with the conntrack lookup and update the packet needs (its own subprogram: the
+/// flow key and entry live on its stack, off the hot path).
+#[inline(never)]
+fn tracked(ip: &Ip, flow: &Flow, meta: &VipMeta, route: &RouteEntry) -> Result<u32, DropReason> {
+    let looked_up = decide::needs_lookup(flow.kind, route.flags & ROUTE_F_MOVED != 0);
+    let owner_state = NODES.get(route.node).map_or(NODE_DOWN, |n| n.state);
+    let key = flow_key(ip, flow);
+    let mut entry = None;
+    let mut hit = None;
+    if looked_up && let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a live map value; a racing LRU eviction at worst gives a stale node index.
+        let n = unsafe { (*e).node };
+        hit = Some((n, NODES.get(n).map_or(NODE_DOWN, |x| x.state)));
+        entry = Some(e);
+    }
+    let choice = decide::choose(flow.kind, route.node, owner_state, looked_up, hit)?;
+    if choice.ct != CtAction::None {
+        // SAFETY: no arguments; cannot fail.
+        let now = (unsafe { bpf_ktime_get_coarse_ns() } >> CT_TIME_SHIFT) as u32;
+        let seen = match flow.kind {
+            FlowKind::Tracked { seen, .. } => seen,
+            _ => 0,
+        };
+        match (choice.ct, entry) {
+            (CtAction::Insert, _) => {
+                let v = CtEntry {
+                    node: choice.node,
+                    vip: meta.index,
+                    last_seen: now,
+                    flags: 0,
+                };
+                if CONNTRACK.insert(key, v, 0).is_err() {
+                    return Err(DropReason::HelperFailed);
+                }
+            }
+            // SAFETY (both arms): `e` points at the flow's live map value; writes are whole
+            // u32 fields and written only when they change, so the hot path rarely dirties it.
+            (CtAction::Refresh, Some(e)) => unsafe {
+                if (*e).last_seen != now {
+                    (*e).last_seen = now;
+                }
+                if (*e).flags & seen != seen {
+                    (*e).flags |= seen;
+                }
+            },
+            (CtAction::Rewrite, Some(e)) => unsafe {
+                (*e).node = choice.node;
+                (*e).vip = meta.index;
+                (*e).last_seen = now;
+                (*e).flags |= seen;
+            },
+            _ => {}
+        }
+    }
+    count_events(choice.stats);
+    Ok(choice.node)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding (step 10) and PMTU replies.
+// ---------------------------------------------------------------------------------------------
+
+enum Sent {
+    /// Sent on to the node.
+    Forwarded,
+    /// Too big for the path to the node: answer with frag-needed / packet-too-big (MTU given).
+    NeedPmtu(u16),
+    /// Answered with ICMP frag-needed / packet-too-big.
+    PmtuReply,
+}
+
+/// dsr-l2: Ethernet destination = node, source = the frame's old destination.
+#[inline(always)]
+fn dsr(f: Frame, node: &NodeEntry) -> Result<Sent, DropReason> {
+    // verifier: re-derive the Ethernet pointer (it was checked at parse time).
+    let Some(eth) = f.at::<12>(0) else {
+        return Err(DropReason::HelperFailed);
+    };
+    // As 16+32-bit words: the old destination (bytes 0..6) becomes the source (6..12).
+    let (d0, d1) = (ld::<u16>(eth), ld::<u32>(eth + 2));
+    let mac = node.mac.as_ptr() as usize;
+    // SAFETY: 12 bytes bounds-checked above.
+    unsafe {
+        ((eth + 6) as *mut u16).write(d0);
+        ((eth + 8) as *mut u32).write(d1);
+        (eth as *mut u16).write(ld::<u16>(mac));
+        ((eth + 2) as *mut u32).write(ld::<u32>(mac + 2));
+    }
+    Ok(Sent::Forwarded)
+}
+
+/// A MAC address as a 16-bit and a 32-bit word (two loads/stores instead of six).
+#[derive(Clone, Copy)]
+struct Mac {
+    hi: u16,
+    lo: u32,
+}
+
+impl Mac {
+    #[inline(always)]
+    fn load(p: usize) -> Self {
+        Self {
+            hi: ld(p),
+            lo: ld(p + 2),
+        }
+    }
+
+    /// SAFETY: `p .. p + 6` must be bounds-checked packet memory.
+    #[inline(always)]
+    unsafe fn store(self, p: usize) {
+        unsafe {
+            (p as *mut u16).write(self.hi);
+            ((p + 2) as *mut u32).write(self.lo);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn st32(p: usize, v: u32) {
+    // SAFETY: the caller checked `p .. p + 4`.
+    unsafe { (p as *mut u32).write(v) }
+}
+
+/// The Ethernet fields a rewrite keeps: old destination, old source, the VLAN tag.
+struct EthSave {
+    dst: Mac,
+    src: Mac,
+    tag: u32,
+}
+
+#[inline(always)]
+fn save_eth(f: Frame) -> Result<EthSave, DropReason> {
+    // verifier: re-derive the Ethernet pointer (it was checked at parse time).
+    let Some(e) = f.at::<ETH_VLAN_HLEN>(0) else {
+        return Err(DropReason::HelperFailed);
+    };
+    Ok(EthSave {
+        dst: Mac::load(e),
+        src: Mac::load(e + 6),
+        tag: ld(e + 12),
+    })
+}
+
+/// Moves the frame start `by` bytes earlier (room for new headers).
+#[inline(always)]
+fn grow_head(ctx: &XdpContext, by: i32) -> Result<Frame, DropReason> {
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -by) } != 0 {
+        return Err(DropReason::HelperFailed);
+    }
+    Ok(Frame::of(ctx))
+}
+
+/// Writes an Ethernet header (with the VLAN tag when `l3` says there is one).
+#[inline(always)]
+fn write_eth(
+    f: Frame,
+    l3: usize,
+    dst: Mac,
+    src: Mac,
+    tag: u32,
+    ethertype: u16,
+) -> Result<(), DropReason> {
+    // verifier: fresh bound after the head moved.
+    let Some(e) = f.at::<ETH_VLAN_HLEN>(0) else {
+        return Err(DropReason::HelperFailed);
+    };
+    // SAFETY: 18 bytes bounds-checked above.
+    unsafe {
+        dst.store(e);
+        src.store(e + 6);
+        if l3 == ETH_VLAN_HLEN {
+            st32(e + 12, tag);
+            ((e + 16) as *mut u16).write(ethertype.to_be());
+        } else {
+            ((e + 12) as *mut u16).write(ethertype.to_be());
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn config() -> Result<&'static GlobalConfig, DropReason> {
+    // verifier: index 0 of a 1-entry array always exists, but the lookup can return null.
+    CONFIG.get(0).ok_or(DropReason::HelperFailed)
+}
+
+/// ipip: checks the MTU, then prepends the outer header to the node (step 10).
+#[inline(always)]
+fn encap(
+    ctx: &XdpContext,
+    ip: &Ip,
+    hash: u32,
+    node: &NodeEntry,
+    icmp: bool,
+) -> Result<Sent, DropReason> {
+    if (ip.v6 && node.addr6 == [0; 16]) || (!ip.v6 && node.addr4 == [0; 4]) {
+        return Err(DropReason::NoBackend);
+    }
+    let cfg = config()?;
+    let grow = if ip.v6 { IPV6_HLEN } else { IPV4_HLEN };
+    // IPv4: outer total length; IPv6: outer payload length.
+    let outer_len = ip.len as u32 + grow as u32;
+    // The L3 size on the path: IPv4 total, or IPv6 header plus payload.
+    let l3_size = if ip.v6 {
+        outer_len + IPV6_HLEN as u32
+    } else {
+        outer_len
+    };
+    if (cfg.mtu != 0 && l3_size > cfg.mtu as u32) || outer_len > u16::MAX as u32 {
+        // No ICMP error about an ICMP error; IPv4 without DF has no frag-needed either.
+        if cfg.mtu != 0 && !icmp && (ip.v6 || ip.df) {
+            return Ok(Sent::NeedPmtu(cfg.mtu));
+        }
+        return Err(DropReason::TooBig);
+    }
+    let eth = save_eth(Frame::of(ctx))?;
+    let f = grow_head(ctx, grow as i32)?;
+    let l3 = ip.l3;
+    let gw = Mac::load(cfg.gw_mac.as_ptr() as usize);
+    if ip.v6 {
+        write_eth(f, l3, gw, eth.dst, eth.tag, ETH_P_IPV6)?;
+        // verifier: fresh bound after the head moved.
+        let Some(p) = f.at::<IPV6_HLEN>(l3) else {
+            return Err(DropReason::HelperFailed);
+        };
+        let first = encap::ipv6_first8(ip.tc, hash & 0xf_ffff, outer_len as u16, PROTO_IPV6_IN);
+        let src = cfg.ipip_src6.as_ptr() as usize;
+        let dst = node.addr6.as_ptr() as usize;
+        // SAFETY: 40 bytes bounds-checked above; map values stay valid across adjust_head.
+        unsafe {
+            put(p, &first);
+            st32(p + 8, ld(src));
+            st32(p + 12, ld(src + 4));
+            st32(p + 16, ld(src + 8));
+            st32(p + 20, hash.to_be());
+            st32(p + 24, ld(dst));
+            st32(p + 28, ld(dst + 4));
+            st32(p + 32, ld(dst + 8));
+            st32(p + 36, ld(dst + 12));
+        }
+    } else {
+        write_eth(f, l3, gw, eth.dst, eth.tag, ETH_P_IPV4)?;
+        // verifier: fresh bound after the head moved.
+        let Some(p) = f.at::<IPV4_HLEN>(l3) else {
+            return Err(DropReason::HelperFailed);
+        };
+        let hdr = encap::ipv4_header(
+            ip.tc[0],
+            outer_len as u16,
+            PROTO_IPIP,
+            encap::outer_src4(cfg, hash),
+            node.addr4,
+        );
+        // SAFETY: 20 bytes bounds-checked above.
+        unsafe { put(p, &hdr) };
+    }
+    count(Stat::Encap);
+    Ok(Sent::Forwarded)
+}
+
+/// Cuts the frame to `len` bytes.
+#[inline(always)]
+fn cut_to(ctx: &XdpContext, f: Frame, len: usize) -> Result<(), DropReason> {
+    let delta = len as i32 - f.len() as i32;
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(DropReason::HelperFailed);
+    }
+    Ok(())
+}
+
+/// Big-endian word at `p` (bounds checked by the caller).
+#[inline(always)]
+fn load_be32(p: usize) -> u32 {
+    u32::from_be(ld::<u32>(p))
+}
+
+/// ICMP frag-needed back to the client, quoting the IPv4 header and 8 bytes. The original
+/// header stays where it is: the new headers go in front of it, then the tail is cut.
+#[inline(never)]
+fn pmtu4(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropReason> {
+    const GROW: usize = IPV4_HLEN + ICMP_HLEN;
+    const MAX_QUOTE: usize = 60 + 8;
+    let eth = save_eth(Frame::of(ctx))?;
+    let l3 = ip.l3;
+    let quote_len = ip.ihl_len + 8;
+    let f = grow_head(ctx, GROW as i32)?;
+    // verifier: one constant bound covering every write and the quote read below (the packet
+    // is over mtu - 20 >= 1260 bytes, so this always holds).
+    if f.ptr_at::<[u8; ETH_VLAN_HLEN + GROW + MAX_QUOTE]>(0)
+        .is_none()
+    {
+        return Err(DropReason::HelperFailed);
+    }
+    let quote = f.start + l3 + GROW;
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < MAX_QUOTE / 4 {
+        if i * 4 >= quote_len {
+            break;
+        }
+        sum += load_be32(quote + i * 4) as u64;
+        // One load per step: keeps LLVM from hoisting every load (and spilling them all).
+        sum = core::hint::black_box(sum);
+        i += 1;
+    }
+    let icmp = encap::icmp4_frag_needed(mtu.saturating_sub(IPV4_HLEN as u16), sum);
+    let hdr = encap::ipv4_header(
+        0,
+        (GROW + quote_len) as u16,
+        PROTO_ICMP,
+        ip.dst[0].to_le_bytes(),
+        ip.src[0].to_le_bytes(),
+    );
+    write_eth(f, l3, eth.src, eth.dst, eth.tag, ETH_P_IPV4)?;
+    // SAFETY: within the constant bound checked above.
+    unsafe {
+        put(f.start + l3, &hdr);
+        put(f.start + l3 + IPV4_HLEN, &icmp);
+    }
+    cut_to(ctx, f, l3 + GROW + quote_len)?;
+    Ok(Sent::PmtuReply)
+}
+
+/// ICMPv6 packet-too-big back to the client, quoting the first 128 bytes of the packet.
+#[inline(never)]
+fn pmtu6(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropReason> {
+    const GROW: usize = IPV6_HLEN + ICMP_HLEN;
+    let eth = save_eth(Frame::of(ctx))?;
+    let l3 = ip.l3;
+    let f = grow_head(ctx, GROW as i32)?;
+    // verifier: one constant bound covering every write and the quote read below (the packet
+    // is over mtu - 40 >= 1240 bytes, so this always holds).
+    if f.ptr_at::<[u8; ETH_VLAN_HLEN + GROW + encap::PTB_QUOTE]>(0)
+        .is_none()
+    {
+        return Err(DropReason::HelperFailed);
+    }
+    let quote = f.start + l3 + GROW;
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < encap::PTB_QUOTE / 4 {
+        sum += load_be32(quote + i * 4) as u64;
+        // One load per step: keeps LLVM from hoisting every load (and spilling them all).
+        sum = core::hint::black_box(sum);
+        i += 1;
+    }
+    let len = (ICMP_HLEN + encap::PTB_QUOTE) as u32;
+    // Reply from the VIP (the original destination) to the client.
+    sum += lb_ebpf::csum::icmp6_pseudo(&ip.dst, &ip.src, len);
+    let icmp = encap::icmp6_packet_too_big(mtu.saturating_sub(IPV6_HLEN as u16) as u32, sum);
+    let first = encap::ipv6_first8([0x60, 0], 0, len as u16, PROTO_ICMPV6);
+    write_eth(f, l3, eth.src, eth.dst, eth.tag, ETH_P_IPV6)?;
+    let p = f.start + l3;
+    // SAFETY: within the constant bound checked above.
+    unsafe {
+        put(p, &first);
+        let mut i = 0;
+        while i < 4 {
+            st32(p + 8 + i * 4, ip.dst[i].to_le());
+            st32(p + 24 + i * 4, ip.src[i].to_le());
+            i += 1;
+        }
+        put(p + IPV6_HLEN, &icmp);
+    }
+    cut_to(ctx, f, l3 + GROW + encap::PTB_QUOTE)?;
+    Ok(Sent::PmtuReply)
 }
 
 #[cfg(not(test))]
