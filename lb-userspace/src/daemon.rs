@@ -36,6 +36,9 @@ use crate::{
     state::{NodeRecord, NodeStatus, State},
 };
 
+/// How often conntrack is scanned (only while some route is flagged "moved").
+const MAINTENANCE_PERIOD: Duration = Duration::from_secs(2);
+
 /// Arguments of `lb run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -426,7 +429,7 @@ impl Daemon {
             if !events.is_empty() {
                 self.apply(&events)?;
             }
-            if self.last_maintenance.elapsed() >= Duration::from_secs(1) {
+            if self.last_maintenance.elapsed() >= MAINTENANCE_PERIOD {
                 self.last_maintenance = Instant::now();
                 if let Err(e) = self.maintain() {
                     warn!("conntrack maintenance: {e:#}");

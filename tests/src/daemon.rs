@@ -157,10 +157,11 @@ impl DaemonSetup {
         let mut guard = ChildGuard(Some(child));
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(()) => Ok(guard),
-            Err(_) => {
-                let status = guard.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                bail!("daemon did not become ready in 30 s (exit status: {status:?})")
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = guard.0.as_mut().and_then(|c| c.wait().ok());
+                bail!("daemon exited before it was ready ({status:?}); its stderr is above")
             }
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("daemon did not become ready in 30 s"),
         }
     }
 
