@@ -1,11 +1,155 @@
+//! `lb_decap`: node-side decapsulator for ipip mode (docs/dataplane.md "Node-side decap").
+//! Strips the outer IPv4 (IPIP) or IPv6 (IP6IP6) header of packets whose inner destination is
+//! a VIP this node serves, so kernels without the `ipip` module still receive them.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::generated::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::{HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{DECAP_STAT_COUNT, DecapKey, DecapStat, FAMILY_V4, FAMILY_V6, MAX_DECAP_VIPS};
+use lb_ebpf::parse::{
+    ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
+    PROTO_IPV6_IN, VLAN_HLEN,
+};
+
+/// VIP addresses this node accepts inside IPIP / IP6IP6 (value unused).
+#[map]
+static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(MAX_DECAP_VIPS, 0);
+/// Decap verdict counts by `DecapStat`.
+#[map]
+static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_STAT_COUNT, 0);
 
 #[xdp]
-pub fn lb_decap(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let stat = try_decap(&ctx);
+    if let Some(c) = DECAP_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+    match stat {
+        DecapStat::Malformed => XDP_DROP,
+        _ => XDP_PASS,
+    }
+}
+
+/// The one bounds check: `N` bytes at `off` lie inside the frame; returns their address.
+#[inline(always)]
+fn at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<usize> {
+    let p = ctx.data() + off;
+    if p + size_of::<[u8; N]>() > ctx.data_end() {
+        return None;
+    }
+    Some(p)
+}
+
+#[inline(always)]
+fn ld<T: Copy>(p: usize) -> T {
+    // SAFETY: callers pass addresses inside bounds-checked headers (unaligned packet loads are
+    // fine on the architectures XDP runs on).
+    unsafe { (p as *const T).read() }
+}
+
+#[inline(always)]
+fn try_decap(ctx: &XdpContext) -> DecapStat {
+    let Some(eth) = at::<ETH_HLEN>(ctx, 0) else {
+        return DecapStat::Pass;
+    };
+    let mut ethertype = u16::from_be(ld(eth + 12));
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        let Some(tag) = at::<VLAN_HLEN>(ctx, ETH_HLEN) else {
+            return DecapStat::Pass;
+        };
+        ethertype = u16::from_be(ld(tag + 2));
+        l3 = ETH_VLAN_HLEN;
+    }
+    let mut key = DecapKey::default();
+    let outer_len = match ethertype {
+        ETH_P_IPV4 => {
+            let Some(h) = at::<IPV4_HLEN>(ctx, l3) else {
+                return DecapStat::Pass;
+            };
+            if ld::<u8>(h + 9) != PROTO_IPIP {
+                return DecapStat::Pass;
+            }
+            let ver_ihl: u8 = ld(h);
+            let ihl_len = ((ver_ihl & 0x0f) as usize) * 4;
+            if ver_ihl >> 4 != 4 || ihl_len < IPV4_HLEN {
+                return DecapStat::Malformed;
+            }
+            let Some(inner) = at::<IPV4_HLEN>(ctx, l3 + ihl_len) else {
+                return DecapStat::Malformed;
+            };
+            key.addr[..4].copy_from_slice(&ld::<[u8; 4]>(inner + 16));
+            key.family = FAMILY_V4;
+            ihl_len
+        }
+        ETH_P_IPV6 => {
+            let Some(h) = at::<IPV6_HLEN>(ctx, l3) else {
+                return DecapStat::Pass;
+            };
+            if ld::<u8>(h + 6) != PROTO_IPV6_IN {
+                return DecapStat::Pass;
+            }
+            let Some(inner) = at::<IPV6_HLEN>(ctx, l3 + IPV6_HLEN) else {
+                return DecapStat::Malformed;
+            };
+            key.addr = ld(inner + 24);
+            key.family = FAMILY_V6;
+            IPV6_HLEN
+        }
+        _ => return DecapStat::Pass,
+    };
+    // SAFETY: read-only use of the value's existence.
+    if unsafe { DECAP_VIPS.get(key) }.is_none() {
+        return DecapStat::NotOurs;
+    }
+    strip(ctx, l3, outer_len)
+}
+
+/// Removes `outer_len` bytes after the Ethernet header (and tag): the Ethernet header is
+/// written again just in front of the inner IP header, then the frame start moves up.
+#[inline(always)]
+fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> DecapStat {
+    // verifier: re-derive the Ethernet pointer after the map lookup.
+    let Some(e) = at::<ETH_VLAN_HLEN>(ctx, 0) else {
+        return DecapStat::Malformed;
+    };
+    let (w0, w1, w2, w3) = (
+        ld::<u32>(e),
+        ld::<u32>(e + 4),
+        ld::<u32>(e + 8),
+        ld::<u32>(e + 12),
+    );
+    let w4: u16 = ld(e + 16);
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+        return DecapStat::Malformed;
+    }
+    // verifier: fresh bound after the head moved (the inner header is still there).
+    let Some(e) = at::<ETH_VLAN_HLEN>(ctx, 0) else {
+        return DecapStat::Malformed;
+    };
+    // SAFETY: 18 bytes bounds-checked above; only the first `l3` are written.
+    unsafe {
+        (e as *mut u32).write(w0);
+        ((e + 4) as *mut u32).write(w1);
+        ((e + 8) as *mut u32).write(w2);
+        if l3 == ETH_HLEN {
+            ((e + 12) as *mut u16).write(w3 as u16);
+        } else {
+            ((e + 12) as *mut u32).write(w3);
+            ((e + 16) as *mut u16).write(w4);
+        }
+    }
+    DecapStat::Decapsulated
 }
 
 #[cfg(not(test))]
