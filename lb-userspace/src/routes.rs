@@ -1193,4 +1193,465 @@ mod tests {
             prop_assert!(t.rebalance().is_empty());
         }
     }
+
+    // ---- HaloD's example -------------------------------------------------------------------
+
+    /// HaloD's join, literally: sort the nodes by routes owned (descending), then by id; walk
+    /// the list (wrapping) moving each node's highest route to the new node until
+    /// `floor(N / (M + 1))` routes have moved. The first node takes everything.
+    fn halod_join(owners: &mut [u32], new: u32) -> usize {
+        let ids: BTreeSet<u32> = owners.iter().copied().filter(|&o| o != NO_OWNER).collect();
+        if ids.is_empty() {
+            owners.fill(new);
+            return owners.len();
+        }
+        let quota = owners.len() / (ids.len() + 1);
+        let count = |id: u32| owners.iter().filter(|&&o| o == id).count();
+        let mut list: Vec<(usize, u32)> = ids.iter().map(|&id| (count(id), id)).collect();
+        list.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut moved = 0;
+        for &(_, id) in list.iter().cycle() {
+            if moved == quota {
+                break;
+            }
+            let r = owners.iter().rposition(|&o| o == id).unwrap();
+            owners[r] = new;
+            moved += 1;
+        }
+        moved
+    }
+
+    fn row(t: &RouteTable) -> String {
+        t.owners()
+            .map(|o| o.map_or("-".to_string(), |n| n.to_string()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn halod_progression_24_routes() {
+        let mut t = RouteTable::new(24).unwrap();
+        let mut reference = vec![NO_OWNER; 24];
+        let mut moved = Vec::new();
+        println!("HaloD progression, 24 routes (route 0..23 -> node):");
+        for node in 1..=8u32 {
+            let before = t.clone();
+            let moves = t.join(node, 1).unwrap();
+            let quota = halod_join(&mut reference, node);
+            assert_eq!(moves.len(), quota, "join of node {node}");
+            assert!(moves.iter().all(|m| m.to == Some(node)));
+            // Each donor gave its highest route IDs.
+            for donor in before.nodes().map(|(id, _)| id) {
+                let kept = t.routes_of(donor);
+                let gave = moves.iter().filter(|m| m.from == Some(donor));
+                assert!(gave.clone().all(|m| kept.iter().all(|&k| k < m.route)));
+            }
+            assert_eq!(
+                t.owners.as_slice(),
+                reference.as_slice(),
+                "after node {node}"
+            );
+            assert!(t.is_balanced());
+            println!("{node} nodes: {}", row(&t));
+            moved.push(moves.len());
+        }
+        assert_eq!(moved, [24, 12, 8, 6, 4, 4, 3, 3]);
+        // Worked by hand from the note's rules (routes 0-based): node 2 took 12..23, node 3 the
+        // top 4 of each: 8..11 and 20..23.
+        let mut three = RouteTable::new(24).unwrap();
+        for node in 1..=3 {
+            three.join(node, 1).unwrap();
+        }
+        assert_eq!(three.routes_of(1), (0..8).collect::<Vec<_>>());
+        assert_eq!(three.routes_of(2), (12..20).collect::<Vec<_>>());
+        assert_eq!(three.routes_of(3), [8, 9, 10, 11, 20, 21, 22, 23]);
+        assert_eq!(t.counts().values().copied().collect::<Vec<_>>(), [3; 8]);
+    }
+
+    // ---- Reserve and failure ---------------------------------------------------------------
+
+    /// 24 routes over nodes 1..=4 (6 each) and node 9 as the reserve.
+    fn four_and_reserve() -> RouteTable {
+        let mut t = RouteTable::new(24).unwrap();
+        for node in [1, 2, 3, 4, 9] {
+            t.join(node, 1).unwrap();
+        }
+        let moves = t.set_reserve(Some(9)).unwrap();
+        assert!(moves.iter().all(|m| m.from == Some(9)));
+        assert_eq!(t.count(9), 0);
+        assert_eq!(t.counts().values().filter(|&&c| c == 6).count(), 4);
+        t
+    }
+
+    #[test]
+    fn failure_goes_to_the_reserve_and_comes_back_on_rejoin() {
+        let mut t = four_and_reserve();
+        let before = t.clone();
+        let owned = t.routes_of(2);
+        let moves = t.fail(2).unwrap();
+        assert_eq!(moves.len(), 6);
+        assert!(moves.iter().all(|m| m.from == Some(2) && m.to == Some(9)));
+        assert_eq!(t.routes_of(9), owned);
+        for n in [1, 3, 4] {
+            assert_eq!(t.routes_of(n), before.routes_of(n));
+        }
+        assert_eq!(t.node(2).unwrap().state, NodeState::Down);
+        assert!(!t.is_balanced());
+        // Removing an unrelated down node or failing again changes nothing.
+        assert!(t.fail(2).unwrap().is_empty());
+        // The failed node rejoins: exactly the reserve's routes flow back to it.
+        let moves = t.join(2, 1).unwrap();
+        assert_eq!(moves.len(), 6);
+        assert!(moves.iter().all(|m| m.from == Some(9) && m.to == Some(2)));
+        assert_eq!(t, before);
+        assert!(t.is_balanced());
+    }
+
+    #[test]
+    fn reserve_holdings_spread_on_the_next_rebalancing_event() {
+        let mut t = four_and_reserve();
+        t.fail(2).unwrap();
+        t.fail(3).unwrap();
+        assert_eq!(t.count(9), 12);
+        // A new node joins: the reserve's 12 routes go first (8 to it, 2 to each survivor).
+        let moves = t.join(5, 1).unwrap();
+        assert_eq!(moves.len(), 12);
+        assert!(moves.iter().all(|m| m.from == Some(9)));
+        assert_eq!(t.count(9), 0);
+        assert_eq!((t.count(1), t.count(4), t.count(5)), (8, 8, 8));
+        // Or explicitly, after another failover.
+        t.fail(5).unwrap();
+        assert_eq!(t.count(9), 8);
+        let moves = t.rebalance();
+        assert_eq!(moves.len(), 8);
+        assert_eq!((t.count(1), t.count(4), t.count(9)), (12, 12, 0));
+    }
+
+    #[test]
+    fn failure_without_reserve_spreads_to_the_most_under_nodes() {
+        let mut t = RouteTable::new(24).unwrap();
+        for node in 1..=4 {
+            t.join(node, 1).unwrap();
+        }
+        let moves = t.fail(1).unwrap();
+        assert_eq!(moves.len(), 6);
+        assert!(moves.iter().all(|m| m.from == Some(1)));
+        // Highest route first, each to the node most under its target (ties: lower index).
+        let to: Vec<u32> = moves.iter().map(|m| m.to.unwrap()).collect();
+        assert_eq!(to, [2, 3, 4, 2, 3, 4]);
+        assert_eq!(t.counts(), BTreeMap::from([(1, 0), (2, 8), (3, 8), (4, 8)]));
+        // Same with a reserve that is itself down.
+        let mut t = four_and_reserve();
+        t.fail(9).unwrap();
+        let moves = t.fail(1).unwrap();
+        assert!(moves.iter().all(|m| m.from == Some(1) && m.to != Some(9)));
+        assert!(t.is_balanced());
+    }
+
+    #[test]
+    fn reserve_alone_owns_everything_until_a_node_joins() {
+        let mut t = RouteTable::new(10).unwrap();
+        t.join(7, 3).unwrap();
+        t.set_reserve(Some(7)).unwrap();
+        assert_eq!(t.count(7), 10, "the only active node holds the share");
+        assert!(t.is_balanced());
+        let moves = t.join(1, 1).unwrap();
+        assert_eq!(moves.len(), 10);
+        assert_eq!((t.count(1), t.count(7)), (10, 0));
+        // The last regular node fails: the reserve takes over everything.
+        let moves = t.fail(1).unwrap();
+        assert!(moves.iter().all(|m| m.to == Some(7)));
+        assert!(t.is_balanced());
+        // Clearing the designation makes it a regular node again.
+        t.join(1, 1).unwrap();
+        t.set_reserve(None).unwrap();
+        assert_eq!((t.count(1), t.count(7)), (3, 7));
+    }
+
+    // ---- Edge cases ------------------------------------------------------------------------
+
+    #[test]
+    fn empty_table() {
+        let mut t = RouteTable::new(16).unwrap();
+        assert_eq!(t.route_count(), 16);
+        assert_eq!(t.unowned(), 16);
+        assert!(t.owners().all(|o| o.is_none()));
+        assert_eq!(t.owner(0), None);
+        assert_eq!(t.owner(99), None);
+        assert!(t.counts().is_empty());
+        assert!(t.shares().is_empty());
+        assert!(t.is_balanced());
+        assert!(t.rebalance().is_empty());
+        assert_eq!(t.fail(1), Err(RouteError::UnknownNode(1)));
+        assert_eq!(RouteTable::default().route_count(), DEFAULT_ROUTES_PER_VIP);
+        let moves = t.join(3, 1).unwrap();
+        assert_eq!(moves.len(), 16);
+        assert!(moves.iter().all(|m| m.from.is_none() && m.to == Some(3)));
+        assert_eq!(t.routes_of(3), (0..16).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn single_route() {
+        let mut t = RouteTable::new(1).unwrap();
+        assert_eq!(t.join(5, 1).unwrap().len(), 1);
+        assert!(t.join(6, 1).unwrap().is_empty(), "5 keeps the route (ceil)");
+        assert_eq!(t.owner(0), Some(5));
+        assert_eq!(t.shares(), BTreeMap::from([(5, (0, 1)), (6, (0, 1))]));
+        let moves = t.fail(5).unwrap();
+        assert_eq!(
+            moves,
+            [Move {
+                route: 0,
+                from: Some(5),
+                to: Some(6)
+            }]
+        );
+        assert!(t.join(5, 1).unwrap().is_empty());
+        assert_eq!(t.owner(0), Some(6));
+    }
+
+    #[test]
+    fn all_nodes_drained_leaves_routes_unowned() {
+        let mut t = RouteTable::new(12).unwrap();
+        for node in [1, 2, 3] {
+            t.join(node, 1).unwrap();
+        }
+        t.drain(1).unwrap();
+        t.drain(2).unwrap();
+        assert_eq!(t.count(3), 12);
+        let moves = t.drain(3).unwrap();
+        assert_eq!(moves.len(), 12);
+        assert!(moves.iter().all(|m| m.from == Some(3) && m.to.is_none()));
+        assert_eq!(t.unowned(), 12);
+        assert!(t.is_balanced());
+        assert!(t.drain(3).unwrap().is_empty(), "draining twice is a no-op");
+        let moves = t.activate(2).unwrap();
+        assert!(moves.iter().all(|m| m.from.is_none() && m.to == Some(2)));
+        assert_eq!(t.count(2), 12);
+        assert_eq!(t.node(1).unwrap().state, NodeState::Draining);
+    }
+
+    #[test]
+    fn rejoin_after_failure() {
+        let mut t = RouteTable::new(30).unwrap();
+        for node in [1, 2, 3] {
+            t.join(node, 1).unwrap();
+        }
+        t.fail(2).unwrap();
+        assert_eq!((t.count(1), t.count(2), t.count(3)), (15, 0, 15));
+        assert_eq!(
+            t.join(1, 1),
+            Err(RouteError::AlreadyMember {
+                node: 1,
+                state: NodeState::Active
+            })
+        );
+        // Back with a new weight: takes half.
+        let moves = t.join(2, 2).unwrap();
+        assert!(moves.iter().all(|m| m.to == Some(2)));
+        assert_eq!(
+            (t.count(1), t.count(2), t.count(3)),
+            (7, 15, 8),
+            "lower index gives first"
+        );
+        // Fail then activate keeps the weight.
+        t.fail(2).unwrap();
+        t.activate(2).unwrap();
+        assert_eq!(t.count(2), 15);
+        // Draining nodes cannot "join"; they are activated.
+        t.drain(3).unwrap();
+        assert!(matches!(
+            t.join(3, 1),
+            Err(RouteError::AlreadyMember { .. })
+        ));
+        t.activate(3).unwrap();
+        assert!(t.is_balanced());
+    }
+
+    #[test]
+    fn large_and_changing_weights() {
+        let mut t = RouteTable::new(65536).unwrap();
+        t.join(0, u32::MAX).unwrap();
+        t.join(1, 1).unwrap();
+        t.join(2, u32::MAX).unwrap();
+        assert_eq!(t.shares()[&1], (0, 1));
+        assert!(t.is_balanced());
+        assert_eq!(t.count(0) + t.count(2), 65536 - t.count(1));
+        // 1 becomes as heavy as the others: it takes a third.
+        let moves = t.set_weight(1, u32::MAX).unwrap();
+        assert!(moves.iter().all(|m| m.to == Some(1)));
+        assert!((21845..=21846).contains(&t.count(1)));
+        // And back to 1: only its routes move.
+        let moves = t.set_weight(1, 1).unwrap();
+        assert!(moves.iter().all(|m| m.from == Some(1)));
+        assert!(t.is_balanced());
+        assert!(
+            t.set_weight(1, 1).unwrap().is_empty(),
+            "same weight: nothing moves"
+        );
+        // Weights of nodes without a share only take effect when they return.
+        t.drain(1).unwrap();
+        assert!(t.set_weight(1, 7).unwrap().is_empty());
+        assert_eq!(t.node(1).unwrap().weight, 7);
+    }
+
+    #[test]
+    fn bad_events_are_typed_errors_and_change_nothing() {
+        let mut t = RouteTable::new(8).unwrap();
+        t.join(1, 1).unwrap();
+        t.join(2, 1).unwrap();
+        t.fail(2).unwrap();
+        let before = t.clone();
+        assert_eq!(RouteTable::new(0), Err(RouteError::InvalidRouteCount(0)));
+        assert_eq!(
+            RouteTable::new(65537),
+            Err(RouteError::InvalidRouteCount(65537))
+        );
+        assert!(RouteTable::new(65536).is_ok());
+        assert_eq!(
+            t.join(1, 1).unwrap_err().to_string(),
+            "node 1 is already a member (active)"
+        );
+        assert_eq!(t.join(3, 0), Err(RouteError::ZeroWeight(3)));
+        assert_eq!(
+            t.join(MAX_NODES, 1),
+            Err(RouteError::NodeOutOfRange(MAX_NODES))
+        );
+        for e in [
+            Event::Fail { node: 9 },
+            Event::Remove { node: 9 },
+            Event::Drain { node: 9 },
+            Event::Activate { node: 9 },
+            Event::SetWeight { node: 9, weight: 1 },
+            Event::SetReserve { node: Some(9) },
+        ] {
+            assert_eq!(t.apply(e), Err(RouteError::UnknownNode(9)), "{e:?}");
+        }
+        assert_eq!(t.set_weight(1, 0), Err(RouteError::ZeroWeight(1)));
+        assert_eq!(
+            t.drain(2),
+            Err(RouteError::InvalidTransition {
+                node: 2,
+                state: NodeState::Down,
+                event: "drain"
+            })
+        );
+        assert_eq!(
+            t.drain(2).unwrap_err().to_string(),
+            "cannot drain node 2: it is down"
+        );
+        assert_eq!(t, before);
+        // Removing a node forgets it.
+        t.remove(2).unwrap();
+        assert_eq!(t.fail(2), Err(RouteError::UnknownNode(2)));
+        assert!(t.join(2, 1).is_ok());
+    }
+
+    #[test]
+    fn persisted_form_round_trips_and_is_validated() {
+        let mut t = RouteTable::new(6).unwrap();
+        t.join(1, 2).unwrap();
+        t.join(4, 1).unwrap();
+        t.set_reserve(Some(4)).unwrap();
+        t.join(5, 1).unwrap();
+        t.drain(5).unwrap();
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "routes": 6,
+                "nodes": [
+                    {"node": 1, "weight": 2, "state": "active"},
+                    {"node": 4, "weight": 1, "state": "active"},
+                    {"node": 5, "weight": 1, "state": "draining"},
+                ],
+                "reserve": 4,
+                "owners": [1, 1, 1, 1, 1, 1],
+            })
+        );
+        let back: RouteTable = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.count(1), 6);
+        let bad = |path: &str, v: serde_json::Value| {
+            let mut j = json.clone();
+            j[path] = v;
+            let err = serde_json::from_value::<RouteTable>(j)
+                .unwrap_err()
+                .to_string();
+            assert!(!err.is_empty());
+            err
+        };
+        assert!(bad("owners", serde_json::json!([1, 1])).contains("2 owners for 6 routes"));
+        assert!(bad("owners", serde_json::json!([1, 1, 1, 1, 1, 3])).contains("unknown node 3"));
+        assert!(bad("routes", serde_json::json!(0)).contains("out of range"));
+        assert!(bad("reserve", serde_json::json!(8)).contains("reserve 8"));
+        let dup = serde_json::json!([{"node": 1, "weight": 2, "state": "active"},
+                                     {"node": 1, "weight": 2, "state": "active"}]);
+        assert!(bad("nodes", dup).contains("twice"));
+        let zero = serde_json::json!([{"node": 1, "weight": 0, "state": "active"}]);
+        assert!(bad("nodes", zero).contains("weight"));
+        // Events have a stable, tagged JSON form too.
+        let e = Event::Join { node: 3, weight: 2 };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(s, r#"{"event":"join","node":3,"weight":2}"#);
+        assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
+    }
+
+    /// Ad-hoc timing, asserts nothing about time. For real numbers:
+    /// `cargo test --release -p lb-userspace --lib routes::tests::timing -- --nocapture`.
+    #[test]
+    fn timing_65536_routes_1000_nodes() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        use std::time::Instant;
+        fn time(t: &mut RouteTable, name: &str, f: impl FnOnce(&mut RouteTable) -> Vec<Move>) {
+            let start = Instant::now();
+            let moves = f(t);
+            let took = start.elapsed();
+            println!("{name:<28} {took:>9.1?} {:>6} moves", moves.len());
+            assert!(!moves.is_empty());
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut t = RouteTable::new(65536).unwrap();
+        let start = Instant::now();
+        for node in 0..1000 {
+            t.join(node, rng.gen_range(1..=100)).unwrap();
+        }
+        println!("1000 joins (table build)     {:>9.1?}", start.elapsed());
+        time(&mut t, "join", |t| t.join(2000, 77).unwrap());
+        time(&mut t, "fail (spread)", |t| t.fail(10).unwrap());
+        time(&mut t, "rejoin", |t| t.join(10, 60).unwrap());
+        time(&mut t, "drain", |t| t.drain(20).unwrap());
+        time(&mut t, "activate (undrain)", |t| t.activate(20).unwrap());
+        time(&mut t, "set_weight (to 100)", |t| {
+            t.set_weight(30, 100).unwrap()
+        });
+        time(&mut t, "set_weight (to 1)", |t| {
+            t.set_weight(30, 1).unwrap()
+        });
+        time(&mut t, "remove", |t| t.remove(40).unwrap());
+        t.join(1000, 50).unwrap();
+        time(&mut t, "set_reserve", |t| {
+            t.set_reserve(Some(1000)).unwrap()
+        });
+        time(&mut t, "fail (to reserve)", |t| t.fail(50).unwrap());
+        time(&mut t, "rejoin (reserve flows back)", |t| {
+            t.join(50, 5).unwrap()
+        });
+        let start = Instant::now();
+        let owners: Vec<u32> = t.owners().map(|o| o.unwrap_or(u32::MAX)).collect();
+        println!("owners() to a Vec (map push) {:>9.1?}", start.elapsed());
+        let start = Instant::now();
+        let json = serde_json::to_string(&t).unwrap();
+        println!(
+            "serialize (JSON)             {:>9.1?} {} bytes",
+            start.elapsed(),
+            json.len()
+        );
+        let start = Instant::now();
+        let back: RouteTable = serde_json::from_str(&json).unwrap();
+        println!("deserialize + validate       {:>9.1?}", start.elapsed());
+        assert_eq!(back, t);
+        assert_eq!(owners.len(), 65536);
+        assert!(t.is_balanced());
+    }
 }
