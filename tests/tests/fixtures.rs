@@ -958,7 +958,6 @@ fn malformed_rows() -> Vec<Fixture> {
     ));
     let mut p = tcp(&V4_TCP_DSR, 40000, SYN).build();
     p[14] = 0x4f;
-    fix_ipv4_checksum(&mut p[..], 14);
     rows.push(Fixture::drop(
         "bad/ipv4 IHL 15 beyond the frame",
         p,
@@ -1945,4 +1944,30 @@ fn configuration_as_assumed() {
         assert_eq!(dp.node(n).unwrap(), node_entry(n));
     }
     assert_eq!(dp.config().unwrap(), config());
+}
+
+/// The runner itself fails rows that deviate: a wrong verdict, wrong bytes, a wrong counter
+/// and a wrong node each produce a failure (so a green table means something).
+#[test]
+fn runner_detects_deviations() {
+    let mut r = Runner::new();
+    let p = tcp(&V4_TCP_DSR, 46000, ACK).build();
+    let hash = h(&V4_TCP_DSR, 46000);
+    let right = fwd("meta/right", &V4_TCP_DSR, p.clone(), hash, &[]);
+    r.row(right.clone());
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    r.row(Fixture::pass("meta/wrong verdict", p.clone()));
+    let mut wrong_bytes = right.clone();
+    wrong_bytes.output = Out::Exact(dsr_rewrite(&p, node_mac(9)));
+    r.row(wrong_bytes);
+    r.row(right.clone().with_events(&[Stat::CtHit]));
+    r.row(fwd_to(
+        "meta/wrong node",
+        &V4_TCP_DSR,
+        p,
+        hash,
+        other(std_owner(hash)),
+        &[],
+    ));
+    assert_eq!(r.failures.len(), 4, "{:#?}", r.failures);
 }

@@ -303,7 +303,7 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn fuzz_balancer() {
-    let count = env_or("LB_FUZZ_PACKETS", 200_000);
+    let count = env_or("LB_FUZZ_PACKETS", 1_000_000);
     let seed = env_or("LB_FUZZ_SEED", 0x5eed_1b1b);
     let mut rng = StdRng::seed_from_u64(seed);
     let corpus = corpus();
@@ -404,7 +404,7 @@ fn fuzz_balancer() {
 
 #[test]
 fn fuzz_decap() {
-    let count = env_or("LB_FUZZ_PACKETS", 200_000) / 4;
+    let count = env_or("LB_FUZZ_PACKETS", 1_000_000) / 4;
     let seed = env_or("LB_FUZZ_SEED", 0x5eed_1b1b) ^ 0xdeca;
     let mut rng = StdRng::seed_from_u64(seed);
     let corpus = corpus();
