@@ -370,6 +370,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .join("target")
         .join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize().unwrap_or(dir);
     let path = dir.join("dataplane.json");
     fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
