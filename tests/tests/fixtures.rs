@@ -925,6 +925,8 @@ fn pass_rows() -> Vec<Fixture> {
 fn malformed_rows() -> Vec<Fixture> {
     use DropReason::*;
     let mut rows = vec![];
+    // BPF_PROG_TEST_RUN refuses frames under 14 bytes (EINVAL), so the shortest Ethernet
+    // case it can run is a bare header.
     let e = eth_header(LB_MAC, ROUTER_MAC, None, ETH_P_IPV4);
     rows.push(Fixture::pass(
         "trunc/ethernet header only (ipv4 ethertype)",
