@@ -1973,3 +1973,88 @@ fn runner_detects_deviations() {
     ));
     assert_eq!(r.failures.len(), 4, "{:#?}", r.failures);
 }
+
+#[test]
+fn conntrack_details() {
+    use Stat::*;
+    let mut r = Runner::new();
+    let u = V4_UDP_DSR;
+    // A hit on an entry whose last_seen is stale refreshes it.
+    let pu = 47000u16;
+    let hu = h(&u, pu);
+    let ku = flow_key(CLIENT4, VIP4_A, pu, 53, PROTO_UDP);
+    let stale = CtEntry {
+        node: std_owner(hu),
+        vip: u.index,
+        last_seen: 0,
+        flags: 0,
+    };
+    r.dp.conntrack_insert(&ku, &stale).unwrap();
+    r.row(fwd(
+        "ctd/udp hit on a stale entry -> its node",
+        &u,
+        udp(&u, pu).build(),
+        hu,
+        &[CtHit],
+    ));
+    let e = r.dp.conntrack_get(&ku).unwrap();
+    r.check(
+        matches!(e, Some(CtEntry { last_seen, .. }) if last_seen != 0),
+        format!("ctd: stale last_seen not refreshed: {e:?}"),
+    );
+    // A SYN records `now` (uptime in ~1.07 s units, so not 0 on a machine up for seconds).
+    let ps = 47001u16;
+    r.row(fwd(
+        "ctd/syn records last_seen",
+        &V4_TCP_DSR,
+        tcp(&V4_TCP_DSR, ps, SYN).build(),
+        h(&V4_TCP_DSR, ps),
+        &[CtInsert],
+    ));
+    let e =
+        r.dp.conntrack_get(&flow_key(CLIENT4, VIP4_A, ps, 80, PROTO_TCP))
+            .unwrap();
+    r.check(
+        matches!(e, Some(CtEntry { last_seen, vip: 0, flags: 0, .. }) if last_seen != 0),
+        format!("ctd: SYN entry {e:?}"),
+    );
+    // ICMP errors about UDP flows never insert.
+    let pw = 47002u16;
+    let hw = h(&u, pw);
+    r.row(
+        fwd(
+            "ctd/icmp about an untracked udp flow -> owner, no insert",
+            &u,
+            icmp_about(&u, pw, 3, 3, [0; 4], None).build(),
+            hw,
+            &[IcmpForward],
+        )
+        .ignoring(&[CtMiss]),
+    );
+    let kw = flow_key(CLIENT4, VIP4_A, pw, 53, PROTO_UDP);
+    let e = r.dp.conntrack_get(&kw).unwrap();
+    r.check(e.is_none(), format!("ctd: icmp inserted {e:?}"));
+    let rw = route_of(hw);
+    let to = other(std_owner(hw));
+    r.dp.set_routes(&u.key(), &moved(&[(rw, to)])).unwrap();
+    r.row(fwd_to(
+        "ctd/icmp about an untracked udp flow of a moved route -> new owner (ct miss)",
+        &u,
+        icmp_about(&u, pw, 3, 3, [0; 4], None).build(),
+        hw,
+        to,
+        &[IcmpForward, CtMiss],
+    ));
+    let e = r.dp.conntrack_get(&kw).unwrap();
+    r.check(e.is_none(), format!("ctd: icmp inserted {e:?}"));
+    // The flow itself then inserts on its first packet.
+    r.row(fwd_to(
+        "ctd/udp flow of the moved route -> new owner (miss, insert)",
+        &u,
+        udp(&u, pw).build(),
+        hw,
+        to,
+        &[CtMiss, CtInsert],
+    ));
+    r.finish("conntrack_details");
+}
