@@ -319,3 +319,23 @@ pub fn send_udp(
     h.join()
         .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
 }
+
+/// Asserts that `got` holds exactly the datagrams in `sent` (any order), with a short report.
+pub fn assert_delivered(mut got: Vec<(u32, u32)>, mut sent: Vec<(u32, u32)>, what: &str) {
+    got.sort_unstable();
+    sent.sort_unstable();
+    if got == sent {
+        return;
+    }
+    let missing: Vec<_> = sent
+        .iter()
+        .filter(|p| got.binary_search(p).is_err())
+        .collect();
+    let extra = got.len() as i64 - (sent.len() - missing.len()) as i64;
+    panic!(
+        "{what}: {} of {} datagrams missing (first: {:?}), {extra} duplicates/extra",
+        missing.len(),
+        sent.len(),
+        &missing[..missing.len().min(5)]
+    );
+}

@@ -69,10 +69,14 @@ impl Netns {
         sh(&v)
     }
 
-    /// A command prepared to run inside the namespace.
+    /// A command prepared to run inside the namespace. `nsenter --net` enters only the network
+    /// namespace (`ip netns exec` would also give it a private /sys, hiding the bpffs at
+    /// /sys/fs/bpf, so a daemon's pins would be invisible to the test and to its next start).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         c
     }
 
