@@ -63,7 +63,10 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             instance: "lb".into(),
-            heartbeat_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, crate::heartbeat::DEFAULT_PORT)),
+            heartbeat_listen: SocketAddr::from((
+                Ipv4Addr::UNSPECIFIED,
+                crate::heartbeat::DEFAULT_PORT,
+            )),
             heartbeat_group: None,
             key_file: None,
             heartbeat_interval: Duration::from_millis(100),
@@ -354,7 +357,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         "us" => v / 1e6,
         other => bail!("duration {s:?}: unknown unit {other:?} (ms, s, m)"),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 86_400.0 * 365.0 {
+    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
         bail!("duration {s:?} out of range");
     }
     Ok(Duration::from_secs_f64(secs))

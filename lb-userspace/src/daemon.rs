@@ -622,9 +622,8 @@ impl Daemon {
                 still_needed[i].insert(route);
             }
         }
-        for i in 0..self.vips.len() {
+        for (i, needed) in still_needed.iter().enumerate() {
             let before = self.vips[i].moved.len();
-            let needed = &still_needed[i];
             self.vips[i].moved.retain(|r| needed.contains(r));
             if self.vips[i].moved.len() != before {
                 self.push_vip(i)?;

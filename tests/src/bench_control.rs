@@ -39,14 +39,17 @@ fn entries(t: &RouteTable) -> Vec<RouteEntry> {
         .collect()
 }
 
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+fn stats(mut v: Vec<f64>) -> Spread {
     v.sort_by(f64::total_cmp);
     let median = v[v.len() / 2];
     (median, v[0], v[v.len() - 1])
 }
 
+/// (median, min, max).
+type Spread = (f64, f64, f64);
+
 /// (median, min, max) milliseconds of compute + push per event type.
-fn route_updates(trials: usize) -> Result<Vec<(&'static str, (f64, f64, f64))>> {
+fn route_updates(trials: usize) -> Result<Vec<(&'static str, Spread)>> {
     let mut dp = Dataplane::load(&DataplaneOptions {
         route_slots: 2 * N,
         conntrack_size: 1024,
@@ -131,15 +134,10 @@ fn heartbeat_rate(total: u64) -> Result<(f64, u64)> {
     });
     let mut processed = 0u64;
     let mut start = None;
-    loop {
-        match rx.recv(Duration::from_millis(300))? {
-            Some((hb, _)) => {
-                start.get_or_insert_with(Instant::now);
-                if membership.on_heartbeat(Instant::now(), &hb).is_ok() {
-                    processed += 1;
-                }
-            }
-            None => break,
+    while let Some((hb, _)) = rx.recv(Duration::from_millis(300))? {
+        start.get_or_insert_with(Instant::now);
+        if membership.on_heartbeat(Instant::now(), &hb).is_ok() {
+            processed += 1;
         }
     }
     sender

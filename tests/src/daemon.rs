@@ -230,10 +230,13 @@ pub fn udp_vip(vip: Ipv4Addr, port: u16) -> VipKey {
     vip_key(vip.into(), port, lb_common::PROTO_UDP)
 }
 
+/// A datagram's tag: (flow, sequence number).
+pub type Tag = (u32, u32);
+
 /// Counts datagrams (tagged `flow:u32, seq:u32`) that reach a node's UDP port.
 pub struct UdpSink {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<Vec<(u32, u32)>>>>,
+    handle: Option<std::thread::JoinHandle<Result<Vec<Tag>>>>,
 }
 
 impl UdpSink {

@@ -1,5 +1,6 @@
 //! The real daemon and agents in network namespaces with real traffic: dsr-l2 forwarding,
 //! failover timing, restart under traffic without loss, and refusal of bad state/config.
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 use std::{net::Ipv4Addr, time::Duration};
 
 use lb_tests::{

@@ -210,7 +210,10 @@ fn byte_diff(got: &[u8], want: &[u8]) -> String {
     )
 }
 
-fn traffic(dp: &Dataplane) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+/// (packets, bytes) per VIP index and per node index.
+type Traffic = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+
+fn traffic(dp: &Dataplane) -> Traffic {
     let v = VIPS
         .iter()
         .map(|v| {

@@ -6,18 +6,13 @@
 #[path = "bench/dataplane.rs"]
 mod dataplane;
 
-const USAGE: &str =
-    "usage: lb-bench dataplane [--runs N] [--repeat N] [--loop N]\n       lb-bench control [args]";
+const USAGE: &str = "usage: lb-bench dataplane [--runs N] [--repeat N] [--loop N]\n       lb-bench control [--quick]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("dataplane") => dataplane::run(&args[1..]),
-        Some("control") => {
-            // The control-plane benchmark (`lb_tests::bench_control`) is wired here by its owner.
-            eprintln!("lb-bench control: not implemented yet");
-            std::process::exit(1);
-        }
+        Some("control") => lb_tests::bench_control::run(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
