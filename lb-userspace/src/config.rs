@@ -153,8 +153,18 @@ pub struct NodeConfig {
     pub check: String,
     /// Target of the TCP check (`addr:port`).
     pub check_addr: Option<SocketAddr>,
-    /// Optional HTTP GET path for the TCP check.
+    /// Optional HTTP GET path for the TCP check (2xx/3xx is healthy).
     pub check_http_path: Option<String>,
+    /// Time between TCP checks (default 1s).
+    #[serde(default, with = "opt_duration")]
+    pub check_interval: Option<Duration>,
+    /// Timeout of one TCP check (default 500ms).
+    #[serde(default, with = "opt_duration")]
+    pub check_timeout: Option<Duration>,
+    /// Consecutive successes before the node is up (default 2).
+    pub check_rise: Option<u32>,
+    /// Consecutive failures before the node is down (default 3).
+    pub check_fall: Option<u32>,
     /// Per-node override of the missed-interval limit.
     pub miss_limit: Option<u32>,
 }
@@ -249,6 +259,14 @@ impl Config {
                 "tcp" if n.check_addr.is_some() => {}
                 "tcp" => bail!("node[{i}] has check = \"tcp\" but no check_addr"),
                 other => bail!("node[{i}].check {other:?}: use \"heartbeat\" or \"tcp\""),
+            }
+            if n.check_rise == Some(0) || n.check_fall == Some(0) {
+                bail!("node[{i}]: check_rise and check_fall must be at least 1");
+            }
+            if n.check_interval.is_some_and(|d| d.is_zero())
+                || n.check_timeout.is_some_and(|d| d.is_zero())
+            {
+                bail!("node[{i}]: check_interval and check_timeout must be > 0");
             }
             if n.miss_limit == Some(0) {
                 bail!("node[{i}].miss_limit must be at least 1");
@@ -363,6 +381,20 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// serde adapter for optional durations as strings.
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
 /// serde adapter for durations as strings ("100ms").
 mod humantime_serde_compat {
     use std::time::Duration;
@@ -432,6 +464,18 @@ ipv6 = "2001:db8::1:1"
             (GOOD.replace("\"100ms\"", "\"100 parsecs\""), "duration"),
             (GOOD.replace("id = 1", "id = 99999"), "id"),
             (GOOD.replace("[[node]]", "[[node]]\nbogus = 1"), "bogus"),
+            (
+                GOOD.replace("[[node]]", "[[node]]\ncheck_rise = 0"),
+                "check_rise",
+            ),
+            (
+                GOOD.replace("[[node]]", "[[node]]\ncheck_interval = \"0s\""),
+                "check_interval",
+            ),
+            (
+                GOOD.replace("[[node]]", "[[node]]\ncheck = \"tcp\""),
+                "check_addr",
+            ),
             (
                 GOOD.replace("gateway_mac = \"02:00:00:00:00:01\"", ""),
                 "gateway_mac",

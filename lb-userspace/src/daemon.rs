@@ -220,9 +220,14 @@ impl Daemon {
                     membership.restore_seen(n.id, *inc, *seq);
                 }
             } else if let Some(addr) = n.check_addr {
+                let d = health::HealthCfg::default();
                 let hc = health::HealthCfg {
                     http_path: n.check_http_path.clone(),
-                    ..Default::default()
+                    interval: n.check_interval.unwrap_or(d.interval),
+                    timeout: n.check_timeout.unwrap_or(d.timeout),
+                    rise: n.check_rise.unwrap_or(d.rise),
+                    fall: n.check_fall.unwrap_or(d.fall),
+                    ..d
                 };
                 checkers.push(
                     health::HealthChecker::spawn(n.id, addr, hc, health_tx.clone())
