@@ -383,7 +383,14 @@ fn test(root: &Path, args: &SetupArgs, only: Option<&str>) -> Result<()> {
 
     step("host unit tests");
     cargo(root)
-        .args(["test", "--workspace", "--exclude", "lb-tests"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "lb-tests",
+            "--exclude",
+            "lb-ebpf",
+        ])
         .status_ok("host unit tests")?;
     cargo(root)
         .args(["test", "-p", "lb-ebpf", "--lib"])
