@@ -431,7 +431,13 @@ impl Dataplane {
             Some(s) if s.meta.route_count == n => (s.base, !s.gen_b(), s.halves.clone()),
             // New VIP, or N changed: a fresh pair (the old one stays in the mirror, so it is
             // not reused, until the new meta is live).
-            _ => (self.allocate(2 * n)?, false, [Vec::new(), Vec::new()]),
+            _ => {
+                // Both slices start as this table, so every later change is a small diff
+                // (otherwise the first flip would write all N entries of the empty slice).
+                let base = self.allocate(2 * n)?;
+                self.write_half(base + n, &[], routes)?;
+                (base, false, [Vec::new(), routes.to_vec()])
+            }
         };
         let half = usize::from(gen_b);
         let offset = base + if gen_b { n } else { 0 };
