@@ -290,14 +290,14 @@ fn ensure_bpffs() -> Result<()> {
 
 /// Debian packages the namespace suites use, installed only when missing.
 fn ensure_test_packages() -> Result<()> {
-    let wanted = [("ip", "iproute2"), ("ethtool", "ethtool")];
+    let wanted = [("ip", "iproute2"), ("nsenter", "util-linux")];
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| !on_path(bin))
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        say("test packages (iproute2, ethtool): present");
+        say("test packages (iproute2, util-linux): present");
         return Ok(());
     }
     say(&format!("test packages: installing {}", missing.join(" ")));
