@@ -188,12 +188,17 @@ fn ensure_rust_src(root: &Path, args: &SetupArgs) -> Result<()> {
         return Ok(());
     }
     say("rust-src for nightly: installing with rustup");
-    let ok = Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", NIGHTLY])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok && marker.exists() {
+    let rustup = |verb: &str| {
+        Command::new("rustup")
+            .args(["component", verb, "rust-src", "--toolchain", NIGHTLY])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // A component rustup believes installed but whose files are gone: reinstall it.
+    if rustup("add") && !marker.exists() && rustup("remove") {
+        rustup("add");
+    }
+    if marker.exists() {
         return Ok(());
     }
     // Offline fallback: the tarball named by --rust-src-tarball / LB_RUST_SRC_TARBALL, or the
