@@ -99,9 +99,14 @@ impl DaemonSetup {
             &key,
             "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
         )?;
+        // `extra_daemon` may choose its own heartbeat address (e.g. for multicast).
+        let listen = if extra_daemon.contains("heartbeat_listen") {
+            String::new()
+        } else {
+            format!("heartbeat_listen = \"{}:{HB_PORT}\"\n", lab.lb.ip)
+        };
         let mut cfg = format!(
-            "[daemon]\ninstance = \"{instance}\"\nheartbeat_listen = \"{}:{HB_PORT}\"\nkey_file = \"{}\"\nxdp_mode = \"generic\"\nroute_slots = {slots}\nconntrack_size = 65536\n{extra_daemon}\n\n[[vip]]\naddr = \"{vip}\"\nport = {port}\nproto = \"{proto}\"\nroutes = {routes}\n",
-            lab.lb.ip,
+            "[daemon]\ninstance = \"{instance}\"\n{listen}key_file = \"{}\"\nxdp_mode = \"generic\"\nroute_slots = {slots}\nconntrack_size = 65536\n{extra_daemon}\n\n[[vip]]\naddr = \"{vip}\"\nport = {port}\nproto = \"{proto}\"\nroutes = {routes}\n",
             key.display(),
             slots = (2 * routes).max(4096),
         );

@@ -165,6 +165,45 @@ fn restart_under_traffic_loses_no_packets() {
     );
 }
 
+#[test]
+fn multicast_heartbeats_drive_membership() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let group = "239.18.0.1";
+    for h in [&lab.lb, &lab.nodes[0], &lab.nodes[1]] {
+        h.ns.ip(&["route", "add", "224.0.0.0/4", "dev", "eth0"])
+            .unwrap();
+    }
+    let extra = format!("heartbeat_listen = \"0.0.0.0:7711\"\nheartbeat_group = \"{group}\"");
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, &extra).unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let lb = lb_binary().unwrap();
+    let agents: Vec<_> = (1..=2u32)
+        .map(|id| {
+            lb_tests::netns::ChildGuard(Some(
+                lab.nodes[(id - 1) as usize]
+                    .ns
+                    .command(&lb.to_string_lossy())
+                    .args(["agent", "--node-id", &id.to_string(), "--balancer"])
+                    .arg(format!("{group}:7711"))
+                    .arg("--key-file")
+                    .arg(&setup.key)
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ))
+        })
+        .collect();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().filter(|e| e.node == 1).count() == 32
+                && r.iter().filter(|e| e.node == 2).count() == 32
+        })
+        .unwrap();
+    drop(agents);
+}
+
 /// A namespace with a veth interface, enough for the daemon to start (or refuse to).
 fn dummy_ns() -> Netns {
     let ns = Netns::new(&format!("{}d", lb_tests::netns::unique_prefix())).unwrap();
