@@ -104,6 +104,16 @@ pub const fn filter_slot(addr_hash: u32) -> (u32, u64) {
     )
 }
 
+/// `VIP_CACHE` slot of the VIP `(addr, port, proto)`, from the address's `VIP_FILTER` hash
+/// ([`addr_hash_v4`] / [`addr_hash_v6`], which the kernel has already computed), the port as
+/// stored in `VipKey` (network order read natively) and the protocol.
+#[inline(always)]
+pub const fn vip_cache_slot(addr_hash: u32, port: u16, proto: u8) -> u32 {
+    // Fibonacci hashing: the top bits of the product depend on every input bit.
+    let h = (addr_hash ^ (port as u32) ^ ((proto as u32) << 16)).wrapping_mul(0x9e37_79b1);
+    h >> (32 - crate::VIP_CACHE_SIZE.trailing_zeros())
+}
+
 /// Route ID in `0..n` for a flow hash: Lemire's multiply-shift reduction (no division, and
 /// uniform for any `n`, not only powers of two).
 #[inline(always)]
@@ -158,6 +168,32 @@ mod tests {
             ports_word(sport, dport),
             u32::from_le_bytes([0x00, 0x50, 0x01, 0xbb])
         );
+    }
+
+    #[test]
+    fn vip_cache_slots_spread() {
+        // The ports of one address, and one port over many addresses, rarely share a slot.
+        let size = crate::VIP_CACHE_SIZE as usize;
+        let mut seen = [false; crate::VIP_CACHE_SIZE as usize];
+        let mut collisions = 0;
+        let a = addr_hash_v4(addr_word(&[10, 0, 0, 1]));
+        for port in 1..=1024u16 {
+            let s = vip_cache_slot(a, port.to_be(), 6) as usize;
+            assert!(s < size);
+            collisions += usize::from(seen[s]);
+            seen[s] = true;
+        }
+        assert!(collisions < 160, "{collisions} collisions");
+        let mut seen = [false; crate::VIP_CACHE_SIZE as usize];
+        let mut collisions = 0;
+        for host in 0..1024u32 {
+            let addr = addr_word(&[10, 0, (host >> 8) as u8, host as u8]);
+            let s = vip_cache_slot(addr_hash_v4(addr), 80u16.to_be(), 6);
+            collisions += usize::from(seen[s as usize]);
+            seen[s as usize] = true;
+        }
+        assert!(collisions < 160, "{collisions} collisions");
+        assert_ne!(vip_cache_slot(a, 80, 6), vip_cache_slot(a, 80, 17));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 
 pub mod hash;
 
-pub use hash::{addr_hash_v4, addr_hash_v6, flow_hash_v4, flow_hash_v6, route_index};
+pub use hash::{
+    addr_hash_v4, addr_hash_v6, flow_hash_v4, flow_hash_v6, route_index, vip_cache_slot,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Map names (the contract between the ELF and the loader).
@@ -22,6 +24,8 @@ pub const PROG_BALANCER: &str = "lb_balancer";
 pub const PROG_DECAP: &str = "lb_decap";
 
 pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_VIP_CACHE: &str = "VIP_CACHE";
+pub const MAP_VIP_GEN: &str = "VIP_GEN";
 pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_NODES: &str = "NODES";
@@ -41,6 +45,9 @@ pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 
 /// Most VIPs (entries of `VIPS`, and the bound of a VIP index).
 pub const MAX_VIPS: u32 = 1024;
+/// Entries of `VIP_CACHE` (a power of two): the direct-mapped cache of `VIPS` that the hot
+/// path reads instead of the hash map.
+pub const VIP_CACHE_SIZE: u32 = 4096;
 /// Most nodes (entries of `NODES`, and the bound of a node index).
 pub const MAX_NODES: u32 = 4096;
 /// Node index that routes point at when no node owns them: never configured, so always DOWN
@@ -107,17 +114,18 @@ pub const VIP_F_FRAG_ONLY: u32 = 1 << 5;
 /// malformed packets to it are dropped and counted instead of passed. Holds no route table.
 pub const VIP_F_ADDR_MARKER: u32 = 1 << 6;
 
-/// Value of `VIPS`. Replaced whole by userspace, so a reader sees either the old or the new
-/// table generation, never a mix (the atomic table switch).
+/// Value of `VIPS` (and the data half of a `VIP_CACHE` entry): a VIP's static data. It does
+/// not change when the VIP's route table switches: the live generation is `VIP_GEN[index]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipMeta {
-    /// Index into the per-VIP counter arrays, `< MAX_VIPS`.
+    /// Index into the per-VIP counter arrays and `VIP_GEN`, `< MAX_VIPS`.
     pub index: u32,
     /// `VIP_F_*` bits and the forwarding mode.
     pub flags: u32,
-    /// First entry of this VIP's active route table in `ROUTES`.
-    pub route_offset: u32,
+    /// First entry of the VIP's pair of route-table slices in `ROUTES`; the live slice starts
+    /// at [`VipMeta::live_offset`].
+    pub route_base: u32,
     /// Route IDs in the table (N); never 0 for a live VIP.
     pub route_count: u32,
 }
@@ -127,6 +135,39 @@ impl VipMeta {
     pub const fn mode(&self) -> u32 {
         self.flags & VIP_F_MODE_MASK
     }
+
+    /// First `ROUTES` slot of the live table for `VIP_GEN[index]` = `generation` (0 or 1; only
+    /// bit 0 counts): `route_base + generation * route_count`.
+    #[inline(always)]
+    pub const fn live_offset(&self, generation: u32) -> u32 {
+        self.route_base
+            .wrapping_add((generation & 1).wrapping_mul(self.route_count))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VIP_CACHE: direct-mapped cache of VIPS; VIP_GEN: the live table generation per VIP index.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `VIP_CACHE` (an array of [`VIP_CACHE_SIZE`] entries). The entry at
+/// `vip_cache_slot(addr_hash_v4/v6(addr), port, proto)` may hold the VIP `(addr, port, proto)`:
+/// the kernel compares the whole key with the packet's and, on a mismatch, looks `VIPS` up
+/// (the source of truth). Only real VIPs are cached (no fragment entries or address markers);
+/// the first VIP to claim a slot keeps it.
+///
+/// An empty slot has `key.family == 0`, which no packet key has. The loader never lets a
+/// reader pair a key with another VIP's data, although an array update is not atomic: it
+/// changes a slot by (1) writing the old key with family 0 over the old data (only the family
+/// byte differs), (2) after an RCU grace period, writing the new key with family 0 and the new
+/// data (the family byte reads 0 throughout), (3) writing the new family byte (only it
+/// differs). At every step a torn read either misses or sees one VIP's key with its own data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipCacheEntry {
+    /// The VIP's key; `family == 0` marks an empty slot.
+    pub key: VipKey,
+    /// The VIP's `VIPS` value.
+    pub meta: VipMeta,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,7 +398,10 @@ const _: () = {
     assert!(offset_of!(VipKey, proto) == 18);
     assert!(offset_of!(VipKey, family) == 19);
     assert!(size_of::<VipMeta>() == 16);
-    assert!(offset_of!(VipMeta, route_offset) == 8);
+    assert!(offset_of!(VipMeta, route_base) == 8);
+    assert!(size_of::<VipCacheEntry>() == 36);
+    assert!(offset_of!(VipCacheEntry, meta) == 20);
+    assert!(VIP_CACHE_SIZE.is_power_of_two());
     assert!(size_of::<RouteEntry>() == 8);
     assert!(size_of::<NodeEntry>() == 28);
     assert!(offset_of!(NodeEntry, addr4) == 16);
@@ -380,6 +424,7 @@ mod pod {
     // SAFETY: all are repr(C) plain data with explicit padding and no implicit holes.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipCacheEntry {}
     unsafe impl aya::Pod for RouteEntry {}
     unsafe impl aya::Pod for NodeEntry {}
     unsafe impl aya::Pod for FlowKey {}

@@ -2,9 +2,10 @@
 //! step; this file wires the maps and packet memory to the logic in the `lb_ebpf` library.
 //!
 //! Cost model (the product's selling point): non-VIP traffic stops at one array lookup
-//! (`VIP_FILTER`); established TCP on a route that has not moved does one hash lookup (`VIPS`)
-//! and only array lookups after it; `CONNTRACK` and `CONFIG` are touched only on the paths that
-//! need them.
+//! (`VIP_FILTER`); established TCP on a route that has not moved does only array lookups
+//! (`VIP_CACHE`, `VIP_GEN`, `ROUTES`, `NODES` and the counters); `VIPS` (hash) is read only when
+//! the VIP is not in its cache slot; `CONNTRACK` and `CONFIG` are touched only on the paths
+//! that need them.
 #![no_std]
 #![no_main]
 
@@ -21,9 +22,9 @@ use lb_common::{
     CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT,
     DropReason, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_NODES, MAX_VIPS, NODE_DOWN,
     NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED,
-    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
-    VIP_FILTER_WORDS, VIP_MODE_IPIP, VipKey, VipMeta, addr_hash_v4, addr_hash_v6, flow_hash_v4,
-    flow_hash_v6, hash::filter_slot, route_index,
+    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
+    VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
+    flow_hash_v4, flow_hash_v6, hash::filter_slot, route_index, vip_cache_slot,
 };
 use lb_ebpf::{
     decide::{self, CtAction, FlowKind},
@@ -41,6 +42,12 @@ use lb_ebpf::{
 /// Every VIP by (address, port, protocol), plus per-address fragment entries and markers.
 #[map]
 static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
+/// Direct-mapped cache of `VIPS` (real VIPs only), read before the hash map.
+#[map]
+static VIP_CACHE: Array<VipCacheEntry> = Array::with_max_entries(VIP_CACHE_SIZE, 0);
+/// Live route-table generation (0 or 1) by VIP index: the atomic table switch.
+#[map]
+static VIP_GEN: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
 /// Bitmap of VIP destination addresses: a clear bit passes a packet without a hash lookup.
 #[map]
 static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
@@ -270,6 +277,8 @@ struct Ip {
     /// Addresses as little-endian words of the wire bytes (IPv4 in word 0).
     src: [u32; 4],
     dst: [u32; 4],
+    /// `addr_hash_v4/v6(dst)` (for `VIP_FILTER` and `VIP_CACHE`).
+    dst_hash: u32,
 }
 
 impl Ip {
@@ -365,13 +374,41 @@ fn lookup_vip(addr: &[u32; 4], family: u8, port: u16, proto: u8) -> Option<VipMe
     vip_get(&key).filter(|m| m.flags & VIP_F_FRAG_ONLY == 0)
 }
 
+/// Step 7 for a packet's own destination: the `VIP_CACHE` slot first (array lookup and key
+/// compare), then `VIPS`.
+#[inline(always)]
+fn packet_vip(ip: &Ip, port: u16, proto: u8) -> Option<VipMeta> {
+    let family = ip.family();
+    if let Some(e) = VIP_CACHE.get(vip_cache_slot(ip.dst_hash, port, proto)) {
+        let k = e as *const VipCacheEntry as usize;
+        // The key as five words: the address, then port | proto << 16 | family << 24.
+        let tail = (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24);
+        if ld::<u32>(k + 16) == tail
+            && ld::<u32>(k) == ip.dst[0]
+            && ld::<u32>(k + 4) == ip.dst[1]
+            && ld::<u32>(k + 8) == ip.dst[2]
+            && ld::<u32>(k + 12) == ip.dst[3]
+        {
+            return Some(e.meta);
+        }
+    }
+    lookup_vip_slow(&ip.dst, family, port, proto)
+}
+
+/// `lookup_vip` as its own subprogram (the key lives on its stack, off the hot path).
+#[inline(never)]
+fn lookup_vip_slow(addr: &[u32; 4], family: u8, port: u16, proto: u8) -> Option<VipMeta> {
+    lookup_vip(addr, family, port, proto)
+}
+
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
     let Some(h) = f.at::<IPV4_HLEN>(l3) else {
         return Ok(Verdict::Pass);
     };
     let dst = le32(h + ipv4::DST);
-    if !in_filter(addr_hash_v4(dst)) {
+    let dst_hash = addr_hash_v4(dst);
+    if !in_filter(dst_hash) {
         return Ok(Verdict::Pass);
     }
     let dst = [dst, 0, 0, 0];
@@ -396,6 +433,7 @@ fn ipv4(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
         df: frag & ipv4::DF != 0,
         src: [le32(h + ipv4::SRC), 0, 0, 0],
         dst,
+        dst_hash,
     };
     let l4 = l3 + ihl_len;
     match proto {
@@ -415,7 +453,8 @@ fn ipv6(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
         return Ok(Verdict::Pass);
     };
     let dst = words16(h + ipv6::DST);
-    if !in_filter(addr_hash_v6(&dst)) {
+    let dst_hash = addr_hash_v6(&dst);
+    if !in_filter(dst_hash) {
         return Ok(Verdict::Pass);
     }
     let plen = be16(h + ipv6::PAYLOAD_LEN);
@@ -432,6 +471,7 @@ fn ipv6(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
         df: false,
         src: words16(h + ipv6::SRC),
         dst,
+        dst_hash,
     };
     let l4 = l3 + IPV6_HLEN;
     match ld::<u8>(h + ipv6::NEXT_HDR) {
@@ -480,7 +520,7 @@ fn tcp_packet(
     if let Err(r) = parse::tcp_header(l4_len, ld(t + tcp::DOFF)) {
         return malformed(&ip.dst, ip.family(), r);
     }
-    let Some(meta) = lookup_vip(&ip.dst, ip.family(), port(t + 2), PROTO_TCP) else {
+    let Some(meta) = packet_vip(ip, port(t + 2), PROTO_TCP) else {
         return Ok(Verdict::Pass);
     };
     let flow = Flow {
@@ -491,6 +531,13 @@ fn tcp_packet(
         kind: FlowKind::tcp(ld(t + tcp::FLAGS)),
         icmp: false,
     };
+    let plain = FlowKind::Tracked {
+        seen: 0,
+        always: false,
+    };
+    if flow.kind == plain && meta.mode() != VIP_MODE_IPIP {
+        return established(ctx, ip, &flow, &meta);
+    }
     balance(ctx, ip, &flow, &meta, None)
 }
 
@@ -508,7 +555,7 @@ fn udp_packet(
     if let Err(r) = parse::udp_header(l4_len, be16(u + 4)) {
         return malformed(&ip.dst, ip.family(), r);
     }
-    let Some(meta) = lookup_vip(&ip.dst, ip.family(), port(u + 2), PROTO_UDP) else {
+    let Some(meta) = packet_vip(ip, port(u + 2), PROTO_UDP) else {
         return Ok(Verdict::Pass);
     };
     let flow = Flow {
@@ -646,25 +693,7 @@ fn balance(
     meta: &VipMeta,
     event: Option<Stat>,
 ) -> Result<Verdict, DropReason> {
-    let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
-        0
-    } else {
-        flow.ports
-    };
-    let hash = if ip.v6 {
-        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
-    } else {
-        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
-    };
-    if meta.route_count == 0 {
-        return Err(DropReason::NoRoute);
-    }
-    let slot = meta
-        .route_offset
-        .wrapping_add(route_index(hash, meta.route_count));
-    let Some(route) = ROUTES.get(slot) else {
-        return Err(DropReason::NoRoute);
-    };
+    let (hash, slot, route) = route_of(ip, flow, meta)?;
     let (node_idx, node) = choose_node(ip, flow, meta, route)?;
 
     let f = Frame::of(ctx);
@@ -681,20 +710,85 @@ fn balance(
             pmtu4(ctx, ip, mtu)?
         };
     }
-    count(Stat::Tx);
     if let Sent::PmtuReply = sent {
+        count(Stat::Tx);
         count(Stat::PmtuReply);
         return Ok(Verdict::Tx);
     }
     if let Some(e) = event {
         count(e);
     }
-    count_traffic(&VIP_STATS, meta.index, bytes);
-    count_traffic(&NODE_STATS, node_idx, bytes);
+    count_forwarded(meta.index, node_idx, slot, bytes);
+    Ok(Verdict::Tx)
+}
+
+/// Step 8: the flow hash, the live `ROUTES` slot and its entry.
+#[inline(always)]
+fn route_of(
+    ip: &Ip,
+    flow: &Flow,
+    meta: &VipMeta,
+) -> Result<(u32, u32, &'static RouteEntry), DropReason> {
+    let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
+        0
+    } else {
+        flow.ports
+    };
+    let hash = if ip.v6 {
+        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
+    } else {
+        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
+    };
+    if meta.route_count == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    // verifier: the index is < MAX_VIPS (the loader checks), but the lookup can return null.
+    let Some(generation) = VIP_GEN.get(meta.index) else {
+        return Err(DropReason::NoRoute);
+    };
+    let slot = meta
+        .live_offset(*generation)
+        .wrapping_add(route_index(hash, meta.route_count));
+    let Some(route) = ROUTES.get(slot) else {
+        return Err(DropReason::NoRoute);
+    };
+    Ok((hash, slot, route))
+}
+
+/// Step 10's counters for a packet sent on to a node (`bytes` = frame length as received).
+#[inline(always)]
+fn count_forwarded(vip: u32, node: u32, slot: u32, bytes: u64) {
+    count(Stat::Tx);
+    count_traffic(&VIP_STATS, vip, bytes);
+    count_traffic(&NODE_STATS, node, bytes);
     if let Some(c) = ROUTE_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, only this CPU writes it.
         unsafe { *c += 1 };
     }
+}
+
+/// The hot path, inline: established TCP (no SYN, FIN or RST) to a dsr-l2 VIP. Exactly what
+/// `balance` does for such a packet, without its subprogram call; a moved route (conntrack
+/// needed) goes to `balance`.
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    ip: &Ip,
+    flow: &Flow,
+    meta: &VipMeta,
+) -> Result<Verdict, DropReason> {
+    let (_, slot, route) = route_of(ip, flow, meta)?;
+    if route.flags & ROUTE_F_MOVED != 0 {
+        return balance(ctx, ip, flow, meta, None);
+    }
+    // The route's owner is authoritative; "TCP other" may finish on a DRAINING node.
+    let node_idx = route.node;
+    let Some(node) = NODES.get(node_idx).filter(|n| decide::is_live(n.state)) else {
+        return Err(DropReason::NoBackend);
+    };
+    let f = Frame::of(ctx);
+    dsr(f, node)?;
+    count_forwarded(meta.index, node_idx, slot, f.len() as u64);
     Ok(Verdict::Tx)
 }
 
@@ -910,8 +1004,9 @@ fn config() -> Result<&'static GlobalConfig, DropReason> {
     CONFIG.get(0).ok_or(DropReason::HelperFailed)
 }
 
-/// ipip: checks the MTU, then prepends the outer header to the node (step 10).
-#[inline(always)]
+/// ipip: checks the MTU, then prepends the outer header to the node (step 10). Its own
+/// subprogram: its locals stay off `balance`'s stack.
+#[inline(never)]
 fn encap(
     ctx: &XdpContext,
     ip: &Ip,

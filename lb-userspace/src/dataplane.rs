@@ -2,9 +2,10 @@
 //! VIPs, nodes, routes and config, and read counters. Tests, benchmarks and the daemon configure
 //! the XDP program only through this module, so they all exercise the same map-writing code.
 //!
-//! Route tables switch atomically: each VIP owns two slices of `ROUTES` (generations A and B).
-//! A change is written into the inactive slice, then the VIP's `VipMeta` is replaced whole,
-//! so a packet sees exactly one generation (see docs/dataplane.md).
+//! Route tables switch atomically: each VIP owns two slices of `ROUTES` (generations 0 and 1)
+//! from `VipMeta::route_base`. A change is written into the inactive slice, then the VIP index's
+//! `VIP_GEN` word (4 bytes, one store) is flipped, so a packet sees exactly one generation. The
+//! `VIP_CACHE` slots the hot path reads are kept in step with `VIPS` (see docs/dataplane.md).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -18,18 +19,17 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, links::FdLink},
 };
 use lb_common::{
-    CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, NodeEntry, PROTO_ANY,
-    RouteEntry, STAT_COUNT, TrafficCounter, VIP_F_ADDR_MARKER, VIP_F_FRAG_ONLY, VIP_FILTER_WORDS,
-    VipKey, VipMeta, hash,
+    CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_VIPS, NodeEntry,
+    PROTO_ANY, RouteEntry, STAT_COUNT, TrafficCounter, VIP_CACHE_SIZE, VIP_F_ADDR_MARKER,
+    VIP_F_FRAG_ONLY, VIP_FILTER_WORDS, VipCacheEntry, VipKey, VipMeta, hash,
 };
 use thiserror::Error;
 
 use crate::objects;
 
-/// `VipMeta::flags` bit (ignored by the kernel): the live table is the second slice of the
-/// VIP's pair, so the pair's base is `route_offset - route_count`. Lets a restarted daemon
-/// recover slot allocations from the pinned `VIPS` map alone.
-pub const VIP_F_GEN_B: u32 = 1 << 15;
+/// `VipMeta::flags` bit of the earlier format, where `VipMeta` named the live slice and this bit
+/// said it was the second of the pair. Only read, when re-adopting maps pinned by such a run.
+const LEGACY_VIP_F_GEN_B: u32 = 1 << 15;
 
 /// Typed errors of the data-plane layer.
 #[derive(Debug, Error)]
@@ -137,17 +137,12 @@ impl VipSpec {
 /// Where a VIP's pair of route-table slices lives.
 #[derive(Clone, Debug)]
 struct VipSlots {
+    /// As in `VIPS`: `route_base` is the first slot of the pair.
     meta: VipMeta,
-    /// First slot of the pair.
+    /// First slot of the pair (`meta.route_base`).
     base: u32,
     /// What each of the two slices holds, so a change writes only the entries that differ.
     halves: [Vec<RouteEntry>; 2],
-}
-
-impl VipSlots {
-    fn gen_b(&self) -> bool {
-        self.meta.flags & VIP_F_GEN_B != 0
-    }
 }
 
 /// Counters summed over CPUs.
@@ -163,6 +158,8 @@ pub struct Counters {
 pub struct Dataplane {
     ebpf: Ebpf,
     vips_map: HashMap<MapData, VipKey, VipMeta>,
+    vip_cache_map: Array<MapData, VipCacheEntry>,
+    vip_gen_map: Array<MapData, u32>,
     filter_map: Array<MapData, u64>,
     routes_map: Array<MapData, RouteEntry>,
     /// A second fd of `ROUTES` for `BPF_MAP_UPDATE_BATCH` (aya has no batch API).
@@ -177,14 +174,20 @@ pub struct Dataplane {
     route_stats_map: PerCpuArray<MapData, u64>,
     /// Mirror of the real VIPs (not wildcard/marker entries).
     vips: BTreeMap<VipKey, VipSlots>,
+    /// Mirror of `VIP_CACHE`.
+    cache: Vec<VipCacheEntry>,
+    /// Mirror of `VIP_GEN`: the live generation (0 or 1) by VIP index.
+    gens: Vec<u32>,
     /// Our copy of `VIP_FILTER`, so updates write only changed words.
     filter: Vec<u64>,
     route_slots: u32,
 }
 
 /// Every map of the balancer, for pinning.
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 13] = [
     lb_common::MAP_VIPS,
+    lb_common::MAP_VIP_CACHE,
+    lb_common::MAP_VIP_GEN,
     lb_common::MAP_VIP_FILTER,
     lb_common::MAP_ROUTES,
     lb_common::MAP_NODES,
@@ -248,6 +251,8 @@ impl Dataplane {
         }
         let mut dp = Self {
             vips_map: take(&mut ebpf, lb_common::MAP_VIPS)?,
+            vip_cache_map: take(&mut ebpf, lb_common::MAP_VIP_CACHE)?,
+            vip_gen_map: take(&mut ebpf, lb_common::MAP_VIP_GEN)?,
             filter_map: take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
             routes_fd: dup_map_fd(&ebpf, lb_common::MAP_ROUTES)?,
             routes_map: take(&mut ebpf, lb_common::MAP_ROUTES)?,
@@ -261,6 +266,8 @@ impl Dataplane {
             route_stats_map: take(&mut ebpf, lb_common::MAP_ROUTE_STATS)?,
             ebpf,
             vips: BTreeMap::new(),
+            cache: vec![VipCacheEntry::default(); VIP_CACHE_SIZE as usize],
+            gens: vec![0; MAX_VIPS as usize],
             filter: vec![0; VIP_FILTER_WORDS as usize],
             route_slots: opts.route_slots,
         };
@@ -277,16 +284,37 @@ impl Dataplane {
                 self.route_slots
             )));
         }
-        for item in self.vips_map.iter() {
-            let (key, meta) = item.map_err(map_err(lb_common::MAP_VIPS))?;
+        for (i, g) in self.gens.iter_mut().enumerate() {
+            // The kernel reads only bit 0.
+            *g = self
+                .vip_gen_map
+                .get(&(i as u32), 0)
+                .map_err(map_err(lb_common::MAP_VIP_GEN))?
+                & 1;
+        }
+        for (i, e) in self.cache.iter_mut().enumerate() {
+            *e = self
+                .vip_cache_map
+                .get(&(i as u32), 0)
+                .map_err(map_err(lb_common::MAP_VIP_CACHE))?;
+        }
+        let entries: Vec<(VipKey, VipMeta)> = self
+            .vips_map
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(lb_common::MAP_VIPS))?;
+        let mut legacy = Vec::new();
+        for (key, mut meta) in entries {
             if meta.flags & (VIP_F_FRAG_ONLY | VIP_F_ADDR_MARKER) != 0 {
                 continue;
             }
-            let base = if meta.flags & VIP_F_GEN_B != 0 {
-                meta.route_offset.wrapping_sub(meta.route_count)
-            } else {
-                meta.route_offset
-            };
+            if meta.flags & LEGACY_VIP_F_GEN_B != 0 {
+                // Pinned by the earlier format: `route_base` named the live second slice.
+                meta.route_base = meta.route_base.wrapping_sub(meta.route_count);
+                meta.flags &= !LEGACY_VIP_F_GEN_B;
+                legacy.push(key);
+            }
+            let base = meta.route_base;
             let mut halves = [Vec::new(), Vec::new()];
             for (h, half) in halves.iter_mut().enumerate() {
                 let start = base + h as u32 * meta.route_count;
@@ -302,6 +330,45 @@ impl Dataplane {
                 .filter_map
                 .get(&(i as u32), 0)
                 .map_err(map_err(lb_common::MAP_VIP_FILTER))?;
+        }
+        for key in legacy {
+            self.convert_legacy(&key)?;
+        }
+        // Fragment entries and cache slots re-derived from the VIPs (normally no writes).
+        let keys: Vec<VipKey> = self.vips.keys().copied().collect();
+        for key in &keys {
+            self.sync_wildcards(key)?;
+        }
+        let slots: BTreeSet<u32> = (0..VIP_CACHE_SIZE)
+            .filter(|i| self.cache[*i as usize] != VipCacheEntry::default())
+            .chain(keys.iter().map(cache_slot))
+            .collect();
+        for slot in slots {
+            self.sync_cache_slot(slot)?;
+        }
+        Ok(())
+    }
+
+    /// A VIP pinned in the earlier format (live table in the second slice, `VIP_GEN` absent or
+    /// 0): copy the live table into the first slice, which the index's generation 0 names, then
+    /// write the base-form meta. Every packet sees the live table throughout.
+    fn convert_legacy(&mut self, key: &VipKey) -> Result<()> {
+        let Some(s) = self.vips.get(key).cloned() else {
+            return Ok(());
+        };
+        let i = s.meta.index as usize;
+        if self.gens.get(i).copied().unwrap_or(0) != 0 {
+            return Err(DataplaneError::Invalid(format!(
+                "pinned VIP {} is in the earlier format but VIP_GEN[{i}] is set",
+                vip_display(key)
+            )));
+        }
+        self.write_half(s.base, &s.halves[0], &s.halves[1])?;
+        self.vips_map
+            .insert(key, s.meta, 0)
+            .map_err(map_err(lb_common::MAP_VIPS))?;
+        if let Some(m) = self.vips.get_mut(key) {
+            m.halves[0] = s.halves[1].clone();
         }
         Ok(())
     }
@@ -427,38 +494,136 @@ impl Dataplane {
                 lb_common::MAX_NODES
             )));
         }
-        let (base, gen_b, mut halves) = match self.vips.get(&spec.key) {
-            Some(s) if s.meta.route_count == n => (s.base, !s.gen_b(), s.halves.clone()),
+        let old = self.vips.get(&spec.key).map(|s| s.meta);
+        // `target`: the generation whose slice holds the new table once it is live.
+        let (base, target, mut halves) = match self.vips.get(&spec.key) {
+            // Same N: the slice the VIP's packets do not read now.
+            Some(s) if s.meta.route_count == n => (
+                s.base,
+                1 - self.gens[s.meta.index as usize],
+                s.halves.clone(),
+            ),
             // New VIP, or N changed: a fresh pair (the old one stays in the mirror, so it is
-            // not reused, until the new meta is live).
+            // not reused, until the new meta is live), at the generation live for the index.
             _ => {
                 // Both slices start as this table, so every later change is a small diff
                 // (otherwise the first flip would write all N entries of the empty slice).
                 let base = self.allocate(2 * n)?;
-                self.write_half(base + n, &[], routes)?;
-                (base, false, [Vec::new(), routes.to_vec()])
+                let target = self.gens[spec.index as usize];
+                self.write_half(base + (1 - target) * n, &[], routes)?;
+                let mut halves = [Vec::new(), Vec::new()];
+                halves[(1 - target) as usize] = routes.to_vec();
+                (base, target, halves)
             }
         };
-        let half = usize::from(gen_b);
-        let offset = base + if gen_b { n } else { 0 };
         // On error the live table is untouched and the mirror unchanged.
-        self.write_half(offset, &halves[half], routes)?;
-        halves[half] = routes.to_vec();
-        let mut flags = spec.flags();
-        if gen_b {
-            flags |= VIP_F_GEN_B;
-        }
+        self.write_half(base + target * n, &halves[target as usize], routes)?;
+        halves[target as usize] = routes.to_vec();
         let meta = VipMeta {
             index: spec.index,
-            flags,
-            route_offset: offset,
+            flags: spec.flags(),
+            route_base: base,
             route_count: n,
         };
-        self.vips_map
-            .insert(spec.key, meta, 0)
-            .map_err(map_err(lb_common::MAP_VIPS))?;
+        if let Some(s) = self.vips.get_mut(&spec.key)
+            && s.base == base
+        {
+            // What the slices hold now, even if a step below fails.
+            s.halves = halves.clone();
+        }
+        // The switch: one 4-byte store, if the index's live generation is not `target` yet.
+        self.set_generation(spec.index, target, &spec.key)?;
+        if old != Some(meta) {
+            self.vips_map
+                .insert(spec.key, meta, 0)
+                .map_err(map_err(lb_common::MAP_VIPS))?;
+        }
         self.vips.insert(spec.key, VipSlots { meta, base, halves });
         self.sync_wildcards(&spec.key)?;
+        self.sync_cache_slot(cache_slot(&spec.key))?;
+        Ok(())
+    }
+
+    /// Makes `target` the live generation of VIP index `index` (`VIP_GEN[index]`, one 4-byte
+    /// write). Any other VIP sharing the index (`except` is the caller's, already written) first
+    /// gets its live table copied into its `target` slice, so no VIP's packets change table.
+    fn set_generation(&mut self, index: u32, target: u32, except: &VipKey) -> Result<()> {
+        if self.gens[index as usize] == target {
+            return Ok(());
+        }
+        let sharers: Vec<(VipKey, VipSlots)> = self
+            .vips
+            .iter()
+            .filter(|(k, s)| s.meta.index == index && *k != except)
+            .map(|(k, s)| (*k, s.clone()))
+            .collect();
+        for (k, s) in sharers {
+            let live = &s.halves[(1 - target) as usize];
+            let at = s.base + target * s.meta.route_count;
+            self.write_half(at, &s.halves[target as usize], live)?;
+            if let Some(m) = self.vips.get_mut(&k) {
+                m.halves[target as usize] = live.clone();
+            }
+        }
+        self.vip_gen_map
+            .set(index, target, 0)
+            .map_err(map_err(lb_common::MAP_VIP_GEN))?;
+        self.gens[index as usize] = target;
+        Ok(())
+    }
+
+    /// Brings one `VIP_CACHE` slot in line with the VIPs: its occupant stays while it is a VIP
+    /// with the same meta; otherwise the lowest colliding VIP takes it, or it is cleared.
+    ///
+    /// An array update is not atomic, so a change goes in steps where a torn read either
+    /// misses or sees one VIP's key with that VIP's own data (see `VipCacheEntry`): retire the
+    /// occupant (family 0, data kept), wait for in-flight packets, write the new data under
+    /// family 0, then write the family.
+    fn sync_cache_slot(&mut self, slot: u32) -> Result<()> {
+        let cur = self.cache[slot as usize];
+        let keep =
+            cur.key.family != 0 && self.vips.get(&cur.key).is_some_and(|s| s.meta == cur.meta);
+        if keep {
+            return Ok(());
+        }
+        let want = self
+            .vips
+            .iter()
+            .find(|(k, _)| cache_slot(k) == slot)
+            .map(|(k, s)| VipCacheEntry {
+                key: *k,
+                meta: s.meta,
+            });
+        let mut at = cur;
+        if at.key.family != 0 {
+            at.key.family = 0;
+            self.write_cache(slot, at)?;
+        }
+        let Some(want) = want else {
+            return Ok(());
+        };
+        let staged = VipCacheEntry {
+            key: VipKey {
+                family: 0,
+                ..want.key
+            },
+            meta: want.meta,
+        };
+        if at != staged {
+            if at != VipCacheEntry::default() {
+                // A packet may have matched the old key and not yet read the old data.
+                wait_for_readers();
+            }
+            self.write_cache(slot, staged)?;
+        }
+        self.write_cache(slot, want)
+    }
+
+    fn write_cache(&mut self, slot: u32, e: VipCacheEntry) -> Result<()> {
+        self.vip_cache_map
+            .set(slot, e, 0)
+            .map_err(map_err(lb_common::MAP_VIP_CACHE))?;
+        self.cache[slot as usize] = e;
         Ok(())
     }
 
@@ -491,7 +656,8 @@ impl Dataplane {
             .vips
             .get(key)
             .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
-        (s.meta.route_offset..s.meta.route_offset + s.meta.route_count)
+        let offset = s.meta.live_offset(self.gens[s.meta.index as usize]);
+        (offset..offset + s.meta.route_count)
             .map(|i| {
                 self.routes_map
                     .get(&i, 0)
@@ -515,6 +681,8 @@ impl Dataplane {
         if self.vips.remove(key).is_none() {
             return Err(DataplaneError::UnknownVip(vip_display(key)));
         }
+        // Out of the cache first, so no packet finds it there once it is gone from VIPS.
+        self.sync_cache_slot(cache_slot(key))?;
         match self.vips_map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(lb_common::MAP_VIPS)(e)),
@@ -591,12 +759,14 @@ impl Dataplane {
             match target {
                 Some((_, live)) => {
                     let meta = VipMeta {
-                        flags: (live.flags | VIP_F_FRAG_ONLY) & !VIP_F_GEN_B,
+                        flags: live.flags | VIP_F_FRAG_ONLY,
                         ..*live
                     };
-                    self.vips_map
-                        .insert(frag_key, meta, 0)
-                        .map_err(map_err(lb_common::MAP_VIPS))?;
+                    if self.vips_map.get(&frag_key, 0).ok() != Some(meta) {
+                        self.vips_map
+                            .insert(frag_key, meta, 0)
+                            .map_err(map_err(lb_common::MAP_VIPS))?;
+                    }
                 }
                 None => self.remove_if_present(&frag_key)?,
             }
@@ -612,12 +782,14 @@ impl Dataplane {
             let meta = VipMeta {
                 index: 0,
                 flags: VIP_F_ADDR_MARKER,
-                route_offset: 0,
+                route_base: 0,
                 route_count: 0,
             };
-            self.vips_map
-                .insert(marker, meta, 0)
-                .map_err(map_err(lb_common::MAP_VIPS))?;
+            if self.vips_map.get(&marker, 0).ok() != Some(meta) {
+                self.vips_map
+                    .insert(marker, meta, 0)
+                    .map_err(map_err(lb_common::MAP_VIPS))?;
+            }
         }
         self.sync_filter()
     }
@@ -850,6 +1022,23 @@ fn validate_key(key: &VipKey) -> Result<()> {
     Ok(())
 }
 
+/// The `VIP_CACHE` slot of a VIP, as the kernel computes it.
+fn cache_slot(key: &VipKey) -> u32 {
+    hash::vip_cache_slot(addr_hash(&key.addr, key.family), key.port, key.proto)
+}
+
+/// Waits until every XDP program run that started before now has finished: an RCU grace
+/// period (`membarrier(MEMBARRIER_CMD_GLOBAL)` runs `synchronize_rcu`). Where that command is
+/// unavailable (nohz_full), a sleep far longer than any program run.
+fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The `VIP_FILTER` hash of an address as the kernel computes it.
 pub fn addr_hash(addr: &[u8; 16], family: u8) -> u32 {
     if family == FAMILY_V4 {
@@ -910,6 +1099,7 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
 /// the live route table of a VIP exactly as packets see it.
 pub struct PinnedView {
     vips: HashMap<MapData, VipKey, VipMeta>,
+    vip_gen: Array<MapData, u32>,
     routes: Array<MapData, RouteEntry>,
     nodes: Array<MapData, NodeEntry>,
 }
@@ -927,18 +1117,25 @@ impl PinnedView {
         }
         Ok(Self {
             vips: open_map(pin_dir, lb_common::MAP_VIPS)?,
+            vip_gen: open_map(pin_dir, lb_common::MAP_VIP_GEN)?,
             routes: open_map(pin_dir, lb_common::MAP_ROUTES)?,
             nodes: open_map(pin_dir, lb_common::MAP_NODES)?,
         })
     }
 
-    /// The live route table of `key` (one `VipMeta` read, then its generation's entries).
+    /// The live route table of `key` (its `VipMeta`, its index's `VIP_GEN`, then that
+    /// generation's entries).
     pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
         let meta = self
             .vips
             .get(key, 0)
             .map_err(|_| DataplaneError::UnknownVip(vip_display(key)))?;
-        (meta.route_offset..meta.route_offset + meta.route_count)
+        let generation = self
+            .vip_gen
+            .get(&meta.index, 0)
+            .map_err(map_err(lb_common::MAP_VIP_GEN))?;
+        let offset = meta.live_offset(generation);
+        (offset..offset + meta.route_count)
             .map(|i| {
                 self.routes
                     .get(&i, 0)

@@ -1,18 +1,31 @@
-//! Load/verifier smoke test of the XDP programs, plus a rough ns/packet measurement.
+//! Load/verifier smoke test of the XDP programs, the loader's `VIP_CACHE` / `VIP_GEN` upkeep
+//! (cache collisions, table flips, shared indices, re-adoption of pinned maps), and a ns/packet
+//! comparison with the baselines.
 //! Root only. Run: `cargo test --release -p lb-tests --test ebpf_smoke -- --test-threads=1 --nocapture`.
-use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{FAMILY_V4, GlobalConfig, NODE_ACTIVE, NodeEntry, PROTO_TCP, RouteEntry, VipKey};
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    FAMILY_V4, GlobalConfig, NODE_ACTIVE, NodeEntry, PROTO_TCP, RouteEntry, VIP_CACHE_SIZE,
+    VipCacheEntry, VipKey, VipMeta, addr_hash_v4, hash::addr_word, vip_cache_slot,
+};
 use lb_userspace::{
-    dataplane::{Dataplane, DataplaneOptions, ForwardMode, HashMode, VipSpec},
+    dataplane::{Dataplane, DataplaneOptions, ForwardMode, HashMode, VipSpec, remove_pins},
     objects,
 };
 
 const VIP: [u8; 4] = [10, 0, 0, 1];
 const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
+const NODE1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
-fn ipv4_tcp(dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+fn ipv4_tcp(dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&LB_MAC);
     p.extend_from_slice(&CLIENT_MAC);
@@ -23,7 +36,7 @@ fn ipv4_tcp(dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
     ip.extend_from_slice(&dst);
     p.extend_from_slice(&ip);
     let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
     tcp[12] = 0x50;
     tcp[13] = flags;
@@ -32,23 +45,62 @@ fn ipv4_tcp(dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
     p
 }
 
-fn dataplane() -> Dataplane {
+/// An established TCP packet (ACK) from the standard client.
+fn ack(dst: [u8; 4], dport: u16) -> Vec<u8> {
+    ipv4_tcp(dst, 40000, dport, 0x10)
+}
+
+/// The dsr-l2 rewrite of `pkt` towards a node with `mac`.
+fn dsr_to(pkt: &[u8], mac: [u8; 6]) -> Vec<u8> {
+    let mut out = pkt.to_vec();
+    out[0..6].copy_from_slice(&mac);
+    out[6..12].copy_from_slice(&pkt[0..6]);
+    out
+}
+
+fn key(addr: [u8; 4], port: u16) -> VipKey {
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&addr);
+    VipKey {
+        addr: a,
+        port: port.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    }
+}
+
+fn spec(addr: [u8; 4], port: u16, index: u32, mode: ForwardMode) -> VipSpec {
+    VipSpec {
+        key: key(addr, port),
+        index,
+        mode,
+        hash: HashMode::FiveTuple,
+    }
+}
+
+fn table(node: u32, n: usize) -> Vec<RouteEntry> {
+    vec![RouteEntry { node, flags: 0 }; n]
+}
+
+fn load(pin_dir: Option<&Path>) -> Dataplane {
     let mut dp = Dataplane::load(&DataplaneOptions {
         route_slots: 4096,
         conntrack_size: 4096,
-        pin_dir: None,
+        pin_dir: pin_dir.map(Path::to_path_buf),
     })
     .unwrap_or_else(|e| panic!("loading the balancer failed: {e:#?}"));
-    dp.set_node(
-        0,
-        &NodeEntry {
-            addr4: [192, 168, 2, 10],
-            mac: NODE_MAC,
-            state: NODE_ACTIVE,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    for (i, mac) in [(0, NODE_MAC), (1, NODE1_MAC)] {
+        dp.set_node(
+            i,
+            &NodeEntry {
+                addr4: [192, 168, 2, 10 + i as u8],
+                mac,
+                state: NODE_ACTIVE,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
     dp.set_config(&GlobalConfig {
         gw_mac: [2, 0, 0, 0, 0, 0x99],
         mtu: 1500,
@@ -57,62 +109,85 @@ fn dataplane() -> Dataplane {
         ..Default::default()
     })
     .unwrap();
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&VIP);
-    for (port, mode, index) in [(80u16, ForwardMode::DsrL2, 0), (81, ForwardMode::Ipip, 1)] {
-        let spec = VipSpec {
-            key: VipKey {
-                addr,
-                port: u16::from_ne_bytes(port.to_be_bytes()),
-                proto: PROTO_TCP,
-                family: FAMILY_V4,
-            },
-            index,
-            mode,
-            hash: HashMode::FiveTuple,
-        };
-        dp.upsert_vip(&spec, &[RouteEntry { node: 0, flags: 0 }; 64])
-            .unwrap();
-    }
     dp
 }
 
-fn time_ns(prog: &mut Xdp, pkt: &[u8]) -> f64 {
-    let mut out = vec![0u8; pkt.len() + 256];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            repeat: 1_000_000,
-            ..Default::default()
-        })
+fn dataplane() -> Dataplane {
+    let mut dp = load(None);
+    dp.upsert_vip(&spec(VIP, 80, 0, ForwardMode::DsrL2), &table(0, 64))
         .unwrap();
-    // The kernel reports the mean duration per repetition.
-    res.duration.as_nanos() as f64
+    dp.upsert_vip(&spec(VIP, 81, 1, ForwardMode::Ipip), &table(0, 64))
+        .unwrap();
+    dp
+}
+
+/// A bpffs directory for one test's pins, removed when dropped.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new(name: &str) -> Self {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/lb-smoke-{name}-{}",
+            std::process::id()
+        ));
+        remove_pins(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn map(&self, name: &str) -> Map {
+        let data = MapData::from_pin(self.0.join(name)).unwrap();
+        Map::from_map_data(data).unwrap()
+    }
+
+    fn cache(&self, slot: u32) -> VipCacheEntry {
+        let m: Array<MapData, VipCacheEntry> =
+            self.map(lb_common::MAP_VIP_CACHE).try_into().unwrap();
+        m.get(&slot, 0).unwrap()
+    }
+
+    fn generation(&self, index: u32) -> u32 {
+        let m: Array<MapData, u32> = self.map(lb_common::MAP_VIP_GEN).try_into().unwrap();
+        m.get(&index, 0).unwrap()
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = remove_pins(&self.0);
+    }
+}
+
+fn slot_of(k: &VipKey) -> u32 {
+    let a = addr_hash_v4(addr_word(&[k.addr[0], k.addr[1], k.addr[2], k.addr[3]]));
+    vip_cache_slot(a, k.port, k.proto)
+}
+
+/// Asserts `pkt` is forwarded (dsr-l2) to the node with `mac`.
+#[track_caller]
+fn assert_dsr(dp: &mut Dataplane, pkt: &[u8], mac: [u8; 6]) {
+    let (verdict, out) = dp.test_run(pkt).unwrap();
+    assert_eq!(verdict, XDP_TX, "XDP_TX");
+    assert_eq!(out, dsr_to(pkt, mac));
 }
 
 #[test]
 fn balancer_loads_and_forwards() {
     let mut dp = dataplane();
     // dsr-l2 established TCP: MAC rewrite and XDP_TX.
-    let pkt = ipv4_tcp(VIP, 80, 0x10);
-    let (verdict, out) = dp.test_run(&pkt).unwrap();
-    assert_eq!(verdict, 3, "XDP_TX");
-    assert_eq!(&out[0..6], &NODE_MAC);
-    assert_eq!(&out[6..12], &LB_MAC);
-    assert_eq!(&out[12..], &pkt[12..]);
+    let pkt = ack(VIP, 80);
+    assert_dsr(&mut dp, &pkt, NODE_MAC);
     // Non-VIP: pass untouched.
-    let (verdict, out) = dp.test_run(&ipv4_tcp([10, 0, 0, 2], 80, 0x10)).unwrap();
-    assert_eq!(verdict, 2, "XDP_PASS");
-    assert_eq!(out, ipv4_tcp([10, 0, 0, 2], 80, 0x10));
+    let (verdict, out) = dp.test_run(&ack([10, 0, 0, 2], 80)).unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, ack([10, 0, 0, 2], 80));
     // SYN: conntrack insert.
-    let (verdict, _) = dp.test_run(&ipv4_tcp(VIP, 80, 0x02)).unwrap();
-    assert_eq!(verdict, 3);
+    let (verdict, _) = dp.test_run(&ipv4_tcp(VIP, 40000, 80, 0x02)).unwrap();
+    assert_eq!(verdict, XDP_TX);
     assert_eq!(dp.conntrack().unwrap().len(), 1);
     // ipip: 20 more bytes, protocol 4.
-    let pkt = ipv4_tcp(VIP, 81, 0x10);
+    let pkt = ack(VIP, 81);
     let (verdict, out) = dp.test_run(&pkt).unwrap();
-    assert_eq!(verdict, 3);
+    assert_eq!(verdict, XDP_TX);
     assert_eq!(out.len(), pkt.len() + 20);
     assert_eq!(out[14 + 9], 4);
     assert_eq!(&out[34..], &pkt[14..]);
@@ -132,28 +207,291 @@ fn decap_loads() {
     }
 }
 
+/// Two VIPs sharing a cache slot: the first keeps it, the second is found through `VIPS`; the
+/// slot passes to the second when the first goes, and follows a meta change.
+#[test]
+fn vip_cache_collisions() {
+    let pins = Pins::new("cache");
+    let mut dp = load(Some(&pins.0));
+    let a = key(VIP, 80);
+    let slot = slot_of(&a);
+    let b_port = (1..=u16::MAX)
+        .find(|p| *p != 80 && slot_of(&key(VIP, *p)) == slot)
+        .expect("a port sharing port 80's slot");
+    let b = key(VIP, b_port);
+    dp.upsert_vip(&spec(VIP, 80, 0, ForwardMode::DsrL2), &table(0, 8))
+        .unwrap();
+    dp.upsert_vip(&spec(VIP, b_port, 1, ForwardMode::DsrL2), &table(1, 8))
+        .unwrap();
+    assert_eq!(pins.cache(slot).key, a, "first VIP keeps the slot");
+    assert_eq!(pins.cache(slot).meta, dp.vip_meta(&a).unwrap());
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE_MAC);
+    assert_dsr(&mut dp, &ack(VIP, b_port), NODE1_MAC);
+    // Every VIP with a free slot is cached.
+    let c = key(VIP, 443);
+    assert_ne!(slot_of(&c), slot);
+    dp.upsert_vip(&spec(VIP, 443, 2, ForwardMode::DsrL2), &table(1, 8))
+        .unwrap();
+    assert_eq!(pins.cache(slot_of(&c)).key, c);
+
+    // The occupant goes: the colliding VIP takes the slot.
+    dp.remove_vip(&a).unwrap();
+    assert_eq!(pins.cache(slot).key, b);
+    assert_eq!(pins.cache(slot).meta, dp.vip_meta(&b).unwrap());
+    assert_dsr(&mut dp, &ack(VIP, b_port), NODE1_MAC);
+    let (verdict, _) = dp.test_run(&ack(VIP, 80)).unwrap();
+    assert_eq!(verdict, XDP_PASS, "removed VIP's port on a VIP address");
+
+    // A meta change (mode) reaches the cache entry.
+    dp.upsert_vip(&spec(VIP, b_port, 1, ForwardMode::Ipip), &table(1, 8))
+        .unwrap();
+    assert_eq!(pins.cache(slot).meta, dp.vip_meta(&b).unwrap());
+    let pkt = ack(VIP, b_port);
+    let (verdict, out) = dp.test_run(&pkt).unwrap();
+    assert_eq!((verdict, out.len()), (XDP_TX, pkt.len() + 20), "ipip now");
+
+    // The last VIP of the slot goes: the slot is empty (family 0).
+    dp.remove_vip(&b).unwrap();
+    assert_eq!(pins.cache(slot).key.family, 0);
+    let (verdict, _) = dp.test_run(&ack(VIP, b_port)).unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    assert_dsr(&mut dp, &ack(VIP, 443), NODE1_MAC);
+}
+
+/// Table switches flip `VIP_GEN`; N and index changes; VIPs sharing an index keep their tables.
+#[test]
+fn table_generations() {
+    let pins = Pins::new("gen");
+    let mut dp = load(Some(&pins.0));
+    let a = key(VIP, 80);
+    dp.upsert_vip(&spec(VIP, 80, 3, ForwardMode::DsrL2), &table(0, 16))
+        .unwrap();
+    let meta = dp.vip_meta(&a).unwrap();
+    assert_eq!(pins.generation(3), 0);
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE_MAC);
+    for (round, node) in [1u32, 0, 1].into_iter().enumerate() {
+        dp.set_routes(&a, &table(node, 16)).unwrap();
+        assert_eq!(
+            pins.generation(3),
+            (round as u32 + 1) % 2,
+            "one flip per switch"
+        );
+        assert_eq!(
+            dp.vip_meta(&a).unwrap(),
+            meta,
+            "a switch leaves the meta alone"
+        );
+        assert_eq!(dp.routes(&a).unwrap(), table(node, 16));
+        let mac = if node == 0 { NODE_MAC } else { NODE1_MAC };
+        assert_dsr(&mut dp, &ack(VIP, 80), mac);
+    }
+    // N changes: a new pair at the live generation, no flip.
+    dp.upsert_vip(&spec(VIP, 80, 3, ForwardMode::DsrL2), &table(0, 32))
+        .unwrap();
+    assert_eq!(pins.generation(3), 1);
+    assert_eq!(dp.vip_meta(&a).unwrap().route_count, 32);
+    assert_eq!(dp.routes(&a).unwrap(), table(0, 32));
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE_MAC);
+    // The index changes.
+    dp.upsert_vip(&spec(VIP, 80, 5, ForwardMode::DsrL2), &table(1, 32))
+        .unwrap();
+    assert_eq!(dp.vip_meta(&a).unwrap().index, 5);
+    assert_eq!(dp.routes(&a).unwrap(), table(1, 32));
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE1_MAC);
+    assert_eq!(dp.vip_traffic(5).unwrap().packets, 1);
+
+    // Two VIPs on one index (e.g. while the daemon renumbers): flipping one keeps the other.
+    let b = key(VIP, 90);
+    dp.upsert_vip(&spec(VIP, 90, 5, ForwardMode::DsrL2), &table(0, 8))
+        .unwrap();
+    for node in [0u32, 1, 0] {
+        dp.set_routes(&a, &table(node, 32)).unwrap();
+        let mac = if node == 0 { NODE_MAC } else { NODE1_MAC };
+        assert_dsr(&mut dp, &ack(VIP, 80), mac);
+        assert_dsr(&mut dp, &ack(VIP, 90), NODE_MAC);
+        assert_eq!(dp.routes(&b).unwrap(), table(0, 8));
+    }
+    dp.set_routes(&b, &table(1, 8)).unwrap();
+    assert_dsr(&mut dp, &ack(VIP, 90), NODE1_MAC);
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE_MAC);
+}
+
+/// A new `Dataplane` on the same pins takes over the VIPs, tables and generations; maps pinned
+/// in the earlier format (live slice named by `VipMeta`, bit 15 for "second slice") convert.
+#[test]
+fn readopt_pinned() {
+    let pins = Pins::new("readopt");
+    let a = key(VIP, 80);
+    let b = key(VIP, 81);
+    {
+        let mut dp = load(Some(&pins.0));
+        dp.upsert_vip(&spec(VIP, 80, 0, ForwardMode::DsrL2), &table(0, 16))
+            .unwrap();
+        dp.upsert_vip(&spec(VIP, 81, 1, ForwardMode::DsrL2), &table(0, 16))
+            .unwrap();
+        dp.set_routes(&a, &table(1, 16)).unwrap();
+        assert_eq!(pins.generation(0), 1);
+    }
+    let mut dp = load(Some(&pins.0));
+    assert_eq!(dp.vip_keys(), vec![a, b]);
+    assert_eq!(dp.routes(&a).unwrap(), table(1, 16));
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE1_MAC);
+    dp.set_routes(&a, &table(0, 16)).unwrap();
+    assert_eq!(pins.generation(0), 0);
+    assert_dsr(&mut dp, &ack(VIP, 80), NODE_MAC);
+    let meta_b = dp.vip_meta(&b).unwrap();
+    drop(dp);
+
+    // Rewrite b as the earlier format would have it after one switch: the live table (node 1)
+    // in the second slice, the meta pointing there with bit 15, generation 0.
+    {
+        let mut vips: HashMap<MapData, VipKey, VipMeta> =
+            pins.map(lb_common::MAP_VIPS).try_into().unwrap();
+        let mut routes: Array<MapData, RouteEntry> =
+            pins.map(lb_common::MAP_ROUTES).try_into().unwrap();
+        let n = meta_b.route_count;
+        for i in 0..n {
+            routes
+                .set(
+                    meta_b.route_base + n + i,
+                    RouteEntry { node: 1, flags: 0 },
+                    0,
+                )
+                .unwrap();
+        }
+        let legacy = VipMeta {
+            flags: meta_b.flags | (1 << 15),
+            route_base: meta_b.route_base + n,
+            ..meta_b
+        };
+        vips.insert(b, legacy, 0).unwrap();
+        assert_eq!(pins.generation(1), 0);
+    }
+    let mut dp = load(Some(&pins.0));
+    assert_eq!(
+        dp.vip_meta(&b).unwrap(),
+        meta_b,
+        "converted to the pair's base"
+    );
+    assert_eq!(dp.routes(&b).unwrap(), table(1, 16));
+    assert_dsr(&mut dp, &ack(VIP, 81), NODE1_MAC);
+    assert_eq!(pins.cache(slot_of(&b)).meta, meta_b);
+    dp.set_routes(&b, &table(0, 16)).unwrap();
+    assert_dsr(&mut dp, &ack(VIP, 81), NODE_MAC);
+    dp.set_routes(&b, &table(1, 16)).unwrap();
+    assert_dsr(&mut dp, &ack(VIP, 81), NODE1_MAC);
+}
+
+/// Mean ns per run over `repeat` runs (the kernel reports the mean duration).
+fn time_ns(prog: &mut Xdp, pkt: &[u8], repeat: u32) -> u64 {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .unwrap();
+    res.duration.as_nanos() as u64
+}
+
+/// One run: (verdict, output).
+fn run_once(prog: &mut Xdp, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Median of 5 runs of repeat = 1,000,000, after checking the packet's verdict and output once
+/// (so a wrong path is never timed). Repeated runs reuse the frame the previous run left: a
+/// dsr-l2 rewrite leaves a frame that takes the same path again, which is why only such
+/// packets are timed this way.
+fn timed(prog: &mut Xdp, pkt: &[u8], verdict: u32, output: &[u8]) -> u64 {
+    assert_eq!(run_once(prog, pkt), (verdict, output.to_vec()));
+    median((0..5).map(|_| time_ns(prog, pkt, 1_000_000)).collect())
+}
+
 #[test]
 fn bench_ns_per_packet() {
+    let est_pkt = ack(VIP, 80);
+    let other = ack([10, 0, 0, 2], 80);
     let mut base = aya::Ebpf::load(objects::BASELINE).unwrap();
-    let ack = ipv4_tcp(VIP, 80, 0x10);
-    let other = ipv4_tcp([10, 0, 0, 2], 80, 0x10);
-    let mut baseline = |name: &str, pkt: &[u8]| {
-        let prog: &mut Xdp = base.program_mut(name).unwrap().try_into().unwrap();
+    let mut swapped = est_pkt.clone();
+    swapped[0..6].copy_from_slice(&est_pkt[6..12]);
+    swapped[6..12].copy_from_slice(&est_pkt[0..6]);
+    let tx = {
+        let prog: &mut Xdp = base.program_mut("baseline_tx").unwrap().try_into().unwrap();
         prog.load().unwrap();
-        time_ns(prog, pkt)
+        timed(prog, &est_pkt, XDP_TX, &swapped)
     };
-    let tx = baseline("baseline_tx", &ack);
-    let pass = baseline("baseline_pass", &other);
+    let pass = {
+        let prog: &mut Xdp = base
+            .program_mut("baseline_pass")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        timed(prog, &other, XDP_PASS, &other)
+    };
     let mut dp = dataplane();
     let prog = dp.program_mut().unwrap();
-    let est = time_ns(prog, &ack);
-    let non_vip = time_ns(prog, &other);
-    let syn = time_ns(prog, &ipv4_tcp(VIP, 80, 0x02));
-    let ipip = time_ns(prog, &ipv4_tcp(VIP, 81, 0x10));
-    println!("baseline_tx {tx:.1} ns, baseline_pass {pass:.1} ns");
+    let est = timed(prog, &est_pkt, XDP_TX, &dsr_to(&est_pkt, NODE_MAC));
+    let non_vip = timed(prog, &other, XDP_PASS, &other);
+    // SYNs, each a fresh conntrack insert: single runs (repeat = 1) with distinct source
+    // ports, next to single runs of the established packet (a single run carries ~100 ns of
+    // timer and cold-cache overhead that repeat = 1,000,000 amortises).
+    let mut syn = Vec::new();
+    let mut est1 = Vec::new();
+    for i in 0..2000u16 {
+        let pkt = ipv4_tcp(VIP, 1024 + i, 80, 0x02);
+        if i == 0 {
+            assert_eq!(run_once(prog, &pkt), (XDP_TX, dsr_to(&pkt, NODE_MAC)));
+            continue;
+        }
+        syn.push(time_ns(prog, &pkt, 1));
+        est1.push(time_ns(prog, &est_pkt, 1));
+    }
+    let (syn, est1) = (median(syn), median(est1));
+    println!("ns/packet, median of 5 runs of repeat = 1,000,000:");
+    println!("  baseline_tx      {tx:>4}");
+    println!("  baseline_pass    {pass:>4}");
     println!(
-        "dsr established {est:.1} ns ({:.2}x tx), non-VIP {non_vip:.1} ns ({:.2}x pass), SYN (ct overwrite) {syn:.1} ns, ipip {ipip:.1} ns",
-        est / tx,
-        non_vip / pass
+        "  dsr established  {est:>4}  ({:.2}x baseline_tx)",
+        est as f64 / tx as f64
     );
+    println!(
+        "  non-VIP          {non_vip:>4}  ({:.2}x baseline_pass)",
+        non_vip as f64 / pass as f64
+    );
+    println!(
+        "single runs (median of 1999): fresh SYN {syn} ns, established {est1} ns; SYN - established = {} ns",
+        syn.saturating_sub(est1)
+    );
+    assert_eq!(
+        dp.conntrack().unwrap().len(),
+        2000,
+        "every SYN inserted a flow"
+    );
+}
+
+#[test]
+fn cache_covers_every_slot() {
+    // The slot function stays inside the map (the kernel would pass on a miss, not fail).
+    for p in 0..=u16::MAX {
+        assert!(slot_of(&key(VIP, p)) < VIP_CACHE_SIZE);
+    }
 }
