@@ -429,10 +429,39 @@ impl Baseline {
         let mut ebpf = EbpfLoader::new().load(objects::get(objects::BASELINE, "baseline")?)?;
         load_xdp(&mut ebpf, "baseline_pass")?;
         load_xdp(&mut ebpf, "baseline_tx")?;
+        load_xdp(&mut ebpf, "bench_new_flow")?;
         Ok(Self { ebpf })
     }
 
     pub fn program_mut(&mut self, name: &str) -> Result<&mut Xdp> {
         xdp_prog(&mut self.ebpf, name)
+    }
+
+    /// Makes `bench_new_flow` tail-call `target`.
+    pub fn set_wrapper_target(&mut self, target: &aya::programs::ProgramFd) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("BENCH_TARGET")
+            .ok_or_else(|| anyhow!("BENCH_TARGET missing"))?;
+        let mut arr = aya::maps::ProgramArray::try_from(map)?;
+        arr.set(0, target, 0)?;
+        Ok(())
+    }
+
+    /// `bench_new_flow`'s step: true = a never-seen flow each run, false = the same flow.
+    pub fn set_wrapper_new_flows(&mut self, new_flows: bool) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("BENCH_STEP")
+            .ok_or_else(|| anyhow!("BENCH_STEP missing"))?;
+        let mut arr = aya::maps::Array::<_, u32>::try_from(map)?;
+        arr.set(0, u32::from(new_flows), 0)?;
+        Ok(())
+    }
+
+    /// Points `bench_new_flow` at this object's `baseline_tx` (to measure the wrapper itself).
+    pub fn wrap_baseline_tx(&mut self) -> Result<()> {
+        let fd = self.program_mut("baseline_tx")?.fd()?.try_clone()?;
+        self.set_wrapper_target(&fd)
     }
 }

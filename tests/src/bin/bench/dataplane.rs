@@ -8,8 +8,16 @@
 //! - `repeat`: one call with a large repeat; the kernel reports the mean time per run. Only for
 //!   packets whose rewrite is idempotent (dsr-l2 rewrites only MACs and takes the same path
 //!   again; pass-through leaves the packet alone), and for the baselines.
-//! - `loop`: many calls with repeat = 1 (ipip would re-encapsulate its own output; a SYN must be
-//!   a new flow each time to measure the conntrack insert). The time is the kernel-reported
+//! - `wrapper` (SYN): one call with a large repeat through `bench_new_flow`, which sets the
+//!   source address/port and tail-calls the balancer. `v4_syn_dsr`: the input is restored to
+//!   the same SYN every run, and every run makes the balancer insert the flow's conntrack entry
+//!   (an LRU update always links a newly taken element). `v4_syn_dsr_newflow`: every run is a
+//!   flow never seen before, so the table's memory is cold (a 1M-entry table). Both check that
+//!   the number of inserts equals the number of runs. The wrapper's own cost (tail-calling
+//!   `baseline_tx` instead, minus `baseline_tx` alone) is subtracted. Each run starts with a
+//!   freshly loaded balancer, so the inserts never evict.
+//! - `loop`: many calls with repeat = 1 (ipip would re-encapsulate its own output; the SYN is
+//!   also reported this way, `v4_syn_dsr_loop`). The time is the kernel-reported
 //!   duration of each call (so the syscall itself is not counted, but the per-call timer and
 //!   setup are), averaged over the calls of a run; the baselines are measured the same way
 //!   (`baseline_*_loop`) for the ratio. The wall-clock time per call is reported alongside.
@@ -73,6 +81,7 @@ fn parse(args: &[String]) -> Result<Opts> {
 enum Method {
     Repeat,
     Loop,
+    Wrapper,
 }
 
 impl Method {
@@ -80,6 +89,7 @@ impl Method {
         match self {
             Method::Repeat => "repeat",
             Method::Loop => "loop",
+            Method::Wrapper => "wrapper",
         }
     }
 }
@@ -197,6 +207,49 @@ fn syn_batch(round: usize, calls: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `wrapper` method for SYNs: per run, ns of (wrapper -> balancer) minus the wrapper's own
+/// cost (wrapper -> baseline_tx, minus baseline_tx alone).
+fn syn_by_wrapper(base: &mut Baseline, o: &Opts, new_flows: bool) -> Result<Measured> {
+    base.set_wrapper_new_flows(new_flows)?;
+    // Below the conntrack size, so no run evicts.
+    let repeat = o.repeat.min(500_000);
+    let syn = Packet::tcp(CLIENT4, V4_TCP_DSR.addr, 1, V4_TCP_DSR.port, TCP_SYN).build();
+    let mut runs = Vec::with_capacity(o.runs);
+    let mut verdict = 0;
+    for _ in 0..o.runs {
+        base.wrap_baseline_tx()?;
+        let (_, _, wrapped_tx) = fx::xdp_run(base.program_mut("bench_new_flow")?, &syn, repeat)?;
+        let (_, _, tx) = fx::xdp_run(base.program_mut("baseline_tx")?, &syn, repeat)?;
+        let overhead = wrapped_tx.as_nanos() as f64 - tx.as_nanos() as f64;
+
+        let mut dp = fx::load_with(1 << 20).context("loading the balancer")?;
+        let fd = dp.program_mut()?.fd()?.try_clone()?;
+        base.set_wrapper_target(&fd)?;
+        let wrap = base.program_mut("bench_new_flow")?;
+        let (v, _, _) = fx::xdp_run(wrap, &syn, 1)?;
+        verdict = v;
+        let (_, _, d) = fx::xdp_run(wrap, &syn, repeat)?;
+        let inserted = dp.counters()?.stats[lb_common::Stat::CtInsert as usize];
+        if inserted < u64::from(repeat) {
+            bail!("wrapper SYN run made {inserted} conntrack inserts for {repeat} packets");
+        }
+        runs.push(d.as_nanos() as f64 - overhead);
+    }
+    Ok(Measured {
+        name: if new_flows {
+            "v4_syn_dsr_newflow"
+        } else {
+            "v4_syn_dsr"
+        },
+        method: Method::Wrapper,
+        baseline: "baseline_tx",
+        runs,
+        wall: vec![],
+        verdict,
+        want: XDP_TX,
+    })
+}
+
 fn established(vip: &fx::Vip, client: IpAddr, sport: u16) -> Vec<u8> {
     Packet::tcp(client, vip.addr, sport, vip.port, TCP_PSH | TCP_ACK)
         .payload_len(64)
@@ -310,12 +363,15 @@ pub fn run(args: &[String]) -> Result<()> {
         &mut |_| vec![v4_ipip.clone()],
     )?);
     results.push(loop_case(
-        "v4_syn_dsr",
+        "v4_syn_dsr_loop",
         dp.program_mut()?,
         "baseline_tx_loop",
         XDP_TX,
         &mut |round| syn_batch(round, calls),
     )?);
+
+    results.push(syn_by_wrapper(&mut base, &o, false)?);
+    results.push(syn_by_wrapper(&mut base, &o, true)?);
 
     // Report.
     let medians: BTreeMap<&str, f64> = results.iter().map(|m| (m.name, median(&m.runs))).collect();
