@@ -11,12 +11,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{
-    DECAP_STAT_COUNT, DecapKey, FlowKey, GlobalConfig, NODE_ACTIVE, NodeEntry, PROTO_TCP,
-    PROTO_UDP, RouteEntry,
+    FlowKey, GlobalConfig, NODE_ACTIVE, NodeEntry, PROTO_TCP, PROTO_UDP, RouteEntry,
     hash::{addr_word, addr_words, flow_hash_v4, flow_hash_v6, ports_word, route_index},
 };
 use lb_userspace::{
@@ -371,51 +369,27 @@ fn xdp_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .try_into()?)
 }
 
-/// The node-side decapsulator, unpinned.
-pub struct Decap {
-    ebpf: Ebpf,
-    vips: HashMap<MapData, DecapKey, u32>,
-    stats: PerCpuArray<MapData, u64>,
-}
+/// The node-side decapsulator, loaded by the same code as `lb decap`.
+pub struct Decap(lb_userspace::decap::Decap);
 
 impl Decap {
     pub fn load() -> Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(objects::get(objects::DECAP, "decap")?)?;
-        load_xdp(&mut ebpf, lb_common::PROG_DECAP)?;
-        let vips = HashMap::try_from(
-            ebpf.take_map(lb_common::MAP_DECAP_VIPS)
-                .ok_or_else(|| anyhow!("DECAP_VIPS missing"))?,
-        )?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map(lb_common::MAP_DECAP_STATS)
-                .ok_or_else(|| anyhow!("DECAP_STATS missing"))?,
-        )?;
-        Ok(Self { ebpf, vips, stats })
+        Ok(Self(lb_userspace::decap::Decap::load()?))
     }
 
     /// Accepts `addr` as a local VIP.
     pub fn add_vip(&mut self, addr: IpAddr) -> Result<()> {
-        let (a, family) = ip_bytes(addr);
-        let key = DecapKey {
-            addr: a,
-            family,
-            _pad: [0; 3],
-        };
-        self.vips.insert(key, 1, 0)?;
-        Ok(())
+        self.0.add_vip(addr)
     }
 
     pub fn test_run(&mut self, input: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let prog = xdp_prog(&mut self.ebpf, lb_common::PROG_DECAP)?;
-        let (v, out, _) = xdp_run(prog, input, 1)?;
+        let (v, out, _) = xdp_run(self.0.program_mut()?, input, 1)?;
         Ok((v, out))
     }
 
     /// `DECAP_STATS`, summed over CPUs, indexed by `DecapStat`.
     pub fn stats(&self) -> Result<Vec<u64>> {
-        (0..DECAP_STAT_COUNT)
-            .map(|i| Ok(self.stats.get(&i, 0)?.iter().sum()))
-            .collect()
+        self.0.counters()
     }
 }
 

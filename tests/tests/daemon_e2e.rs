@@ -262,33 +262,27 @@ fn bad_config_and_arguments_fail_with_one_line_errors() {
         ("[daemon]\nheartbeat_interval = \"soon\"\n", "duration"),
         ("this is not toml", "parsing config"),
     ];
-    for (text, needle) in cases {
-        let cfg = dir.0.join("bad.toml");
-        std::fs::write(&cfg, text).unwrap();
-        let out = ns
-            .command(&lb.to_string_lossy())
-            .args(["run", "--iface", "eth0", "--config"])
+    // `lb run --iface IF` with a config of `config` in the namespace.
+    let run = |iface: &str, config: &str| {
+        let cfg = dir.0.join("lb.toml");
+        std::fs::write(&cfg, config).unwrap();
+        ns.command(&lb.to_string_lossy())
+            .args(["run", "--iface", iface, "--config"])
             .arg(&cfg)
             .arg("--state-dir")
             .arg(dir.0.join("state"))
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    for (text, needle) in cases {
+        let out = run("eth0", text);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(err.contains(needle), "{needle:?} not in {err:?}");
         assert!(err.starts_with("lb: error:"), "{err:?}");
     }
     // Unknown interface: a clear error, nothing left pinned.
-    let cfg = dir.0.join("ok.toml");
-    std::fs::write(&cfg, "[daemon]\ninstance = \"lbtbadif\"\n").unwrap();
-    let out = ns
-        .command(&lb.to_string_lossy())
-        .args(["run", "--iface", "nosuchif0", "--config"])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(dir.0.join("state"))
-        .output()
-        .unwrap();
+    let out = run("nosuchif0", "[daemon]\ninstance = \"lbtbadif\"\n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("nosuchif0"), "{err}");
