@@ -114,6 +114,29 @@ pub const fn vip_cache_slot(addr_hash: u32, port: u16, proto: u8) -> u32 {
     h >> (32 - crate::VIP_CACHE_SIZE.trailing_zeros())
 }
 
+/// The kernel's hash of a tracked flow (`CONNTRACK` key), so userspace can find a flow's route.
+/// `with_ports = false` for source-affinity VIPs.
+#[inline(always)]
+pub const fn flow_key_hash(key: &crate::FlowKey, with_ports: bool) -> u32 {
+    let ports = if with_ports {
+        ports_word(key.sport, key.dport)
+    } else {
+        0
+    };
+    if key.family == crate::FAMILY_V4 {
+        let s = [key.src[0], key.src[1], key.src[2], key.src[3]];
+        let d = [key.dst[0], key.dst[1], key.dst[2], key.dst[3]];
+        flow_hash_v4(addr_word(&s), addr_word(&d), ports, key.proto)
+    } else {
+        flow_hash_v6(
+            &addr_words(&key.src),
+            &addr_words(&key.dst),
+            ports,
+            key.proto,
+        )
+    }
+}
+
 /// Route ID in `0..n` for a flow hash: Lemire's multiply-shift reduction (no division, and
 /// uniform for any `n`, not only powers of two).
 #[inline(always)]
@@ -194,6 +217,35 @@ mod tests {
         }
         assert!(collisions < 160, "{collisions} collisions");
         assert_ne!(vip_cache_slot(a, 80, 6), vip_cache_slot(a, 80, 17));
+    }
+
+    #[test]
+    fn flow_key_hash_matches_the_word_hashes() {
+        let mut k = crate::FlowKey {
+            src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 1234,
+            dport: 80,
+            proto: 6,
+            family: crate::FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let (s, d) = (addr_word(&[10, 0, 0, 1]), addr_word(&[10, 0, 0, 2]));
+        assert_eq!(
+            flow_key_hash(&k, true),
+            flow_hash_v4(s, d, ports_word(1234, 80), 6)
+        );
+        assert_eq!(flow_key_hash(&k, false), flow_hash_v4(s, d, 0, 6));
+        k.family = crate::FAMILY_V6;
+        assert_eq!(
+            flow_key_hash(&k, true),
+            flow_hash_v6(
+                &addr_words(&k.src),
+                &addr_words(&k.dst),
+                ports_word(1234, 80),
+                6
+            )
+        );
     }
 
     #[test]

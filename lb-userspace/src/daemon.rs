@@ -31,7 +31,7 @@ use crate::{
     health,
     heartbeat::{self, Key, MoveReason, Receiver},
     membership::{self, Event, Membership},
-    routes::{Move, NodeState, RouteTable},
+    routes::{Move, NodeInfo, NodeState, RouteTable},
     signals,
     state::{NodeRecord, NodeStatus, State},
 };
@@ -89,6 +89,12 @@ pub struct Daemon {
     link: Option<PinnedLink>,
     args: RunArgs,
     last_maintenance: Instant,
+}
+
+/// A node's weight and state. Every VIP's table holds the same node set and states (each
+/// event is applied to all of them), so the first table answers for all.
+fn node_info(vips: &[VipState], id: u32) -> Option<NodeInfo> {
+    vips.first().and_then(|v| v.table.node(id))
 }
 
 /// Whether a node (by table state) is live: tracked flows on it are kept.
@@ -202,7 +208,7 @@ impl Daemon {
                 membership.add_node(n.id, node_cfg);
                 // A node that was up before a restart stays up, with a fresh deadline: it goes
                 // down only if its agent stays silent for k intervals from now.
-                let table_state = vips.first().and_then(|v| v.table.node(n.id));
+                let table_state = node_info(&vips, n.id);
                 if let Some(info) = table_state
                     && info.state != NodeState::Down
                 {
@@ -285,15 +291,11 @@ impl Daemon {
     /// The node's NODES entry from config and its state in the tables.
     fn write_node(&mut self, id: u32) -> Result<()> {
         let n = self.nodes.get(&id).context("unknown node")?;
-        let state = self
-            .vips
-            .first()
-            .and_then(|v| v.table.node(id))
-            .map_or(NODE_DOWN, |i| match i.state {
-                NodeState::Active => NODE_ACTIVE,
-                NodeState::Draining => NODE_DRAINING,
-                NodeState::Down => NODE_DOWN,
-            });
+        let state = node_info(&self.vips, id).map_or(NODE_DOWN, |i| match i.state {
+            NodeState::Active => NODE_ACTIVE,
+            NodeState::Draining => NODE_DRAINING,
+            NodeState::Down => NODE_DOWN,
+        });
         let entry = NodeEntry {
             addr6: n.ipv6.map(|a| a.octets()).unwrap_or_default(),
             addr4: n.ipv4.map(|a| a.octets()).unwrap_or_default(),
@@ -368,7 +370,7 @@ impl Daemon {
     fn save(&self) -> Result<()> {
         let mut st = State::new();
         for id in self.nodes.keys() {
-            let info = self.vips.first().and_then(|v| v.table.node(*id));
+            let info = node_info(&self.vips, *id);
             let status = match info.map(|i| i.state) {
                 Some(NodeState::Active) => NodeStatus::Active,
                 Some(NodeState::Draining) => NodeStatus::Draining,
@@ -388,7 +390,7 @@ impl Daemon {
         }
         for v in &self.vips {
             st.tables.push(crate::state::TableRecord {
-                addr: key_ip(&v.spec.key),
+                addr: dataplane::key_ip(&v.spec.key),
                 port: u16::from_be(v.spec.key.port),
                 proto: v.spec.key.proto,
                 table: v.table.clone(),
@@ -579,7 +581,7 @@ impl Daemon {
                     continue;
                 };
                 let vip = heartbeat::Vip {
-                    addr: key_ip(&key),
+                    addr: dataplane::key_ip(&key),
                     port: u16::from_be(key.port),
                     proto: key.proto,
                 };
@@ -656,36 +658,8 @@ impl Daemon {
 
 /// Route ID of a tracked flow, as the kernel computes it.
 pub fn flow_route(mode: dataplane::HashMode, n: u32, key: &lb_common::FlowKey) -> u32 {
-    use lb_common::hash;
-    let ports = if mode == dataplane::HashMode::SourceIp {
-        0
-    } else {
-        hash::ports_word(key.sport, key.dport)
-    };
-    let h = if key.family == lb_common::FAMILY_V4 {
-        hash::flow_hash_v4(
-            hash::addr_word(&[key.src[0], key.src[1], key.src[2], key.src[3]]),
-            hash::addr_word(&[key.dst[0], key.dst[1], key.dst[2], key.dst[3]]),
-            ports,
-            key.proto,
-        )
-    } else {
-        hash::flow_hash_v6(
-            &hash::addr_words(&key.src),
-            &hash::addr_words(&key.dst),
-            ports,
-            key.proto,
-        )
-    };
-    hash::route_index(h, n)
-}
-
-fn key_ip(key: &VipKey) -> std::net::IpAddr {
-    if key.family == lb_common::FAMILY_V4 {
-        std::net::IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
-    } else {
-        std::net::IpAddr::from(key.addr)
-    }
+    let h = lb_common::hash::flow_key_hash(key, mode == dataplane::HashMode::FiveTuple);
+    lb_common::hash::route_index(h, n)
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in `CtEntry::last_seen` units (what `bpf_ktime_get_coarse_ns` reads).

@@ -1055,12 +1055,16 @@ pub fn vip_display(key: &VipKey) -> String {
         lb_common::PROTO_UDP => "udp",
         _ => "?",
     };
-    let port = u16::from_be(key.port);
+    let sa = std::net::SocketAddr::new(key_ip(key), u16::from_be(key.port));
+    format!("{sa}/{proto}")
+}
+
+/// A VIP key's address (inverse of [`ip_bytes`]).
+pub fn key_ip(key: &VipKey) -> std::net::IpAddr {
     if key.family == FAMILY_V4 {
-        let a = std::net::Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]);
-        format!("{a}:{port}/{proto}")
+        std::net::IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
     } else {
-        format!("[{}]:{port}/{proto}", std::net::Ipv6Addr::from(key.addr))
+        std::net::IpAddr::from(key.addr)
     }
 }
 
