@@ -452,26 +452,28 @@ impl Daemon {
         for ev in events {
             info!("membership: {ev:?}");
             let node = ev.node();
-            let Some(ncfg) = self.nodes.get(&node).cloned() else {
+            let Some(cfg_weight) = self.nodes.get(&node).map(|n| n.weight) else {
                 continue;
             };
             let mut notices: Vec<(usize, MoveReason, Vec<Move>)> = Vec::new();
             // A node coming up must be ACTIVE in NODES before any route points at it.
-            if matches!(ev, Event::NodeUp { .. }) {
+            if let Event::NodeUp {
+                weight, draining, ..
+            } = *ev
+            {
+                // The agent's advertised weight, or the configured one when it has no opinion.
+                let w = if weight > 0 { weight } else { cfg_weight };
                 self.set_table_state(
                     node,
-                    |t, n| {
-                        let w = ncfg.weight;
-                        match t.node(n).map(|i| i.state) {
-                            Some(NodeState::Active | NodeState::Draining) => Ok(Vec::new()),
-                            _ => t.join(n, w),
-                        }
+                    |t, n| match t.node(n).map(|i| i.state) {
+                        Some(NodeState::Active | NodeState::Draining) => Ok(Vec::new()),
+                        _ => t.join(n, w),
                     },
                     &mut notices,
                     MoveReason::Join,
                 )?;
                 self.write_node(node)?;
-                if let Event::NodeUp { draining: true, .. } = ev {
+                if draining {
                     self.set_table_state(node, |t, n| t.drain(n), &mut notices, MoveReason::Drain)?;
                 }
                 self.push_changed(&notices)?;

@@ -166,7 +166,7 @@ fn restart_under_traffic_loses_no_packets() {
 }
 
 #[test]
-fn multicast_heartbeats_drive_membership() {
+fn multicast_heartbeats_drive_membership_with_advertised_weights() {
     let lab = Lab::new(2).unwrap();
     lab.add_dsr_vip(VIP).unwrap();
     let group = "239.18.0.1";
@@ -189,6 +189,12 @@ fn multicast_heartbeats_drive_membership() {
                     .arg(format!("{group}:7711"))
                     .arg("--key-file")
                     .arg(&setup.key)
+                    // Node 1 advertises weight 3 (node 2 keeps the configured 1).
+                    .args(if id == 1 {
+                        &["--weight", "3"][..]
+                    } else {
+                        &[][..]
+                    })
                     .stdin(std::process::Stdio::null())
                     .spawn()
                     .unwrap(),
@@ -197,8 +203,8 @@ fn multicast_heartbeats_drive_membership() {
         .collect();
     setup
         .wait_routes(&key, Duration::from_secs(10), |r| {
-            r.iter().filter(|e| e.node == 1).count() == 32
-                && r.iter().filter(|e| e.node == 2).count() == 32
+            r.iter().filter(|e| e.node == 1).count() == 48
+                && r.iter().filter(|e| e.node == 2).count() == 16
         })
         .unwrap();
     drop(agents);
