@@ -349,17 +349,7 @@ fn fuzz_balancer() {
         if v == XDP_TX && out.len() < 14 {
             bad.push(format!("XDP_TX with a {}-byte frame", out.len()));
         }
-        if !bad.is_empty() {
-            failed += 1;
-            if failures.len() < 20 {
-                failures.push(format!(
-                    "#{i}: {}\n    in:  {}\n    out: {}",
-                    bad.join("; "),
-                    hex(&p),
-                    hex(&out)
-                ));
-            }
-        }
+        record(&mut failed, &mut failures, i, &bad, &p, &out);
     }
     let elapsed = t0.elapsed();
     let after = dp.counters().unwrap();
@@ -437,17 +427,7 @@ fn fuzz_decap() {
                 if out == p { "unchanged" } else { "modified" }
             ));
         }
-        if !bad.is_empty() {
-            failed += 1;
-            if failures.len() < 20 {
-                failures.push(format!(
-                    "#{i}: {}\n    in:  {}\n    out: {}",
-                    bad.join("; "),
-                    hex(&p),
-                    hex(&out)
-                ));
-            }
-        }
+        record(&mut failed, &mut failures, i, &bad, &p, &out);
     }
     println!(
         "fuzz_decap: {count} packets in {:.1?}: PASS {} DROP {}; {failed} failed",
@@ -460,4 +440,27 @@ fn fuzz_decap() {
         "{failed} of {count} fuzzed packets broke a decap invariant; first ones:\n{}",
         failures.join("\n")
     );
+}
+
+/// Counts a packet whose checks failed and keeps the first 20 for the report.
+fn record(
+    failed: &mut u64,
+    failures: &mut Vec<String>,
+    i: impl std::fmt::Display,
+    bad: &[String],
+    input: &[u8],
+    output: &[u8],
+) {
+    if bad.is_empty() {
+        return;
+    }
+    *failed += 1;
+    if failures.len() < 20 {
+        failures.push(format!(
+            "#{i}: {}\n    in:  {}\n    out: {}",
+            bad.join("; "),
+            hex(input),
+            hex(output)
+        ));
+    }
 }
