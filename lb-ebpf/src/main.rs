@@ -673,19 +673,23 @@ fn udp_packet(
     balance(ctx, ip, &flow, &meta, None)
 }
 
+/// The ICMP/ICMPv6 type at `l4`, if the message holds type, code and checksum (anything
+/// shorter is not an ICMP message we could act on).
+#[inline(always)]
+fn icmp_type_at(f: &Frame, l4: usize, l4_len: usize) -> Option<u8> {
+    if l4_len < 4 {
+        return None;
+    }
+    f.at::<4>(l4).map(ld)
+}
+
 /// Step 11 for IPv4: an ICMP error quoting a packet the node sent from the VIP.
 #[inline(always)]
 fn icmp4(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict, DropReason> {
     let f = Frame::of(ctx);
-    // Type, code and checksum; anything shorter is not an ICMP message we could act on.
-    if l4_len < 4 {
-        return Ok(Verdict::Pass);
-    }
-    let Some(t) = f.at::<4>(l4) else {
-        return Ok(Verdict::Pass);
-    };
-    if !parse::is_icmp4_error(ld(t)) {
-        return Ok(Verdict::Pass);
+    match icmp_type_at(&f, l4, l4_len) {
+        Some(t) if parse::is_icmp4_error(t) => {}
+        _ => return Ok(Verdict::Pass),
     }
     let emb = l4 + ICMP_HLEN;
     let Some(e) = f.at::<IPV4_HLEN>(emb) else {
@@ -710,15 +714,9 @@ fn icmp4(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict,
 #[inline(always)]
 fn icmp6(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict, DropReason> {
     let f = Frame::of(ctx);
-    // Type, code and checksum; anything shorter is not an ICMP message we could act on.
-    if l4_len < 4 {
-        return Ok(Verdict::Pass);
-    }
-    let Some(t) = f.at::<4>(l4) else {
-        return Ok(Verdict::Pass);
-    };
-    if !parse::is_icmp6_error(ld(t)) {
-        return Ok(Verdict::Pass);
+    match icmp_type_at(&f, l4, l4_len) {
+        Some(t) if parse::is_icmp6_error(t) => {}
+        _ => return Ok(Verdict::Pass),
     }
     if let Err(r) = parse::icmp6_embedded(l4_len) {
         return malformed(&ip.dst, FAMILY_V6, r);
