@@ -137,6 +137,13 @@ pub const fn flow_key_hash(key: &crate::FlowKey, with_ports: bool) -> u32 {
     }
 }
 
+/// `CtSlot::check`: binds a conntrack way's tag to its node and VIP, so a slot torn by a
+/// concurrent rewrite does not validate.
+#[inline(always)]
+pub const fn ct_check(tag: u32, node: u32, vip: u32) -> u32 {
+    fmix(mix(mix(mix(SEED ^ 0x0c7, tag), node), vip) ^ 12)
+}
+
 /// Route ID in `0..n` for a flow hash: Lemire's multiply-shift reduction (no division, and
 /// uniform for any `n`, not only powers of two).
 #[inline(always)]

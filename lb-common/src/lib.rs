@@ -9,6 +9,7 @@
 //! target (`bpfel`) and the supported hosts are little-endian.
 #![no_std]
 
+pub mod ct;
 pub mod hash;
 
 pub use hash::{
@@ -216,10 +217,11 @@ pub struct NodeEntry {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CONNTRACK: flow -> node (LRU).
+// CONNTRACK: flow -> node (set-associative LRU; layout and way choice in `ct`).
 // ---------------------------------------------------------------------------------------------
 
-/// Key of `CONNTRACK`: the client-to-VIP 5-tuple. IPv4 addresses in the first 4 bytes.
+/// A tracked flow: the client-to-VIP 5-tuple. IPv4 addresses in the first 4 bytes. Stored in
+/// `CONNTRACK` as `ct::CtKey` words.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {
@@ -244,7 +246,7 @@ pub const CT_F_FIN: u32 = 1;
 /// A TCP RST was seen on the flow.
 pub const CT_F_RST: u32 = 2;
 
-/// Value of `CONNTRACK`.
+/// What `CONNTRACK` records of a flow (`ct::CtSlot::entry`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -281,6 +283,10 @@ pub struct GlobalConfig {
     pub ipip_src4_mask: [u8; 4],
     /// IPv6 outer-source prefix; its last 4 bytes are replaced by the flow hash.
     pub ipip_src6: [u8; 16],
+    /// Sets in `CONNTRACK`. Written by the loader from the map's size; callers' value ignored.
+    pub ct_sets: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,9 +329,11 @@ pub enum Stat {
     Encap = 10,
     /// A tracked flow stayed on its draining node.
     DrainKeep = 11,
+    /// A new flow took the place of a tracked one in its full `CONNTRACK` set.
+    CtEvict = 12,
 }
 
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
 /// Index into `DROPS`: why a VIP packet was dropped.
 #[repr(u32)]
@@ -358,6 +366,28 @@ pub enum DropReason {
 }
 
 pub const DROP_REASON_COUNT: u32 = 12;
+
+impl DropReason {
+    /// The reason with this index.
+    pub const fn from_index(i: u32) -> Option<Self> {
+        use DropReason::*;
+        Some(match i {
+            0 => TruncatedVlan,
+            1 => BadIpv4Header,
+            2 => BadIpv4Length,
+            3 => BadIpv6Header,
+            4 => BadIpv6Length,
+            5 => BadTcpHeader,
+            6 => BadUdpHeader,
+            7 => BadIcmp,
+            8 => NoBackend,
+            9 => TooBig,
+            10 => HelperFailed,
+            11 => NoRoute,
+            _ => return None,
+        })
+    }
+}
 
 /// Index into `DECAP_STATS` (node-side decap program).
 #[repr(u32)]
@@ -411,10 +441,23 @@ const _: () = {
     assert!(offset_of!(FlowKey, sport) == 32);
     assert!(offset_of!(FlowKey, proto) == 36);
     assert!(size_of::<CtEntry>() == 16);
-    assert!(size_of::<GlobalConfig>() == 32);
+    assert!(size_of::<ct::CtSlot>() == 64);
+    assert!(offset_of!(ct::CtSlot, entry) == 40);
+    assert!(offset_of!(ct::CtSlot, check) == 56);
+    assert!(size_of::<ct::CtSet>() == 64 + 64 * ct::CT_WAYS);
+    assert!(size_of::<[u32; ct::CT_WAYS]>() == 64);
+    assert!(offset_of!(ct::CtSet, slots) == 64);
+    assert!(DEFAULT_CONNTRACK_SIZE.is_multiple_of(ct::CT_WAYS as u32));
+    assert!(size_of::<GlobalConfig>() == 40);
+    assert!(offset_of!(GlobalConfig, ct_sets) == 32);
     assert!(offset_of!(GlobalConfig, ipip_src4) == 8);
     assert!(offset_of!(GlobalConfig, ipip_src6) == 16);
     assert!(size_of::<TrafficCounter>() == 16);
+    assert!(matches!(
+        DropReason::from_index(DROP_REASON_COUNT - 1),
+        Some(DropReason::NoRoute)
+    ));
+    assert!(DropReason::from_index(DROP_REASON_COUNT).is_none());
     assert!(size_of::<DecapKey>() == 20);
 };
 
@@ -429,6 +472,7 @@ mod pod {
     unsafe impl aya::Pod for NodeEntry {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for ct::CtSet {}
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for TrafficCounter {}
     unsafe impl aya::Pod for DecapKey {}

@@ -15,19 +15,28 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        BPF_F_MMAPABLE,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT,
-    DropReason, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_NODES, MAX_VIPS, NODE_DOWN,
-    NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED,
-    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
+    DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry,
+    PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, RouteEntry,
+    STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
     VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
-    flow_hash_v4, flow_hash_v6, hash::filter_slot, route_index, vip_cache_slot,
+    ct::{
+        CT_KEY_WORDS, CT_WAYS, CtKey, CtSet, ct_find_in, ct_insert_way_in, ct_key_words,
+        ct_set_index, ct_tag,
+    },
+    flow_hash_v4, flow_hash_v6,
+    hash::{self, filter_slot},
+    route_index, vip_cache_slot,
 };
 use lb_ebpf::{
     decide::{self, CtAction, FlowKind},
@@ -60,10 +69,11 @@ static ROUTES: Array<RouteEntry> = Array::with_max_entries(DEFAULT_ROUTE_SLOTS, 
 /// Node index -> MAC, ipip addresses and state.
 #[map]
 static NODES: Array<NodeEntry> = Array::with_max_entries(MAX_NODES, 0);
-/// Client flow -> node, so tracked flows keep their node when routes move.
+/// Client flow -> node in 16-way sets (`lb_common::ct`), so tracked flows keep their node when
+/// routes move. Mmapable: userspace scans and edits it without a syscall per set.
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+static CONNTRACK: Array<CtSet> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / CT_WAYS as u32, BPF_F_MMAPABLE);
 /// The one global setting record: ipip gateway MAC, MTU, outer source addresses.
 #[map]
 static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
@@ -223,7 +233,13 @@ unsafe fn put<const N: usize>(p: usize, bytes: &[u8; N]) {
 
 #[inline(always)]
 fn count(stat: Stat) {
-    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+    count_index(stat as u32);
+}
+
+/// `count` by `Stat` index.
+#[inline(always)]
+fn count_index(stat: u32) {
+    if let Some(c) = STATS.get_ptr_mut(stat) {
         // SAFETY: per-CPU slot, only this CPU writes it.
         unsafe { *c += 1 };
     }
@@ -771,23 +787,10 @@ fn icmp_flow(
 // Route, node choice and conntrack (steps 8-9).
 // ---------------------------------------------------------------------------------------------
 
+/// Steps 8-10 for every kind of packet: two subprograms called one after the other, so the
+/// deepest call chains (conntrack under `pick`, PMTU replies under `forward`) each fit the
+/// 512-byte stack next to the entry's frame.
 #[inline(always)]
-fn flow_key(ip: &Ip, flow: &Flow) -> FlowKey {
-    let p = flow.ports.to_le_bytes();
-    FlowKey {
-        src: bytes16(&flow.client),
-        dst: bytes16(&flow.vip),
-        sport: u16::from_ne_bytes([p[0], p[1]]),
-        dport: u16::from_ne_bytes([p[2], p[3]]),
-        proto: flow.proto,
-        family: ip.family(),
-        _pad: [0; 2],
-    }
-}
-
-/// Steps 8-10 for every kind of packet (one subprogram, so the verifier and the stack see it
-/// once).
-#[inline(never)]
 fn balance(
     ctx: &XdpContext,
     ip: &Ip,
@@ -795,13 +798,49 @@ fn balance(
     meta: &VipMeta,
     event: Option<Stat>,
 ) -> Result<Verdict, DropReason> {
-    let (hash, slot, route) = route_of(ip, flow, meta)?;
-    let (node_idx, node) = choose_node(ip, flow, meta, route)?;
+    let picked = pick(ip, flow, meta);
+    if picked & PICK_ERR != 0 {
+        return Err(DropReason::from_index(picked as u32).unwrap_or(DropReason::NoRoute));
+    }
+    let event = event.map_or(0, |e| e as u64 + 1);
+    forward(ctx, ip, flow, meta, picked | event << PICK_EVENT_SHIFT)
+}
 
+/// `pick`'s result in one register: the `ROUTES` slot in bits 0..32 and the node in 32..48;
+/// `PICK_ERR | reason` on a drop. `balance` adds the packet's event (`Stat` + 1) at bit 48.
+const PICK_ERR: u64 = 1 << 63;
+const PICK_NODE_SHIFT: u64 = 32;
+const PICK_EVENT_SHIFT: u64 = 48;
+
+/// Steps 8-9: the route slot and the node for the packet (see `PICK_ERR`).
+#[inline(never)]
+fn pick(ip: &Ip, flow: &Flow, meta: &VipMeta) -> u64 {
+    let r = route_of(ip, flow, meta)
+        .and_then(|(hash, slot, route)| Ok((slot, choose_node(ip, flow, meta, route, hash)?.0)));
+    match r {
+        Ok((slot, node)) => slot as u64 | (node as u64) << PICK_NODE_SHIFT,
+        Err(reason) => PICK_ERR | reason as u64,
+    }
+}
+
+/// Step 10 for the node `pick` chose: rewrite or encapsulate (or answer with a PMTU error),
+/// then count.
+#[inline(never)]
+fn forward(
+    ctx: &XdpContext,
+    ip: &Ip,
+    flow: &Flow,
+    meta: &VipMeta,
+    picked: u64,
+) -> Result<Verdict, DropReason> {
+    let slot = picked as u32;
+    let node_idx = (picked >> PICK_NODE_SHIFT) as u32 & 0xffff;
+    // `pick` checked the node is live, so its entry exists.
+    let node = NODES.get(node_idx).ok_or(DropReason::NoBackend)?;
     let f = Frame::of(ctx);
     let bytes = f.len() as u64;
     let mut sent = if meta.mode() == VIP_MODE_IPIP {
-        encap(ctx, ip, hash, node, flow.icmp)?
+        encap(ctx, ip, route_hash(ip, flow, meta), node, flow.icmp)?
     } else {
         dsr(f, node)?
     };
@@ -817,11 +856,33 @@ fn balance(
         count(Stat::PmtuReply);
         return Ok(Verdict::Tx);
     }
-    if let Some(e) = event {
-        count(e);
+    match (picked >> PICK_EVENT_SHIFT) as u32 & 0xff {
+        0 => {}
+        e => count_index(e - 1),
     }
     count_forwarded(meta.index, node_idx, slot, bytes);
     Ok(Verdict::Tx)
+}
+
+/// The route hash of the flow: 5-tuple, or source address only for affinity VIPs.
+#[inline(always)]
+fn route_hash(ip: &Ip, flow: &Flow, meta: &VipMeta) -> u32 {
+    let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
+        0
+    } else {
+        flow.ports
+    };
+    flow_hash(ip, flow, ports)
+}
+
+/// The flow's hash with the given ports word (0 for source affinity).
+#[inline(always)]
+fn flow_hash(ip: &Ip, flow: &Flow, ports: u32) -> u32 {
+    if ip.v6 {
+        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
+    } else {
+        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
+    }
 }
 
 /// Step 8: the flow hash, the live `ROUTES` slot and its entry.
@@ -831,16 +892,7 @@ fn route_of(
     flow: &Flow,
     meta: &VipMeta,
 ) -> Result<(u32, u32, &'static RouteEntry), DropReason> {
-    let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
-        0
-    } else {
-        flow.ports
-    };
-    let hash = if ip.v6 {
-        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
-    } else {
-        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
-    };
+    let hash = route_hash(ip, flow, meta);
     if meta.route_count == 0 {
         return Err(DropReason::NoRoute);
     }
@@ -894,13 +946,14 @@ fn established(
     Ok(Verdict::Tx)
 }
 
-/// Step 9: the node for this packet.
+/// Step 9: the node for this packet (`hash` is the route hash from `route_of`).
 #[inline(always)]
 fn choose_node(
     ip: &Ip,
     flow: &Flow,
     meta: &VipMeta,
     route: &RouteEntry,
+    hash: u32,
 ) -> Result<(u32, &'static NodeEntry), DropReason> {
     let looked_up = decide::needs_lookup(flow.kind, route.flags & ROUTE_F_MOVED != 0);
     let node = if !looked_up && flow.kind != FlowKind::Syn {
@@ -910,7 +963,7 @@ fn choose_node(
         decide::choose(flow.kind, route.node, state, false, None)?;
         route.node
     } else {
-        tracked(ip, flow, meta, route)?
+        tracked(ip, flow, meta, route, hash)?
     };
     // A chosen node is never DOWN, so its entry exists.
     NODES
@@ -919,20 +972,37 @@ fn choose_node(
         .ok_or(DropReason::NoBackend)
 }
 
-/// Node choice with the conntrack lookup and update the packet needs (its own subprogram: the
-/// flow key and entry live on its stack, off the hot path).
-#[inline(never)]
-fn tracked(ip: &Ip, flow: &Flow, meta: &VipMeta, route: &RouteEntry) -> Result<u32, DropReason> {
+/// Node choice with the conntrack lookup and update the packet needs (in `pick`, off the hot
+/// path). `CONNTRACK` is read and written in place by the `lb_ct_*` globals; `lb_common::ct`
+/// has the layout, the way choice and why no lock is needed.
+#[inline(always)]
+fn tracked(
+    ip: &Ip,
+    flow: &Flow,
+    meta: &VipMeta,
+    route: &RouteEntry,
+    hash: u32,
+) -> Result<u32, DropReason> {
+    // The tag is the 5-tuple hash: the route hash already is one unless the VIP hashes by
+    // source address only.
+    let tag = ct_tag(if meta.flags & VIP_F_HASH_SRC != 0 {
+        flow_hash(ip, flow, flow.ports)
+    } else {
+        hash
+    });
     let looked_up = decide::needs_lookup(flow.kind, route.flags & ROUTE_F_MOVED != 0);
     let owner_state = NODES.get(route.node).map_or(NODE_DOWN, |n| n.state);
-    let key = flow_key(ip, flow);
-    let mut entry = None;
+    let key = ct_key_words(&flow.client, &flow.vip, flow.ports, flow.proto, ip.family());
+    // verifier: the index is below the map size (`ct_sets` is the loader's copy of it), but
+    // the lookup can return null.
+    let set = CONNTRACK
+        .get_ptr_mut(ct_set_index(tag, config()?.ct_sets))
+        .ok_or(DropReason::HelperFailed)?;
     let mut hit = None;
-    if looked_up && let Some(e) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a live map value; a racing LRU eviction at worst gives a stale node index.
-        let n = unsafe { (*e).node };
-        hit = Some((n, NODES.get(n).map_or(NODE_DOWN, |x| x.state)));
-        entry = Some(e);
+    let mut old = CtEntry::default();
+    // SAFETY (the three `lb_ct_*` calls): a live set, and references to locals.
+    if looked_up && unsafe { lb_ct_get(set, &key, tag, CT_WAYS, &mut old) } != 0 {
+        hit = Some((old.node, NODES.get(old.node).map_or(NODE_DOWN, |x| x.state)));
     }
     let choice = decide::choose(flow.kind, route.node, owner_state, looked_up, hit)?;
     if choice.ct != CtAction::None {
@@ -942,39 +1012,135 @@ fn tracked(ip: &Ip, flow: &Flow, meta: &VipMeta, route: &RouteEntry) -> Result<u
             FlowKind::Tracked { seen, .. } => seen,
             _ => 0,
         };
-        match (choice.ct, entry) {
-            (CtAction::Insert, _) => {
-                let v = CtEntry {
-                    node: choice.node,
-                    vip: meta.index,
-                    last_seen: now,
-                    flags: 0,
-                };
-                if CONNTRACK.insert(key, v, 0).is_err() {
-                    return Err(DropReason::HelperFailed);
+        let e = CtEntry {
+            node: choice.node,
+            vip: meta.index,
+            last_seen: now,
+            flags: old.flags | seen,
+        };
+        match choice.ct {
+            // Written only when they change, so the hot path rarely dirties the line.
+            CtAction::Refresh if old.last_seen != now || old.flags & seen != seen => {
+                unsafe { lb_ct_touch(set, &key, tag, CT_WAYS, &e) };
+            }
+            CtAction::Refresh => {}
+            _ => {
+                if unsafe { lb_ct_put(set, &key, tag, CT_WAYS, &e) } == 2 {
+                    count(Stat::CtEvict);
                 }
             }
-            // SAFETY (both arms): `e` points at the flow's live map value; writes are whole
-            // u32 fields and written only when they change, so the hot path rarely dirties it.
-            (CtAction::Refresh, Some(e)) => unsafe {
-                if (*e).last_seen != now {
-                    (*e).last_seen = now;
-                }
-                if (*e).flags & seen != seen {
-                    (*e).flags |= seen;
-                }
-            },
-            (CtAction::Rewrite, Some(e)) => unsafe {
-                (*e).node = choice.node;
-                (*e).vip = meta.index;
-                (*e).last_seen = now;
-                (*e).flags |= seen;
-            },
-            _ => {}
         }
     }
     count_events(choice.stats);
     Ok(choice.node)
+}
+
+// `CONNTRACK` set operations: global subprograms, so the verifier checks each once rather than
+// once per path that reaches it (there are hundreds), and a way index never leaves them. `ways`
+// is always `CT_WAYS`; as an argument it keeps the scans rolled (see `lb_common::ct`). `set` is
+// a `CONNTRACK` value, `key` the flow's words, `tag` its tag. They return 1 or 0 (globals return
+// scalars). Safety, for all three: each pointer is null (then they do nothing) or valid for its
+// type; the verifier enforces this on every call.
+
+/// Copies the flow's entry to `out`; 0 if the flow is not tracked. A way another CPU is
+/// rewriting fails the check word (a miss), never gives a torn entry.
+///
+/// # Safety
+/// Each pointer is null or valid for its type (see above).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn lb_ct_get(
+    set: *mut CtSet,
+    key: *const CtKey,
+    tag: u32,
+    ways: usize,
+    out: *mut CtEntry,
+) -> u32 {
+    // verifier: a global's pointer arguments may be null.
+    if set.is_null() || key.is_null() || out.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null pointers to a live set, a key and an entry (the verifier checks sizes).
+    unsafe {
+        match ct_find_in(&*set, &*key, tag, ways.min(CT_WAYS)) {
+            Some(i) => {
+                *out = (*set).slots[i].entry;
+                1
+            }
+            None => 0,
+        }
+    }
+}
+
+/// Records `e` for the flow: in its own way, else a free one, else the set's victim (then it
+/// returns 2). Writes in the order readers rely on: tag cleared, slot and check word written,
+/// tag set.
+///
+/// # Safety
+/// Each pointer is null or valid for its type (see above).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn lb_ct_put(
+    set: *mut CtSet,
+    key: *const CtKey,
+    tag: u32,
+    ways: usize,
+    e: *const CtEntry,
+) -> u32 {
+    // verifier: a global's pointer arguments may be null.
+    if set.is_null() || key.is_null() || e.is_null() {
+        return 0;
+    }
+    // SAFETY: as in `lb_ct_get`; volatile keeps the stores in order. Word by word, so
+    // nothing is staged on this small stack.
+    unsafe {
+        let (node, vip) = ((*e).node, (*e).vip);
+        let (i, evicts) = ct_insert_way_in(&*set, &*key, tag, (*e).last_seen, ways.min(CT_WAYS));
+        let i = i % CT_WAYS;
+        let t = &raw mut (*set).tags[i];
+        let s = &raw mut (*set).slots[i];
+        t.write_volatile(0);
+        for j in 0..CT_KEY_WORDS {
+            (&raw mut (*s).key[j]).write_volatile((*key)[j]);
+        }
+        (&raw mut (*s).entry.node).write_volatile(node);
+        (&raw mut (*s).entry.vip).write_volatile(vip);
+        (&raw mut (*s).entry.last_seen).write_volatile((*e).last_seen);
+        (&raw mut (*s).entry.flags).write_volatile((*e).flags);
+        (&raw mut (*s).check).write_volatile(hash::ct_check(tag, node, vip));
+        t.write_volatile(tag);
+        if evicts { 2 } else { 1 }
+    }
+}
+
+/// Stores `e.last_seen` and `e.flags` in the flow's way, if it is still there: fields the
+/// check word does not cover, so no reader sees them torn against the node.
+///
+/// # Safety
+/// Each pointer is null or valid for its type (see above).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn lb_ct_touch(
+    set: *mut CtSet,
+    key: *const CtKey,
+    tag: u32,
+    ways: usize,
+    e: *const CtEntry,
+) -> u32 {
+    // verifier: a global's pointer arguments may be null.
+    if set.is_null() || key.is_null() || e.is_null() {
+        return 0;
+    }
+    // SAFETY: as in `lb_ct_get`.
+    unsafe {
+        let Some(i) = ct_find_in(&*set, &*key, tag, ways.min(CT_WAYS)) else {
+            return 0;
+        };
+        let p = &raw mut (*set).slots[i].entry;
+        (&raw mut (*p).last_seen).write_volatile((*e).last_seen);
+        (&raw mut (*p).flags).write_volatile((*e).flags);
+    }
+    1
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -687,6 +687,7 @@ fn global_config(cfg: &Config) -> Result<GlobalConfig> {
         ipip_src4: src4,
         ipip_src4_mask: mask4,
         ipip_src6: cfg.ipip.source_v6.octets(),
+        ..Default::default()
     })
 }
 

@@ -21,11 +21,13 @@ use aya::{
 use lb_common::{
     CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_VIPS, NodeEntry,
     PROTO_ANY, RouteEntry, STAT_COUNT, TrafficCounter, VIP_CACHE_SIZE, VIP_F_ADDR_MARKER,
-    VIP_F_FRAG_ONLY, VIP_FILTER_WORDS, VipCacheEntry, VipKey, VipMeta, hash,
+    VIP_F_FRAG_ONLY, VIP_FILTER_WORDS, VipCacheEntry, VipKey, VipMeta,
+    ct::{CT_WAYS, CtSet, ct_sets_for},
+    hash,
 };
 use thiserror::Error;
 
-use crate::objects;
+use crate::{conntrack::CtTable, objects};
 
 /// `VipMeta::flags` bit of the earlier format, where `VipMeta` named the live slice and this bit
 /// said it was the second of the pair. Only read, when re-adopting maps pinned by such a run.
@@ -165,7 +167,8 @@ pub struct Dataplane {
     /// A second fd of `ROUTES` for `BPF_MAP_UPDATE_BATCH` (aya has no batch API).
     routes_fd: OwnedFd,
     nodes_map: Array<MapData, NodeEntry>,
-    conntrack_map: HashMap<MapData, FlowKey, CtEntry>,
+    /// `CONNTRACK`, mmapped.
+    conntrack: CtTable,
     config_map: Array<MapData, GlobalConfig>,
     stats_map: PerCpuArray<MapData, u64>,
     drops_map: PerCpuArray<MapData, u64>,
@@ -219,12 +222,13 @@ impl Dataplane {
                 "route_slots and conntrack_size must be > 0".into(),
             ));
         }
+        let ct_sets = ct_sets_for(opts.conntrack_size);
         let obj = objects::get(objects::BALANCER, "balancer")?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(lb_common::MAP_ROUTES, opts.route_slots)
             .map_max_entries(lb_common::MAP_ROUTE_STATS, opts.route_slots)
-            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_size);
+            .map_max_entries(lb_common::MAP_CONNTRACK, ct_sets);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 fs::create_dir_all(dir).map_err(|e| {
@@ -257,7 +261,7 @@ impl Dataplane {
             routes_fd: dup_map_fd(&ebpf, lb_common::MAP_ROUTES)?,
             routes_map: take(&mut ebpf, lb_common::MAP_ROUTES)?,
             nodes_map: take(&mut ebpf, lb_common::MAP_NODES)?,
-            conntrack_map: take(&mut ebpf, lb_common::MAP_CONNTRACK)?,
+            conntrack: conntrack_table(&ebpf, ct_sets)?,
             config_map: take(&mut ebpf, lb_common::MAP_CONFIG)?,
             stats_map: take(&mut ebpf, lb_common::MAP_STATS)?,
             drops_map: take(&mut ebpf, lb_common::MAP_DROPS)?,
@@ -272,6 +276,9 @@ impl Dataplane {
             route_slots: opts.route_slots,
         };
         dp.readopt()?;
+        // The kernel sizes its set index from CONFIG.
+        let cfg = dp.config()?;
+        dp.set_config(&cfg)?;
         Ok(dp)
     }
 
@@ -432,6 +439,11 @@ impl Dataplane {
                 cfg.mtu
             )));
         }
+        let cfg = GlobalConfig {
+            ct_sets: self.conntrack.sets(),
+            _pad: 0,
+            ..*cfg
+        };
         self.config_map
             .set(0, cfg, 0)
             .map_err(map_err(lb_common::MAP_CONFIG))
@@ -832,34 +844,24 @@ impl Dataplane {
 
     /// All tracked flows.
     pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
-        self.conntrack_map
-            .iter()
-            .map(|r| r.map_err(map_err(lb_common::MAP_CONNTRACK)))
-            .collect()
+        Ok(self.conntrack.entries())
     }
 
     /// Looks one flow up.
     pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
-        match self.conntrack_map.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(lb_common::MAP_CONNTRACK)(e)),
-        }
+        Ok(self.conntrack.get(key))
     }
 
     /// Deletes one flow (expiry of idle entries).
     pub fn conntrack_remove(&mut self, key: &FlowKey) -> Result<()> {
-        match self.conntrack_map.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(lb_common::MAP_CONNTRACK)(e)),
-        }
+        self.conntrack.remove(key);
+        Ok(())
     }
 
-    /// Inserts or overwrites one flow (tests, and re-homing flows).
+    /// Records one flow where the kernel would (tests, and re-homing flows).
     pub fn conntrack_insert(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
-        self.conntrack_map
-            .insert(key, entry, 0)
-            .map_err(map_err(lb_common::MAP_CONNTRACK))
+        self.conntrack.insert(key, entry);
+        Ok(())
     }
 
     /// Global verdict/event counters and drop reasons, summed over CPUs.
@@ -913,6 +915,39 @@ impl Dataplane {
 }
 
 /// A second fd of a map, before it is taken.
+/// `CONNTRACK` mapped, after checking that a pinned one has this build's layout and size.
+fn conntrack_table(ebpf: &Ebpf, sets: u32) -> Result<CtTable> {
+    let name = lb_common::MAP_CONNTRACK;
+    let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+        return Err(DataplaneError::Invalid(format!(
+            "map {name} is not the set-associative array of this build (pinned by an older \
+             version?); remove the pins to start with an empty table"
+        )));
+    };
+    let info = data.info().map_err(map_err(name))?;
+    if info.value_size() as usize != size_of::<CtSet>() || info.map_flags() & MMAPABLE == 0 {
+        return Err(DataplaneError::Invalid(format!(
+            "pinned {name} has another layout (value size {}, flags {:#x}); remove the pins to \
+             start with an empty table",
+            info.value_size(),
+            info.map_flags()
+        )));
+    }
+    if info.max_entries() != sets {
+        return Err(DataplaneError::Invalid(format!(
+            "pinned {name} has {} sets ({} flows) but {sets} were asked for; remove the pins or \
+             keep conntrack_size",
+            info.max_entries(),
+            info.max_entries() as usize * CT_WAYS
+        )));
+    }
+    let fd = dup_map_fd(ebpf, name)?;
+    CtTable::map(fd, sets).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
+}
+
+/// `BPF_F_MMAPABLE`.
+const MMAPABLE: u32 = 1 << 10;
+
 fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
     match ebpf.map(name) {
         Some(aya::maps::Map::Array(data)) => data

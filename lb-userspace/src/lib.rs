@@ -2,6 +2,7 @@
 //! membership (heartbeats, failure detection), persistent state, the daemon and the agent.
 pub mod agent;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;

@@ -87,6 +87,7 @@ pub fn config() -> GlobalConfig {
         ipip_src4: IPIP_SRC4,
         ipip_src4_mask: IPIP_SRC4_MASK,
         ipip_src6: IPIP_SRC6,
+        ..Default::default()
     }
 }
 

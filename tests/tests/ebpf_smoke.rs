@@ -85,7 +85,9 @@ fn table(node: u32, n: usize) -> Vec<RouteEntry> {
 fn load(pin_dir: Option<&Path>) -> Dataplane {
     let mut dp = Dataplane::load(&DataplaneOptions {
         route_slots: 4096,
-        conntrack_size: 4096,
+        // 8x the 2,000 flows `bench_ns_per_packet` inserts: no set overflows (the table is
+        // set-associative; a full set evicts even when the table as a whole is not full).
+        conntrack_size: 16384,
         pin_dir: pin_dir.map(Path::to_path_buf),
     })
     .unwrap_or_else(|e| panic!("loading the balancer failed: {e:#?}"));
@@ -498,4 +500,72 @@ fn cache_covers_every_slot() {
     for p in 0..=u16::MAX {
         assert!(slot_of(&key(VIP, p)) < VIP_CACHE_SIZE);
     }
+}
+
+/// `CONNTRACK` is set-associative: a SYN into a full set evicts a closing flow first, then the
+/// least recently seen one, counts `CtEvict`, and leaves the other ways alone.
+#[test]
+fn full_conntrack_set_evicts_closing_then_oldest() {
+    use lb_common::{
+        CT_F_FIN, PROTO_TCP, Stat,
+        ct::{CT_WAYS, ct_key_tag, ct_set_index},
+    };
+    let mut dp = dataplane();
+    let sets = dp.config().unwrap().ct_sets;
+    let flow = |port: u16| {
+        lb_tests::fixture::flow_key([192, 168, 1, 2].into(), VIP.into(), port, 80, PROTO_TCP)
+    };
+    // CT_WAYS + 2 client ports whose flows share one set.
+    let mut groups: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+    let ports = (1024..=u16::MAX)
+        .find_map(|p| {
+            let g = groups
+                .entry(ct_set_index(ct_key_tag(&flow(p)), sets))
+                .or_default();
+            g.push(p);
+            (g.len() == CT_WAYS + 2).then(|| g.clone())
+        })
+        .expect("a set with CT_WAYS + 2 flows");
+    let syn = |dp: &mut Dataplane, p: u16| {
+        let pkt = ipv4_tcp(VIP, p, 80, 0x02);
+        assert_dsr(dp, &pkt, NODE_MAC);
+    };
+    for &p in &ports[..CT_WAYS] {
+        syn(&mut dp, p);
+    }
+    // Age one flow, then a new flow must take exactly its way.
+    let oldest = ports[3];
+    let mut e = dp.conntrack_get(&flow(oldest)).unwrap().expect("tracked");
+    e.last_seen = e.last_seen.wrapping_sub(100);
+    dp.conntrack_insert(&flow(oldest), &e).unwrap();
+    syn(&mut dp, ports[CT_WAYS]);
+    assert_eq!(
+        dp.conntrack_get(&flow(oldest)).unwrap(),
+        None,
+        "oldest evicted"
+    );
+    // A closing flow goes before older open ones.
+    let closing = ports[7];
+    let mut e = dp.conntrack_get(&flow(closing)).unwrap().expect("tracked");
+    e.flags = CT_F_FIN;
+    dp.conntrack_insert(&flow(closing), &e).unwrap();
+    let mut e = dp.conntrack_get(&flow(ports[0])).unwrap().expect("tracked");
+    e.last_seen = e.last_seen.wrapping_sub(50);
+    dp.conntrack_insert(&flow(ports[0]), &e).unwrap();
+    syn(&mut dp, ports[CT_WAYS + 1]);
+    assert_eq!(
+        dp.conntrack_get(&flow(closing)).unwrap(),
+        None,
+        "closing evicted"
+    );
+    for &p in ports.iter().filter(|&&p| p != oldest && p != closing) {
+        assert!(
+            dp.conntrack_get(&flow(p)).unwrap().is_some(),
+            "port {p} kept"
+        );
+    }
+    assert_eq!(dp.conntrack().unwrap().len(), CT_WAYS);
+    let c = dp.counters().unwrap();
+    assert_eq!(c.stats[Stat::CtEvict as usize], 2);
+    assert_eq!(c.stats[Stat::CtInsert as usize], CT_WAYS as u64 + 2);
 }

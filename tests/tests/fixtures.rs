@@ -162,6 +162,7 @@ const ALL_STATS: [Stat; STAT_COUNT as usize] = [
     Stat::Fragment,
     Stat::Encap,
     Stat::DrainKeep,
+    Stat::CtEvict,
 ];
 
 const ALL_DROPS: [DropReason; DROP_REASON_COUNT as usize] = [
@@ -1948,7 +1949,10 @@ fn configuration_as_assumed() {
     for n in NODES {
         assert_eq!(dp.node(n).unwrap(), node_entry(n));
     }
-    assert_eq!(dp.config().unwrap(), config());
+    // The loader fills in the conntrack geometry; the rest is what was written.
+    let got = dp.config().unwrap();
+    assert_eq!(got.ct_sets, lb_common::ct::ct_sets_for(64 * 1024));
+    assert_eq!(lb_common::GlobalConfig { ct_sets: 0, ..got }, config());
 }
 
 /// The runner itself fails rows that deviate: a wrong verdict, wrong bytes, a wrong counter

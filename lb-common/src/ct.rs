@@ -1,0 +1,433 @@
+//! `CONNTRACK`'s layout and the way choice, shared by the kernel and userspace.
+//!
+//! `CONNTRACK` is an array of [`CtSet`]s, each a 16-way set-associative bucket: a flow lives in
+//! set `route_index(tag, sets)` of its 5-tuple hash (`tag`), in any of its ways. Lookups and
+//! inserts cost one inlined array lookup, a scan of one cache line of tags and one slot line,
+//! where the kernel's LRU hash costs ~250 ns per insert (its free-list and bucket locking).
+//! Eviction is LRU within the set: a full set gives up a closing flow (FIN/RST seen) first,
+//! then the least recently seen one.
+//!
+//! Concurrency without locks: a writer clears the way's tag, writes the slot, then sets the
+//! tag. A reader accepts a slot only if its tag, its key and its check word (a hash of the
+//! tag, node and VIP) all agree, so a slot read while another CPU rewrites it reads as a miss
+//! (the route owner is used, as after an eviction) rather than as a wrong node; this holds on
+//! any memory ordering, up to a 2^-32 chance that a torn slot's check word matches.
+
+use crate::{CT_F_FIN, CT_F_RST, CtEntry, FlowKey, hash};
+
+/// Ways per set: 16 tags fill one cache line, and with 16 ways a set rarely overflows before
+/// the table is half full (`set_overflow_is_rare_below_half_fill`).
+pub const CT_WAYS: usize = 16;
+/// Words of a [`CtSlot`] key.
+pub const CT_KEY_WORDS: usize = 5;
+
+/// A flow key as five little-endian words: client address (2), VIP address (2), then the
+/// ports word in the low half and `proto | family << 8` in the high half of the last.
+pub type CtKey = [u64; CT_KEY_WORDS];
+
+/// One way of a set: a tracked flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtSlot {
+    /// The flow ([`ct_key`]).
+    pub key: CtKey,
+    /// Where it goes.
+    pub entry: CtEntry,
+    /// [`hash::ct_check`] of the way's tag, `entry.node` and `entry.vip`.
+    pub check: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Value of `CONNTRACK`: one set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtSet {
+    /// Per way: the flow's [`ct_tag`], 0 when the way is free. One cache line, so a lookup
+    /// reads a slot line only on a tag match.
+    pub tags: [u32; CT_WAYS],
+    /// The ways.
+    pub slots: [CtSlot; CT_WAYS],
+}
+
+/// Words of a flow from the kernel's view: addresses as little-endian words (IPv4 in word 0),
+/// the ports word as on the wire, protocol and family.
+#[inline(always)]
+pub const fn ct_key_words(
+    client: &[u32; 4],
+    vip: &[u32; 4],
+    ports: u32,
+    proto: u8,
+    family: u8,
+) -> CtKey {
+    [
+        client[0] as u64 | (client[1] as u64) << 32,
+        client[2] as u64 | (client[3] as u64) << 32,
+        vip[0] as u64 | (vip[1] as u64) << 32,
+        vip[2] as u64 | (vip[3] as u64) << 32,
+        ports as u64 | (proto as u64 | (family as u64) << 8) << 32,
+    ]
+}
+
+/// The words of a [`FlowKey`].
+#[inline(always)]
+pub const fn ct_key(key: &FlowKey) -> CtKey {
+    ct_key_words(
+        &hash::addr_words(&key.src),
+        &hash::addr_words(&key.dst),
+        hash::ports_word(key.sport, key.dport),
+        key.proto,
+        key.family,
+    )
+}
+
+/// The [`FlowKey`] of key words (inverse of [`ct_key`]).
+pub const fn ct_flow_key(w: &CtKey) -> FlowKey {
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        src[i] = (w[i / 8] >> (8 * (i % 8))) as u8;
+        dst[i] = (w[2 + i / 8] >> (8 * (i % 8))) as u8;
+        i += 1;
+    }
+    let ports = w[4] as u32;
+    FlowKey {
+        src,
+        dst,
+        sport: ports as u16,
+        dport: (ports >> 16) as u16,
+        proto: (w[4] >> 32) as u8,
+        family: (w[4] >> 40) as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// A flow's tag: its 5-tuple hash, never 0 (0 marks a free way).
+#[inline(always)]
+pub const fn ct_tag(flow_hash: u32) -> u32 {
+    if flow_hash == 0 { 1 } else { flow_hash }
+}
+
+/// The tag of a [`FlowKey`].
+#[inline(always)]
+pub const fn ct_key_tag(key: &FlowKey) -> u32 {
+    ct_tag(hash::flow_key_hash(key, true))
+}
+
+/// The set of a tag in a table of `sets` sets.
+#[inline(always)]
+pub const fn ct_set_index(tag: u32, sets: u32) -> u32 {
+    hash::route_index(tag, sets)
+}
+
+/// Sets for a table of `flows` entries.
+pub const fn ct_sets_for(flows: u32) -> u32 {
+    flows.div_ceil(CT_WAYS as u32)
+}
+
+/// Key equality without a `memcmp` (which BPF lacks).
+#[inline(always)]
+pub const fn same_key(a: &CtKey, b: &CtKey) -> bool {
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
+}
+
+/// Whether way `i` validly holds the flow (`key`, `tag`).
+#[inline(always)]
+pub fn ct_holds(set: &CtSet, i: usize, key: &CtKey, tag: u32) -> bool {
+    let s = &set.slots[i];
+    set.tags[i] == tag
+        && same_key(&s.key, key)
+        && s.check == hash::ct_check(tag, s.entry.node, s.entry.vip)
+}
+
+/// The way holding the flow, if any.
+#[inline(always)]
+pub fn ct_find(set: &CtSet, key: &CtKey, tag: u32) -> Option<usize> {
+    ct_find_in(set, key, tag, CT_WAYS)
+}
+
+/// The way a new entry for the flow goes to: the flow's own way (a retransmitted SYN re-records
+/// rather than duplicates), else a free way, else the victim: a closing flow (FIN/RST seen)
+/// first, then the least recently seen (`now` in `CtEntry::last_seen` units).
+#[inline(always)]
+pub fn ct_insert_way(set: &CtSet, key: &CtKey, tag: u32, now: u32) -> usize {
+    ct_insert_way_in(set, key, tag, now, CT_WAYS).0
+}
+
+// The `_in` forms scan the first `ways` ways (`CT_WAYS` in every call). The kernel calls them
+// from global subprograms that get `ways` as an argument, so LLVM keeps each loop rolled (few
+// registers, a small stack) and the verifier walks it once. Indices are reduced modulo
+// `CT_WAYS`, which proves every access in bounds.
+
+/// [`ct_find`] over the first `ways` ways.
+#[inline(always)]
+pub fn ct_find_in(set: &CtSet, key: &CtKey, tag: u32, ways: usize) -> Option<usize> {
+    let mut i = 0;
+    while i < ways {
+        if ct_holds(set, i % CT_WAYS, key, tag) {
+            return Some(i % CT_WAYS);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// [`ct_insert_way`] over the first `ways` ways, and whether the way holds another flow (an
+/// eviction). The free way is found in a second pass rather than remembered in the first: a
+/// carried index would multiply the verifier's states.
+#[inline(always)]
+pub fn ct_insert_way_in(
+    set: &CtSet,
+    key: &CtKey,
+    tag: u32,
+    now: u32,
+    ways: usize,
+) -> (usize, bool) {
+    let mut i = 0;
+    while i < ways {
+        let w = i % CT_WAYS;
+        if set.tags[w] == tag && same_key(&set.slots[w].key, key) {
+            return (w, false);
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < ways {
+        let w = i % CT_WAYS;
+        if set.tags[w] == 0 {
+            return (w, false);
+        }
+        i += 1;
+    }
+    // Full set: reads every slot line, which only a full set costs. Ties are broken from a
+    // start that depends on the tag, so same-age sets do not always evict the same way.
+    let start = tag as usize % CT_WAYS;
+    let mut best = start;
+    let mut best_score = 0u64;
+    let mut j = 0;
+    while j < ways {
+        let w = (start + j) % CT_WAYS;
+        let e = &set.slots[w].entry;
+        let age = now.wrapping_sub(e.last_seen) as u64;
+        let closing = (e.flags & (CT_F_FIN | CT_F_RST) != 0) as u64;
+        let score = (closing << 32) | age;
+        if j == 0 || score > best_score {
+            best = w;
+            best_score = score;
+        }
+        j += 1;
+    }
+    (best, true)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::{FAMILY_V4, FAMILY_V6};
+
+    fn key(n: u32, family: u8) -> FlowKey {
+        let mut k = FlowKey {
+            sport: n as u16,
+            dport: 80u16.to_be(),
+            proto: 6,
+            family,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&n.to_be_bytes());
+        k.dst[..4].copy_from_slice(&[10, 0, 0, 1]);
+        if family == FAMILY_V6 {
+            k.src[15] = 7;
+            k.dst[15] = 9;
+        }
+        k
+    }
+
+    fn put(set: &mut CtSet, i: usize, k: &FlowKey, node: u32, last_seen: u32, flags: u32) {
+        let tag = ct_key_tag(k);
+        set.tags[i] = tag;
+        set.slots[i] = CtSlot {
+            key: ct_key(k),
+            entry: CtEntry {
+                node,
+                vip: 3,
+                last_seen,
+                flags,
+            },
+            check: hash::ct_check(tag, node, 3),
+            _pad: 0,
+        };
+    }
+
+    #[test]
+    fn key_words_round_trip_and_match_the_kernel_view() {
+        for fam in [FAMILY_V4, FAMILY_V6] {
+            let k = key(0x0a01_0203, fam);
+            assert_eq!(ct_flow_key(&ct_key(&k)), k);
+        }
+        let k = key(0x0a01_0203, FAMILY_V4);
+        // What the kernel builds from packet words.
+        let client = hash::addr_words(&k.src);
+        let vip = hash::addr_words(&k.dst);
+        let ports = hash::ports_word(k.sport, k.dport);
+        assert_eq!(ct_key_words(&client, &vip, ports, 6, FAMILY_V4), ct_key(&k));
+        // The words are the FlowKey's own bytes, little-endian.
+        let mut bytes = [0u8; 40];
+        for (i, w) in ct_key(&k).iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(&bytes[..16], &k.src);
+        assert_eq!(&bytes[16..32], &k.dst);
+        assert_eq!(bytes[36], 6);
+        assert_eq!(bytes[37], FAMILY_V4);
+    }
+
+    #[test]
+    fn find_needs_tag_key_and_check() {
+        let mut set = CtSet::default();
+        let a = key(1, FAMILY_V4);
+        let b = key(2, FAMILY_V4);
+        put(&mut set, 5, &a, 9, 0, 0);
+        let (ka, ta) = (ct_key(&a), ct_key_tag(&a));
+        assert_eq!(ct_find(&set, &ka, ta), Some(5));
+        assert_eq!(ct_find(&set, &ct_key(&b), ct_key_tag(&b)), None);
+        // A torn slot: node rewritten, check not (yet).
+        set.slots[5].entry.node = 4;
+        assert_eq!(ct_find(&set, &ka, ta), None);
+        set.slots[5].check = hash::ct_check(ta, 4, 3);
+        assert_eq!(ct_find(&set, &ka, ta), Some(5));
+        // Same tag, other key (a tag collision) is not the flow.
+        set.slots[5].key = ct_key(&b);
+        assert_eq!(ct_find(&set, &ka, ta), None);
+        // A freed way.
+        set.slots[5].key = ka;
+        set.tags[5] = 0;
+        assert_eq!(ct_find(&set, &ka, ta), None);
+    }
+
+    #[test]
+    fn insert_prefers_own_then_free_then_closing_then_oldest() {
+        let mut set = CtSet::default();
+        let flows: [FlowKey; CT_WAYS] = core::array::from_fn(|i| key(100 + i as u32, FAMILY_V6));
+        let new = key(7, FAMILY_V6);
+        let (kn, tn) = (ct_key(&new), ct_key_tag(&new));
+        // Free ways are taken in order.
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 0);
+        for (i, f) in flows.iter().enumerate().take(3) {
+            put(&mut set, i, f, 1, 40, 0);
+        }
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 3);
+        // The flow's own way, even with free ways before it.
+        put(&mut set, 6, &new, 1, 40, 0);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 6);
+        set.tags[6] = 0;
+        // Full: the oldest loses.
+        for (i, f) in flows.iter().enumerate() {
+            put(&mut set, i, f, 1, 20 + i as u32, 0);
+        }
+        put(&mut set, 4, &flows[4], 1, 10, 0);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 4);
+        // A closing flow loses before an older open one.
+        put(&mut set, 2, &flows[2], 1, 49, CT_F_FIN);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 2);
+        // Ages survive the clock wrapping.
+        let mut set2 = CtSet::default();
+        for (i, f) in flows.iter().enumerate() {
+            put(&mut set2, i, f, 1, 3, 0);
+        }
+        put(&mut set2, 1, &flows[1], 1, u32::MAX - 5, 0);
+        assert_eq!(ct_insert_way(&set2, &kn, tn, 5), 1);
+    }
+
+    #[test]
+    fn same_age_evictions_spread_over_ways() {
+        let mut set = CtSet::default();
+        for i in 0..CT_WAYS {
+            put(&mut set, i, &key(200 + i as u32, FAMILY_V4), 1, 0, 0);
+        }
+        let mut hit = [0u32; CT_WAYS];
+        for n in 0..4000 {
+            let k = key(10_000 + n, FAMILY_V4);
+            hit[ct_insert_way(&set, &ct_key(&k), ct_key_tag(&k), 0)] += 1;
+        }
+        let even = 4000 / CT_WAYS as u32;
+        for h in hit {
+            assert!((even * 7 / 10..=even * 13 / 10).contains(&h), "{hit:?}");
+        }
+    }
+
+    /// Share of inserts that evict a live flow at a given fill, uniform random flows: the
+    /// sizing advice of docs/dataplane.md. Fills the table to `fill` (inserting flows with
+    /// increasing `last_seen`), then measures 20,000 more inserts, removing the oldest flow
+    /// per insert so the fill holds.
+    fn evicting_share(fill: f64) -> f64 {
+        const SETS: u32 = 4096;
+        let mut table = std::vec![CtSet::default(); SETS as usize];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut live = std::collections::VecDeque::new();
+        let target = (fill * (SETS as usize * CT_WAYS) as f64) as usize;
+        let (mut inserts, mut evictions) = (0u32, 0u32);
+        for now in 0..(target as u32 + 20_000) {
+            let r = next();
+            let k = FlowKey {
+                src: [0; 16],
+                dst: [0; 16],
+                sport: r as u16,
+                dport: (r >> 16) as u16,
+                proto: 6,
+                family: FAMILY_V6,
+                _pad: [0; 2],
+            };
+            let mut k = k;
+            k.src[..8].copy_from_slice(&(r >> 32).to_le_bytes());
+            let (tag, words) = (ct_key_tag(&k), ct_key(&k));
+            let set = &mut table[ct_set_index(tag, SETS) as usize];
+            let (w, evicts) = ct_insert_way_in(set, &words, tag, now, CT_WAYS);
+            set.tags[w] = tag;
+            set.slots[w].key = words;
+            set.slots[w].entry.last_seen = now;
+            if now as usize >= target {
+                inserts += 1;
+                evictions += u32::from(evicts);
+                // Keep the fill: the oldest flow ends (if still there).
+                if let Some(old) = live.pop_front() {
+                    let (ot, ok): (u32, CtKey) = old;
+                    let s = &mut table[ct_set_index(ot, SETS) as usize];
+                    if let Some(i) = (0..CT_WAYS).find(|&i| s.tags[i] == ot && s.slots[i].key == ok)
+                    {
+                        s.tags[i] = 0;
+                    }
+                }
+            }
+            live.push_back((tag, words));
+        }
+        f64::from(evictions) / f64::from(inserts)
+    }
+
+    #[test]
+    fn set_overflow_is_rare_below_half_fill() {
+        let quarter = evicting_share(0.25);
+        let half = evicting_share(0.5);
+        std::println!("evicting inserts: 25% fill {quarter:.5}, 50% fill {half:.5}");
+        assert!(quarter < 0.0005, "{quarter}");
+        assert!(half < 0.01, "{half}");
+    }
+
+    #[test]
+    fn sets_cover_the_table() {
+        assert_eq!(ct_sets_for(1 << 20), 1 << 16);
+        assert_eq!(ct_sets_for(17), 2);
+        assert_eq!(ct_tag(0), 1);
+        for t in [1u32, 0x8000_0000, u32::MAX] {
+            assert!(ct_set_index(t, 1000) < 1000);
+        }
+    }
+}
