@@ -18,6 +18,8 @@ use crate::{CT_F_FIN, CT_F_RST, CtEntry, FlowKey, hash};
 /// Ways per set: 16 tags fill one cache line, and with 16 ways a set rarely overflows before
 /// the table is half full (`set_overflow_is_rare_below_half_fill`).
 pub const CT_WAYS: usize = 16;
+/// Map flags of `CONNTRACK`: `BPF_F_MMAPABLE`, so userspace scans and edits it in place.
+pub const CT_MAP_FLAGS: u32 = 1 << 10;
 /// Words of a [`CtSlot`] key.
 pub const CT_KEY_WORDS: usize = 5;
 
@@ -219,6 +221,34 @@ pub fn ct_insert_way_in(
         j += 1;
     }
     (best, true)
+}
+
+/// Writes way `i` of a set in the order readers rely on: tag cleared, slot and check word
+/// written, tag set. Field by field with volatile stores, so nothing is staged on the kernel's
+/// small stack and the stores stay in this order.
+///
+/// # Safety
+/// `set` is valid for writes (a live `CONNTRACK` value or its mapping).
+#[inline(always)]
+pub unsafe fn ct_store(set: *mut CtSet, i: usize, key: &CtKey, tag: u32, e: &CtEntry) {
+    let i = i % CT_WAYS;
+    // SAFETY: per the contract; `i` is reduced to a way of the set.
+    unsafe {
+        let t = &raw mut (*set).tags[i];
+        let s = &raw mut (*set).slots[i];
+        t.write_volatile(0);
+        let mut j = 0;
+        while j < CT_KEY_WORDS {
+            (&raw mut (*s).key[j]).write_volatile(key[j]);
+            j += 1;
+        }
+        (&raw mut (*s).entry.node).write_volatile(e.node);
+        (&raw mut (*s).entry.vip).write_volatile(e.vip);
+        (&raw mut (*s).entry.last_seen).write_volatile(e.last_seen);
+        (&raw mut (*s).entry.flags).write_volatile(e.flags);
+        (&raw mut (*s).check).write_volatile(hash::ct_check(tag, e.node, e.vip));
+        t.write_volatile(tag);
+    }
 }
 
 #[cfg(test)]

@@ -15,10 +15,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_MMAPABLE,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    },
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
@@ -31,11 +28,11 @@ use lb_common::{
     STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
     VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
-        CT_KEY_WORDS, CT_WAYS, CtKey, CtSet, ct_find_in, ct_insert_way_in, ct_key_words,
-        ct_set_index, ct_tag,
+        CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, ct_find_in, ct_insert_way_in, ct_key_words,
+        ct_set_index, ct_store, ct_tag,
     },
     flow_hash_v4, flow_hash_v6,
-    hash::{self, filter_slot},
+    hash::filter_slot,
     route_index, vip_cache_slot,
 };
 use lb_ebpf::{
@@ -73,7 +70,7 @@ static NODES: Array<NodeEntry> = Array::with_max_entries(MAX_NODES, 0);
 /// routes move. Mmapable: userspace scans and edits it without a syscall per set.
 #[map]
 static CONNTRACK: Array<CtSet> =
-    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / CT_WAYS as u32, BPF_F_MMAPABLE);
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / CT_WAYS as u32, CT_MAP_FLAGS);
 /// The one global setting record: ipip gateway MAC, MTU, outer source addresses.
 #[map]
 static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
@@ -1072,9 +1069,8 @@ pub unsafe extern "C" fn lb_ct_get(
     }
 }
 
-/// Records `e` for the flow: in its own way, else a free one, else the set's victim (then it
-/// returns 2). Writes in the order readers rely on: tag cleared, slot and check word written,
-/// tag set.
+/// Records `e` for the flow (`ct_store`): in its own way, else a free one, else the set's
+/// victim (then it returns 2).
 ///
 /// # Safety
 /// Each pointer is null or valid for its type (see above).
@@ -1091,24 +1087,10 @@ pub unsafe extern "C" fn lb_ct_put(
     if set.is_null() || key.is_null() || e.is_null() {
         return 0;
     }
-    // SAFETY: as in `lb_ct_get`; volatile keeps the stores in order. Word by word, so
-    // nothing is staged on this small stack.
+    // SAFETY: as in `lb_ct_get`.
     unsafe {
-        let (node, vip) = ((*e).node, (*e).vip);
         let (i, evicts) = ct_insert_way_in(&*set, &*key, tag, (*e).last_seen, ways.min(CT_WAYS));
-        let i = i % CT_WAYS;
-        let t = &raw mut (*set).tags[i];
-        let s = &raw mut (*set).slots[i];
-        t.write_volatile(0);
-        for j in 0..CT_KEY_WORDS {
-            (&raw mut (*s).key[j]).write_volatile((*key)[j]);
-        }
-        (&raw mut (*s).entry.node).write_volatile(node);
-        (&raw mut (*s).entry.vip).write_volatile(vip);
-        (&raw mut (*s).entry.last_seen).write_volatile((*e).last_seen);
-        (&raw mut (*s).entry.flags).write_volatile((*e).flags);
-        (&raw mut (*s).check).write_volatile(hash::ct_check(tag, node, vip));
-        t.write_volatile(tag);
+        ct_store(set, i, &*key, tag, &*e);
         if evicts { 2 } else { 1 }
     }
 }

@@ -11,10 +11,9 @@ use std::{
 use lb_common::{
     CtEntry, FlowKey,
     ct::{
-        CT_WAYS, CtSet, CtSlot, ct_find, ct_flow_key, ct_holds, ct_insert_way, ct_key, ct_key_tag,
-        ct_set_index,
+        CT_WAYS, CtSet, ct_find, ct_flow_key, ct_holds, ct_insert_way, ct_key, ct_key_tag,
+        ct_set_index, ct_store,
     },
-    hash,
 };
 
 /// The mapped table.
@@ -135,20 +134,8 @@ impl CtTable {
         let (tag, i) = self.set_of(key);
         let words = ct_key(key);
         let w = ct_insert_way(&self.read(i), &words, tag, entry.last_seen);
-        let slot = CtSlot {
-            key: words,
-            entry: *entry,
-            check: hash::ct_check(tag, entry.node, entry.vip),
-            _pad: 0,
-        };
-        let p = self.set_ptr(i);
-        // SAFETY: way `w < CT_WAYS` of a set inside the mapping.
-        unsafe {
-            let t = &raw mut (*p).tags[w];
-            t.write_volatile(0);
-            (&raw mut (*p).slots[w]).write_volatile(slot);
-            t.write_volatile(tag);
-        }
+        // SAFETY: a set inside the mapping.
+        unsafe { ct_store(self.set_ptr(i), w, &words, tag, entry) };
     }
 }
 

@@ -22,7 +22,7 @@ use lb_common::{
     CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_VIPS, NodeEntry,
     PROTO_ANY, RouteEntry, STAT_COUNT, TrafficCounter, VIP_CACHE_SIZE, VIP_F_ADDR_MARKER,
     VIP_F_FRAG_ONLY, VIP_FILTER_WORDS, VipCacheEntry, VipKey, VipMeta,
-    ct::{CT_WAYS, CtSet, ct_sets_for},
+    ct::{CT_MAP_FLAGS, CT_WAYS, CtSet, ct_sets_for},
     hash,
 };
 use thiserror::Error;
@@ -925,7 +925,7 @@ fn conntrack_table(ebpf: &Ebpf, sets: u32) -> Result<CtTable> {
         )));
     };
     let info = data.info().map_err(map_err(name))?;
-    if info.value_size() as usize != size_of::<CtSet>() || info.map_flags() & MMAPABLE == 0 {
+    if info.value_size() as usize != size_of::<CtSet>() || info.map_flags() & CT_MAP_FLAGS == 0 {
         return Err(DataplaneError::Invalid(format!(
             "pinned {name} has another layout (value size {}, flags {:#x}); remove the pins to \
              start with an empty table",
@@ -944,9 +944,6 @@ fn conntrack_table(ebpf: &Ebpf, sets: u32) -> Result<CtTable> {
     let fd = dup_map_fd(ebpf, name)?;
     CtTable::map(fd, sets).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
-
-/// `BPF_F_MMAPABLE`.
-const MMAPABLE: u32 = 1 << 10;
 
 fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
     match ebpf.map(name) {
