@@ -6,14 +6,22 @@
 //! authenticates before it parses the body, never panics, and allocates at most one datagram's
 //! worth of route ranges. Replay protection is not here: it needs per-node state, which lives in
 //! `membership` (heartbeats) and the agent (notices).
+//!
+//! The balancer's socket ([`Receiver`]) stamps every heartbeat with the moment the *kernel*
+//! received it (`SO_TIMESTAMPNS`), not the moment the daemon got round to reading it: a daemon
+//! that falls behind under load must not judge a node dead whose heartbeats sat in the socket
+//! queue. For the same reason the receive buffer is large (4 MiB) and the kernel's count of
+//! datagrams dropped for a full queue (`SO_RXQ_OVFL`) is kept in [`RecvCounters::queue_drops`].
 use hmac::{Hmac, Mac};
+use nix::sys::socket::{self as nixsock, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
 use sha2::Sha256;
 use std::fmt;
 use std::io;
+use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// First four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"LBHB";
@@ -674,7 +682,8 @@ pub(crate) fn wait_readable(sock: &UdpSocket, timeout: Duration) -> io::Result<b
     Ok(rc > 0)
 }
 
-/// Datagrams the receiver rejected, by reason.
+/// What the receiver did with the datagrams it read: heartbeats accepted, datagrams rejected by
+/// reason, and the kernel's count of datagrams it dropped before we could read them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecvCounters {
     /// Valid heartbeats returned.
@@ -688,6 +697,12 @@ pub struct RecvCounters {
     pub malformed: u64,
     /// Authentic messages of a kind the balancer does not accept (ROUTE_MOVED).
     pub wrong_direction: u64,
+    /// Datagrams the kernel dropped because the socket's receive queue was full (its socket
+    /// drop counter, `SO_RXQ_OVFL`): the latest cumulative value it reported. The kernel attaches
+    /// it to the next datagram queued after a drop, so it shows once such a datagram is read; it
+    /// counts since the socket was bound and wraps at 2^32. These datagrams were never read, so
+    /// they are not part of [`RecvCounters::rejected`].
+    pub queue_drops: u64,
 }
 
 impl RecvCounters {
@@ -705,7 +720,7 @@ impl RecvCounters {
         *c += 1;
     }
 
-    /// All rejections.
+    /// All rejections (datagrams read and refused; not [`RecvCounters::queue_drops`]).
     pub fn rejected(&self) -> u64 {
         self.truncated
             + self.oversized
@@ -718,7 +733,78 @@ impl RecvCounters {
     }
 }
 
+/// An authentic heartbeat with its source and the moment the kernel received it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub hb: Heartbeat,
+    pub from: SocketAddr,
+    /// When the datagram reached the socket (the kernel's receive stamp on the monotonic
+    /// clock), never later than when it was read; the read time if the kernel gave no stamp.
+    pub at: Instant,
+}
+
+/// Most datagrams one [`Receiver::drain`] call reads, so a flood cannot keep the caller in it
+/// forever. A call that returns this many may have left datagrams queued: call it again.
+pub const DRAIN_MAX: usize = 4096;
+
+/// Receive buffer the heartbeat socket asks for (the kernel doubles it for its bookkeeping):
+/// 4096 heartbeat datagrams or more, so a daemon that stalls for a moment loses none.
+pub const RECV_BUFFER: usize = 4 << 20;
+
+/// Control-message space per datagram: a `SCM_TIMESTAMPNS` timespec and a `SO_RXQ_OVFL` u32,
+/// plus room for an unexpected one (a truncated control buffer would cost us the stamp).
+const CMSG_SPACE: usize =
+    nixsock::cmsg_space::<libc::timespec>() + nixsock::cmsg_space::<u32>() + 64;
+
+/// Maps the kernel's CLOCK_REALTIME stamps onto the monotonic clock: the two clocks read
+/// together once, and a stamp placed at the same distance from `mono` as it is from `wall`.
+#[derive(Clone, Copy, Debug)]
+struct ClockMap {
+    wall: SystemTime,
+    mono: Instant,
+}
+
+impl ClockMap {
+    fn now() -> ClockMap {
+        ClockMap {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+
+    /// The monotonic instant of a CLOCK_REALTIME stamp, `None` if it is unrepresentable.
+    fn instant(&self, stamp: &nix::sys::time::TimeSpec) -> Option<Instant> {
+        let secs = u64::try_from(stamp.tv_sec()).ok()?;
+        let nanos = u32::try_from(stamp.tv_nsec()).ok()?;
+        let t = UNIX_EPOCH.checked_add(Duration::new(secs, nanos))?;
+        match t.duration_since(self.wall) {
+            Ok(ahead) => self.mono.checked_add(ahead),
+            Err(e) => self.mono.checked_sub(e.duration()),
+        }
+    }
+}
+
+/// One datagram read from the socket: its first `len` bytes are in the receiver's buffer.
+#[derive(Clone, Copy, Debug)]
+struct Datagram {
+    len: usize,
+    from: SocketAddr,
+    stamp: Option<nix::sys::time::TimeSpec>,
+    read_at: Instant,
+}
+
+fn to_std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
+}
+
 /// The balancer's heartbeat socket: receives and authenticates heartbeats, sends notices.
+///
+/// Reading ([`Receiver::drain`], [`Receiver::recv`]) never blocks in the kernel: the socket is
+/// non-blocking, `recv` waits with `poll`, and an async caller waits for readability on the
+/// descriptor ([`AsFd`], e.g. tokio's `AsyncFd`) and then drains.
 #[derive(Debug)]
 pub struct Receiver {
     sock: UdpSocket,
@@ -727,13 +813,49 @@ pub struct Receiver {
     incarnation: u64,
     next_seq: u64,
     buf: Box<[u8; MAX_DATAGRAM + 1]>,
+    /// `CMSG_SPACE` bytes plus slack to align the control buffer for `cmsghdr`.
+    cmsg: Box<[u8]>,
+    /// The `at` of the last heartbeat returned (at first: when the socket was bound). Arrival
+    /// stamps are clamped to be no earlier, since the queue is in arrival order.
+    last_at: Instant,
 }
 
 impl Receiver {
-    /// Binds the heartbeat socket (e.g. `0.0.0.0:7711`, `[::]:7711`).
+    /// Binds the heartbeat socket (e.g. `0.0.0.0:7711`, `[::]:7711`), turns on kernel receive
+    /// timestamps and drop reports, and raises the receive buffer to [`RECV_BUFFER`]: with
+    /// `SO_RCVBUFFORCE` (needs `CAP_NET_ADMIN`), else with `SO_RCVBUF` (capped by
+    /// `net.core.rmem_max`). A buffer that cannot be raised is logged, not an error.
+    ///
+    /// When no other socket on the host has receive stamps on, the kernel switches stamping on
+    /// from a workqueue, shortly after this returns; datagrams queued before that are stamped
+    /// when they are read (no worse than reading time).
     pub fn bind(addr: SocketAddr, key: Key) -> io::Result<Receiver> {
         let sock = UdpSocket::bind(addr)?;
         sock.set_nonblocking(true)?;
+        let opt_err = |name: &str, e: nix::errno::Errno| {
+            let e = io::Error::from(e);
+            io::Error::new(e.kind(), format!("heartbeat socket: setting {name}: {e}"))
+        };
+        nixsock::setsockopt(&sock, sockopt::ReceiveTimestampns, &true)
+            .map_err(|e| opt_err("SO_TIMESTAMPNS", e))?;
+        nixsock::setsockopt(&sock, sockopt::RxqOvfl, &1).map_err(|e| opt_err("SO_RXQ_OVFL", e))?;
+        // SO_RCVBUFFORCE ignores net.core.rmem_max but needs CAP_NET_ADMIN; SO_RCVBUF is capped
+        // by rmem_max without an error. A small buffer loses heartbeats only under a backlog.
+        if let Err(force) = nixsock::setsockopt(&sock, sockopt::RcvBufForce, &RECV_BUFFER)
+            && let Err(plain) = nixsock::setsockopt(&sock, sockopt::RcvBuf, &RECV_BUFFER)
+        {
+            log::debug!("heartbeat socket: SO_RCVBUFFORCE: {force}; SO_RCVBUF: {plain}");
+        }
+        match nixsock::getsockopt(&sock, sockopt::RcvBuf) {
+            // The kernel reports twice the size set (its bookkeeping share).
+            Ok(n) if n < 2 * RECV_BUFFER => log::warn!(
+                "heartbeat socket {addr}: receive buffer is {n} bytes, not {}; run with \
+                 CAP_NET_ADMIN or raise net.core.rmem_max",
+                2 * RECV_BUFFER
+            ),
+            Ok(n) => log::debug!("heartbeat socket {addr}: receive buffer {n} bytes"),
+            Err(e) => log::debug!("heartbeat socket {addr}: cannot read the receive buffer: {e}"),
+        }
         Ok(Receiver {
             sock,
             key,
@@ -741,6 +863,8 @@ impl Receiver {
             incarnation: new_incarnation(),
             next_seq: 1,
             buf: Box::new([0u8; MAX_DATAGRAM + 1]),
+            cmsg: vec![0u8; CMSG_SPACE + std::mem::align_of::<libc::cmsghdr>()].into_boxed_slice(),
+            last_at: Instant::now(),
         })
     }
 
@@ -765,39 +889,152 @@ impl Receiver {
         self.sock.local_addr()
     }
 
-    /// The next authentic heartbeat and its source, or `None` when `timeout` passes first.
-    /// Rejected datagrams are counted (see [`Receiver::counters`]) and skipped.
-    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<(Heartbeat, SocketAddr)>> {
-        let deadline = Instant::now() + timeout;
+    /// The socket's receive buffer in bytes, as the kernel reports it (twice what was set).
+    pub fn recv_buffer_size(&self) -> io::Result<usize> {
+        nixsock::getsockopt(&self.sock, sockopt::RcvBuf).map_err(io::Error::from)
+    }
+
+    /// Reads the next queued datagram into `self.buf` with its source, arrival stamp and the
+    /// kernel's drop count (recorded at once). `None` when the queue is empty. Retries
+    /// `Interrupted`; skips `ConnectionRefused` (ICMP errors from earlier notices surface here
+    /// on some stacks; not fatal).
+    fn read_datagram(&mut self) -> io::Result<Option<Datagram>> {
+        // The kernel writes `cmsghdr`s at the start of the control buffer and nix reads them by
+        // reference, so it must be aligned for `cmsghdr`; the allocation has the slack for it.
+        let off = self
+            .cmsg
+            .as_ptr()
+            .align_offset(std::mem::align_of::<libc::cmsghdr>());
+        let fd = self.sock.as_raw_fd();
         loop {
-            match self.sock.recv_from(&mut self.buf[..]) {
-                Ok((n, from)) => match decode(&self.buf[..n], &self.key) {
-                    Ok(Message::Heartbeat(hb)) => {
-                        self.counters.accepted += 1;
-                        return Ok(Some((hb, from)));
+            let cmsg = self.cmsg.get_mut(off..off + CMSG_SPACE);
+            let mut iov = [IoSliceMut::new(&mut self.buf[..])];
+            let msg =
+                match nixsock::recvmsg::<SockaddrStorage>(fd, &mut iov, cmsg, MsgFlags::empty()) {
+                    Ok(msg) => msg,
+                    Err(errno) => {
+                        let e = io::Error::from(errno);
+                        match e.kind() {
+                            io::ErrorKind::WouldBlock => return Ok(None),
+                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused => {
+                                continue;
+                            }
+                            _ => return Err(e),
+                        }
                     }
-                    Ok(Message::RouteMoved(_)) => self.counters.wrong_direction += 1,
-                    Err(e) => {
-                        log::debug!("heartbeat from {from} rejected: {e}");
-                        self.counters.record(&e);
+                };
+            let read_at = Instant::now();
+            let mut stamp = None;
+            match msg.cmsgs() {
+                Ok(cmsgs) => {
+                    for c in cmsgs {
+                        match c {
+                            ControlMessageOwned::ScmTimestampns(ts) => stamp = Some(ts),
+                            ControlMessageOwned::RxqOvfl(n) => {
+                                self.counters.queue_drops = u64::from(n);
+                            }
+                            _ => {}
+                        }
                     }
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                }
+                Err(e) => log::debug!("heartbeat socket: control data lost: {e}"),
+            }
+            let Some(from) = msg.address.as_ref().and_then(to_std_addr) else {
+                // A UDP socket of an IP family always reports an IP source; be defensive.
+                log::debug!("heartbeat socket: datagram without an IP source ignored");
+                continue;
+            };
+            return Ok(Some(Datagram {
+                len: msg.bytes,
+                from,
+                stamp,
+                read_at,
+            }));
+        }
+    }
+
+    /// Decodes the datagram in `self.buf` and counts it: the heartbeat, with its arrival time
+    /// mapped through `clock` and clamped between the previous arrival and the read time, or
+    /// `None` for a rejected datagram.
+    fn accept(&mut self, d: &Datagram, clock: &ClockMap) -> Option<Received> {
+        match decode(&self.buf[..d.len], &self.key) {
+            Ok(Message::Heartbeat(hb)) => {
+                self.counters.accepted += 1;
+                let arrived = d.stamp.and_then(|s| clock.instant(&s)).unwrap_or(d.read_at);
+                // `last_at` is never later than `read_at`: both come from the monotonic clock.
+                let at = arrived.min(d.read_at).max(self.last_at);
+                self.last_at = at;
+                Some(Received {
+                    hb,
+                    from: d.from,
+                    at,
+                })
+            }
+            Ok(Message::RouteMoved(_)) => {
+                self.counters.wrong_direction += 1;
+                None
+            }
+            Err(e) => {
+                log::debug!("heartbeat from {} rejected: {e}", d.from);
+                self.counters.record(&e);
+                None
+            }
+        }
+    }
+
+    /// Reads every datagram queued on the socket without blocking; appends authentic
+    /// heartbeats to `out` (in arrival order) and counts the rejected ones. Returns how many
+    /// datagrams were read (accepted + rejected). WouldBlock ends the drain (Ok).
+    ///
+    /// One call reads at most [`DRAIN_MAX`] datagrams; when it returns `DRAIN_MAX` more may be
+    /// queued (with tokio's `AsyncFd`, keep the readiness and call again). On an error, the
+    /// heartbeats read before it are already in `out`.
+    pub fn drain(&mut self, out: &mut Vec<Received>) -> io::Result<usize> {
+        let clock = ClockMap::now();
+        let mut read = 0;
+        while read < DRAIN_MAX {
+            let Some(d) = self.read_datagram()? else {
+                break;
+            };
+            read += 1;
+            if let Some(r) = self.accept(&d, &clock) {
+                out.push(r);
+            }
+        }
+        Ok(read)
+    }
+
+    /// The next authentic heartbeat with its arrival time, or `None` when `timeout` passes
+    /// first. Rejected datagrams are counted (see [`Receiver::counters`]) and skipped.
+    pub fn recv_stamped(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
+        let deadline = Instant::now() + timeout;
+        let mut clock = ClockMap::now();
+        loop {
+            match self.read_datagram()? {
+                Some(d) => {
+                    if let Some(r) = self.accept(&d, &clock) {
+                        return Ok(Some(r));
+                    }
+                }
+                None => {
                     let now = Instant::now();
                     if now >= deadline {
                         return Ok(None);
                     }
                     wait_readable(&self.sock, deadline - now)?;
+                    clock = ClockMap::now();
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP errors from earlier notices surface here on some stacks; not fatal.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Rejection counters.
+    /// The next authentic heartbeat and its source, or `None` when `timeout` passes first.
+    /// Rejected datagrams are counted (see [`Receiver::counters`]) and skipped.
+    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<(Heartbeat, SocketAddr)>> {
+        Ok(self.recv_stamped(timeout)?.map(|r| (r.hb, r.from)))
+    }
+
+    /// Counters: heartbeats accepted, datagrams rejected by reason, kernel queue drops.
     pub fn counters(&self) -> &RecvCounters {
         &self.counters
     }
@@ -840,6 +1077,13 @@ impl Receiver {
             self.send_notice(to, n)?;
         }
         Ok(notices.len())
+    }
+}
+
+impl AsFd for Receiver {
+    /// The socket, e.g. for tokio's `AsyncFd` to wait for readability before [`Receiver::drain`].
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 }
 
@@ -1160,6 +1404,200 @@ mod tests {
             count += m.route_count();
         }
         assert_eq!(count, 400);
+    }
+
+    fn hb_of(node: u32, sequence: u64) -> Heartbeat {
+        Heartbeat {
+            node,
+            sequence,
+            ..hb()
+        }
+    }
+
+    fn loopback_receiver() -> (Receiver, SocketAddr) {
+        let rx = Receiver::bind("127.0.0.1:0".parse().unwrap(), key()).unwrap();
+        let to = rx.local_addr().unwrap();
+        (rx, to)
+    }
+
+    /// Drains until a call reads nothing; returns all heartbeats and the number of calls.
+    fn drain_all(rx: &mut Receiver) -> (Vec<Received>, usize) {
+        let mut out = vec![];
+        let mut calls = 1;
+        while rx.drain(&mut out).unwrap() > 0 {
+            calls += 1;
+            assert!(calls < 1000, "drain never ran dry");
+        }
+        (out, calls)
+    }
+
+    #[test]
+    fn drain_returns_queued_heartbeats_in_order() {
+        let (mut rx, to) = loopback_receiver();
+        assert!(
+            rx.recv_buffer_size().unwrap() >= 2 * RECV_BUFFER,
+            "receive buffer not raised (needs CAP_NET_ADMIN or net.core.rmem_max >= 4 MiB)"
+        );
+        let senders: Vec<UdpSocket> = (0..4)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut sent = vec![];
+        for i in 0..1000u64 {
+            let s = &senders[(i % 4) as usize];
+            let h = hb_of((i % 4) as u32, i + 1);
+            s.send_to(&h.encode(&key()), to).unwrap();
+            sent.push((h, s.local_addr().unwrap()));
+        }
+        let (got, _) = drain_all(&mut rx);
+        let now = Instant::now();
+        assert_eq!(rx.counters().queue_drops, 0);
+        assert_eq!(got.iter().map(|r| (r.hb, r.from)).collect::<Vec<_>>(), sent);
+        assert!(got.windows(2).all(|w| w[0].at <= w[1].at));
+        assert!(got.iter().all(|r| r.at <= now));
+        let c = *rx.counters();
+        assert_eq!((c.accepted, c.rejected()), (1000, 0));
+    }
+
+    #[test]
+    fn drain_is_bounded() {
+        let (mut rx, to) = loopback_receiver();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let total = DRAIN_MAX + 10;
+        for i in 0..total as u64 {
+            tx.send_to(&hb_of(1, i + 1).encode(&key()), to).unwrap();
+        }
+        let mut out = vec![];
+        assert_eq!(rx.drain(&mut out).unwrap(), DRAIN_MAX);
+        assert_eq!(rx.drain(&mut out).unwrap(), 10);
+        assert_eq!(rx.drain(&mut out).unwrap(), 0);
+        assert_eq!(rx.counters().queue_drops, 0);
+        assert!(out.iter().map(|r| r.hb.sequence).eq(1..=total as u64));
+    }
+
+    /// The kernel turns receive stamping on host-wide from a workqueue when the first socket
+    /// asks for it; until then it stamps datagrams when they are read. Probes until stamps
+    /// show the time a datagram waited.
+    fn wait_for_kernel_stamps(rx: &mut Receiver, tx: &UdpSocket, to: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tx.send_to(&hb_of(99, 1).encode(&key()), to).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let t = Instant::now();
+            let (got, _) = drain_all(rx);
+            if got
+                .iter()
+                .any(|r| t.saturating_duration_since(r.at) >= Duration::from_millis(10))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the kernel never stamped arrivals"
+            );
+        }
+    }
+
+    #[test]
+    fn arrival_time_is_the_kernels_not_the_readers() {
+        let (mut rx, to) = loopback_receiver();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        wait_for_kernel_stamps(&mut rx, &tx, to);
+        tx.send_to(&hb().encode(&key()), to).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        let mut out = vec![];
+        assert_eq!(rx.drain(&mut out).unwrap(), 1);
+        let age = t.saturating_duration_since(out[0].at);
+        assert!(age >= Duration::from_millis(150), "age {age:?}");
+        assert!(out[0].at <= Instant::now());
+        // `recv_stamped` (and so `recv`) reads through the same path.
+        tx.send_to(&hb_of(7, 43).encode(&key()), to).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        let r = rx.recv_stamped(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!((r.hb, r.from), (hb_of(7, 43), tx.local_addr().unwrap()));
+        let age = t.saturating_duration_since(r.at);
+        assert!(age >= Duration::from_millis(150), "age {age:?}");
+        assert!(r.at >= out[0].at);
+    }
+
+    #[test]
+    fn drain_counts_rejects_by_reason_and_goes_on() {
+        let (mut rx, to) = loopback_receiver();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let forged = Key::from_bytes(b"forged key forged key").unwrap();
+        let good = hb_of(1, 1).encode(&key());
+        let datagrams: Vec<Vec<u8>> = vec![
+            good.clone(),
+            b"garbage".to_vec(),
+            hb_of(2, 1).encode(&forged),
+            hb_of(1, 2).encode(&key()),
+            notice().encode(&key()).unwrap(),
+            good[..20].to_vec(),
+            vec![0u8; MAX_DATAGRAM + 100],
+            hb_of(2, 2).encode(&forged),
+            hb_of(1, 3).encode(&key()),
+        ];
+        for d in &datagrams {
+            tx.send_to(d, to).unwrap();
+        }
+        let mut out = vec![];
+        assert_eq!(rx.drain(&mut out).unwrap(), datagrams.len());
+        assert_eq!(
+            out.iter().map(|r| r.hb).collect::<Vec<_>>(),
+            vec![hb_of(1, 1), hb_of(1, 2), hb_of(1, 3)]
+        );
+        let c = *rx.counters();
+        assert_eq!(
+            (
+                c.accepted,
+                c.bad_magic,
+                c.bad_hmac,
+                c.wrong_direction,
+                c.truncated,
+                c.oversized
+            ),
+            (3, 1, 2, 1, 1, 1)
+        );
+        assert_eq!(c.rejected(), 6);
+        assert_eq!(rx.drain(&mut out).unwrap(), 0);
+    }
+
+    #[test]
+    fn drain_on_empty_socket_returns_at_once() {
+        let (mut rx, _) = loopback_receiver();
+        let mut out = vec![Received {
+            hb: hb(),
+            from: "127.0.0.1:1".parse().unwrap(),
+            at: Instant::now(),
+        }];
+        let t = Instant::now();
+        assert_eq!(rx.drain(&mut out).unwrap(), 0);
+        assert!(t.elapsed() < Duration::from_millis(100));
+        assert_eq!(out.len(), 1, "drain appends, never clears");
+        assert_eq!(*rx.counters(), RecvCounters::default());
+        // The descriptor is the socket's (what an `AsyncFd` waits on).
+        assert_eq!(rx.as_fd().as_raw_fd(), rx.sock.as_raw_fd());
+    }
+
+    #[test]
+    fn queue_drops_are_reported_not_rejected() {
+        let (mut rx, to) = loopback_receiver();
+        // A tiny buffer (the kernel's minimum) so a short burst overflows it.
+        nixsock::setsockopt(&rx.sock, sockopt::RcvBuf, &1).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..200 {
+            tx.send_to(&hb_of(1, i + 1).encode(&key()), to).unwrap();
+        }
+        let (first, _) = drain_all(&mut rx);
+        assert!(!first.is_empty() && first.len() < 200, "{}", first.len());
+        // The kernel reports the drops on the next datagram it queues after them.
+        tx.send_to(&hb_of(1, 201).encode(&key()), to).unwrap();
+        let (second, _) = drain_all(&mut rx);
+        assert_eq!(second.len(), 1);
+        let c = *rx.counters();
+        assert_eq!(c.queue_drops, 201 - (first.len() as u64 + 1));
+        assert_eq!((c.accepted, c.rejected()), (first.len() as u64 + 1, 0));
     }
 
     fn valid_messages() -> impl Strategy<Value = Vec<u8>> {
