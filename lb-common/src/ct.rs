@@ -19,7 +19,7 @@ use crate::{CT_F_FIN, CT_F_RST, CtEntry, FlowKey, hash};
 /// the table is half full (`set_overflow_is_rare_below_half_fill`).
 pub const CT_WAYS: usize = 16;
 /// Map flags of `CONNTRACK`: `BPF_F_MMAPABLE`, so userspace scans and edits it in place.
-pub const CT_MAP_FLAGS: u32 = 1 << 10;
+pub const CT_MAP_FLAGS: u32 = crate::BPF_F_MMAPABLE;
 /// Words of a [`CtSlot`] key.
 pub const CT_KEY_WORDS: usize = 5;
 

@@ -29,6 +29,11 @@ pub const MAP_VIP_CACHE: &str = "VIP_CACHE";
 pub const MAP_VIP_GEN: &str = "VIP_GEN";
 pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 pub const MAP_ROUTES: &str = "ROUTES";
+/// `BPF_F_MMAPABLE`: userspace maps the array and reads/writes entries as memory.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Map flags of `ROUTES`: mmapable, so a route change of tens of thousands of entries is
+/// memory stores, not a syscall per entry.
+pub const ROUTES_MAP_FLAGS: u32 = BPF_F_MMAPABLE;
 pub const MAP_NODES: &str = "NODES";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_CONFIG: &str = "CONFIG";

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use lb_common::{
     CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT,
     DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry,
-    PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, RouteEntry,
-    STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
+    PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, ROUTES_MAP_FLAGS,
+    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
     VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
         CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, ct_find_in, ct_insert_way_in, ct_key_words,
@@ -62,7 +62,7 @@ static VIP_GEN: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
 static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 /// Route tables, two generations per VIP: slot -> owning node and `ROUTE_F_*` flags.
 #[map]
-static ROUTES: Array<RouteEntry> = Array::with_max_entries(DEFAULT_ROUTE_SLOTS, 0);
+static ROUTES: Array<RouteEntry> = Array::with_max_entries(DEFAULT_ROUTE_SLOTS, ROUTES_MAP_FLAGS);
 /// Node index -> MAC, ipip addresses and state.
 #[map]
 static NODES: Array<NodeEntry> = Array::with_max_entries(MAX_NODES, 0);

@@ -2,11 +2,7 @@
 //! with the kernel's own rules from `lb_common::ct`, so a scan of a million flows costs memory
 //! reads, not a syscall per entry.
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, OwnedFd},
-    ptr::NonNull,
-};
+use std::{io, os::fd::OwnedFd};
 
 use lb_common::{
     CtEntry, FlowKey,
@@ -16,18 +12,12 @@ use lb_common::{
     },
 };
 
+use crate::mmap::MappedArray;
+
 /// The mapped table.
 pub struct CtTable {
-    base: NonNull<CtSet>,
-    sets: u32,
-    len: usize,
-    /// Keeps the map alive for as long as the mapping.
-    _fd: OwnedFd,
+    sets: MappedArray<CtSet>,
 }
-
-// SAFETY: the mapping is plain shared memory owned by this value; access goes through
-// volatile reads and writes.
-unsafe impl Send for CtTable {}
 
 impl CtTable {
     /// Maps the `CONNTRACK` array behind `fd`, which has `sets` entries.
@@ -38,58 +28,34 @@ impl CtTable {
                 "CONNTRACK has no sets",
             ));
         }
-        // SAFETY: no arguments.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = (sets as usize * size_of::<CtSet>()).next_multiple_of(page);
-        // SAFETY: a fresh shared mapping of the map's fd; checked for failure below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<CtSet>()).ok_or_else(io::Error::last_os_error)?;
         Ok(Self {
-            base,
-            sets,
-            len,
-            _fd: fd,
+            sets: MappedArray::map(fd, sets)?,
         })
     }
 
     /// Sets in the table.
     pub fn sets(&self) -> u32 {
-        self.sets
+        self.sets.len()
     }
 
     fn set_ptr(&self, i: u32) -> *mut CtSet {
-        debug_assert!(i < self.sets);
-        // SAFETY: `i < sets`, inside the mapping.
-        unsafe { self.base.as_ptr().add(i as usize) }
+        self.sets.ptr(i)
     }
 
     /// A snapshot of set `i`.
     fn read(&self, i: u32) -> CtSet {
-        // SAFETY: inside the mapping; the kernel may be writing, hence volatile.
-        unsafe { self.set_ptr(i).read_volatile() }
+        self.sets.get(i)
     }
 
     fn set_of(&self, key: &FlowKey) -> (u32, u32) {
         let tag = ct_key_tag(key);
-        (tag, ct_set_index(tag, self.sets))
+        (tag, ct_set_index(tag, self.sets.len()))
     }
 
     /// Every tracked flow (ways that validate: tag, key and check word agree).
     pub fn entries(&self) -> Vec<(FlowKey, CtEntry)> {
         let mut out = Vec::new();
-        for i in 0..self.sets {
+        for i in 0..self.sets.len() {
             let set = self.read(i);
             for w in 0..CT_WAYS {
                 let tag = set.tags[w];
@@ -136,12 +102,5 @@ impl CtTable {
         let w = ct_insert_way(&self.read(i), &words, tag, entry.last_seen);
         // SAFETY: a set inside the mapping.
         unsafe { ct_store(self.set_ptr(i), w, &words, tag, entry) };
-    }
-}
-
-impl Drop for CtTable {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }

@@ -27,7 +27,7 @@ use lb_common::{
 };
 use thiserror::Error;
 
-use crate::{conntrack::CtTable, objects};
+use crate::{conntrack::CtTable, mmap::MappedArray, objects};
 
 /// `VipMeta::flags` bit of the earlier format, where `VipMeta` named the live slice and this bit
 /// said it was the second of the pair. Only read, when re-adopting maps pinned by such a run.
@@ -145,6 +145,9 @@ struct VipSlots {
     base: u32,
     /// What each of the two slices holds, so a change writes only the entries that differ.
     halves: [Vec<RouteEntry>; 2],
+    /// Routes where the inactive slice differs from the live one (`None`: not known, found
+    /// by comparing the slices), so [`Dataplane::update_routes`] costs what it writes.
+    stale: Option<Vec<u32>>,
 }
 
 /// Counters summed over CPUs.
@@ -164,8 +167,11 @@ pub struct Dataplane {
     vip_gen_map: Array<MapData, u32>,
     filter_map: Array<MapData, u64>,
     routes_map: Array<MapData, RouteEntry>,
-    /// A second fd of `ROUTES` for `BPF_MAP_UPDATE_BATCH` (aya has no batch API).
+    /// A second fd of `ROUTES` for `BPF_MAP_UPDATE_BATCH` (aya has no batch API), used when
+    /// the map is not mmapable (pinned by an older build).
     routes_fd: OwnedFd,
+    /// `ROUTES` mapped into memory: writes are stores.
+    routes_mem: Option<MappedArray<RouteEntry>>,
     nodes_map: Array<MapData, NodeEntry>,
     /// `CONNTRACK`, mmapped.
     conntrack: CtTable,
@@ -259,6 +265,7 @@ impl Dataplane {
             vip_gen_map: take(&mut ebpf, lb_common::MAP_VIP_GEN)?,
             filter_map: take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
             routes_fd: dup_map_fd(&ebpf, lb_common::MAP_ROUTES)?,
+            routes_mem: routes_mapping(&ebpf, opts.route_slots)?,
             routes_map: take(&mut ebpf, lb_common::MAP_ROUTES)?,
             nodes_map: take(&mut ebpf, lb_common::MAP_NODES)?,
             conntrack: conntrack_table(&ebpf, ct_sets)?,
@@ -326,11 +333,18 @@ impl Dataplane {
             for (h, half) in halves.iter_mut().enumerate() {
                 let start = base + h as u32 * meta.route_count;
                 *half = (start..start + meta.route_count)
-                    .map(|i| self.routes_map.get(&i, 0))
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(map_err(lb_common::MAP_ROUTES))?;
+                    .map(|i| self.read_route(i))
+                    .collect::<Result<_>>()?;
             }
-            self.vips.insert(key, VipSlots { meta, base, halves });
+            self.vips.insert(
+                key,
+                VipSlots {
+                    meta,
+                    base,
+                    halves,
+                    stale: None,
+                },
+            );
         }
         for (i, w) in self.filter.iter_mut().enumerate() {
             *w = self
@@ -550,7 +564,15 @@ impl Dataplane {
                 .insert(spec.key, meta, 0)
                 .map_err(map_err(lb_common::MAP_VIPS))?;
         }
-        self.vips.insert(spec.key, VipSlots { meta, base, halves });
+        self.vips.insert(
+            spec.key,
+            VipSlots {
+                meta,
+                base,
+                halves,
+                stale: None,
+            },
+        );
         self.sync_wildcards(&spec.key)?;
         self.sync_cache_slot(cache_slot(&spec.key))?;
         Ok(())
@@ -575,6 +597,7 @@ impl Dataplane {
             self.write_half(at, &s.halves[target as usize], live)?;
             if let Some(m) = self.vips.get_mut(&k) {
                 m.halves[target as usize] = live.clone();
+                m.stale = None;
             }
         }
         self.vip_gen_map
@@ -639,6 +662,82 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Changes some routes of an existing VIP; they become live together, atomically (written
+    /// into the inactive slice, which first catches up with the live one, then one generation
+    /// flip). Costs the entries it writes, not the table's size.
+    pub fn update_routes(&mut self, key: &VipKey, changes: &[(u32, RouteEntry)]) -> Result<()> {
+        let s = self
+            .vips
+            .get(key)
+            .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
+        let n = s.meta.route_count;
+        if let Some((r, e)) = changes
+            .iter()
+            .find(|(r, e)| *r >= n || e.node >= lb_common::MAX_NODES)
+        {
+            return Err(DataplaneError::Invalid(format!(
+                "route {r} -> node {} out of range (routes < {n}, nodes < {})",
+                e.node,
+                lb_common::MAX_NODES
+            )));
+        }
+        let index = s.meta.index;
+        let live_gen = self.gens[index as usize] as usize;
+        let target = 1 - live_gen;
+        let (live, inactive) = (&s.halves[live_gen], &s.halves[target]);
+        let lagging: Vec<u32> = match &s.stale {
+            Some(v) => v.clone(),
+            None => (0..n)
+                .filter(|&i| inactive[i as usize] != live[i as usize])
+                .collect(),
+        };
+        // The catch-up first, then the changes: the batch applies in order, so where a change
+        // touches a lagging route the change wins.
+        let offset = s.base + target as u32 * n;
+        let (keys, values): (Vec<u32>, Vec<RouteEntry>) = lagging
+            .iter()
+            .map(|&i| (offset + i, live[i as usize]))
+            .chain(changes.iter().map(|&(r, e)| (offset + r, e)))
+            .unzip();
+        let written = self.write_routes(&keys, &values);
+        let Some(s) = self.vips.get_mut(key) else {
+            return written;
+        };
+        if written.is_err() {
+            // A batch may stop part-way: the inactive slice is unknown, so the next write
+            // rewrites all of it (no real entry equals this one).
+            s.halves[target].fill(RouteEntry {
+                node: u32::MAX,
+                flags: u32::MAX,
+            });
+            s.stale = None;
+            return written;
+        }
+        let [h0, h1] = &mut s.halves;
+        let (live, inactive) = if live_gen == 0 { (h0, h1) } else { (h1, h0) };
+        for &i in &lagging {
+            inactive[i as usize] = live[i as usize];
+        }
+        for &(r, e) in changes {
+            inactive[r as usize] = e;
+        }
+        // After the flip the old live slice lags exactly where a change differs from it.
+        let mut stale: Vec<u32> = changes
+            .iter()
+            .filter(|(r, e)| live[*r as usize] != *e)
+            .map(|(r, _)| *r)
+            .collect();
+        stale.sort_unstable();
+        stale.dedup();
+        // Unknown until the flip is done.
+        s.stale = None;
+        self.set_generation(index, target as u32, key)?;
+        if let Some(s) = self.vips.get_mut(key) {
+            s.stale = Some(stale);
+        }
+        Ok(())
+    }
+
     /// Replaces the route table of an existing VIP (same N), atomically.
     pub fn set_routes(&mut self, key: &VipKey, routes: &[RouteEntry]) -> Result<()> {
         let s = self
@@ -670,12 +769,25 @@ impl Dataplane {
             .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
         let offset = s.meta.live_offset(self.gens[s.meta.index as usize]);
         (offset..offset + s.meta.route_count)
-            .map(|i| {
-                self.routes_map
-                    .get(&i, 0)
-                    .map_err(map_err(lb_common::MAP_ROUTES))
-            })
+            .map(|i| self.read_route(i))
             .collect()
+    }
+
+    /// One `ROUTES` slot, from the mapping when there is one.
+    fn read_route(&self, i: u32) -> Result<RouteEntry> {
+        match &self.routes_mem {
+            Some(m) if i < m.len() => Ok(m.get(i)),
+            _ => self
+                .routes_map
+                .get(&i, 0)
+                .map_err(map_err(lb_common::MAP_ROUTES)),
+        }
+    }
+
+    /// The live route table of a VIP as the userspace mirror holds it (no syscalls).
+    pub fn live_routes(&self, key: &VipKey) -> Option<&[RouteEntry]> {
+        let s = self.vips.get(key)?;
+        Some(&s.halves[self.gens[s.meta.index as usize] as usize])
     }
 
     /// The live `VipMeta` of a VIP.
@@ -716,7 +828,26 @@ impl Dataplane {
             .filter(|(i, r)| have.get(*i) != Some(*r))
             .map(|(i, r)| (offset + i as u32, *r))
             .unzip();
-        batch_update(self.routes_fd.as_fd(), &keys, &values).map_err(|e| DataplaneError::Map {
+        self.write_routes(&keys, &values)
+    }
+
+    /// Writes `ROUTES` slots: stores into the mapping, or one `BPF_MAP_UPDATE_BATCH` call.
+    fn write_routes(&mut self, keys: &[u32], values: &[RouteEntry]) -> Result<()> {
+        if let Some(m) = self.routes_mem.as_mut() {
+            if let Some(k) = keys.iter().find(|k| **k >= m.len()) {
+                return Err(DataplaneError::Invalid(format!(
+                    "ROUTES slot {k} >= {}",
+                    m.len()
+                )));
+            }
+            for (k, v) in keys.iter().zip(values) {
+                m.set(*k, *v);
+            }
+            // The stores are visible before whatever the caller writes next (the flip).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
+        batch_update(self.routes_fd.as_fd(), keys, values).map_err(|e| DataplaneError::Map {
             name: lb_common::MAP_ROUTES,
             source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_map_update_batch",
@@ -842,6 +973,12 @@ impl Dataplane {
     // Conntrack and counters
     // -----------------------------------------------------------------------------------------
 
+    /// A second mapping of `CONNTRACK`, for a scan that runs beside the daemon's other work
+    /// (the kernel writes the table concurrently anyway; readers check every slot they use).
+    pub fn conntrack_view(&self) -> Result<CtTable> {
+        conntrack_table(&self.ebpf, self.conntrack.sets())
+    }
+
     /// All tracked flows.
     pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
         Ok(self.conntrack.entries())
@@ -954,6 +1091,27 @@ fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
             .map_err(|e| DataplaneError::Invalid(format!("dup of map {name} fd: {e}"))),
         _ => Err(DataplaneError::MissingMap(name)),
     }
+}
+
+/// `ROUTES` mapped, or `None` (with a warning) when a pinned map of an older build is not
+/// mmapable: writes then go through `BPF_MAP_UPDATE_BATCH`.
+fn routes_mapping(ebpf: &Ebpf, slots: u32) -> Result<Option<MappedArray<RouteEntry>>> {
+    let name = lb_common::MAP_ROUTES;
+    let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+        return Err(DataplaneError::MissingMap(name));
+    };
+    let info = data.info().map_err(map_err(name))?;
+    if info.map_flags() & lb_common::ROUTES_MAP_FLAGS == 0 {
+        log::warn!(
+            "pinned {name} is not mmapable (made by an older build): route changes use \
+             BPF_MAP_UPDATE_BATCH; remove the pins once to get the faster path"
+        );
+        return Ok(None);
+    }
+    let fd = dup_map_fd(ebpf, name)?;
+    MappedArray::map(fd, slots)
+        .map(Some)
+        .map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
 
 /// `BPF_MAP_UPDATE_BATCH` on an array map: one syscall for many entries.
