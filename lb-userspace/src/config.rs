@@ -38,9 +38,18 @@ pub struct DaemonConfig {
     pub heartbeat_group: Option<IpAddr>,
     /// Shared heartbeat key (at least 16 bytes; raw or hex).
     pub key_file: Option<PathBuf>,
-    /// Expected agent heartbeat interval (agents also announce theirs).
+    /// Expected agent heartbeat interval: the grace a re-adopted node gets after a restart.
+    /// An agent may advertise a shorter one (it is judged by that), never a longer one than
+    /// `heartbeat_interval_max`.
     #[serde(with = "humantime_serde_compat")]
     pub heartbeat_interval: Duration,
+    /// Longest advertised interval honoured (default: `heartbeat_interval`); a slower agent
+    /// is judged at this one, so it cannot stretch failure detection.
+    #[serde(default, with = "opt_duration")]
+    pub heartbeat_interval_max: Option<Duration>,
+    /// Fail static: hold every node up when more than this share of the up nodes (or all of
+    /// them) go silent together, which points at the balancer's own receive path. 0 = off.
+    pub fail_static_share: f64,
     /// Missed intervals before a node is down.
     pub miss_limit: u32,
     /// A node that was down must beat continuously this long before it rejoins.
@@ -70,6 +79,8 @@ impl Default for DaemonConfig {
             heartbeat_group: None,
             key_file: None,
             heartbeat_interval: Duration::from_millis(100),
+            heartbeat_interval_max: None,
+            fail_static_share: 0.5,
             miss_limit: 3,
             hold_down: Duration::from_secs(2),
             xdp_mode: "auto".into(),
@@ -176,6 +187,19 @@ fn default_check() -> String {
     "heartbeat".into()
 }
 
+impl DaemonConfig {
+    /// The longest advertised heartbeat interval honoured.
+    pub fn max_interval(&self) -> Duration {
+        self.heartbeat_interval_max
+            .unwrap_or(self.heartbeat_interval)
+    }
+
+    /// The fail-static threshold, `None` when off.
+    pub fn fail_static(&self) -> Option<f64> {
+        (self.fail_static_share > 0.0).then_some(self.fail_static_share)
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -207,6 +231,20 @@ impl Config {
         }
         if d.heartbeat_interval.is_zero() {
             bail!("daemon.heartbeat_interval must be > 0");
+        }
+        if let Some(m) = d.heartbeat_interval_max
+            && m < d.heartbeat_interval
+        {
+            bail!(
+                "daemon.heartbeat_interval_max ({m:?}) is below daemon.heartbeat_interval ({:?})",
+                d.heartbeat_interval
+            );
+        }
+        if !(0.0..=1.0).contains(&d.fail_static_share) {
+            bail!(
+                "daemon.fail_static_share {} must be within 0..=1 (0 turns fail-static off)",
+                d.fail_static_share
+            );
         }
         parse_xdp_mode(&d.xdp_mode)?;
         if self.ipip.mtu != 0 && self.ipip.mtu < 1280 {

@@ -1,16 +1,22 @@
-//! `lb run`: the balancer daemon.
+//! `lb run`: the balancer daemon, a thin tokio shell around the [`Controller`].
 //!
-//! Start-up: config, then persisted state, then the data plane (re-adopting pinned maps), then
-//! route tables pushed, then the XDP program attached — or, if a pinned link from an earlier
-//! run exists, swapped into that link atomically, so traffic never sees a gap. Then the loop:
-//! heartbeats and health checks in, membership events out, each event turned into the minimum
-//! route moves, pushed to the kernel atomically, persisted, and announced to the old owners.
-//! SIGTERM leaves the program attached and forwarding (pinned); `--detach-on-exit` removes it.
+//! Start-up: config, persisted state, the data plane (re-adopting pinned maps: what the kernel
+//! holds wins over an older state file), the controller's full plan pushed, then the XDP program
+//! attached, or swapped into the link pinned by an earlier run, so traffic never sees a gap.
+//!
+//! The loop, on one thread: whatever wakes it (a heartbeat, a health-check result, a deadline,
+//! a conntrack-scan result), it first reads every queued heartbeat, each judged by the time the
+//! kernel received it, then applies everything pending as one batch and executes the
+//! controller's plan. Persisting runs on its own thread (coalesced: the latest state wins) and
+//! the conntrack scan on a blocking task, so neither the disk nor a scan of a million flows ever
+//! delays failure detection. SIGTERM leaves the program attached and forwarding (pinned);
+//! `--detach-on-exit` removes it.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd, RawFd},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,25 +25,32 @@ use aya::programs::{
     XdpMode,
     links::{FdLink, PinnedLink},
 };
-use lb_common::{
-    GlobalConfig, NODE_ACTIVE, NODE_DOWN, NODE_DRAINING, NODE_NONE, NodeEntry, ROUTE_F_MOVED,
-    RouteEntry, VipKey,
-};
-use log::{info, warn};
+use lb_common::{CtEntry, FlowKey, GlobalConfig, MAX_NODES, NODE_NONE, NodeEntry, VipKey};
+use log::{error, info, warn};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
-    config::{self, Config, NodeConfig, XdpModeSetting},
-    dataplane::{self, Dataplane, DataplaneOptions, VipSpec},
+    config::{self, Config, XdpModeSetting},
+    conntrack::CtTable,
+    controller::{Adopted, AdoptedVip, Controller, Input, Plan, RouteSet, Step},
+    dataplane::{self, Dataplane, DataplaneOptions, HashMode},
     health,
-    heartbeat::{self, Key, MoveReason, Receiver},
+    heartbeat::{self, Key, Received, Receiver},
     membership::{self, Event, Membership},
-    routes::{Move, NodeInfo, NodeState, RouteTable},
-    signals,
-    state::{NodeRecord, NodeStatus, State},
+    persist::Persister,
+    routes::{NodeState, RouteTable},
+    state::State,
 };
 
 /// How often conntrack is scanned (only while some route is flagged "moved").
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(2);
+/// A rejected heartbeat is warned about at most this often per node and reason.
+const REJECT_WARN_PERIOD: Duration = Duration::from_secs(10);
+/// A batch slower than this is reported (it delays the next heartbeats' processing, though
+/// not their judgement: they are judged by their arrival time).
+const SLOW_BATCH: Duration = Duration::from_millis(50);
+/// How long shutdown waits for the last state to reach the disk.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Arguments of `lb run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -62,62 +75,50 @@ pub struct RunArgs {
     pub bpffs: PathBuf,
 }
 
-/// One VIP: its data-plane identity and route table, and which routes are flagged "moved".
-struct VipState {
-    spec: VipSpec,
-    table: RouteTable,
-    /// Routes whose flows may still live on a previous owner: the kernel consults conntrack.
-    moved: BTreeSet<u32>,
+/// `lb run`: start, then run until SIGTERM/SIGINT.
+pub fn run(args: RunArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let d = Daemon::start(args)?;
+        d.run().await
+    })
 }
 
 /// The running daemon.
 pub struct Daemon {
     cfg: Config,
     dp: Dataplane,
-    vips: Vec<VipState>,
-    nodes: BTreeMap<u32, NodeConfig>,
-    /// Last incarnation/sequence accepted per node (persisted for replay protection).
-    seen: BTreeMap<u32, (u64, u64)>,
+    ctl: Controller,
     membership: Membership,
     receiver: Option<Receiver>,
     /// Where each node's agent sends from (route-moved notices go there).
     agents: BTreeMap<u32, SocketAddr>,
-    health_rx: mpsc::Receiver<(u32, Event)>,
+    health_tx: mpsc::UnboundedSender<(u32, Event)>,
+    health_rx: mpsc::UnboundedReceiver<(u32, Event)>,
     _health: Vec<health::HealthChecker>,
-    state_dir: PathBuf,
+    persister: Persister,
     pin_dir: PathBuf,
     link: Option<PinnedLink>,
     args: RunArgs,
-    last_maintenance: Instant,
-}
-
-/// A node's weight and state. Every VIP's table holds the same node set and states (each
-/// event is applied to all of them), so the first table answers for all.
-fn node_info(vips: &[VipState], id: u32) -> Option<NodeInfo> {
-    vips.first().and_then(|v| v.table.node(id))
-}
-
-/// Whether a node (by table state) is live: tracked flows on it are kept.
-fn live(table: &RouteTable, node: u32) -> bool {
-    matches!(
-        table.node(node).map(|n| n.state),
-        Some(NodeState::Active | NodeState::Draining)
-    )
+    /// A plan step failed: the next round writes everything again.
+    resync: bool,
+    /// Last warning per (node, reason), for rate limiting.
+    warned: BTreeMap<(u32, &'static str), Instant>,
 }
 
 impl Daemon {
     /// Everything up to and including attaching; does not run the loop.
     pub fn start(args: RunArgs) -> Result<Self> {
         // Fail before touching anything if the interface does not exist.
-        let c_iface = std::ffi::CString::new(args.iface.as_str())
-            .with_context(|| format!("interface name {:?}", args.iface))?;
-        // SAFETY: a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(c_iface.as_ptr()) } == 0 {
-            bail!(
+        nix::net::if_::if_nametoindex(args.iface.as_str()).map_err(|_| {
+            anyhow::anyhow!(
                 "interface {:?} does not exist (ip link shows the names)",
                 args.iface
-            );
-        }
+            )
+        })?;
         let cfg = match &args.config {
             Some(p) => Config::load(p)?,
             None => {
@@ -135,9 +136,9 @@ impl Daemon {
 
         let state = if args.reset_state {
             info!("--reset-state: starting with empty state");
-            State::new()
+            None
         } else {
-            State::load(&state_dir)?.unwrap_or_else(State::new)
+            State::load(&state_dir)?
         };
 
         let mut dp = Dataplane::load(&DataplaneOptions {
@@ -153,14 +154,8 @@ impl Daemon {
         })?;
         dp.set_config(&global_config(&cfg)?)?;
 
-        let nodes: BTreeMap<u32, NodeConfig> =
-            cfg.nodes.iter().map(|n| (n.id, n.clone())).collect();
-        let vips = build_tables(&cfg, &state)?;
-        let seen: BTreeMap<u32, (u64, u64)> = state
-            .nodes
-            .iter()
-            .filter_map(|(id, r)| Some((*id, (r.incarnation?, r.sequence.unwrap_or(0)))))
-            .collect();
+        let adopted = adopted(&dp)?;
+        let (ctl, plan) = Controller::start(&cfg, state.as_ref(), &adopted)?;
 
         let key = match &cfg.daemon.key_file {
             Some(p) => {
@@ -189,144 +184,56 @@ impl Daemon {
             (None, false) => None,
         };
 
-        let mut membership = Membership::new(membership::NodeCfg {
-            miss_limit: cfg.daemon.miss_limit,
-            hold_down: cfg.daemon.hold_down,
-            ..Default::default()
-        });
-        let now = Instant::now();
-        let (health_tx, health_rx) = mpsc::channel();
+        let membership = membership_for(&cfg, &ctl, Instant::now());
+        let (health_tx, health_rx) = mpsc::unbounded_channel();
         let mut checkers = Vec::new();
-        for n in cfg.nodes.iter() {
-            if n.check == "heartbeat" {
-                let node_cfg = membership::NodeCfg {
-                    miss_limit: n.miss_limit.unwrap_or(cfg.daemon.miss_limit),
-                    hold_down: cfg.daemon.hold_down,
-                    interval: None,
-                    ..Default::default()
-                };
-                membership.add_node(n.id, node_cfg);
-                // A node that was up before a restart stays up, with a fresh deadline: it goes
-                // down only if its agent stays silent for k intervals from now.
-                let table_state = node_info(&vips, n.id);
-                if let Some(info) = table_state
-                    && info.state != NodeState::Down
-                {
-                    let grace = cfg.daemon.heartbeat_interval * node_cfg.miss_limit;
-                    membership.assume_up(
-                        n.id,
-                        now,
-                        grace,
-                        info.state == NodeState::Draining,
-                        info.weight,
-                    );
-                }
-                // Heartbeats captured before the restart stay replays.
-                if let Some((inc, seq)) = seen.get(&n.id) {
-                    membership.restore_seen(n.id, *inc, *seq);
-                }
-            } else if let Some(addr) = n.check_addr {
-                let d = health::HealthCfg::default();
-                let hc = health::HealthCfg {
-                    http_path: n.check_http_path.clone(),
-                    interval: n.check_interval.unwrap_or(d.interval),
-                    timeout: n.check_timeout.unwrap_or(d.timeout),
-                    rise: n.check_rise.unwrap_or(d.rise),
-                    fall: n.check_fall.unwrap_or(d.fall),
-                    ..d
-                };
-                checkers.push(
-                    health::HealthChecker::spawn(n.id, addr, hc, health_tx.clone())
-                        .with_context(|| format!("starting the health check of node {}", n.id))?,
-                );
-            }
+        for n in cfg.nodes.iter().filter(|n| n.check != "heartbeat") {
+            let Some(addr) = n.check_addr else { continue };
+            let d = health::HealthCfg::default();
+            let hc = health::HealthCfg {
+                http_path: n.check_http_path.clone(),
+                interval: n.check_interval.unwrap_or(d.interval),
+                timeout: n.check_timeout.unwrap_or(d.timeout),
+                rise: n.check_rise.unwrap_or(d.rise),
+                fall: n.check_fall.unwrap_or(d.fall),
+                ..d
+            };
+            checkers.push(
+                health::HealthChecker::spawn(n.id, addr, hc, health_tx.clone())
+                    .with_context(|| format!("starting the health check of node {}", n.id))?,
+            );
         }
 
+        let persister = Persister::spawn(state_dir.clone());
         let mut d = Self {
             cfg,
             dp,
-            vips,
-            nodes,
-            seen,
+            ctl,
             membership,
             receiver,
             agents: BTreeMap::new(),
+            health_tx,
             health_rx,
             _health: checkers,
-            state_dir,
+            persister,
             pin_dir,
             link: None,
             args,
-            last_maintenance: Instant::now(),
+            resync: false,
+            warned: BTreeMap::new(),
         };
-        d.push_everything()?;
+        d.execute(&plan)
+            .context("writing the start-up state to the kernel")?;
+        if d.resync {
+            bail!("writing the start-up state to the kernel failed (see the errors above)");
+        }
         d.attach()?;
-        d.save()?;
+        // The first save is waited for, so a state directory that cannot be written stops
+        // the start instead of being found out at the first failover.
+        d.persister
+            .flush(FLUSH_TIMEOUT)
+            .map_err(|e| anyhow::anyhow!("saving state in {}: {e}", state_dir.display()))?;
         Ok(d)
-    }
-
-    /// Writes nodes, then every VIP's table; removes pinned VIPs no longer configured.
-    fn push_everything(&mut self) -> Result<()> {
-        self.dp.set_node(NODE_NONE, &NodeEntry::default())?;
-        let ids: Vec<u32> = self.nodes.keys().copied().collect();
-        for id in ids {
-            self.write_node(id)?;
-        }
-        let wanted: BTreeSet<VipKey> = self.vips.iter().map(|v| v.spec.key).collect();
-        for key in self.dp.vip_keys() {
-            if !wanted.contains(&key) {
-                info!(
-                    "removing VIP {} (no longer configured)",
-                    dataplane::vip_display(&key)
-                );
-                self.dp.remove_vip(&key)?;
-            }
-        }
-        for i in 0..self.vips.len() {
-            self.push_vip(i)?;
-        }
-        Ok(())
-    }
-
-    /// The node's NODES entry from config and its state in the tables.
-    fn write_node(&mut self, id: u32) -> Result<()> {
-        let n = self.nodes.get(&id).context("unknown node")?;
-        let state = node_info(&self.vips, id).map_or(NODE_DOWN, |i| match i.state {
-            NodeState::Active => NODE_ACTIVE,
-            NodeState::Draining => NODE_DRAINING,
-            NodeState::Down => NODE_DOWN,
-        });
-        let entry = NodeEntry {
-            addr6: n.ipv6.map(|a| a.octets()).unwrap_or_default(),
-            addr4: n.ipv4.map(|a| a.octets()).unwrap_or_default(),
-            mac: match &n.mac {
-                Some(m) => config::parse_mac(m)?,
-                None => [0; 6],
-            },
-            state,
-            _pad: 0,
-        };
-        self.dp.set_node(id, &entry)?;
-        Ok(())
-    }
-
-    fn push_vip(&mut self, i: usize) -> Result<()> {
-        let v = &self.vips[i];
-        let entries: Vec<RouteEntry> = v
-            .table
-            .owners()
-            .enumerate()
-            .map(|(r, o)| RouteEntry {
-                node: o.unwrap_or(NODE_NONE),
-                flags: if v.moved.contains(&(r as u32)) {
-                    ROUTE_F_MOVED
-                } else {
-                    0
-                },
-            })
-            .collect();
-        self.dp.upsert_vip(&v.spec, &entries)?;
-        Ok(())
     }
 
     /// Attaches, or swaps the new program into the link pinned by an earlier run (no gap).
@@ -366,283 +273,272 @@ impl Daemon {
         Ok(())
     }
 
-    /// Persists tables and node records.
-    fn save(&self) -> Result<()> {
-        let mut st = State::new();
-        for id in self.nodes.keys() {
-            let info = node_info(&self.vips, *id);
-            let status = match info.map(|i| i.state) {
-                Some(NodeState::Active) => NodeStatus::Active,
-                Some(NodeState::Draining) => NodeStatus::Draining,
-                _ => NodeStatus::Down,
-            };
-            let weight = info.map_or(self.nodes[id].weight, |i| i.weight);
-            let (inc, seq) = self.seen.get(id).copied().unzip();
-            st.nodes.insert(
-                *id,
-                NodeRecord {
-                    weight,
-                    status,
-                    incarnation: inc,
-                    sequence: seq,
-                },
-            );
-        }
-        for v in &self.vips {
-            st.tables.push(crate::state::TableRecord {
-                addr: dataplane::key_ip(&v.spec.key),
-                port: u16::from_be(v.spec.key.port),
-                proto: v.spec.key.proto,
-                table: v.table.clone(),
-                moved: v.moved.iter().copied().collect(),
-            });
-        }
-        st.save(&self.state_dir)?;
-        Ok(())
-    }
-
-    /// The main loop, until SIGTERM/SIGINT.
-    pub fn run(mut self) -> Result<()> {
-        signals::install();
+    /// The loop, until SIGTERM/SIGINT.
+    pub async fn run(mut self) -> Result<()> {
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
+            .context("installing the SIGINT handler")?;
+        let mut socket = self.receiver.take();
+        let ready = match &socket {
+            // SAFETY: the descriptor belongs to `socket`, which outlives `ready` (dropped at
+            // the end of this function, after `ready`, declared later, is).
+            Some(r) => Some(
+                unsafe {
+                    AsyncFd::register_with_interest(
+                        Readiness(r.as_fd().as_raw_fd()),
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .context("registering the heartbeat socket")?,
+            ),
+            None => None,
+        };
+        let (scan_tx, mut scan_rx) = mpsc::unbounded_channel::<ScanResult>();
+        // The mapping the scan task works on; it travels to the task and back.
+        let mut ct_view: Option<CtTable> = Some(self.dp.conntrack_view()?);
+        let mut maintenance = tokio::time::interval(MAINTENANCE_PERIOD);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeats: Vec<Received> = Vec::new();
         println!("lb: ready");
-        while !signals::stop_requested() {
-            let now = Instant::now();
-            let wait = self
+        loop {
+            let mut inputs: Vec<Input> = Vec::new();
+            let deadline = self
                 .membership
                 .next_deadline()
-                .map_or(Duration::from_millis(100), |d| {
-                    d.saturating_duration_since(now)
-                })
-                .min(Duration::from_millis(100));
-            let mut events = Vec::new();
-            if let Some(r) = self.receiver.as_mut() {
-                if let Some((hb, from)) = r.recv(wait).context("receiving heartbeats")? {
-                    match self.membership.on_heartbeat(Instant::now(), &hb) {
-                        Ok(evs) => {
-                            self.agents.insert(hb.node, from);
-                            self.seen.insert(hb.node, (hb.incarnation, hb.sequence));
-                            events.extend(evs);
-                        }
-                        Err(e) => log::debug!("heartbeat from {from} rejected: {e}"),
+                .map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+                r = readable(&ready) => {
+                    if let Some(mut guard) = r.context("waiting for heartbeats")? {
+                        // Cleared before reading: a datagram arriving during the drain sets it again.
+                        guard.clear_ready();
                     }
                 }
-            } else {
-                std::thread::sleep(wait);
+                Some((_, ev)) = self.health_rx.recv() => inputs.push(Input::Membership(ev)),
+                _ = sleep_until(deadline) => {}
+                Some(res) = scan_rx.recv() => {
+                    ct_view = Some(res.table);
+                    inputs.extend(res.settled);
+                }
+                _ = maintenance.tick() => {
+                    if let Some(table) = ct_view.take() {
+                        match self.scan_job(table) {
+                            Ok(job) => {
+                                let tx = scan_tx.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    let _ = tx.send(job.run());
+                                });
+                            }
+                            Err(table) => ct_view = Some(table),
+                        }
+                    }
+                }
+            }
+            // Time is read before the socket is drained: every heartbeat that arrived before
+            // `now` is then read and counted before any deadline is judged at `now`.
+            let now = Instant::now();
+            if let Some(sock) = socket.as_mut() {
+                loop {
+                    heartbeats.clear();
+                    let n = sock
+                        .drain(&mut heartbeats)
+                        .context("receiving heartbeats")?;
+                    for r in heartbeats.drain(..) {
+                        self.on_heartbeat(r, &mut inputs);
+                    }
+                    if n < heartbeat::DRAIN_MAX {
+                        break;
+                    }
+                }
             }
             while let Ok((_, ev)) = self.health_rx.try_recv() {
-                events.push(ev);
+                inputs.push(Input::Membership(ev));
             }
-            events.extend(self.membership.tick(Instant::now()));
-            if !events.is_empty() {
-                self.apply(&events)?;
+            let was_holding = self.membership.holding();
+            for ev in self.membership.tick(now) {
+                if let Event::NodeDown { node, .. } = ev
+                    && let Some(st) = self.membership.status(node)
+                {
+                    info!(
+                        "node {node}: last heartbeat {:?} before {:?} ago (interval {:?}, k = {})",
+                        st.last_seen.map(|t| now.saturating_duration_since(t)),
+                        now.elapsed(),
+                        st.interval,
+                        st.cfg.miss_limit
+                    );
+                }
+                inputs.push(Input::Membership(ev));
             }
-            if self.last_maintenance.elapsed() >= MAINTENANCE_PERIOD {
-                self.last_maintenance = Instant::now();
-                if let Err(e) = self.maintain() {
-                    warn!("conntrack maintenance: {e:#}");
+            self.report_fail_static(was_holding);
+            if self.resync {
+                self.resync = false;
+                let plan = self.ctl.full_plan();
+                self.execute_logged(&plan, socket.as_mut());
+            }
+            if !inputs.is_empty() {
+                let start = Instant::now();
+                let plan = self.ctl.apply(&inputs);
+                self.execute_logged(&plan, socket.as_mut());
+                let took = start.elapsed();
+                if took > SLOW_BATCH {
+                    warn!(
+                        "a batch of {} inputs took {took:?} ({} route writes)",
+                        inputs.len(),
+                        plan.route_writes()
+                    );
                 }
             }
         }
+        drop(ready);
+        self.receiver = socket;
         self.shutdown()
     }
 
-    /// Applies membership events: route moves, kernel writes (in the order that never sends
-    /// a packet to a node that cannot take it), state, notices.
-    pub fn apply(&mut self, events: &[Event]) -> Result<()> {
-        for ev in events {
-            info!("membership: {ev:?}");
-            let node = ev.node();
-            let Some(cfg_weight) = self.nodes.get(&node).map(|n| n.weight) else {
-                continue;
-            };
-            let mut notices: Vec<(usize, MoveReason, Vec<Move>)> = Vec::new();
-            // A node coming up must be ACTIVE in NODES before any route points at it.
-            if let Event::NodeUp {
-                weight, draining, ..
-            } = *ev
-            {
-                // The agent's advertised weight, or the configured one when it has no opinion.
-                let w = if weight > 0 { weight } else { cfg_weight };
-                self.set_table_state(
-                    node,
-                    |t, n| match t.node(n).map(|i| i.state) {
-                        Some(NodeState::Active | NodeState::Draining) => Ok(Vec::new()),
-                        _ => t.join(n, w),
-                    },
-                    &mut notices,
-                    MoveReason::Join,
-                )?;
-                self.write_node(node)?;
-                if draining {
-                    self.set_table_state(node, |t, n| t.drain(n), &mut notices, MoveReason::Drain)?;
-                }
-                self.push_changed(&notices)?;
-                self.write_node(node)?;
-            } else {
-                match *ev {
-                    Event::NodeDown { .. } => {
-                        self.set_table_state(
-                            node,
-                            |t, n| match t.node(n).map(|i| i.state) {
-                                Some(NodeState::Active | NodeState::Draining) => t.fail(n),
-                                _ => Ok(Vec::new()),
-                            },
-                            &mut notices,
-                            MoveReason::Failure,
-                        )?;
-                    }
-                    Event::NodeDraining { .. } => self.set_table_state(
-                        node,
-                        |t, n| match t.node(n).map(|i| i.state) {
-                            Some(NodeState::Active) => t.drain(n),
-                            _ => Ok(Vec::new()),
-                        },
-                        &mut notices,
-                        MoveReason::Drain,
-                    )?,
-                    Event::NodeUndrained { .. } => self.set_table_state(
-                        node,
-                        |t, n| match t.node(n).map(|i| i.state) {
-                            Some(NodeState::Draining) => t.activate(n),
-                            _ => Ok(Vec::new()),
-                        },
-                        &mut notices,
-                        MoveReason::Join,
-                    )?,
-                    Event::WeightChanged { new, .. } if new > 0 => self.set_table_state(
-                        node,
-                        |t, n| match t.node(n).map(|i| i.state) {
-                            Some(NodeState::Active) => t.set_weight(n, new),
-                            _ => Ok(Vec::new()),
-                        },
-                        &mut notices,
-                        MoveReason::Weight,
-                    )?,
-                    _ => {}
-                }
-                // Routes first, then the node's state: tracked flows keep working until no
-                // route sends new flows to it.
-                self.push_changed(&notices)?;
-                self.write_node(node)?;
-            }
-            self.send_notices(&notices);
-        }
-        self.save()
-    }
-
-    /// Runs `f` on every VIP's table, recording moves and flagging routes whose old owner is
-    /// still live (its tracked flows must keep going there).
-    fn set_table_state(
-        &mut self,
-        node: u32,
-        f: impl Fn(&mut RouteTable, u32) -> std::result::Result<Vec<Move>, crate::routes::RouteError>,
-        out: &mut Vec<(usize, MoveReason, Vec<Move>)>,
-        reason: MoveReason,
-    ) -> Result<()> {
-        for (i, v) in self.vips.iter_mut().enumerate() {
-            let moves = f(&mut v.table, node).with_context(|| {
-                format!("route table of {}", dataplane::vip_display(&v.spec.key))
-            })?;
-            for m in &moves {
-                if let Some(from) = m.from
-                    && live(&v.table, from)
+    /// One authentic heartbeat, judged at its arrival time.
+    fn on_heartbeat(&mut self, r: Received, inputs: &mut Vec<Input>) {
+        let was_holding = self.membership.holding();
+        match self.membership.on_heartbeat(r.at, &r.hb) {
+            Ok(evs) => {
+                self.agents.insert(r.hb.node, r.from);
+                self.ctl
+                    .set_seen(r.hb.node, r.hb.incarnation, r.hb.sequence);
+                inputs.extend(evs.into_iter().map(Input::Membership));
+                if let Some(st) = self.membership.status(r.hb.node)
+                    && let (Some(adv), Some(used)) = (st.advertised_interval, st.interval)
+                    && adv > used
                 {
-                    v.moved.insert(m.route);
+                    self.warn_limited(
+                        r.hb.node,
+                        "interval",
+                        &format!(
+                            "node {} advertises a {adv:?} heartbeat interval, above \
+                             daemon.heartbeat_interval_max: judged at {used:?}",
+                            r.hb.node
+                        ),
+                    );
                 }
             }
-            if !moves.is_empty() {
-                out.push((i, reason, moves));
+            Err(e) => {
+                let reason = match e {
+                    membership::Reject::UnknownNode => "unknown",
+                    membership::Reject::Replay => "replay",
+                    membership::Reject::StaleIncarnation => "stale",
+                };
+                self.warn_limited(
+                    r.hb.node,
+                    reason,
+                    &format!(
+                        "heartbeat for node {} from {} rejected: {e}",
+                        r.hb.node, r.from
+                    ),
+                );
             }
+        }
+        self.report_fail_static(was_holding);
+    }
+
+    fn report_fail_static(&self, was_holding: bool) {
+        match (was_holding, self.membership.holding()) {
+            (false, true) => warn!(
+                "fail static: most nodes went silent at once, which points at this balancer's \
+                 own receive path; holding the route tables until heartbeats flow again"
+            ),
+            (true, false) => info!("fail static: heartbeats flow again; judging nodes normally"),
+            _ => {}
+        }
+    }
+
+    fn warn_limited(&mut self, node: u32, reason: &'static str, msg: &str) {
+        let now = Instant::now();
+        let last = self
+            .warned
+            .entry((node, reason))
+            .or_insert(now - REJECT_WARN_PERIOD * 2);
+        if now.duration_since(*last) >= REJECT_WARN_PERIOD {
+            *last = now;
+            warn!("{msg}");
+        }
+    }
+
+    /// Executes a plan; a failed kernel write is logged and everything is written again next
+    /// round (the controller's state is the truth the kernel is brought back to).
+    fn execute_logged(&mut self, plan: &Plan, socket: Option<&mut Receiver>) {
+        if let Err(e) = self.execute_steps(plan) {
+            error!("applying a plan to the kernel maps: {e:#}; writing everything again");
+            self.resync = true;
+        }
+        if let Some(sock) = socket {
+            self.send_notices(plan, sock);
+        }
+        if plan.persist {
+            self.persister.submit(self.ctl.snapshot());
+        }
+    }
+
+    /// [`Daemon::execute_logged`] for start-up, where errors stop the start.
+    fn execute(&mut self, plan: &Plan) -> Result<()> {
+        self.execute_steps(plan)?;
+        if plan.persist {
+            self.persister.submit(self.ctl.snapshot());
         }
         Ok(())
     }
 
-    fn push_changed(&mut self, changed: &[(usize, MoveReason, Vec<Move>)]) -> Result<()> {
-        let idx: BTreeSet<usize> = changed.iter().map(|(i, _, _)| *i).collect();
-        for i in idx {
-            self.push_vip(i)?;
+    fn execute_steps(&mut self, plan: &Plan) -> Result<()> {
+        for line in &plan.log {
+            info!("{line}");
         }
-        Ok(())
+        execute_steps(&mut self.dp, plan)
     }
 
     /// HaloD's "route moved": tell each old owner's agent which of its routes moved.
-    fn send_notices(&mut self, changed: &[(usize, MoveReason, Vec<Move>)]) {
-        let Some(r) = self.receiver.as_mut() else {
-            return;
-        };
-        for (i, reason, moves) in changed {
-            let key = self.vips[*i].spec.key;
-            let mut by_node: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-            for m in moves {
-                if let Some(f) = m.from {
-                    by_node.entry(f).or_default().push(m.route);
-                }
-            }
-            for (node, routes) in by_node {
-                let Some(to) = self.agents.get(&node) else {
-                    continue;
-                };
-                let vip = heartbeat::Vip {
-                    addr: dataplane::key_ip(&key),
-                    port: u16::from_be(key.port),
-                    proto: key.proto,
-                };
-                if let Err(e) = r.send_route_moved(*to, node, vip, *reason, &routes) {
-                    warn!("route-moved notice to node {node} at {to}: {e}");
-                }
+    fn send_notices(&self, plan: &Plan, r: &mut Receiver) {
+        for n in &plan.notices {
+            let Some(to) = self.agents.get(&n.node) else {
+                continue;
+            };
+            let vip = heartbeat::Vip {
+                addr: dataplane::key_ip(&n.vip),
+                port: u16::from_be(n.vip.port),
+                proto: n.vip.proto,
+            };
+            if let Err(e) = r.send_route_moved(*to, n.node, vip, n.reason, &n.routes) {
+                warn!("route-moved notice to node {} at {to}: {e}", n.node);
             }
         }
     }
 
-    /// Periodic conntrack work: expire idle flows, clear "moved" flags of routes whose previous
-    /// owners have no tracked flows left, report drains that completed.
-    fn maintain(&mut self) -> Result<()> {
-        if self.vips.iter().all(|v| v.moved.is_empty()) {
-            return Ok(());
-        }
-        let now = coarse_now();
-        let idle =
-            (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32;
-        let mut still_needed: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.vips.len()];
-        let by_key: BTreeMap<VipKey, usize> = self
-            .vips
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.spec.key, i))
+    /// What a conntrack scan needs, or the table back when no route is flagged moved.
+    fn scan_job(&self, table: CtTable) -> std::result::Result<ScanJob, CtTable> {
+        let vips: Vec<ScanVip> = self
+            .ctl
+            .vips()
+            .filter(|v| !v.moved.is_empty())
+            .map(|v| ScanVip {
+                key: v.spec.key,
+                revision: v.revision,
+                hash: v.spec.hash,
+                table: Arc::clone(&v.table),
+                moved: v.moved.clone(),
+            })
             .collect();
-        for (key, ct) in self.dp.conntrack()? {
-            let expired = now.wrapping_sub(ct.last_seen) > idle
-                || (ct.flags & (lb_common::CT_F_FIN | lb_common::CT_F_RST) != 0
-                    && now.wrapping_sub(ct.last_seen) > 10);
-            if expired {
-                self.dp.conntrack_remove(&key)?;
-                continue;
-            }
-            let vk = VipKey {
-                addr: key.dst,
-                port: key.dport,
-                proto: key.proto,
-                family: key.family,
-            };
-            let Some(&i) = by_key.get(&vk) else { continue };
-            let v = &self.vips[i];
-            let route = flow_route(v.spec.hash, v.table.route_count(), &key);
-            if v.table.owner(route) != Some(ct.node) && live(&v.table, ct.node) {
-                still_needed[i].insert(route);
-            }
+        if vips.is_empty() {
+            return Err(table);
         }
-        for (i, needed) in still_needed.iter().enumerate() {
-            let before = self.vips[i].moved.len();
-            self.vips[i].moved.retain(|r| needed.contains(r));
-            if self.vips[i].moved.len() != before {
-                self.push_vip(i)?;
-            }
-        }
-        Ok(())
+        Ok(ScanJob {
+            table,
+            vips,
+            idle: (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32,
+        })
     }
 
     fn shutdown(mut self) -> Result<()> {
-        self.save()?;
+        self.persister.submit(self.ctl.snapshot());
+        if let Err(e) = self.persister.flush(FLUSH_TIMEOUT) {
+            error!("saving state on exit: {e}");
+        }
         if self.args.detach_on_exit {
             if let Some(link) = self.link.take() {
                 let fd = link.unpin().context("unpinning the XDP link")?;
@@ -654,25 +550,218 @@ impl Daemon {
         } else {
             println!("lb: exiting; the program stays attached and forwarding (pinned)");
         }
+        drop(self.health_tx);
         Ok(())
     }
 }
 
+/// The heartbeat socket's descriptor, registered with tokio only to learn when it is readable
+/// (the [`Receiver`] itself stays a plain value the loop reads and sends with).
+struct Readiness(RawFd);
+
+impl AsRawFd for Readiness {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Writes a plan's steps to the kernel maps, in order.
+pub fn execute_steps(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
+    for step in &plan.steps {
+        match step {
+            Step::Node { id, entry } => dp.set_node(*id, entry)?,
+            Step::ClearNode { id } => dp.set_node(*id, &NodeEntry::default())?,
+            Step::Vip { spec, routes } => dp.upsert_vip(spec, routes)?,
+            Step::Routes { key, changes } => dp.update_routes(key, changes)?,
+            Step::RemoveVip { key } => {
+                info!("removing VIP {}", dataplane::vip_display(key));
+                dp.remove_vip(key)?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the heartbeat socket is readable (never, without one).
+async fn readable(
+    socket: &Option<AsyncFd<Readiness>>,
+) -> std::io::Result<Option<tokio::io::unix::AsyncFdReadyGuard<'_, Readiness>>> {
+    match socket {
+        Some(s) => s.readable().await.map(Some),
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The failure detector for the configured heartbeat nodes, with the nodes the controller
+/// holds as up (re-adopted after a restart) assumed up for one detection window from `now`,
+/// with the weight and drain state their agents last advertised (so their next heartbeat is
+/// no change), and their last accepted heartbeat remembered (captured ones stay replays).
+pub fn membership_for(cfg: &Config, ctl: &Controller, now: Instant) -> Membership {
+    let d = &cfg.daemon;
+    let mut m = Membership::new(membership::NodeCfg {
+        miss_limit: d.miss_limit,
+        hold_down: d.hold_down,
+        max_interval: d.max_interval(),
+        ..Default::default()
+    });
+    m.set_fail_static(d.fail_static());
+    for n in cfg.nodes.iter().filter(|n| n.check == "heartbeat") {
+        let node_cfg = membership::NodeCfg {
+            miss_limit: n.miss_limit.unwrap_or(d.miss_limit),
+            ..m.defaults()
+        };
+        m.add_node(n.id, node_cfg);
+        if let Some(node) = ctl.node(n.id)
+            && node.state != NodeState::Down
+        {
+            m.assume_up(
+                n.id,
+                now,
+                d.heartbeat_interval * node_cfg.miss_limit,
+                node.state == NodeState::Draining,
+                node.advertised_weight,
+            );
+        }
+        if let Some((inc, seq)) = ctl.seen(n.id) {
+            m.restore_seen(n.id, inc, seq);
+        }
+    }
+    m
+}
+
+/// What the kernel holds at start-up: the pinned VIPs' live tables and non-empty node slots.
+fn adopted(dp: &Dataplane) -> Result<Adopted> {
+    let mut a = Adopted::default();
+    for key in dp.vip_keys() {
+        let (Some(meta), Some(routes)) = (dp.vip_meta(&key), dp.live_routes(&key)) else {
+            continue;
+        };
+        a.vips.insert(
+            key,
+            AdoptedVip {
+                index: meta.index,
+                routes: routes.to_vec(),
+            },
+        );
+    }
+    for id in 0..MAX_NODES {
+        if id == NODE_NONE {
+            continue;
+        }
+        let e = dp.node(id)?;
+        if e != NodeEntry::default() {
+            a.nodes.insert(id, e.state);
+        }
+    }
+    Ok(a)
+}
+
+/// One VIP with moved routes, as the scan sees it.
+struct ScanVip {
+    key: VipKey,
+    revision: u64,
+    hash: HashMode,
+    table: Arc<RouteTable>,
+    moved: RouteSet,
+}
+
+/// A conntrack scan, run on a blocking task: expire idle flows, and find the moved routes
+/// whose previous owners no longer have tracked flows.
+struct ScanJob {
+    table: CtTable,
+    vips: Vec<ScanVip>,
+    /// `flow_idle_timeout` in `CtEntry::last_seen` units.
+    idle: u32,
+}
+
+struct ScanResult {
+    table: CtTable,
+    settled: Vec<Input>,
+}
+
+impl ScanJob {
+    fn run(mut self) -> ScanResult {
+        let now = coarse_now();
+        let by_key: BTreeMap<VipKey, usize> = self
+            .vips
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.key, i))
+            .collect();
+        let mut still_needed: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.vips.len()];
+        for (key, ct) in self.table.entries() {
+            if expired(&ct, now, self.idle) {
+                self.table.remove(&key);
+                continue;
+            }
+            let Some(&i) = by_key.get(&vip_of(&key)) else {
+                continue;
+            };
+            let v = &self.vips[i];
+            let route = flow_route(v.hash, v.table.route_count(), &key);
+            let owner_live = v
+                .table
+                .node(ct.node)
+                .is_some_and(|n| matches!(n.state, NodeState::Active | NodeState::Draining));
+            if v.table.owner(route) != Some(ct.node) && owner_live {
+                still_needed[i].insert(route);
+            }
+        }
+        let settled = self
+            .vips
+            .iter()
+            .zip(still_needed)
+            .filter_map(|(v, needed)| {
+                let routes: Vec<u32> = v.moved.iter().filter(|r| !needed.contains(r)).collect();
+                (!routes.is_empty()).then_some(Input::Settled {
+                    vip: v.key,
+                    revision: v.revision,
+                    routes,
+                })
+            })
+            .collect();
+        ScanResult {
+            table: self.table,
+            settled,
+        }
+    }
+}
+
+/// Whether a tracked flow is past its idle timeout (or closed and quiet for ~10 s).
+fn expired(ct: &CtEntry, now: u32, idle: u32) -> bool {
+    let age = now.wrapping_sub(ct.last_seen);
+    age > idle || (ct.flags & (lb_common::CT_F_FIN | lb_common::CT_F_RST) != 0 && age > 10)
+}
+
+/// The VIP a tracked flow belongs to.
+fn vip_of(key: &FlowKey) -> VipKey {
+    VipKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    }
+}
+
 /// Route ID of a tracked flow, as the kernel computes it.
-pub fn flow_route(mode: dataplane::HashMode, n: u32, key: &lb_common::FlowKey) -> u32 {
-    let h = lb_common::hash::flow_key_hash(key, mode == dataplane::HashMode::FiveTuple);
+pub fn flow_route(mode: HashMode, n: u32, key: &FlowKey) -> u32 {
+    let h = lb_common::hash::flow_key_hash(key, mode == HashMode::FiveTuple);
     lb_common::hash::route_index(h, n)
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in `CtEntry::last_seen` units (what `bpf_ktime_get_coarse_ns` reads).
 fn coarse_now() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    let ns = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    let ns = (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64;
     (ns >> lb_common::CT_TIME_SHIFT) as u32
 }
 
@@ -691,72 +780,6 @@ fn global_config(cfg: &Config) -> Result<GlobalConfig> {
     })
 }
 
-/// Route tables for the configured VIPs: the persisted table when it matches (same VIP, same
-/// N), reconciled with the configured nodes; otherwise a fresh table with the nodes persisted
-/// as live.
-fn build_tables(cfg: &Config, state: &State) -> Result<Vec<VipState>> {
-    let mut out = Vec::new();
-    for (index, v) in cfg.vips.iter().enumerate() {
-        let proto = config::parse_proto(&v.proto)?;
-        let key = dataplane::vip_key(v.addr, v.port, proto);
-        let spec = VipSpec {
-            key,
-            index: index as u32,
-            mode: v.mode,
-            hash: v.hash,
-        };
-        let persisted = state
-            .tables
-            .iter()
-            .find(|t| t.addr == v.addr && t.port == v.port && t.proto == proto);
-        let (mut table, moved) = match persisted {
-            Some(t) if t.table.route_count() == v.routes => (
-                t.table.clone(),
-                t.moved.iter().copied().filter(|r| *r < v.routes).collect(),
-            ),
-            other => {
-                if let Some(t) = other {
-                    info!(
-                        "VIP {}: route count changed ({} -> {}); starting a fresh table",
-                        dataplane::vip_display(&key),
-                        t.table.route_count(),
-                        v.routes
-                    );
-                }
-                // A fresh table with the nodes that were live (in another VIP's table).
-                let mut table = RouteTable::new(v.routes)?;
-                for n in &cfg.nodes {
-                    let rec = state.nodes.get(&n.id);
-                    if let Some(r) = rec
-                        && r.status != NodeStatus::Down
-                    {
-                        table.join(n.id, r.weight)?;
-                        if r.status == NodeStatus::Draining {
-                            table.drain(n.id)?;
-                        }
-                    }
-                }
-                (table, BTreeSet::new())
-            }
-        };
-        // Reconcile with the configured nodes and reserve.
-        let gone: Vec<u32> = table
-            .nodes()
-            .map(|(id, _)| id)
-            .filter(|id| !cfg.nodes.iter().any(|n| n.id == *id))
-            .collect();
-        for id in gone {
-            info!("node {id} is no longer configured: removing it");
-            table.remove(id)?;
-        }
-        if table.reserve() != cfg.daemon.reserve_node {
-            table.set_reserve(cfg.daemon.reserve_node)?;
-        }
-        out.push(VipState { spec, table, moved });
-    }
-    Ok(out)
-}
-
 /// Mounts bpffs at `dir` if it is not mounted yet.
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
@@ -769,23 +792,73 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
-    let c = std::ffi::CString::new(target.as_bytes()).context("bpffs path")?;
-    // SAFETY: valid NUL-terminated strings; mount(2) has no other preconditions.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "bpffs is not mounted at {} and mounting it failed: {e} (is BPF available? are you root?)",
+            dir.display()
         )
-    };
-    if rc != 0 {
-        bail!(
-            "bpffs is not mounted at {} and mounting it failed: {} (is BPF available? are you root?)",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{controller::Input, heartbeat::Heartbeat};
+
+    /// Defect: after a restart the daemon emitted `WeightChanged` for every node (the detector
+    /// was seeded with the table's weight, not the one the agent advertises).
+    #[test]
+    fn a_restarted_daemon_sees_no_change_in_an_unchanged_agent() {
+        let cfg: Config = toml::from_str(
+            "[[vip]]\naddr = \"198.18.100.1\"\nport = 80\nproto = \"tcp\"\nroutes = 64\n\
+             [[node]]\nid = 1\nmac = \"02:00:00:00:00:01\"\nweight = 1\n\
+             [[node]]\nid = 2\nmac = \"02:00:00:00:00:02\"\nweight = 5\n",
+        )
+        .expect("config");
+        let (mut ctl, _) = Controller::start(&cfg, None, &Adopted::default()).expect("start");
+        // Node 1's agent advertises 3; node 2's has no opinion (0) and is draining.
+        ctl.apply(&[
+            Input::Membership(Event::NodeUp {
+                node: 1,
+                weight: 3,
+                draining: false,
+            }),
+            Input::Membership(Event::NodeUp {
+                node: 2,
+                weight: 0,
+                draining: true,
+            }),
+        ]);
+        let state = ctl.snapshot();
+        let (restarted, _) =
+            Controller::start(&cfg, Some(&state), &Adopted::default()).expect("restart");
+        let now = Instant::now();
+        let mut m = membership_for(&cfg, &restarted, now);
+        for (node, weight, st) in [
+            (1, 3, heartbeat::NodeState::Up),
+            (2, 0, heartbeat::NodeState::Draining),
+        ] {
+            let hb = Heartbeat {
+                node,
+                incarnation: 7,
+                sequence: 1,
+                state: st,
+                weight,
+                interval_ms: 100,
+                cpu_permille: None,
+                active_conns: None,
+            };
+            let evs = m
+                .on_heartbeat(now + Duration::from_millis(10), &hb)
+                .expect("accepted");
+            assert_eq!(evs, vec![], "node {node}");
+        }
     }
-    Ok(())
 }

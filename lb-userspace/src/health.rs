@@ -166,7 +166,7 @@ impl HealthChecker {
         node: u32,
         target: SocketAddr,
         cfg: HealthCfg,
-        events: mpsc::Sender<(u32, Event)>,
+        events: tokio::sync::mpsc::UnboundedSender<(u32, Event)>,
     ) -> std::io::Result<HealthChecker> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = thread::Builder::new()
@@ -283,12 +283,25 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         assert_eq!(probe(addr, &cfg()), Ok(()));
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let checker = HealthChecker::spawn(9, addr, cfg(), tx).unwrap();
-        let (node, ev) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut recv = || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(v) = rx.try_recv() {
+                    return v;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no health event in 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let (node, ev) = recv();
         assert_eq!((node, ev), (9, RiseFall::event(9, true)));
         drop(l);
-        let (_, ev) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (_, ev) = recv();
         assert_eq!(
             ev,
             Event::NodeDown {

@@ -3,13 +3,16 @@
 pub mod agent;
 pub mod config;
 pub mod conntrack;
+pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
 pub mod health;
 pub mod heartbeat;
 pub mod membership;
+pub mod mmap;
 pub mod objects;
+pub mod persist;
 pub mod routes;
 pub mod signals;
 pub mod state;

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run(args) => lb_userspace::daemon::Daemon::start(args).and_then(|d| d.run()),
+        Cmd::Run(args) => lb_userspace::daemon::run(args),
         Cmd::Agent(args) => lb_userspace::agent::run(args),
         Cmd::Decap(args) => lb_userspace::decap::run(args),
     };

@@ -17,6 +17,16 @@
 //!   `NodeDown` and no `NodeUp` until it has been stable for the whole hold-down.
 //! - Replays (sequence not above the last one of the same incarnation) and older incarnations
 //!   are rejected and counted; they never refresh liveness.
+//! - The interval is the one the node advertises, but never more than the configured maximum
+//!   (`heartbeat_interval_max`, by default the expected `heartbeat_interval`): an agent may
+//!   beat faster than expected, never slower.
+//! - **Fail static**: when, at the moment a node would go down, more than `fail_static_share`
+//!   of the up nodes (or all of them) have been silent for over half their detection window,
+//!   the likelier fault is the balancer's own receive path (CPU, NIC, its own network), not
+//!   that many nodes died together. Nobody is taken down; the detector holds until
+//!   heartbeats flow again and judges then: nodes that are still silent go down. Each such
+//!   episode is counted. Time is the heartbeat's arrival time (the kernel's receive stamp),
+//!   so a daemon that was busy does not mistake its own backlog for silence.
 use crate::heartbeat::{Heartbeat, NodeState};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -49,8 +59,11 @@ pub struct NodeCfg {
     pub miss_limit: u32,
     /// Stable time a returning node needs before it is up again.
     pub hold_down: Duration,
-    /// Expected heartbeat interval; `None` = trust the interval each heartbeat advertises.
+    /// Fixed heartbeat interval; `None` = the interval each heartbeat advertises, at most
+    /// `max_interval`.
     pub interval: Option<Duration>,
+    /// The longest advertised interval honoured (a slower agent is judged at this one).
+    pub max_interval: Duration,
     pub on_restart: RestartPolicy,
 }
 
@@ -60,6 +73,7 @@ impl Default for NodeCfg {
             miss_limit: DEFAULT_MISS_LIMIT,
             hold_down: DEFAULT_HOLD_DOWN,
             interval: None,
+            max_interval: MAX_INTERVAL,
             on_restart: RestartPolicy::HoldDown,
         }
     }
@@ -143,6 +157,10 @@ pub struct MembershipCounters {
     pub unknown_node: u64,
     pub replay: u64,
     pub stale_incarnation: u64,
+    /// Fail-static episodes: times the detector held nodes up because too many went silent.
+    pub fail_static: u64,
+    /// Heartbeats advertising an interval above the node's maximum (judged at the maximum).
+    pub interval_clamped: u64,
 }
 
 /// Where a node stands.
@@ -168,8 +186,10 @@ pub struct NodeStatus {
     pub last_seen: Option<Instant>,
     /// When the node is (or was) declared down without another valid heartbeat.
     pub expires: Option<Instant>,
-    /// The interval in use (override or advertised).
+    /// The interval in use (override, or advertised and capped).
     pub interval: Option<Duration>,
+    /// The interval the node's last heartbeat advertised.
+    pub advertised_interval: Option<Duration>,
     pub draining: bool,
     pub weight: u32,
     pub cpu_permille: Option<u16>,
@@ -182,7 +202,14 @@ pub struct Membership {
     defaults: NodeCfg,
     nodes: BTreeMap<u32, NodeStatus>,
     counters: MembershipCounters,
+    /// Fail-static threshold (share of up nodes silent at once); `None` = off.
+    fail_static_share: Option<f64>,
+    /// Set while fail-static holds nodes up; when to judge again without a heartbeat.
+    holding: Option<Instant>,
 }
+
+/// While fail-static holds, the detector judges again this often (and at every heartbeat).
+pub const FAIL_STATIC_RECHECK: Duration = Duration::from_millis(100);
 
 fn add(t: Instant, d: Duration) -> Option<Instant> {
     t.checked_add(d)
@@ -195,6 +222,69 @@ impl Membership {
             defaults,
             nodes: BTreeMap::new(),
             counters: MembershipCounters::default(),
+            fail_static_share: None,
+            holding: None,
+        }
+    }
+
+    /// Turns fail-static on with this threshold (`0 < share <= 1`; 1 = only when every up node
+    /// goes silent), or off with `None`.
+    pub fn set_fail_static(&mut self, share: Option<f64>) {
+        self.fail_static_share = share;
+    }
+
+    /// Whether fail-static is holding nodes up now.
+    pub fn holding(&self) -> bool {
+        self.holding.is_some()
+    }
+
+    /// Whether, at `now`, so many up nodes are silent that a missed deadline is more likely
+    /// the balancer's own fault (see the module docs).
+    fn too_many_silent(&self, now: Instant) -> bool {
+        let Some(share) = self.fail_static_share else {
+            return false;
+        };
+        let (mut up, mut silent) = (0usize, 0usize);
+        for n in self.nodes.values().filter(|n| n.phase == Phase::Up) {
+            up += 1;
+            let window = n
+                .interval
+                .and_then(|i| i.checked_mul(n.cfg.miss_limit))
+                .unwrap_or(Duration::ZERO);
+            let quiet = n
+                .last_seen
+                .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+            if quiet > window / 2 {
+                silent += 1;
+            }
+        }
+        up > 0 && (silent == up || silent as f64 > share * up as f64)
+    }
+
+    /// Starts (and counts) or extends a fail-static episode.
+    fn hold(&mut self, now: Instant) {
+        if self.holding.is_none() {
+            self.counters.fail_static += 1;
+        }
+        self.holding = Some(now + FAIL_STATIC_RECHECK);
+    }
+
+    /// Decides whether missed deadlines at `now` are acted on; tracks fail-static episodes.
+    fn judge(&mut self, now: Instant) -> bool {
+        let due = self
+            .nodes
+            .values()
+            .any(|n| n.phase == Phase::Up && n.expires.is_some_and(|t| now >= t));
+        if !due {
+            self.holding = None;
+            return true;
+        }
+        if self.too_many_silent(now) {
+            self.hold(now);
+            false
+        } else {
+            self.holding = None;
+            true
         }
     }
 
@@ -220,6 +310,7 @@ impl Membership {
                 last_seen: None,
                 expires: None,
                 interval: cfg.interval,
+                advertised_interval: None,
                 draining: false,
                 weight: 0,
                 cpu_permille: None,
@@ -305,15 +396,35 @@ impl Membership {
         self.counters.accepted += 1;
         let node = hb.node;
         let mut events = Vec::new();
-        // Whatever tick() was or was not called, silence before this heartbeat counts first.
-        expire(node, n, now, &mut events);
+        // Whatever tick() was or was not called, silence before this heartbeat counts first,
+        // unless fail-static holds or should (this node's silence was then likely ours). Only
+        // tick() ends an episode, once every queued heartbeat has been read.
+        let own_expired = self
+            .nodes
+            .get(&node)
+            .is_some_and(|n| n.expires.is_some_and(|t| now >= t));
+        if own_expired && (self.holding.is_some() || self.too_many_silent(now)) {
+            self.hold(now);
+        } else if let Some(n) = self.nodes.get_mut(&node) {
+            expire(node, n, now, &mut events);
+        }
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return Ok(events);
+        };
 
         n.incarnation = Some(hb.incarnation);
         n.sequence = hb.sequence;
         n.last_seen = Some(now);
-        let interval = n.cfg.interval.unwrap_or_else(|| {
-            Duration::from_millis(u64::from(hb.interval_ms)).clamp(MIN_INTERVAL, MAX_INTERVAL)
-        });
+        let advertised = Duration::from_millis(u64::from(hb.interval_ms));
+        n.advertised_interval = Some(advertised);
+        let cap = n.cfg.max_interval.min(MAX_INTERVAL);
+        if n.cfg.interval.is_none() && advertised > cap {
+            self.counters.interval_clamped += 1;
+        }
+        let interval = n
+            .cfg
+            .interval
+            .unwrap_or_else(|| advertised.clamp(MIN_INTERVAL, cap.max(MIN_INTERVAL)));
         n.interval = Some(interval);
         n.expires = interval
             .checked_mul(n.cfg.miss_limit)
@@ -386,8 +497,11 @@ impl Membership {
     /// hold-down is over come up.
     pub fn tick(&mut self, now: Instant) -> Vec<Event> {
         let mut events = Vec::new();
+        let act = self.judge(now);
         for (&id, n) in self.nodes.iter_mut() {
-            expire(id, n, now, &mut events);
+            if act {
+                expire(id, n, now, &mut events);
+            }
             if let Phase::Joining { since } = n.phase
                 && add(since, n.cfg.hold_down).is_some_and(|t| now >= t)
             {
@@ -408,7 +522,11 @@ impl Membership {
         self.nodes
             .values()
             .filter_map(|n| match n.phase {
-                Phase::Up => n.expires,
+                // While fail-static holds, passed deadlines are judged again at the recheck.
+                Phase::Up => match (n.expires, self.holding) {
+                    (Some(e), Some(h)) if e < h => Some(h),
+                    (e, _) => e,
+                },
                 Phase::Joining { since } => {
                     let up = add(since, n.cfg.hold_down);
                     match (n.expires, up) {
@@ -870,5 +988,119 @@ mod tests {
                 },
             ])
         );
+    }
+
+    /// Defect: `heartbeat_interval` was unused and detection followed whatever an agent
+    /// advertised (up to 60 s). Now an agent may beat faster, never slower than the maximum.
+    #[test]
+    fn advertised_interval_is_capped_at_the_configured_maximum() {
+        let mut m = Membership::new(NodeCfg {
+            max_interval: 100 * MS,
+            ..NodeCfg::default()
+        });
+        m.add_node_default(1);
+        m.add_node_default(2);
+        let t0 = Instant::now();
+        let (mut a, mut b) = (Agent::new(1, 1), Agent::new(2, 1));
+        let mut slow = a.beat();
+        slow.interval_ms = 60_000;
+        let mut fast = b.beat();
+        fast.interval_ms = 50;
+        m.on_heartbeat(t0, &slow).unwrap();
+        m.on_heartbeat(t0, &fast).unwrap();
+        assert_eq!(m.counters().interval_clamped, 1);
+        assert_eq!(m.status(1).unwrap().interval, Some(100 * MS));
+        assert_eq!(m.status(2).unwrap().interval, Some(50 * MS));
+        // The fast one goes first, at 3 x 50 ms; the slow one at 3 x 100 ms, not 3 minutes.
+        assert_eq!(m.tick(t0 + 149 * MS), vec![]);
+        let mut got = m.tick(t0 + 150 * MS);
+        got.extend(m.tick(t0 + 300 * MS));
+        assert_eq!(
+            got,
+            vec![
+                Event::NodeDown {
+                    node: 2,
+                    reason: DownReason::MissedHeartbeats
+                },
+                Event::NodeDown {
+                    node: 1,
+                    reason: DownReason::MissedHeartbeats
+                },
+            ]
+        );
+    }
+
+    fn four_up(share: Option<f64>) -> (Membership, Vec<Agent>, Instant) {
+        let mut m = Membership::new(NodeCfg::default());
+        m.set_fail_static(share);
+        let mut agents: Vec<Agent> = (1..=4).map(|n| Agent::new(n, 1)).collect();
+        let t0 = Instant::now();
+        for a in agents.iter_mut() {
+            m.add_node_default(a.node);
+            m.on_heartbeat(t0, &a.beat()).unwrap();
+        }
+        (m, agents, t0)
+    }
+
+    #[test]
+    fn fail_static_holds_when_every_node_goes_silent_and_judges_once_beats_return() {
+        let (mut m, mut agents, t0) = four_up(Some(0.5));
+        // Nobody beats: at the deadline nobody goes down, and the detector says it holds.
+        assert_eq!(m.tick(t0 + 300 * MS), vec![]);
+        assert!(m.holding());
+        assert_eq!(m.counters().fail_static, 1);
+        assert_eq!(m.tick(t0 + 2000 * MS), vec![], "still holding");
+        assert_eq!(m.counters().fail_static, 1, "one episode");
+        let recheck = m.next_deadline().unwrap();
+        assert!(recheck > t0 + 2000 * MS, "no busy loop on passed deadlines");
+        // Three come back (their silence was ours): no event, no hold-down.
+        let t1 = t0 + 2100 * MS;
+        for a in agents.iter_mut().take(3) {
+            assert_eq!(m.on_heartbeat(t1, &a.beat()).unwrap(), vec![]);
+        }
+        // The fourth stays silent: judged normally now.
+        assert_eq!(
+            m.tick(t1),
+            vec![Event::NodeDown {
+                node: 4,
+                reason: DownReason::MissedHeartbeats
+            }]
+        );
+        assert!(!m.holding());
+        for n in 1..=3 {
+            assert_eq!(m.status(n).unwrap().phase, Phase::Up);
+        }
+    }
+
+    #[test]
+    fn fail_static_only_above_the_share() {
+        // Two of four silent (not more than half): both go down.
+        let (mut m, mut agents, t0) = four_up(Some(0.5));
+        for a in agents.iter_mut().take(2) {
+            m.on_heartbeat(t0 + 100 * MS, &a.beat()).unwrap();
+            m.on_heartbeat(t0 + 200 * MS, &a.beat()).unwrap();
+        }
+        let got = m.tick(t0 + 300 * MS);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(!m.holding());
+        // Three of four silent: held.
+        let (mut m, mut agents, t0) = four_up(Some(0.5));
+        m.on_heartbeat(t0 + 200 * MS, &agents[0].beat()).unwrap();
+        assert_eq!(m.tick(t0 + 300 * MS), vec![]);
+        assert!(m.holding());
+        // Off: all four go down.
+        let (mut m, _, t0) = four_up(None);
+        assert_eq!(m.tick(t0 + 300 * MS).len(), 4);
+    }
+
+    #[test]
+    fn fail_static_covers_a_late_heartbeat_of_a_held_node() {
+        // Everyone silent past the deadline; the first heartbeat to arrive afterwards (read
+        // before any tick) does not take its own node down.
+        let (mut m, mut agents, t0) = four_up(Some(0.5));
+        let late = t0 + 400 * MS;
+        assert_eq!(m.on_heartbeat(late, &agents[0].beat()).unwrap(), vec![]);
+        assert_eq!(m.status(1).unwrap().phase, Phase::Up);
+        assert!(m.holding());
     }
 }
