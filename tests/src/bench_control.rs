@@ -1,6 +1,9 @@
 //! `cargo xtask bench control`: control-plane benchmarks.
 //! - route update: one event (join, failure, drain) on a VIP with N = 65536 routes and 1000
-//!   nodes, computed and pushed to the kernel map atomically (the daemon's code path);
+//!   nodes, through the daemon's code path: the controller's plan, pushed to the kernel maps
+//!   atomically, and the state handed to the persister; the persister's own write (on its
+//!   thread, off the membership path) is reported beside it;
+//! - apply: the same with 16 VIPs of N = 65536 routes and 20 nodes;
 //! - heartbeat ingestion: authenticated heartbeats per second received over UDP, verified and
 //!   run through the failure detector on one core;
 //! - failover: an agent is killed in a namespace lab; time until the node's routes point
@@ -13,31 +16,30 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lb_common::{NODE_NONE, RouteEntry};
 use lb_userspace::{
-    dataplane::{Dataplane, DataplaneOptions, ForwardMode, HashMode, VipSpec, vip_key},
+    config::Config,
+    controller::{Adopted, Controller, Input},
+    daemon::execute_steps,
+    dataplane::{Dataplane, DataplaneOptions, vip_key},
     heartbeat::{self, Heartbeat, Key, Receiver},
-    membership::{Membership, NodeCfg},
-    routes::RouteTable,
+    membership::{DownReason, Event, Membership, NodeCfg},
+    persist::Persister,
 };
 use serde_json::json;
 
 use crate::{
     daemon::{DaemonSetup, udp_vip},
     netns::Lab,
+    scale::{KernelView, Watch, events, wait_tables},
 };
 
 const N: u32 = 65536;
 const NODES: u32 = 1000;
-
-fn entries(t: &RouteTable) -> Vec<RouteEntry> {
-    t.owners()
-        .map(|o| RouteEntry {
-            node: o.unwrap_or(NODE_NONE),
-            flags: 0,
-        })
-        .collect()
-}
+/// `apply_ms`: one event over this many VIPs of N routes.
+const APPLY_VIPS: u32 = 16;
+const APPLY_NODES: u32 = 20;
+/// `join_storm`: agents starting at once (against `APPLY_VIPS` VIPs of N routes).
+const STORM_NODES: u32 = 20;
 
 fn stats(mut v: Vec<f64>) -> Spread {
     v.sort_by(f64::total_cmp);
@@ -48,50 +50,145 @@ fn stats(mut v: Vec<f64>) -> Spread {
 /// (median, min, max).
 type Spread = (f64, f64, f64);
 
-/// (median, min, max) milliseconds of compute + push per event type.
-fn route_updates(trials: usize) -> Result<Vec<(&'static str, Spread)>> {
-    let mut dp = Dataplane::load(&DataplaneOptions {
-        route_slots: 2 * N,
-        conntrack_size: 1024,
-        pin_dir: None,
-    })?;
-    let spec = VipSpec {
-        key: vip_key(
-            Ipv4Addr::new(198, 18, 100, 1).into(),
-            80,
-            lb_common::PROTO_TCP,
-        ),
-        index: 0,
-        mode: ForwardMode::DsrL2,
-        hash: HashMode::FiveTuple,
-    };
-    let mut table = RouteTable::new(N)?;
-    for n in 0..NODES {
-        table.join(n, 1)?;
+/// A config of `vips` TCP VIPs of N routes over `nodes` heartbeat nodes.
+fn config(vips: u32, nodes: u32) -> Result<Config> {
+    let mut s = format!("[daemon]\nroute_slots = {}\n", 2 * N * vips);
+    for v in 0..vips {
+        s += &format!(
+            "[[vip]]\naddr = \"198.18.{}.{}\"\nport = 80\nproto = \"tcp\"\nroutes = {N}\n",
+            100 + v / 250,
+            1 + v % 250
+        );
     }
-    dp.upsert_vip(&spec, &entries(&table))?;
+    for n in 0..nodes {
+        s += &format!(
+            "[[node]]\nid = {n}\nmac = \"02:00:00:00:{:02x}:{:02x}\"\n",
+            n >> 8,
+            n & 0xff
+        );
+    }
+    let cfg: Config = toml::from_str(&s)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The daemon's path for one batch: the controller's plan, executed on the kernel maps, and
+/// the state handed to the persister (which writes it on its own thread).
+struct Shell {
+    ctl: Controller,
+    dp: Dataplane,
+    persister: Persister,
+    _dir: crate::daemon::TempDir,
+}
+
+impl Shell {
+    fn new(vips: u32, nodes: u32, up: u32) -> Result<Self> {
+        let cfg = config(vips, nodes)?;
+        let dp = Dataplane::load(&DataplaneOptions {
+            route_slots: cfg.daemon.route_slots,
+            conntrack_size: 1024,
+            pin_dir: None,
+        })?;
+        let (ctl, plan) = Controller::start(&cfg, None, &Adopted::default())?;
+        let dir = crate::daemon::TempDir::new("bench-state")?;
+        let mut sh = Shell {
+            ctl,
+            dp,
+            persister: Persister::spawn(dir.0.clone()),
+            _dir: dir,
+        };
+        execute_steps(&mut sh.dp, &plan)?;
+        let ups: Vec<Input> = (0..up)
+            .map(|n| {
+                membership(Event::NodeUp {
+                    node: n,
+                    weight: 0,
+                    draining: false,
+                })
+            })
+            .collect();
+        sh.step(&ups)?;
+        sh.persister
+            .flush(Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
+        Ok(sh)
+    }
+
+    /// One batch; returns the milliseconds it took and the route entries it wrote.
+    fn step(&mut self, inputs: &[Input]) -> Result<(f64, usize)> {
+        let start = Instant::now();
+        let plan = self.ctl.apply(inputs);
+        execute_steps(&mut self.dp, &plan)?;
+        if plan.persist {
+            self.persister.submit(self.ctl.snapshot());
+        }
+        Ok((start.elapsed().as_secs_f64() * 1e3, plan.route_writes()))
+    }
+
+    /// Milliseconds the persister took for its last write, once it is done.
+    fn save_ms(&self) -> Result<f64> {
+        self.persister
+            .flush(Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
+        Ok(self
+            .persister
+            .stats()
+            .last_write
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3))
+    }
+}
+
+fn membership(e: Event) -> Input {
+    Input::Membership(e)
+}
+
+/// Per event type: (median, min, max) ms of one event through the daemon's path (compute +
+/// push + hand-off to the persister) with `vips` VIPs and `nodes` nodes, and the median
+/// milliseconds of the persister's own write (off the membership path).
+fn route_updates(vips: u32, nodes: u32, trials: usize) -> Result<Vec<(&'static str, Spread, f64)>> {
+    // The last node stays down, for the join.
+    let mut sh = Shell::new(vips, nodes, nodes - 1)?;
+    let joiner = nodes - 1;
     let mut out = Vec::new();
     for event in ["join", "failure", "drain"] {
         let mut times = Vec::with_capacity(trials);
+        let mut saves = Vec::with_capacity(trials);
         for t in 0..trials {
-            let node = (t as u32 * 37) % NODES;
-            let start = Instant::now();
-            match event {
-                "join" => table.join(NODES, 1)?,
-                "failure" => table.fail(node)?,
-                _ => table.drain(node)?,
+            let node = (t as u32 * 37) % joiner;
+            let (ev, undo) = match event {
+                "join" => (
+                    Event::NodeUp {
+                        node: joiner,
+                        weight: 0,
+                        draining: false,
+                    },
+                    Event::NodeDown {
+                        node: joiner,
+                        reason: DownReason::MissedHeartbeats,
+                    },
+                ),
+                "failure" => (
+                    Event::NodeDown {
+                        node,
+                        reason: DownReason::MissedHeartbeats,
+                    },
+                    Event::NodeUp {
+                        node,
+                        weight: 0,
+                        draining: false,
+                    },
+                ),
+                _ => (Event::NodeDraining { node }, Event::NodeUndrained { node }),
             };
-            dp.set_routes(&spec.key, &entries(&table))?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
+            let (ms, writes) = sh.step(&[membership(ev)])?;
+            anyhow::ensure!(writes > 0, "{event} wrote no route");
+            times.push(ms);
+            saves.push(sh.save_ms()?);
             // Undo, untimed, so every trial starts from the same balanced table.
-            match event {
-                "join" => table.remove(NODES)?,
-                "failure" => table.join(node, 1)?,
-                _ => table.activate(node)?,
-            };
-            dp.set_routes(&spec.key, &entries(&table))?;
+            sh.step(&[membership(undo)])?;
+            sh.save_ms()?;
         }
-        out.push((event, stats(times)));
+        out.push((event, stats(times), stats(saves).0));
     }
     Ok(out)
 }
@@ -147,6 +244,44 @@ fn heartbeat_rate(total: u64) -> Result<(f64, u64)> {
     Ok((processed as f64 / secs.max(1e-9), processed))
 }
 
+/// Join storm: `STORM_NODES` agents start at once against a daemon with `APPLY_VIPS` VIPs of N
+/// routes; milliseconds until every node is ACTIVE and owns routes in every VIP's kernel table,
+/// then NodeDowns logged while all agents keep running for `hold` (false downs, must be 0).
+fn join_storm(hold: Duration) -> Result<(f64, usize)> {
+    let ids: Vec<u32> = (1..=STORM_NODES).collect();
+    let vips: Vec<Ipv4Addr> = (1..=APPLY_VIPS as u8)
+        .map(|i| Ipv4Addr::new(198, 18, 100, i))
+        .collect();
+    let keys: Vec<_> = vips
+        .iter()
+        .map(|v| vip_key((*v).into(), 80, lb_common::PROTO_TCP))
+        .collect();
+    let lab = Lab::new(STORM_NODES as usize)?;
+    lab.add_dsr_vips(&vips)?;
+    let setup = DaemonSetup::dsr_many(&lab, &vips, 80, "tcp", N, 1 << 16, "")?;
+    let (_daemon, log) = setup.start_captured(&lab, &[])?;
+    let kv = KernelView::open(setup.pin_dir())?;
+    let mut watch = Watch::new(&kv, &keys, &ids, &[])?;
+    let from = log.len();
+    let _agents = ids
+        .iter()
+        .map(|id| setup.agent(&lab, *id, "100ms"))
+        .collect::<Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    let up = wait_tables(
+        &kv,
+        &mut watch,
+        t0,
+        Duration::from_secs(20),
+        false,
+        |kv, key, buf, w| kv.all_own(key, &ids, buf, |kv| w.poll_quiet(kv)),
+    )?
+    .context("not every node came up within 20 s")?;
+    std::thread::sleep(hold);
+    let downs = events(&log.since(from), "NodeDown").len();
+    Ok((up.as_secs_f64() * 1e3, downs))
+}
+
 /// Failover times (ms) over `trials` agent kills in a namespace lab, default settings.
 fn failover(trials: usize) -> Result<Vec<f64>> {
     let lab = Lab::new(2)?;
@@ -177,8 +312,20 @@ fn failover(trials: usize) -> Result<Vec<f64>> {
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let trials = if quick { 5 } else { 25 };
-    eprintln!("route updates: N = {N}, {NODES} nodes, {trials} trials per event");
-    let updates = route_updates(trials)?;
+    eprintln!("route updates: N = {N}, 1 VIP, {NODES} nodes, {trials} trials per event");
+    let updates = route_updates(1, NODES, trials)?;
+    eprintln!("apply: N = {N}, {APPLY_VIPS} VIPs, {APPLY_NODES} nodes, {trials} trials per event");
+    let applies = route_updates(APPLY_VIPS, APPLY_NODES, trials)?;
+    let storm_trials = if quick { 1 } else { 3 };
+    let hold = Duration::from_secs(if quick { 5 } else { 10 });
+    eprintln!(
+        "join storm: {STORM_NODES} agents at once, {APPLY_VIPS} VIPs x N = {N}, {storm_trials} trials, then {hold:?} watching for false downs"
+    );
+    let storms = (0..storm_trials)
+        .map(|_| join_storm(hold))
+        .collect::<Result<Vec<_>>>()?;
+    let (storm_med, storm_min, storm_max) = stats(storms.iter().map(|s| s.0).collect());
+    let false_downs: usize = storms.iter().map(|s| s.1).sum();
     eprintln!("heartbeat ingestion");
     let (hb_rate, hb_n) = heartbeat_rate(if quick { 50_000 } else { 300_000 })?;
     let fo_trials = if quick { 5 } else { 20 };
@@ -189,28 +336,49 @@ pub fn run(args: &[String]) -> Result<()> {
     let (fo_med, fo_min, fo_max) = stats(fo.clone());
 
     println!();
-    println!("| benchmark | median | min | max |");
-    println!("|---|---|---|---|");
-    for (ev, (med, min, max)) in &updates {
-        println!(
-            "| route update ({ev}), N={N}, {NODES} nodes, compute + push | {med:.2} ms | {min:.2} ms | {max:.2} ms |"
-        );
-    }
-    println!("| heartbeats verified + processed ({hb_n} msgs, one core) | {hb_rate:.0}/s | | |");
+    println!("| benchmark | median | min | max | persister write (off path), median |");
+    println!("|---|---|---|---|---|");
+    let rows = |what: &str, rows: &[(&'static str, Spread, f64)]| {
+        for (ev, (med, min, max), save) in rows {
+            println!(
+                "| {what} ({ev}): compute + push + save hand-off | {med:.2} ms | {min:.2} ms | {max:.2} ms | {save:.1} ms |"
+            );
+        }
+    };
+    rows(&format!("route update, N={N}, {NODES} nodes"), &updates);
+    rows(
+        &format!("apply, {APPLY_VIPS} VIPs x N={N}, {APPLY_NODES} nodes"),
+        &applies,
+    );
     println!(
-        "| failover: agent killed -> routes moved in kernel map ({} trials) | {fo_med:.0} ms | {fo_min:.0} ms | {fo_max:.0} ms |",
+        "| join_storm: {STORM_NODES} agents start at once, {APPLY_VIPS} VIPs x N={N} -> all up in every kernel table ({storm_trials} trials) | {storm_med:.0} ms | {storm_min:.0} ms | {storm_max:.0} ms | |"
+    );
+    println!(
+        "| false_downs: NodeDown with every agent running ({storm_trials} x {hold:?} after the storm) | {false_downs} | | | |"
+    );
+    println!("| heartbeats verified + processed ({hb_n} msgs, one core) | {hb_rate:.0}/s | | | |");
+    println!(
+        "| failover: agent killed -> routes moved in kernel map ({} trials) | {fo_med:.0} ms | {fo_min:.0} ms | {fo_max:.0} ms | |",
         fo.len()
     );
 
-    let get = |name: &str| {
-        updates
-            .iter()
-            .find(|(e, _)| *e == name)
-            .map_or(0.0, |(_, s)| s.0)
+    let detail = |rows: &[(&'static str, Spread, f64)]| {
+        rows.iter()
+            .map(|(e, (med, min, max), save)| {
+                (
+                    e.to_string(),
+                    json!({"median": med, "min": min, "max": max, "persister_write_ms": save}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
     };
     let doc = json!({
-        "route_update_ms": { "join": get("join"), "failure": get("failure"), "drain": get("drain") },
-        "route_update_detail_ms": updates.iter().map(|(e, (med, min, max))| (e.to_string(), json!({"median": med, "min": min, "max": max}))).collect::<serde_json::Map<_, _>>(),
+        "route_update_ms": detail(&updates),
+        "apply_ms": detail(&applies),
+        "apply_vips": APPLY_VIPS,
+        "apply_nodes": APPLY_NODES,
+        "join_storm_ms": { "median": storm_med, "min": storm_min, "max": storm_max, "trials": storms.iter().map(|s| s.0).collect::<Vec<_>>(), "nodes": STORM_NODES },
+        "false_downs": false_downs,
         "heartbeats_per_sec": hb_rate,
         "failover_ms": { "median": fo_med, "min": fo_min, "max": fo_max, "trials": fo },
         "routes": N,

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
@@ -92,6 +92,20 @@ impl DaemonSetup {
         routes: u32,
         extra_daemon: &str,
     ) -> Result<Self> {
+        Self::dsr_many(lab, &[vip], port, proto, routes, 65536, extra_daemon)
+    }
+
+    /// [`DaemonSetup::dsr`] for several dsr-l2 VIPs `vips[i]:port/proto`, each with `routes`
+    /// route IDs; `route_slots` fits two generations of every VIP, `conntrack_size` as given.
+    pub fn dsr_many(
+        lab: &Lab,
+        vips: &[Ipv4Addr],
+        port: u16,
+        proto: &str,
+        routes: u32,
+        conntrack_size: u32,
+        extra_daemon: &str,
+    ) -> Result<Self> {
         let instance = format!("lbt{}", lab.prefix);
         let dir = TempDir::new("daemon")?;
         let key = dir.0.join("key");
@@ -105,11 +119,16 @@ impl DaemonSetup {
         } else {
             format!("heartbeat_listen = \"{}:{HB_PORT}\"\n", lab.lb.ip)
         };
+        let slots = (2 * routes as u64 * vips.len() as u64).max(4096);
         let mut cfg = format!(
-            "[daemon]\ninstance = \"{instance}\"\n{listen}key_file = \"{}\"\nxdp_mode = \"generic\"\nroute_slots = {slots}\nconntrack_size = 65536\n{extra_daemon}\n\n[[vip]]\naddr = \"{vip}\"\nport = {port}\nproto = \"{proto}\"\nroutes = {routes}\n",
+            "[daemon]\ninstance = \"{instance}\"\n{listen}key_file = \"{}\"\nxdp_mode = \"generic\"\nroute_slots = {slots}\nconntrack_size = {conntrack_size}\n{extra_daemon}\n",
             key.display(),
-            slots = (2 * routes).max(4096),
         );
+        for vip in vips {
+            cfg.push_str(&format!(
+                "\n[[vip]]\naddr = \"{vip}\"\nport = {port}\nproto = \"{proto}\"\nroutes = {routes}\n"
+            ));
+        }
         for (i, n) in lab.nodes.iter().enumerate() {
             cfg.push_str(&format!(
                 "\n[[node]]\nid = {}\nmac = \"{}\"\nipv4 = \"{}\"\n",
@@ -137,6 +156,18 @@ impl DaemonSetup {
 
     /// Starts `lb run` in the balancer namespace and waits until it says it is ready.
     pub fn start(&self, lab: &Lab, extra: &[&str]) -> Result<ChildGuard> {
+        self.start_inner(lab, extra, None)
+    }
+
+    /// [`DaemonSetup::start`] that also captures the daemon's stdout and stderr lines (its log)
+    /// into the returned list, in arrival order, still echoing them prefixed `[daemon]`.
+    pub fn start_captured(&self, lab: &Lab, extra: &[&str]) -> Result<(ChildGuard, LogLines)> {
+        let log = LogLines::default();
+        let child = self.start_inner(lab, extra, Some(log.clone()))?;
+        Ok((child, log))
+    }
+
+    fn start_inner(&self, lab: &Lab, extra: &[&str], log: Option<LogLines>) -> Result<ChildGuard> {
         let lb = lb_binary()?;
         let mut cmd = lab.lb.ns.command(&lb.to_string_lossy());
         cmd.args(["run", "--iface", &lab.lb.ifname, "--config"])
@@ -147,15 +178,33 @@ impl DaemonSetup {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if log.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         let mut child = cmd.spawn().context("starting lb run")?;
         let stdout = child.stdout.take().context("daemon stdout")?;
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                    eprintln!("[daemon] {line}");
+                    if let Some(log) = &log {
+                        log.push(line);
+                    }
+                }
+            });
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
                 eprintln!("[daemon] {line}");
                 if line.contains("lb: ready") {
                     let _ = tx.send(());
+                }
+                if let Some(log) = &log {
+                    log.push(line);
                 }
             }
         });
@@ -228,6 +277,32 @@ impl DaemonSetup {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+/// A daemon's captured output lines (see [`DaemonSetup::start_captured`]), shared with the
+/// threads reading its pipes.
+#[derive(Clone, Default)]
+pub struct LogLines(Arc<Mutex<Vec<String>>>);
+
+impl LogLines {
+    fn push(&self, line: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+
+    /// Lines so far.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lines from index `from` on (a phase's lines: take `len()` at its start).
+    pub fn since(&self, from: usize) -> Vec<String> {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.get(from..).map(<[String]>::to_vec).unwrap_or_default()
     }
 }
 

@@ -4,3 +4,4 @@ pub mod daemon;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod scale;

@@ -210,6 +210,62 @@ fn multicast_heartbeats_drive_membership_with_advertised_weights() {
     drop(agents);
 }
 
+/// Fail static: the balancer's own link goes down for 1 s, so every heartbeat stops at once.
+/// The daemon keeps the table (no NodeDown, no route moves, one warning) and, once heartbeats
+/// flow again, judges normally: an agent killed afterwards is down within the usual budget.
+#[test]
+fn fail_static_keeps_the_table_when_every_heartbeat_stops_at_once() {
+    let lab = Lab::new(3).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let (_daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let mut agents: Vec<_> = (1..=3)
+        .map(|id| setup.agent(&lab, id, "100ms").unwrap())
+        .collect();
+    let all_three = |r: &[lb_common::RouteEntry]| (1..=3).all(|n| r.iter().any(|e| e.node == n));
+    setup
+        .wait_routes(&key, Duration::from_secs(10), all_three)
+        .unwrap();
+    let before = setup.routes(&key).unwrap();
+    let from = log.len();
+    lab.lb.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    lab.lb.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    // Wait until the daemon says it judges normally again (deadline, not a fixed sleep).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !log
+        .since(from)
+        .iter()
+        .any(|l| l.contains("heartbeats flow again"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fail static never ended: {:#?}",
+            log.since(from)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during = log.since(from);
+    assert!(
+        during.iter().any(|l| l.contains("fail static")),
+        "no fail-static warning: {during:#?}"
+    );
+    assert!(
+        !during.iter().any(|l| l.contains("NodeDown")),
+        "a node went down: {during:#?}"
+    );
+    assert_eq!(setup.routes(&key).unwrap(), before, "the table changed");
+    // Judged normally again: one agent killed now is down in time.
+    agents[0].signal_and_wait(libc::SIGKILL).unwrap();
+    let took = setup
+        .wait_routes(&key, Duration::from_secs(3), |r| {
+            r.iter().all(|e| e.node != 1)
+        })
+        .unwrap();
+    assert!(took < Duration::from_millis(800), "failover took {took:?}");
+}
+
 /// A namespace with a veth interface, enough for the daemon to start (or refuse to).
 fn dummy_ns() -> Netns {
     let ns = Netns::new(&format!("{}d", lb_tests::netns::unique_prefix())).unwrap();

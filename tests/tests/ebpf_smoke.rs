@@ -318,6 +318,58 @@ fn table_generations() {
     assert_dsr(&mut dp, &ack(VIP, 80), NODE_MAC);
 }
 
+/// `update_routes` writes only changes (the inactive slice first catches up with the live one)
+/// yet the live table always equals the model, whatever mix of small updates, whole-table
+/// writes and VIPs sharing an index comes before; a bad change is refused and changes nothing.
+#[test]
+fn incremental_route_updates_match_a_model() {
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut dp = load(None);
+    let a = key(VIP, 80);
+    let b = key(VIP, 90);
+    let n = 257usize;
+    let mut model = table(0, n);
+    dp.upsert_vip(&spec(VIP, 80, 3, ForwardMode::DsrL2), &model)
+        .unwrap();
+    dp.upsert_vip(&spec(VIP, 90, 3, ForwardMode::DsrL2), &table(1, 8))
+        .unwrap();
+    for round in 0..300 {
+        if round % 37 == 36 {
+            // A whole-table write in between (start-up, resync).
+            for e in model.iter_mut() {
+                e.node = rng.gen_range(0..2);
+            }
+            dp.set_routes(&a, &model).unwrap();
+        } else {
+            let changes: Vec<(u32, RouteEntry)> = (0..rng.gen_range(0..12))
+                .map(|_| {
+                    (
+                        rng.gen_range(0..n as u32),
+                        RouteEntry {
+                            node: rng.gen_range(0..2),
+                            flags: rng.gen_range(0..2),
+                        },
+                    )
+                })
+                .collect();
+            dp.update_routes(&a, &changes).unwrap();
+            for (r, e) in &changes {
+                model[*r as usize] = *e;
+            }
+        }
+        assert_eq!(dp.routes(&a).unwrap(), model, "round {round}");
+        assert_eq!(
+            dp.routes(&b).unwrap(),
+            table(1, 8),
+            "the index sharer keeps its table"
+        );
+    }
+    let bad = [(n as u32, RouteEntry { node: 0, flags: 0 })];
+    assert!(dp.update_routes(&a, &bad).is_err());
+    assert_eq!(dp.routes(&a).unwrap(), model);
+}
+
 /// A new `Dataplane` on the same pins takes over the VIPs, tables and generations; maps pinned
 /// in the earlier format (live slice named by `VipMeta`, bit 15 for "second slice") convert.
 #[test]

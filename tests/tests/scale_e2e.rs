@@ -1,0 +1,413 @@
+//! The control plane at the README's default sizes: 16 dsr-l2 TCP VIPs of 65536 routes each,
+//! 20 nodes whose agents (100 ms heartbeats, k = 3, hold-down 2 s) all start at once.
+//! - every node is up in the kernel (ACTIVE in NODES, owning routes in every VIP) within 1 s of
+//!   the last agent's start;
+//! - no NodeDown for 20 s while the client drives short TCP connections through all VIPs on
+//!   both cores (and under 1% of those connections fail);
+//! - an agent killed with SIGKILL has its node down (no route on it in any VIP, not ACTIVE)
+//!   within 800 ms, and the other 19 stay up.
+//!
+//! Problems are collected and reported together at the end with the measured figures, so one
+//! run tells everything (time to all-up, conn/s, failures, failover time).
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use lb_common::{NODE_ACTIVE, PROTO_TCP, VipKey};
+use lb_tests::{
+    daemon::DaemonSetup,
+    netns::{ChildGuard, Lab},
+    scale::{
+        KernelView, LoadStats, Problems, ScanBuf, TcpLoad, TcpServers, Watch, events, wait_tables,
+    },
+};
+use lb_userspace::dataplane::vip_key;
+
+const NODES: u32 = 20;
+const VIPS: u8 = 16;
+const ROUTES: u32 = 65536;
+const CONNTRACK: u32 = 1 << 20;
+const PORT: u16 = 80;
+/// Client threads driving TCP connections (the machine has 2 cores).
+const LOAD_THREADS: usize = 4;
+/// The node whose agent is killed.
+const VICTIM: u32 = 7;
+
+const ALL_UP_BUDGET: Duration = Duration::from_secs(1);
+const STEADY: Duration = Duration::from_secs(20);
+const FAILOVER_BUDGET: Duration = Duration::from_millis(800);
+/// Kernel sampling period while the steady phases run.
+const SAMPLE: Duration = Duration::from_millis(50);
+
+fn vips() -> Vec<Ipv4Addr> {
+    (1..=VIPS).map(|i| Ipv4Addr::new(198, 18, 100, i)).collect()
+}
+
+/// Samples the kernel every [`SAMPLE`] for `dur`: every node of `up` is ACTIVE and (one VIP per
+/// sample, in turn) owns routes; `down` is not ACTIVE. Returns the samples taken and the nodes
+/// ever seen not ACTIVE.
+fn monitor(
+    kv: &KernelView,
+    keys: &[VipKey],
+    up: &[u32],
+    down: Option<u32>,
+    dur: Duration,
+    what: &str,
+    problems: &mut Problems,
+) -> (u32, BTreeSet<u32>) {
+    let start = Instant::now();
+    let mut buf = ScanBuf::default();
+    let mut ever = BTreeSet::new();
+    let mut n = 0u32;
+    while start.elapsed() < dur {
+        let at = start.elapsed().as_secs_f64();
+        let inactive = kv.inactive(up).unwrap();
+        if !inactive.is_empty() {
+            problems.add(
+                &format!("{what}: nodes not ACTIVE"),
+                format!("+{at:.2}s {inactive:?}"),
+            );
+            ever.extend(inactive);
+        }
+        let i = n as usize % keys.len();
+        if let Some((_, false)) = kv.all_own(&keys[i], up, &mut buf, |_| {}).unwrap() {
+            problems.add(
+                &format!("{what}: a VIP has nodes without routes"),
+                format!(
+                    "+{at:.2}s VIP #{} misses {:?}",
+                    i + 1,
+                    missing_owners(kv, &keys[i], up)
+                ),
+            );
+        }
+        if let Some(d) = down
+            && kv.node(d).unwrap().state == NODE_ACTIVE
+        {
+            problems.add(
+                &format!("{what}: killed node ACTIVE again"),
+                format!("+{at:.2}s node {d}"),
+            );
+        }
+        n += 1;
+        if let Some(left) = (SAMPLE * n).checked_sub(start.elapsed()) {
+            std::thread::sleep(left);
+        }
+    }
+    (n, ever)
+}
+
+fn missing_owners(kv: &KernelView, key: &VipKey, ids: &[u32]) -> Vec<u32> {
+    let owners = kv.owners(key).unwrap();
+    ids.iter()
+        .copied()
+        .filter(|id| !owners.contains_key(id))
+        .collect()
+}
+
+/// Reads every VIP's whole table: a node of `up` without routes, a route on `down` or on any
+/// other node are problems. Returns the smallest/largest share of a node of `up` and the time
+/// the reads took.
+fn full_check(
+    kv: &KernelView,
+    keys: &[VipKey],
+    up: &[u32],
+    down: Option<u32>,
+    what: &str,
+    problems: &mut Problems,
+) -> (u32, u32, Duration) {
+    let t = Instant::now();
+    let (mut lo, mut hi) = (u32::MAX, 0);
+    for (i, k) in keys.iter().enumerate() {
+        let owners = kv.owners(k).unwrap();
+        let missing: Vec<u32> = up
+            .iter()
+            .copied()
+            .filter(|id| !owners.contains_key(id))
+            .collect();
+        for id in up {
+            let c = owners.get(id).copied().unwrap_or(0);
+            lo = lo.min(c);
+            hi = hi.max(c);
+        }
+        if !missing.is_empty() {
+            problems.add(
+                &format!("{what}: nodes without routes"),
+                format!("VIP #{}: {missing:?}", i + 1),
+            );
+        }
+        if let Some(d) = down
+            && let Some(c) = owners.get(&d)
+        {
+            problems.add(
+                &format!("{what}: killed node still owns routes"),
+                format!("VIP #{}: {c} routes on node {d}", i + 1),
+            );
+        }
+        let stray: Vec<(u32, u32)> = owners
+            .iter()
+            .filter(|(o, _)| !up.contains(o) && Some(**o) != down)
+            .map(|(o, c)| (*o, *c))
+            .collect();
+        if !stray.is_empty() {
+            problems.add(
+                &format!("{what}: routes on other nodes (node, routes)"),
+                format!("VIP #{}: {stray:?}", i + 1),
+            );
+        }
+    }
+    (lo, hi, t.elapsed())
+}
+
+fn check_load(st: &LoadStats, what: &str, problems: &mut Problems) {
+    if st.ok == 0 {
+        problems.add(
+            &format!("{what}: TCP load"),
+            "no connection succeeded".into(),
+        );
+    }
+    // Connections may fail very rarely (a SYN lost twice in a row); 1% is a fault.
+    if st.failed * 100 >= st.attempts.max(1) {
+        problems.add(
+            &format!("{what}: TCP load"),
+            format!(
+                "{} of {} connections failed: {:?}; first: {:?}",
+                st.failed, st.attempts, st.failures, st.first_failures
+            ),
+        );
+    }
+}
+
+#[test]
+fn sixteen_vips_twenty_agents_hold_under_tcp_load_and_fail_over() {
+    let t_test = Instant::now();
+    let vips = vips();
+    let ids: Vec<u32> = (1..=NODES).collect();
+    let keys: Vec<VipKey> = vips
+        .iter()
+        .map(|v| vip_key((*v).into(), PORT, PROTO_TCP))
+        .collect();
+    let lab = Lab::new(NODES as usize).unwrap();
+    lab.add_dsr_vips(&vips).unwrap();
+    let setup = DaemonSetup::dsr_many(
+        &lab,
+        &vips,
+        PORT,
+        "tcp",
+        ROUTES,
+        CONNTRACK,
+        "heartbeat_interval = \"100ms\"\nmiss_limit = 3\nhold_down = \"2s\"",
+    )
+    .unwrap();
+    eprintln!("lab ready in {:?}", t_test.elapsed());
+    let t = Instant::now();
+    let (mut daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    eprintln!("daemon ready in {:?}", t.elapsed());
+    let servers = TcpServers::start(
+        &lab.nodes
+            .iter()
+            .zip(&ids)
+            .map(|(n, id)| (&n.ns, *id))
+            .collect::<Vec<_>>(),
+        PORT,
+    )
+    .unwrap();
+    let kv = KernelView::open(setup.pin_dir()).unwrap();
+    let mut problems = Problems::default();
+
+    // ---- all 20 agents at once: every node up in the kernel within 1 s ----
+    let mut watch = Watch::new(&kv, &keys, &ids, &[]).unwrap();
+    let log_agents = log.len();
+    let mut agents: Vec<ChildGuard> = ids
+        .iter()
+        .map(|id| setup.agent(&lab, *id, "100ms").unwrap())
+        .collect();
+    let t0 = Instant::now();
+    let all_up = wait_tables(
+        &kv,
+        &mut watch,
+        t0,
+        Duration::from_secs(15),
+        false,
+        |kv, key, buf, w| kv.all_own(key, &ids, buf, |kv| w.poll_quiet(kv)),
+    )
+    .unwrap();
+    let all_active = watch
+        .nodes_ok_since
+        .map(|t| t.saturating_duration_since(t0));
+    eprintln!(
+        "all {NODES} nodes up after {all_up:?} from the last agent's spawn (ACTIVE in NODES since {all_active:?}; tables pushed per VIP: {:?})",
+        watch.flips
+    );
+    match all_up {
+        Some(d) if d <= ALL_UP_BUDGET => {}
+        Some(d) => problems.add(
+            "start: all nodes up too late",
+            format!("{d:?} (budget {ALL_UP_BUDGET:?})"),
+        ),
+        None => problems.add(
+            "start: not all nodes up within 15 s",
+            format!("not ACTIVE: {:?}", kv.inactive(&ids).unwrap()),
+        ),
+    }
+    let (lo, hi, read_cost) = full_check(&kv, &keys, &ids, None, "after start", &mut problems);
+    eprintln!(
+        "full table read ({VIPS} x {ROUTES} entries) took {read_cost:?}; routes per node per VIP {lo}..{hi}"
+    );
+
+    // ---- 20 s of TCP load: nothing goes down ----
+    let log_steady = log.len();
+    let load = TcpLoad::start(&lab.client.ns, &vips, PORT, LOAD_THREADS);
+    let (samples, ever_down) = monitor(&kv, &keys, &ids, None, STEADY, "steady", &mut problems);
+    let steady = load.finish().unwrap();
+    eprintln!(
+        "steady: {samples} kernel samples, nodes ever not ACTIVE {ever_down:?}; TCP load: {}",
+        steady.summary()
+    );
+    check_load(&steady, "steady", &mut problems);
+    let (lo, hi, _) = full_check(&kv, &keys, &ids, None, "after steady", &mut problems);
+    eprintln!("after steady: routes per node per VIP {lo}..{hi}");
+    let lines = log.since(log_agents);
+    let (start_lines, steady_lines) = lines.split_at((log_steady - log_agents).min(lines.len()));
+    let downs_start = events(start_lines, "NodeDown");
+    let ups_start = events(start_lines, "NodeUp");
+    let downs_steady = events(steady_lines, "NodeDown");
+    let ups_steady = events(steady_lines, "NodeUp");
+    eprintln!(
+        "daemon log: start {} NodeUp, {} NodeDown; steady {} NodeUp, {} NodeDown",
+        ups_start.len(),
+        downs_start.len(),
+        ups_steady.len(),
+        downs_steady.len()
+    );
+    if !downs_start.is_empty() || !downs_steady.is_empty() {
+        problems.add(
+            "NodeDown logged with every agent running",
+            format!(
+                "{} while starting {downs_start:?}, {} under load {downs_steady:?}",
+                downs_start.len(),
+                downs_steady.len()
+            ),
+        );
+    }
+
+    // ---- SIGKILL one agent under load: its node is down within 800 ms ----
+    let others: Vec<u32> = ids.iter().copied().filter(|i| *i != VICTIM).collect();
+    let load = TcpLoad::start(&lab.client.ns, &vips, PORT, LOAD_THREADS);
+    monitor(
+        &kv,
+        &keys,
+        &ids,
+        None,
+        Duration::from_secs(1),
+        "before kill",
+        &mut problems,
+    );
+    // The failover figure means something only if the victim is up when its agent dies.
+    if kv.node(VICTIM).unwrap().state != NODE_ACTIVE
+        || kv
+            .none_on(&keys[0], VICTIM, &mut ScanBuf::default(), |_| {})
+            .unwrap()
+            .is_some_and(|(_, none)| none)
+    {
+        problems.add(
+            "failover: the victim was not up before the kill (the figure is meaningless)",
+            format!("node {VICTIM}"),
+        );
+    }
+    let mut watch = Watch::new(&kv, &keys, &[], &[VICTIM]).unwrap();
+    let log_kill = log.len();
+    let t_kill = Instant::now();
+    agents[(VICTIM - 1) as usize]
+        .signal_and_wait(libc::SIGKILL)
+        .unwrap();
+    let failover = wait_tables(
+        &kv,
+        &mut watch,
+        t_kill,
+        Duration::from_secs(5),
+        true,
+        |kv, key, buf, w| kv.none_on(key, VICTIM, buf, |kv| w.poll_quiet(kv)),
+    )
+    .unwrap();
+    let state_down = watch
+        .nodes_ok_since
+        .map(|t| t.saturating_duration_since(t_kill));
+    eprintln!(
+        "failover: no route on node {VICTIM} in any VIP after {failover:?} from SIGKILL (not ACTIVE since {state_down:?}; tables pushed per VIP: {:?})",
+        watch.flips
+    );
+    match failover {
+        Some(d) if d <= FAILOVER_BUDGET => {}
+        Some(d) => problems.add(
+            "failover too slow",
+            format!("{d:?} (budget {FAILOVER_BUDGET:?})"),
+        ),
+        None => problems.add(
+            "failover: killed node not down within 5 s",
+            format!("NODES state {}", kv.node(VICTIM).unwrap().state),
+        ),
+    }
+    // The other 19 stay up (and the victim down) for a while under load.
+    let (_, ever_down) = monitor(
+        &kv,
+        &keys,
+        &others,
+        Some(VICTIM),
+        Duration::from_secs(3),
+        "after kill",
+        &mut problems,
+    );
+    let after_kill = load.finish().unwrap();
+    eprintln!(
+        "after kill: other nodes ever not ACTIVE {ever_down:?}; TCP load: {}",
+        after_kill.summary()
+    );
+    let (lo, hi, _) = full_check(
+        &kv,
+        &keys,
+        &others,
+        Some(VICTIM),
+        "after failover",
+        &mut problems,
+    );
+    eprintln!("after failover: routes per node per VIP {lo}..{hi}");
+    let downs_kill = events(&log.since(log_kill), "NodeDown");
+    eprintln!("daemon log after the kill: NodeDown {downs_kill:?}");
+    let wrong: Vec<_> = downs_kill.iter().filter(|d| **d != Some(VICTIM)).collect();
+    if !wrong.is_empty() {
+        problems.add(
+            "NodeDown for other nodes after the kill",
+            format!("{wrong:?}"),
+        );
+    }
+    if !downs_kill.contains(&Some(VICTIM)) {
+        problems.add(
+            "no NodeDown logged for the killed node",
+            format!("node {VICTIM}"),
+        );
+    }
+    if let Ok(Some(status)) = daemon.0.as_mut().unwrap().try_wait() {
+        problems.add("the daemon exited", status.to_string());
+    }
+    let served = servers.finish().unwrap();
+    eprintln!("connections served per node: {served:?}");
+
+    eprintln!(
+        "\nSCALE SUMMARY ({NODES} nodes, {VIPS} VIPs x {ROUTES} routes, {LOAD_THREADS} client threads)\n  \
+         all nodes up (kernel) after the last agent's spawn: {all_up:?} (NODES all ACTIVE at {all_active:?})\n  \
+         steady {STEADY:?} TCP: {}\n  \
+         NodeDown with all agents running: {} while starting + {} under load\n  \
+         failover, SIGKILL -> no route on the node in any VIP: {failover:?} (NODES not ACTIVE at {state_down:?})\n  \
+         TCP around the failover: {}\n  \
+         test wall time {:?}",
+        steady.summary(),
+        downs_start.len(),
+        downs_steady.len(),
+        after_kill.summary(),
+        t_test.elapsed()
+    );
+    assert!(problems.is_empty(), "problems:\n  {}", problems.report());
+}
