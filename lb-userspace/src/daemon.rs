@@ -362,10 +362,10 @@ impl Daemon {
                     && let Some(st) = self.membership.status(node)
                 {
                     info!(
-                        "node {node}: last heartbeat {:?} before {:?} ago (interval {:?}, k = {})",
-                        st.last_seen.map(|t| now.saturating_duration_since(t)),
-                        now.elapsed(),
-                        st.interval,
+                        "node {node}: no heartbeat for {:?} (interval {:?}, k = {})",
+                        st.last_seen
+                            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                        st.interval.unwrap_or_default(),
                         st.cfg.miss_limit
                     );
                 }

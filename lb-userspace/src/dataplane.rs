@@ -775,6 +775,7 @@ impl Dataplane {
 
     /// One `ROUTES` slot, from the mapping when there is one.
     fn read_route(&self, i: u32) -> Result<RouteEntry> {
+        // (PinnedView::read_routes is the same for a view of pinned maps.)
         match &self.routes_mem {
             Some(m) if i < m.len() => Ok(m.get(i)),
             _ => self
@@ -1100,16 +1101,33 @@ fn routes_mapping(ebpf: &Ebpf, slots: u32) -> Result<Option<MappedArray<RouteEnt
     let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
         return Err(DataplaneError::MissingMap(name));
     };
-    let info = data.info().map_err(map_err(name))?;
-    if info.map_flags() & lb_common::ROUTES_MAP_FLAGS == 0 {
+    let mem = map_routes(data)?;
+    if mem.is_none() {
         log::warn!(
             "pinned {name} is not mmapable (made by an older build): route changes use \
              BPF_MAP_UPDATE_BATCH; remove the pins once to get the faster path"
         );
+    } else if mem.as_ref().is_some_and(|m| m.len() != slots) {
+        return Err(DataplaneError::Invalid(format!(
+            "{name} has another size than the {slots} slots asked for"
+        )));
+    }
+    Ok(mem)
+}
+
+/// `ROUTES` mapped into memory, `None` if the map is not mmapable.
+fn map_routes(data: &MapData) -> Result<Option<MappedArray<RouteEntry>>> {
+    let name = lb_common::MAP_ROUTES;
+    let info = data.info().map_err(map_err(name))?;
+    if info.map_flags() & lb_common::ROUTES_MAP_FLAGS == 0 {
         return Ok(None);
     }
-    let fd = dup_map_fd(ebpf, name)?;
-    MappedArray::map(fd, slots)
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| DataplaneError::Invalid(format!("dup of map {name} fd: {e}")))?;
+    MappedArray::map(fd, info.max_entries())
         .map(Some)
         .map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
@@ -1295,6 +1313,8 @@ pub struct PinnedView {
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_gen: Array<MapData, u32>,
     routes: Array<MapData, RouteEntry>,
+    /// `ROUTES` mapped (when mmapable): a table is read as memory.
+    routes_mem: Option<MappedArray<RouteEntry>>,
     nodes: Array<MapData, NodeEntry>,
 }
 
@@ -1309,17 +1329,23 @@ impl PinnedView {
             let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
             M::try_from(map).map_err(map_err(name))
         }
+        let routes_name = lb_common::MAP_ROUTES;
+        let routes = MapData::from_pin(pin_dir.join(routes_name)).map_err(map_err(routes_name))?;
+        let routes_mem = map_routes(&routes)?;
+        let routes = aya::maps::Map::from_map_data(routes)
+            .and_then(Array::try_from)
+            .map_err(map_err(routes_name))?;
         Ok(Self {
             vips: open_map(pin_dir, lb_common::MAP_VIPS)?,
             vip_gen: open_map(pin_dir, lb_common::MAP_VIP_GEN)?,
-            routes: open_map(pin_dir, lb_common::MAP_ROUTES)?,
+            routes,
+            routes_mem,
             nodes: open_map(pin_dir, lb_common::MAP_NODES)?,
         })
     }
 
-    /// The live route table of `key` (its `VipMeta`, its index's `VIP_GEN`, then that
-    /// generation's entries).
-    pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
+    /// Where the live table of `key` is: (its index's `VIP_GEN`, first slot, route count).
+    pub fn live(&self, key: &VipKey) -> Result<(u32, u32, u32)> {
         let meta = self
             .vips
             .get(key, 0)
@@ -1328,14 +1354,30 @@ impl PinnedView {
             .vip_gen
             .get(&meta.index, 0)
             .map_err(map_err(lb_common::MAP_VIP_GEN))?;
-        let offset = meta.live_offset(generation);
-        (offset..offset + meta.route_count)
-            .map(|i| {
-                self.routes
+        Ok((generation, meta.live_offset(generation), meta.route_count))
+    }
+
+    /// Reads `out.len()` `ROUTES` slots from `offset`.
+    pub fn read_routes(&self, offset: u32, out: &mut [RouteEntry]) -> Result<()> {
+        for (i, e) in (offset..).zip(out.iter_mut()) {
+            *e = match &self.routes_mem {
+                Some(m) if i < m.len() => m.get(i),
+                _ => self
+                    .routes
                     .get(&i, 0)
-                    .map_err(map_err(lb_common::MAP_ROUTES))
-            })
-            .collect()
+                    .map_err(map_err(lb_common::MAP_ROUTES))?,
+            };
+        }
+        Ok(())
+    }
+
+    /// The live route table of `key` (its `VipMeta`, its index's `VIP_GEN`, then that
+    /// generation's entries).
+    pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
+        let (_, offset, count) = self.live(key)?;
+        let mut out = vec![RouteEntry::default(); count as usize];
+        self.read_routes(offset, &mut out)?;
+        Ok(out)
     }
 
     /// A node's entry.

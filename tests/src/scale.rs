@@ -1,11 +1,11 @@
-//! Helpers of the scale suite: a cheap reader of the kernel's route tables (batch lookups),
+//! Helpers of the scale suite: a cheap reader of the kernel's route tables (memory-mapped),
 //! TCP servers in node namespaces, a TCP load generator in the client namespace, and
 //! counting membership events in a daemon's log.
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::Path,
     sync::{
         Arc,
@@ -17,48 +17,32 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, MapData};
-use lb_common::{NodeEntry, RouteEntry, VipKey, VipMeta};
+use lb_common::{NodeEntry, RouteEntry, VipKey};
 use lb_userspace::dataplane::PinnedView;
 use rand::Rng as _;
 
 use crate::netns::Netns;
 
-/// The kernel's view of a running daemon, read cheaply enough to poll while the daemon works:
-/// node states through [`PinnedView`], route tables with `BPF_MAP_LOOKUP_BATCH` (one syscall
-/// per chunk instead of one per entry; still 0.3-0.6 us per entry on the 2-core VM, so a whole
-/// 65536-route table is 20-40 ms: pollers scan in chunks and stop early, see
-/// [`KernelView::scan`]).
+/// The kernel's view of a running daemon, read cheaply enough to poll while the daemon works,
+/// through [`PinnedView`] (route tables read from the mmapped `ROUTES`); pollers still scan
+/// in chunks and stop early, see [`KernelView::scan`].
 pub struct KernelView {
     view: PinnedView,
-    vips: HashMap<MapData, VipKey, VipMeta>,
-    vip_gen: Array<MapData, u32>,
-    routes: MapData,
 }
 
-/// Entries read per batch call by [`KernelView::scan`].
+/// Entries read per chunk by [`KernelView::scan`].
 pub const CHUNK: u32 = 4096;
 
-/// Key and value buffers of batch reads.
+/// The buffer of chunked reads.
 #[derive(Default)]
 pub struct ScanBuf {
-    keys: Vec<u32>,
     values: Vec<RouteEntry>,
 }
 
 impl KernelView {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        fn map(dir: &Path, name: &str) -> Result<aya::maps::Map> {
-            let data = MapData::from_pin(dir.join(name)).with_context(|| format!("map {name}"))?;
-            aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))
-        }
-        let routes =
-            MapData::from_pin(pin_dir.join(lb_common::MAP_ROUTES)).context("map ROUTES")?;
         Ok(Self {
             view: PinnedView::open(pin_dir)?,
-            vips: HashMap::try_from(map(pin_dir, lb_common::MAP_VIPS)?)?,
-            vip_gen: Array::try_from(map(pin_dir, lb_common::MAP_VIP_GEN)?)?,
-            routes,
         })
     }
 
@@ -80,9 +64,7 @@ impl KernelView {
 
     /// The live slice of `key`: (its `VIP_GEN`, first entry, entry count).
     pub fn live(&self, key: &VipKey) -> Result<(u32, u32, u32)> {
-        let meta = self.vips.get(key, 0).context("VIP not in VIPS")?;
-        let generation = self.vip_gen.get(&meta.index, 0)?;
-        Ok((generation, meta.live_offset(generation), meta.route_count))
+        Ok(self.view.live(key)?)
     }
 
     /// `VIP_GEN` of `key` (flips with every pushed table).
@@ -90,7 +72,7 @@ impl KernelView {
         Ok(self.live(key)?.0)
     }
 
-    /// Reads `count` entries of `ROUTES` from `offset`.
+    /// Reads `count` entries of `ROUTES` from `offset` (from the map's memory mapping).
     pub fn read<'b>(
         &self,
         offset: u32,
@@ -99,55 +81,9 @@ impl KernelView {
     ) -> Result<&'b [RouteEntry]> {
         let n = count as usize;
         if buf.values.len() < n {
-            buf.keys.resize(n, 0);
             buf.values.resize(n, RouteEntry::default());
         }
-        let fd = self.routes.fd().as_fd().as_raw_fd();
-        let mut done = 0usize;
-        while done < n {
-            let start = offset + done as u32;
-            // The batch starts after `in_batch` (absent: at key 0).
-            let prev = start.wrapping_sub(1);
-            let mut out_batch = 0u32;
-            let mut attr = BatchAttr {
-                in_batch: if start == 0 {
-                    0
-                } else {
-                    &prev as *const u32 as u64
-                },
-                out_batch: &mut out_batch as *mut u32 as u64,
-                keys: buf.keys[done..].as_mut_ptr() as u64,
-                values: buf.values[done..].as_mut_ptr() as u64,
-                count: (n - done) as u32,
-                map_fd: fd as u32,
-                ..Default::default()
-            };
-            // SAFETY: keys/values point at `count` writable elements of the map's key (u32) and
-            // value (RouteEntry) sizes; in_batch/out_batch at one u32 each.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>() as u32,
-                )
-            };
-            let err = std::io::Error::last_os_error();
-            // ENOENT: the map ended (with `count` entries still returned).
-            if rc < 0 && err.raw_os_error() != Some(libc::ENOENT) {
-                bail!("BPF_MAP_LOOKUP_BATCH on ROUTES at {start}: {err}");
-            }
-            if attr.count == 0 {
-                bail!("BPF_MAP_LOOKUP_BATCH on ROUTES at {start}: no progress");
-            }
-            if buf.keys[done] != start {
-                bail!(
-                    "BPF_MAP_LOOKUP_BATCH on ROUTES: asked from {start}, got {}",
-                    buf.keys[done]
-                );
-            }
-            done += attr.count as usize;
-        }
+        self.view.read_routes(offset, &mut buf.values[..n])?;
         Ok(&buf.values[..n])
     }
 
@@ -381,22 +317,6 @@ pub fn wait_tables(
         }
     }
 }
-
-/// `union bpf_attr`'s `batch` member.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// One TCP server per node namespace on `0.0.0.0:port`: for each connection it reads a
 /// request line, answers with its node id and a newline, and closes.
