@@ -11,11 +11,12 @@
 //! 1. nodes becoming able to take traffic (`ACTIVE`, or `DRAINING` from down/absent) are
 //!    written first, so no route ever points at a node the kernel still thinks is down;
 //! 2. new VIPs and route-table changes (each VIP's changes become live with one generation flip);
-//! 3. the remaining node writes (active -> draining/down), after no route points at them;
-//! 4. removed nodes are cleared, then removed VIPs are dropped.
+//! 3. removed VIPs are dropped;
+//! 4. the remaining node writes (active -> draining/down), after no route points at them;
+//! 5. removed nodes are cleared.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -30,7 +31,7 @@ use crate::{
     heartbeat::MoveReason,
     membership::Event,
     routes::{Move, NodeInfo, NodeState, RouteError, RouteTable},
-    state::{self, NodeRecord, NodeStatus, State, VipRecord},
+    state::{self, NodeRecord, State, VipRecord},
 };
 
 /// Why the controller refused a configuration or a persisted state. A refused input changes
@@ -105,19 +106,12 @@ pub fn kernel_state(s: NodeState) -> u8 {
     }
 }
 
-fn status_of(s: NodeState) -> NodeStatus {
+/// The node state a `NODES` state byte stands for.
+pub fn state_from_kernel(s: u8) -> NodeState {
     match s {
-        NodeState::Active => NodeStatus::Active,
-        NodeState::Draining => NodeStatus::Draining,
-        NodeState::Down => NodeStatus::Down,
-    }
-}
-
-fn state_of(s: NodeStatus) -> NodeState {
-    match s {
-        NodeStatus::Active => NodeState::Active,
-        NodeStatus::Draining => NodeState::Draining,
-        NodeStatus::Down => NodeState::Down,
+        NODE_ACTIVE => NodeState::Active,
+        NODE_DRAINING => NodeState::Draining,
+        _ => NodeState::Down,
     }
 }
 
@@ -395,26 +389,27 @@ impl Controller {
         };
         c.adopt_kernel(adopted)?;
         let plan = c.configure(cfg)?;
-        let mut full = c.full_plan();
+        // A daemon that died part-way through a plan may have left some tables changed and
+        // others not: bring every table back to its balanced shares (no-op when balanced).
+        c.for_tables(&mut Changes::default(), MoveReason::Join, |t| {
+            Ok(t.rebalance())
+        })?;
+        let mut full = c.full_plan_over(adopted);
         full.log = plan.log;
-        // Node slots and VIPs the kernel holds that the controller does not know.
-        for id in adopted.nodes.keys() {
-            if !c.nodes.contains_key(id) && *id != NODE_NONE {
-                full.steps.push(Step::ClearNode { id: *id });
-            }
-        }
-        for key in adopted.vips.keys() {
-            if !c.vips.contains_key(key) {
-                full.steps.push(Step::RemoveVip { key: *key });
-            }
-        }
         Ok((c, full))
     }
 
     /// Every node and every VIP's whole table, in the safe order (live nodes, tables, the
-    /// rest), for a kernel that may hold anything: start-up, and recovery after a failed write.
-    /// The data plane writes only the entries that differ from what it holds.
+    /// rest), for a kernel that may hold anything: recovery after a failed write. The data
+    /// plane writes only the entries that differ from what it holds.
     pub fn full_plan(&self) -> Plan {
+        self.full_plan_over(&Adopted::default())
+    }
+
+    /// [`Controller::full_plan`], also removing the VIPs and clearing the node slots that the
+    /// kernel holds (`adopted`) and the controller does not know: those VIPs go before any
+    /// node slot is cleared or taken down, so no route of theirs points at such a node.
+    fn full_plan_over(&self, adopted: &Adopted) -> Plan {
         let mut steps = Vec::new();
         let node_steps = |live_now: bool| {
             self.nodes
@@ -430,7 +425,21 @@ impl Controller {
             spec: v.spec,
             routes: v.entries(),
         }));
+        steps.extend(
+            adopted
+                .vips
+                .keys()
+                .filter(|k| !self.vips.contains_key(k))
+                .map(|key| Step::RemoveVip { key: *key }),
+        );
         steps.extend(node_steps(false));
+        steps.extend(
+            adopted
+                .nodes
+                .keys()
+                .filter(|id| !self.nodes.contains_key(id) && **id != NODE_NONE)
+                .map(|id| Step::ClearNode { id: *id }),
+        );
         Plan {
             steps,
             persist: true,
@@ -452,7 +461,7 @@ impl Controller {
                     ipv6: None,
                     config_weight: r.weight,
                     advertised_weight: r.advertised_weight,
-                    state: state_of(r.status),
+                    state: r.status,
                     weight: r.weight,
                 },
             );
@@ -525,11 +534,7 @@ impl Controller {
         let mut changed = false;
         for (id, st) in &a.nodes {
             if let Some(n) = self.nodes.get_mut(id) {
-                let s = match *st {
-                    NODE_ACTIVE => NodeState::Active,
-                    NODE_DRAINING => NodeState::Draining,
-                    _ => NodeState::Down,
-                };
+                let s = state_from_kernel(*st);
                 if n.state != s {
                     n.state = s;
                     changed = true;
@@ -1041,13 +1046,15 @@ impl Controller {
                 }),
             }
         }
-        plan.steps.extend(late);
-        plan.steps.extend(clears);
+        // Removed VIPs go before any node is taken down or cleared: their routes may still
+        // point at such a node.
         for key in before.keys() {
             if !self.vips.contains_key(key) {
                 plan.steps.push(Step::RemoveVip { key: *key });
             }
         }
+        plan.steps.extend(late);
+        plan.steps.extend(clears);
         plan
     }
 
@@ -1091,7 +1098,7 @@ impl Controller {
                 n.id,
                 NodeRecord {
                     weight: n.weight,
-                    status: status_of(n.state),
+                    status: n.state,
                     advertised_weight: n.advertised_weight,
                     incarnation: inc,
                     sequence: seq,
@@ -1110,11 +1117,6 @@ impl Controller {
         }
         st
     }
-}
-
-/// A VIP's address for messages.
-pub fn vip_addr(key: &VipKey) -> IpAddr {
-    dataplane::key_ip(key)
 }
 
 #[cfg(test)]

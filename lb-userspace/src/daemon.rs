@@ -98,7 +98,8 @@ pub struct Daemon {
     agents: BTreeMap<u32, SocketAddr>,
     health_tx: mpsc::UnboundedSender<(u32, Event)>,
     health_rx: mpsc::UnboundedReceiver<(u32, Event)>,
-    _health: Vec<health::HealthChecker>,
+    /// Active health checks (dropping one stops it).
+    checks: Vec<health::HealthChecker>,
     persister: Persister,
     pin_dir: PathBuf,
     link: Option<PinnedLink>,
@@ -155,7 +156,13 @@ impl Daemon {
         dp.set_config(&global_config(&cfg)?)?;
 
         let adopted = adopted(&dp)?;
-        let (ctl, plan) = Controller::start(&cfg, state.as_ref(), &adopted)?;
+        let (ctl, plan) = Controller::start(&cfg, state.as_ref(), &adopted).with_context(|| {
+            format!(
+                "the state in {} does not fit the configuration (move it aside or use \
+                 --reset-state to start empty)",
+                state_dir.display()
+            )
+        })?;
 
         let key = match &cfg.daemon.key_file {
             Some(p) => {
@@ -186,23 +193,7 @@ impl Daemon {
 
         let membership = membership_for(&cfg, &ctl, Instant::now());
         let (health_tx, health_rx) = mpsc::unbounded_channel();
-        let mut checkers = Vec::new();
-        for n in cfg.nodes.iter().filter(|n| n.check != "heartbeat") {
-            let Some(addr) = n.check_addr else { continue };
-            let d = health::HealthCfg::default();
-            let hc = health::HealthCfg {
-                http_path: n.check_http_path.clone(),
-                interval: n.check_interval.unwrap_or(d.interval),
-                timeout: n.check_timeout.unwrap_or(d.timeout),
-                rise: n.check_rise.unwrap_or(d.rise),
-                fall: n.check_fall.unwrap_or(d.fall),
-                ..d
-            };
-            checkers.push(
-                health::HealthChecker::spawn(n.id, addr, hc, health_tx.clone())
-                    .with_context(|| format!("starting the health check of node {}", n.id))?,
-            );
-        }
+        let checkers = health_checks(&cfg, &health_tx);
 
         let persister = Persister::spawn(state_dir.clone());
         let mut d = Self {
@@ -214,7 +205,7 @@ impl Daemon {
             agents: BTreeMap::new(),
             health_tx,
             health_rx,
-            _health: checkers,
+            checks: checkers,
             persister,
             pin_dir,
             link: None,
@@ -224,9 +215,6 @@ impl Daemon {
         };
         d.execute(&plan)
             .context("writing the start-up state to the kernel")?;
-        if d.resync {
-            bail!("writing the start-up state to the kernel failed (see the errors above)");
-        }
         d.attach()?;
         // The first save is waited for, so a state directory that cannot be written stops
         // the start instead of being found out at the first failover.
@@ -273,12 +261,21 @@ impl Daemon {
         Ok(())
     }
 
-    /// The loop, until SIGTERM/SIGINT.
+    /// The loop until SIGTERM/SIGINT, then the shutdown (also when the loop failed: the
+    /// state is saved and the program stays attached, or is detached as asked).
     pub async fn run(mut self) -> Result<()> {
+        let served = self.serve().await;
+        let shut = self.shutdown();
+        served.and(shut)
+    }
+
+    async fn serve(&mut self) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
             .context("installing the SIGINT handler")?;
+        let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
         let mut socket = self.receiver.take();
         let ready = match &socket {
             // SAFETY: the descriptor belongs to `socket`, which outlives `ready` (dropped at
@@ -300,9 +297,13 @@ impl Daemon {
         let mut maintenance = tokio::time::interval(MAINTENANCE_PERIOD);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeats: Vec<Received> = Vec::new();
+        // The last drain stopped at its bound: drain again without waiting.
+        let mut more = false;
+        let mut queue_drops = 0;
         println!("lb: ready");
         loop {
             let mut inputs: Vec<Input> = Vec::new();
+            let mut reload = false;
             let deadline = self
                 .membership
                 .next_deadline()
@@ -310,6 +311,8 @@ impl Daemon {
             tokio::select! {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
+                _ = sighup.recv() => reload = true,
+                _ = std::future::ready(()), if more => {}
                 r = readable(&ready) => {
                     if let Some(mut guard) = r.context("waiting for heartbeats")? {
                         // Cleared before reading: a datagram arriving during the drain sets it again.
@@ -340,17 +343,23 @@ impl Daemon {
             // `now` is then read and counted before any deadline is judged at `now`.
             let now = Instant::now();
             if let Some(sock) = socket.as_mut() {
-                loop {
-                    heartbeats.clear();
-                    let n = sock
-                        .drain(&mut heartbeats)
-                        .context("receiving heartbeats")?;
-                    for r in heartbeats.drain(..) {
-                        self.on_heartbeat(r, &mut inputs);
-                    }
-                    if n < heartbeat::DRAIN_MAX {
-                        break;
-                    }
+                // One bounded drain a round, so a flood cannot keep the loop from its
+                // deadlines; what is left is read in the next round, at once.
+                heartbeats.clear();
+                let n = sock
+                    .drain(&mut heartbeats)
+                    .context("receiving heartbeats")?;
+                more = n >= heartbeat::DRAIN_MAX;
+                for r in heartbeats.drain(..) {
+                    self.on_heartbeat(r, &mut inputs);
+                }
+                let drops = sock.counters().queue_drops;
+                if drops > queue_drops {
+                    warn!(
+                        "{} heartbeats dropped by the kernel (socket receive queue full; {drops} in all)",
+                        drops - queue_drops
+                    );
+                    queue_drops = drops;
                 }
             }
             while let Ok((_, ev)) = self.health_rx.try_recv() {
@@ -377,6 +386,12 @@ impl Daemon {
                 let plan = self.ctl.full_plan();
                 self.execute_logged(&plan, socket.as_mut());
             }
+            if reload {
+                match self.reload() {
+                    Ok(plan) => self.execute_logged(&plan, socket.as_mut()),
+                    Err(e) => error!("reload refused, nothing changed: {e:#}"),
+                }
+            }
             if !inputs.is_empty() {
                 let start = Instant::now();
                 let plan = self.ctl.apply(&inputs);
@@ -393,7 +408,48 @@ impl Daemon {
         }
         drop(ready);
         self.receiver = socket;
-        self.shutdown()
+        Ok(())
+    }
+
+    /// SIGHUP: the configuration file again, applied like at start-up (nodes and VIPs added,
+    /// removed, re-weighted; the detector and health checks follow). A file that does not load
+    /// or does not fit changes nothing. Settings of the socket and the maps need a restart.
+    fn reload(&mut self) -> Result<Plan> {
+        let path = self
+            .args
+            .config
+            .clone()
+            .context("started without --config: nothing to reload")?;
+        let cfg = Config::load(&path)?;
+        let (old, new) = (&self.cfg.daemon, &cfg.daemon);
+        for (what, same) in [
+            ("instance", old.instance == new.instance),
+            (
+                "heartbeat_listen",
+                old.heartbeat_listen == new.heartbeat_listen,
+            ),
+            (
+                "heartbeat_group",
+                old.heartbeat_group == new.heartbeat_group,
+            ),
+            ("key_file", old.key_file == new.key_file),
+            ("xdp_mode", old.xdp_mode == new.xdp_mode),
+            ("route_slots", old.route_slots == new.route_slots),
+            ("conntrack_size", old.conntrack_size == new.conntrack_size),
+        ] {
+            if !same {
+                warn!("reload: daemon.{what} changed; it takes effect at the next restart");
+            }
+        }
+        let plan = self.ctl.configure(&cfg)?;
+        self.dp.set_config(&global_config(&cfg)?)?;
+        sync_membership(&mut self.membership, &cfg);
+        // Checks restart with the new settings (a running one reports its node again).
+        self.checks = Vec::new();
+        self.checks = health_checks(&cfg, &self.health_tx);
+        info!("reloaded {}", path.display());
+        self.cfg = cfg;
+        Ok(plan)
     }
 
     /// One authentic heartbeat, judged at its arrival time.
@@ -443,7 +499,9 @@ impl Daemon {
         match (was_holding, self.membership.holding()) {
             (false, true) => warn!(
                 "fail static: most nodes went silent at once, which points at this balancer's \
-                 own receive path; holding the route tables until heartbeats flow again"
+                 own receive path; holding the route tables until heartbeats flow again \
+                 (episode {})",
+                self.membership.counters().fail_static
             ),
             (true, false) => info!("fail static: heartbeats flow again; judging nodes normally"),
             _ => {}
@@ -534,11 +592,12 @@ impl Daemon {
         })
     }
 
-    fn shutdown(mut self) -> Result<()> {
+    fn shutdown(&mut self) -> Result<()> {
         self.persister.submit(self.ctl.snapshot());
-        if let Err(e) = self.persister.flush(FLUSH_TIMEOUT) {
-            error!("saving state on exit: {e}");
-        }
+        let saved = self
+            .persister
+            .flush(FLUSH_TIMEOUT)
+            .map_err(|e| anyhow::anyhow!("saving state on exit: {e}"));
         if self.args.detach_on_exit {
             if let Some(link) = self.link.take() {
                 let fd = link.unpin().context("unpinning the XDP link")?;
@@ -550,8 +609,7 @@ impl Daemon {
         } else {
             println!("lb: exiting; the program stays attached and forwarding (pinned)");
         }
-        drop(self.health_tx);
-        Ok(())
+        saved
     }
 }
 
@@ -606,19 +664,12 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// no change), and their last accepted heartbeat remembered (captured ones stay replays).
 pub fn membership_for(cfg: &Config, ctl: &Controller, now: Instant) -> Membership {
     let d = &cfg.daemon;
-    let mut m = Membership::new(membership::NodeCfg {
-        miss_limit: d.miss_limit,
-        hold_down: d.hold_down,
-        max_interval: d.max_interval(),
-        ..Default::default()
-    });
-    m.set_fail_static(d.fail_static());
+    let mut m = Membership::new(membership::NodeCfg::default());
+    sync_membership(&mut m, cfg);
     for n in cfg.nodes.iter().filter(|n| n.check == "heartbeat") {
-        let node_cfg = membership::NodeCfg {
-            miss_limit: n.miss_limit.unwrap_or(d.miss_limit),
-            ..m.defaults()
+        let Some(node_cfg) = m.status(n.id).map(|s| s.cfg) else {
+            continue;
         };
-        m.add_node(n.id, node_cfg);
         if let Some(node) = ctl.node(n.id)
             && node.state != NodeState::Down
         {
@@ -635,6 +686,61 @@ pub fn membership_for(cfg: &Config, ctl: &Controller, now: Instant) -> Membershi
         }
     }
     m
+}
+
+/// Makes the detector's nodes and settings match `cfg`; nodes it knows keep their state.
+fn sync_membership(m: &mut Membership, cfg: &Config) {
+    let d = &cfg.daemon;
+    m.set_fail_static(d.fail_static());
+    let wanted: BTreeMap<u32, membership::NodeCfg> = cfg
+        .nodes
+        .iter()
+        .filter(|n| n.check == "heartbeat")
+        .map(|n| {
+            let nc = membership::NodeCfg {
+                miss_limit: n.miss_limit.unwrap_or(d.miss_limit),
+                hold_down: d.hold_down,
+                max_interval: d.max_interval(),
+                ..Default::default()
+            };
+            (n.id, nc)
+        })
+        .collect();
+    let gone: Vec<u32> = m
+        .nodes()
+        .map(|(id, _)| id)
+        .filter(|id| !wanted.contains_key(id))
+        .collect();
+    for id in gone {
+        m.remove_node(id);
+    }
+    for (id, nc) in wanted {
+        m.add_node(id, nc);
+    }
+}
+
+/// One TCP/HTTP checker (a task) per node configured with `check = "tcp"`.
+fn health_checks(
+    cfg: &Config,
+    tx: &mpsc::UnboundedSender<(u32, Event)>,
+) -> Vec<health::HealthChecker> {
+    let d = health::HealthCfg::default();
+    cfg.nodes
+        .iter()
+        .filter(|n| n.check != "heartbeat")
+        .filter_map(|n| n.check_addr.map(|addr| (n, addr)))
+        .map(|(n, addr)| {
+            let hc = health::HealthCfg {
+                http_path: n.check_http_path.clone(),
+                interval: n.check_interval.unwrap_or(d.interval),
+                timeout: n.check_timeout.unwrap_or(d.timeout),
+                rise: n.check_rise.unwrap_or(d.rise),
+                fall: n.check_fall.unwrap_or(d.fall),
+                ..d.clone()
+            };
+            health::HealthChecker::spawn(n.id, addr, hc, tx.clone())
+        })
+        .collect()
 }
 
 /// What the kernel holds at start-up: the pinned VIPs' live tables and non-empty node slots.

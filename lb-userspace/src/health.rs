@@ -1,16 +1,18 @@
 //! Active health checks for nodes without an agent: TCP connect, optionally an HTTP GET that
 //! must answer 2xx/3xx.
 //!
-//! The decision (rise/fall counting) is the pure [`RiseFall`]; [`HealthChecker`] runs probes on
-//! a thread and sends the resulting membership [`Event`]s (`NodeUp` / `NodeDown{HealthCheck}`)
-//! down a channel. The daemon picks a source per node: heartbeats ([`crate::membership`]) or a
+//! The decision (rise/fall counting) is the pure [`RiseFall`]; [`HealthChecker`] runs probes as
+//! a task on the daemon's tokio runtime and sends the resulting membership [`Event`]s (`NodeUp` /
+//! `NodeDown{HealthCheck}`) down a channel to the controller loop. The daemon picks a source per node: heartbeats ([`crate::membership`]) or a
 //! checker; both speak the same event type.
 use crate::membership::{DownReason, Event};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+};
 
 /// Health-check settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,36 +107,33 @@ impl RiseFall {
 
 /// One probe: TCP connect to `target` and, with `cfg.http_path`, a GET with a 2xx/3xx answer,
 /// all within `cfg.timeout`. `Err` says what failed.
-pub fn probe(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
-    let deadline = Instant::now() + cfg.timeout;
-    let mut s = TcpStream::connect_timeout(&target, cfg.timeout.max(Duration::from_millis(1)))
+pub async fn probe(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
+    match tokio::time::timeout(cfg.timeout, probe_inner(target, cfg)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),
+    }
+}
+
+async fn probe_inner(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
+    let mut s = TcpStream::connect(target)
+        .await
         .map_err(|e| format!("connect {target}: {e}"))?;
     let Some(path) = &cfg.http_path else {
         return Ok(());
-    };
-    let remaining = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| "timed out".to_string())
     };
     let host = cfg.http_host.clone().unwrap_or_else(|| target.to_string());
     let req = format!(
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
     );
-    s.set_write_timeout(Some(remaining()?))
-        .map_err(|e| e.to_string())?;
     s.write_all(req.as_bytes())
+        .await
         .map_err(|e| format!("send request: {e}"))?;
     let mut buf = [0u8; 256];
     let mut got = 0;
     while !buf[..got].contains(&b'\n') && got < buf.len() {
-        s.set_read_timeout(Some(remaining()?))
-            .map_err(|e| e.to_string())?;
-        match s.read(&mut buf[got..]) {
+        match s.read(&mut buf[got..]).await {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("read status: {e}")),
         }
     }
@@ -152,74 +151,61 @@ pub fn probe(target: SocketAddr, cfg: &HealthCfg) -> Result<(), String> {
     }
 }
 
-/// A running checker; dropping it stops the thread (within one interval).
+/// A running checker: a task on the daemon's runtime; dropping it stops the task.
 #[derive(Debug)]
 pub struct HealthChecker {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl HealthChecker {
-    /// Probes `target` every `cfg.interval` on a new thread, sending `(node, event)` on each
-    /// rise/fall transition. The thread ends when the checker is dropped or `events` closes.
+    /// Probes `target` every `cfg.interval` on a task of the current tokio runtime, sending
+    /// `(node, event)` on each rise/fall transition. The task ends when the checker is dropped
+    /// or `events` closes.
     pub fn spawn(
         node: u32,
         target: SocketAddr,
         cfg: HealthCfg,
-        events: tokio::sync::mpsc::UnboundedSender<(u32, Event)>,
-    ) -> std::io::Result<HealthChecker> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = thread::Builder::new()
-            .name(format!("health-{node}"))
-            .spawn(move || {
-                let mut rf = RiseFall::new(cfg.rise, cfg.fall);
-                loop {
-                    let start = Instant::now();
-                    let result = probe(target, &cfg);
-                    if let Err(e) = &result {
-                        log::debug!("health check of node {node} ({target}): {e}");
-                    }
-                    if let Some(up) = rf.record(result.is_ok()) {
-                        log::info!(
-                            "node {node} ({target}) health check: {}",
-                            if up { "up" } else { "down" }
-                        );
-                        if events.send((node, RiseFall::event(node, up))).is_err() {
-                            return;
-                        }
-                    }
-                    let wait = cfg.interval.saturating_sub(start.elapsed());
-                    match stopped.recv_timeout(wait) {
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        _ => return,
+        events: mpsc::UnboundedSender<(u32, Event)>,
+    ) -> HealthChecker {
+        let task = tokio::spawn(async move {
+            let mut rf = RiseFall::new(cfg.rise, cfg.fall);
+            let mut every = tokio::time::interval(cfg.interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let result = probe(target, &cfg).await;
+                if let Err(e) = &result {
+                    log::debug!("health check of node {node} ({target}): {e}");
+                }
+                if let Some(up) = rf.record(result.is_ok()) {
+                    log::info!(
+                        "node {node} ({target}) health check: {}",
+                        if up { "up" } else { "down" }
+                    );
+                    if events.send((node, RiseFall::event(node, up))).is_err() {
+                        return;
                     }
                 }
-            })?;
-        Ok(HealthChecker {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops the checker and waits for its thread (at most one probe timeout).
-    pub fn stop(mut self) {
-        self.stop.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+            }
+        });
+        HealthChecker { task }
     }
 }
 
 impl Drop for HealthChecker {
     fn drop(&mut self) {
-        self.stop.take(); // disconnects the channel; the thread notices at its next wait
+        self.task.abort();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpListener,
+        thread,
+    };
 
     #[test]
     fn rise_and_fall() {
@@ -278,30 +264,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_check_up_then_down() {
+    #[tokio::test]
+    async fn tcp_check_up_then_down() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        assert_eq!(probe(addr, &cfg()), Ok(()));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let checker = HealthChecker::spawn(9, addr, cfg(), tx).unwrap();
-        let mut recv = || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Ok(v) = rx.try_recv() {
-                    return v;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no health event in 5 s"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
-        let (node, ev) = recv();
+        assert_eq!(probe(addr, &cfg()).await, Ok(()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let checker = HealthChecker::spawn(9, addr, cfg(), tx);
+        let next = Duration::from_secs(5);
+        let (node, ev) = tokio::time::timeout(next, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((node, ev), (9, RiseFall::event(9, true)));
         drop(l);
-        let (_, ev) = recv();
+        let (_, ev) = tokio::time::timeout(next, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             ev,
             Event::NodeDown {
@@ -309,8 +289,10 @@ mod tests {
                 reason: DownReason::HealthCheck
             }
         );
-        assert!(probe(addr, &cfg()).is_err());
-        checker.stop();
+        assert!(probe(addr, &cfg()).await.is_err());
+        // Dropping the checker stops it: the channel closes.
+        drop(checker);
+        assert_eq!(tokio::time::timeout(next, rx.recv()).await.unwrap(), None);
     }
 
     fn http_server(status: &'static str) -> SocketAddr {
@@ -330,21 +312,21 @@ mod tests {
         addr
     }
 
-    #[test]
-    fn http_check() {
+    #[tokio::test]
+    async fn http_check() {
         let mut c = cfg();
         c.http_path = Some("/healthz".into());
-        assert_eq!(probe(http_server("200 OK"), &c), Ok(()));
-        assert_eq!(probe(http_server("302 Found"), &c), Ok(()));
+        assert_eq!(probe(http_server("200 OK"), &c).await, Ok(()));
+        assert_eq!(probe(http_server("302 Found"), &c).await, Ok(()));
         assert_eq!(
-            probe(http_server("503 Unavailable"), &c),
+            probe(http_server("503 Unavailable"), &c).await,
             Err("HTTP status 503".into())
         );
         // A TCP listener that never answers: timeout.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         c.timeout = Duration::from_millis(100);
-        let t = Instant::now();
-        assert!(probe(l.local_addr().unwrap(), &c).is_err());
+        let t = std::time::Instant::now();
+        assert!(probe(l.local_addr().unwrap(), &c).await.is_err());
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 }

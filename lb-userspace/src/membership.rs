@@ -204,8 +204,19 @@ pub struct Membership {
     counters: MembershipCounters,
     /// Fail-static threshold (share of up nodes silent at once); `None` = off.
     fail_static_share: Option<f64>,
-    /// Set while fail-static holds nodes up; when to judge again without a heartbeat.
-    holding: Option<Instant>,
+    /// Set while fail-static holds nodes up.
+    holding: Option<Hold>,
+}
+
+/// A fail-static episode.
+#[derive(Clone, Copy, Debug)]
+struct Hold {
+    /// When to judge again without a heartbeat.
+    recheck: Instant,
+    /// When the first heartbeat arrived after the episode began: the receive path works
+    /// again. Every live node beats within [`Membership::resume_grace`] of it; then the
+    /// episode ends and nodes still silent are judged normally.
+    resumed: Option<Instant>,
 }
 
 /// While fail-static holds, the detector judges again this often (and at every heartbeat).
@@ -263,13 +274,41 @@ impl Membership {
 
     /// Starts (and counts) or extends a fail-static episode.
     fn hold(&mut self, now: Instant) {
-        if self.holding.is_none() {
-            self.counters.fail_static += 1;
+        match &mut self.holding {
+            Some(h) => h.recheck = now + FAIL_STATIC_RECHECK,
+            None => {
+                self.counters.fail_static += 1;
+                self.holding = Some(Hold {
+                    recheck: now + FAIL_STATIC_RECHECK,
+                    resumed: None,
+                });
+            }
         }
-        self.holding = Some(now + FAIL_STATIC_RECHECK);
     }
 
-    /// Decides whether missed deadlines at `now` are acted on; tracks fail-static episodes.
+    /// How long after heartbeats resume every live node has beaten again: two of the longest
+    /// interval in use (jitter included).
+    fn resume_grace(&self) -> Duration {
+        let longest = self
+            .nodes
+            .values()
+            .filter(|n| n.phase == Phase::Up)
+            .filter_map(|n| n.interval)
+            .max()
+            .unwrap_or(FAIL_STATIC_RECHECK);
+        longest * 2
+    }
+
+    /// When a fail-static episode wants to be judged again, if one holds.
+    fn hold_wake(&self) -> Option<Instant> {
+        let h = self.holding?;
+        Some(h.resumed.map_or(h.recheck, |r| r + self.resume_grace()))
+    }
+
+    /// Decides whether missed deadlines at `now` are acted on; tracks fail-static episodes:
+    /// one starts when a deadline passes while too many nodes are silent, and ends once
+    /// heartbeats have flowed again for [`Membership::resume_grace`] (a real failure of many
+    /// nodes is then acted on, just later), or when no deadline is due any more.
     fn judge(&mut self, now: Instant) -> bool {
         let due = self
             .nodes
@@ -279,11 +318,18 @@ impl Membership {
             self.holding = None;
             return true;
         }
-        if self.too_many_silent(now) {
+        if let Some(Hold {
+            resumed: Some(r), ..
+        }) = self.holding
+            && now >= r + self.resume_grace()
+        {
+            self.holding = None;
+            return true;
+        }
+        if self.holding.is_some() || self.too_many_silent(now) {
             self.hold(now);
             false
         } else {
-            self.holding = None;
             true
         }
     }
@@ -397,15 +443,17 @@ impl Membership {
         let node = hb.node;
         let mut events = Vec::new();
         // Whatever tick() was or was not called, silence before this heartbeat counts first,
-        // unless fail-static holds or should (this node's silence was then likely ours). Only
-        // tick() ends an episode, once every queued heartbeat has been read.
+        // unless fail-static holds or should (this node's silence was then likely ours).
         let own_expired = self
             .nodes
             .get(&node)
             .is_some_and(|n| n.expires.is_some_and(|t| now >= t));
-        if own_expired && (self.holding.is_some() || self.too_many_silent(now)) {
-            self.hold(now);
-        } else if let Some(n) = self.nodes.get_mut(&node) {
+        let forgiven = own_expired && !self.judge(now);
+        if let Some(h) = &mut self.holding {
+            // A heartbeat got through: the receive path works again.
+            h.resumed.get_or_insert(now);
+        }
+        if !forgiven && let Some(n) = self.nodes.get_mut(&node) {
             expire(node, n, now, &mut events);
         }
         let Some(n) = self.nodes.get_mut(&node) else {
@@ -502,8 +550,10 @@ impl Membership {
             if act {
                 expire(id, n, now, &mut events);
             }
+            // A joiner past its own deadline (held by fail static) is never promoted.
             if let Phase::Joining { since } = n.phase
                 && add(since, n.cfg.hold_down).is_some_and(|t| now >= t)
+                && n.expires.is_none_or(|t| now < t)
             {
                 n.phase = Phase::Up;
                 events.push(Event::NodeUp {
@@ -519,17 +569,19 @@ impl Membership {
     /// The earliest instant at which [`Membership::tick`] can change anything, or `None` when
     /// only a heartbeat can (sleep until then, or until a heartbeat arrives).
     pub fn next_deadline(&self) -> Option<Instant> {
+        // While fail-static holds, passed deadlines are judged again when the episode wants.
+        let wake = self.hold_wake();
+        let later = |t: Instant| match wake {
+            Some(w) if t < w => w,
+            _ => t,
+        };
         self.nodes
             .values()
             .filter_map(|n| match n.phase {
-                // While fail-static holds, passed deadlines are judged again at the recheck.
-                Phase::Up => match (n.expires, self.holding) {
-                    (Some(e), Some(h)) if e < h => Some(h),
-                    (e, _) => e,
-                },
+                Phase::Up => n.expires.map(later),
                 Phase::Joining { since } => {
                     let up = add(since, n.cfg.hold_down);
-                    match (n.expires, up) {
+                    match (n.expires.map(later), up) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     }
@@ -1058,9 +1110,11 @@ mod tests {
         for a in agents.iter_mut().take(3) {
             assert_eq!(m.on_heartbeat(t1, &a.beat()).unwrap(), vec![]);
         }
-        // The fourth stays silent: judged normally now.
+        // Every live node has had its chance to beat by two intervals after the first beat;
+        // the fourth stays silent and is judged normally then.
+        assert_eq!(m.tick(t1 + 150 * MS), vec![]);
         assert_eq!(
-            m.tick(t1),
+            m.tick(t1 + 200 * MS),
             vec![Event::NodeDown {
                 node: 4,
                 reason: DownReason::MissedHeartbeats
@@ -1083,11 +1137,18 @@ mod tests {
         let got = m.tick(t0 + 300 * MS);
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(!m.holding());
-        // Three of four silent: held.
+        // Three of four silent: held, until node 1's heartbeats show the path works; then the
+        // three (really dead) go down, two intervals later than without fail static.
         let (mut m, mut agents, t0) = four_up(Some(0.5));
         m.on_heartbeat(t0 + 200 * MS, &agents[0].beat()).unwrap();
         assert_eq!(m.tick(t0 + 300 * MS), vec![]);
         assert!(m.holding());
+        m.on_heartbeat(t0 + 300 * MS, &agents[0].beat()).unwrap();
+        assert_eq!(m.tick(t0 + 400 * MS), vec![]);
+        m.on_heartbeat(t0 + 400 * MS, &agents[0].beat()).unwrap();
+        assert_eq!(m.tick(t0 + 500 * MS).len(), 3);
+        assert!(!m.holding());
+        assert_eq!(m.status(1).unwrap().phase, Phase::Up);
         // Off: all four go down.
         let (mut m, _, t0) = four_up(None);
         assert_eq!(m.tick(t0 + 300 * MS).len(), 4);
@@ -1102,5 +1163,36 @@ mod tests {
         assert_eq!(m.on_heartbeat(late, &agents[0].beat()).unwrap(), vec![]);
         assert_eq!(m.status(1).unwrap().phase, Phase::Up);
         assert!(m.holding());
+    }
+
+    #[test]
+    fn fail_static_neither_spins_nor_promotes_a_silent_joiner() {
+        let mut m = Membership::new(NodeCfg::default());
+        m.set_fail_static(Some(0.5));
+        let t0 = Instant::now();
+        let mut agents: Vec<Agent> = (1..=3).map(|n| Agent::new(n, 1)).collect();
+        for a in agents.iter_mut() {
+            m.add_node_default(a.node);
+            m.on_heartbeat(t0, &a.beat()).unwrap();
+        }
+        // Node 3 restarts: down (restart), joining for the hold-down.
+        let mut again = Agent::new(3, 2);
+        let evs = m.on_heartbeat(t0 + 50 * MS, &again.beat()).unwrap();
+        assert!(evs.contains(&Event::NodeDown {
+            node: 3,
+            reason: DownReason::Restarted
+        }));
+        // Everything goes silent: nodes 1 and 2 held; the joiner is past its deadline too.
+        assert_eq!(m.tick(t0 + 400 * MS), vec![]);
+        assert!(m.holding());
+        let next = m.next_deadline().unwrap();
+        assert!(
+            next > t0 + 400 * MS,
+            "no busy loop: next deadline {:?}",
+            next - t0
+        );
+        // The hold-down ends while the joiner is still silent: no NodeUp for it.
+        assert_eq!(m.tick(t0 + 2100 * MS), vec![]);
+        assert_ne!(m.status(3).unwrap().phase, Phase::Up);
     }
 }

@@ -256,6 +256,9 @@ fn write_loop(shared: &Shared, dir: &Path) {
         let start = Instant::now();
         let result = state.save(dir);
         let took = start.elapsed();
+        // Written: let go of the state (its tables are shared with the daemon, which would
+        // otherwise copy each one it changes next) before anyone is told.
+        let state = result.is_err().then_some(state);
         g = shared.lock();
         match result {
             Ok(()) => {
@@ -272,7 +275,7 @@ fn write_loop(shared: &Shared, dir: &Path) {
                 g.stats.last_error = Some(msg.clone());
                 if stopping {
                     error!("giving up on the daemon state: {msg}");
-                } else {
+                } else if let Some(state) = state {
                     log.failed(&msg, backoff);
                     retry = Some(Retry {
                         seq,
@@ -333,7 +336,10 @@ mod tests {
 
     use super::*;
     use crate::routes::RouteTable;
-    use crate::state::{NodeRecord, NodeStatus, VipRecord};
+    use crate::{
+        routes::NodeState,
+        state::{NodeRecord, VipRecord},
+    };
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("lb-persist-{tag}-{}", std::process::id()));
@@ -352,7 +358,7 @@ mod tests {
                 id,
                 NodeRecord {
                     weight: id + 1,
-                    status: NodeStatus::Active,
+                    status: NodeState::Active,
                     advertised_weight: 0,
                     incarnation: Some(1),
                     sequence: Some(seq),

@@ -61,8 +61,8 @@ pub struct State {
 pub struct NodeRecord {
     /// Weight the route tables use for it.
     pub weight: u32,
-    /// active | draining | down, as in the route tables.
-    pub status: NodeStatus,
+    /// active | draining | down: the node's one state, as in the route tables.
+    pub status: NodeState,
     /// Weight the node's agent last advertised (0 or absent = no opinion).
     #[serde(default)]
     pub advertised_weight: u32,
@@ -70,14 +70,6 @@ pub struct NodeRecord {
     pub incarnation: Option<u64>,
     /// Last agent sequence seen in that incarnation.
     pub sequence: Option<u64>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeStatus {
-    Active,
-    Draining,
-    Down,
 }
 
 /// One VIP: its identity, data-plane index, route table (validated when parsed: see
@@ -273,7 +265,7 @@ mod v1 {
     #[derive(Deserialize)]
     struct Node {
         weight: u32,
-        status: NodeStatus,
+        status: NodeState,
         incarnation: Option<u64>,
         sequence: Option<u64>,
     }
@@ -371,7 +363,7 @@ mod tests {
         d
     }
 
-    fn node(weight: u32, status: NodeStatus) -> NodeRecord {
+    fn node(weight: u32, status: NodeState) -> NodeRecord {
         NodeRecord {
             weight,
             status,
@@ -387,13 +379,13 @@ mod tests {
             1,
             NodeRecord {
                 weight: 2,
-                status: NodeStatus::Active,
+                status: NodeState::Active,
                 advertised_weight: 3,
                 incarnation: Some(7),
                 sequence: Some(9),
             },
         );
-        s.nodes.insert(4, node(1, NodeStatus::Draining));
+        s.nodes.insert(4, node(1, NodeState::Draining));
         let mut table = RouteTable::new(4096).unwrap();
         table.join(1, 2).unwrap();
         table.join(4, 1).unwrap();
@@ -514,14 +506,14 @@ mod tests {
             s.nodes[&1],
             NodeRecord {
                 weight: 2,
-                status: NodeStatus::Active,
+                status: NodeState::Active,
                 advertised_weight: 0,
                 incarnation: Some(7),
                 sequence: Some(9),
             }
         );
-        assert_eq!(s.nodes[&4], node(1, NodeStatus::Draining));
-        assert_eq!(s.nodes[&6].status, NodeStatus::Down);
+        assert_eq!(s.nodes[&4], node(1, NodeState::Draining));
+        assert_eq!(s.nodes[&6].status, NodeState::Down);
         assert_eq!(s.vips.len(), 2);
         let (a, b) = (&s.vips[0], &s.vips[1]);
         assert_eq!((a.index, b.index), (0, 1), "indices in file order");

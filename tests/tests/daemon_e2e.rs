@@ -6,6 +6,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use lb_tests::{
     daemon::{DaemonSetup, UdpSink, assert_delivered, lb_binary, send_udp, udp_vip},
     netns::{Lab, Netns},
+    scale::TcpServers,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
@@ -264,6 +265,110 @@ fn fail_static_keeps_the_table_when_every_heartbeat_stops_at_once() {
         })
         .unwrap();
     assert!(took < Duration::from_millis(800), "failover took {took:?}");
+}
+
+/// SIGHUP applies the configuration file again: a node removed from it leaves every table and
+/// its NODES slot; a file that does not load is refused and changes nothing.
+#[test]
+fn sighup_applies_the_config_and_refuses_a_bad_one() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let (daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let pid = daemon.pid().unwrap() as i32;
+    let key = udp_vip(VIP, PORT);
+    let _agents: Vec<_> = (1..=2)
+        .map(|id| setup.agent(&lab, id, "100ms").unwrap())
+        .collect();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().filter(|e| e.node == 1).count() == 32
+        })
+        .unwrap();
+    let good = std::fs::read_to_string(&setup.config).unwrap();
+    let wait_log = |from: usize, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !log.since(from).iter().any(|l| l.contains(what)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what:?} in the log"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // A bad file (node 1 twice): refused, nothing changes.
+    std::fs::write(
+        &setup.config,
+        format!("{good}\n[[node]]\nid = 1\nmac = \"02:00:00:00:00:01\"\n"),
+    )
+    .unwrap();
+    let from = log.len();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_log(from, "reload refused");
+    assert!(log.since(from).iter().any(|l| l.contains("listed twice")));
+    assert_eq!(
+        setup
+            .routes(&key)
+            .unwrap()
+            .iter()
+            .filter(|e| e.node == 2)
+            .count(),
+        32
+    );
+    // Node 2 removed from the file: all routes on node 1, node 2's slot empty.
+    let without_2 = good
+        .split("\n[[node]]\nid = 2\n")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&setup.config, without_2).unwrap();
+    let from = log.len();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_log(from, "reloaded");
+    setup
+        .wait_routes(&key, Duration::from_secs(3), |r| {
+            r.iter().all(|e| e.node == 1)
+        })
+        .unwrap();
+    let view = lb_userspace::dataplane::PinnedView::open(setup.pin_dir()).unwrap();
+    assert_eq!(view.node(2).unwrap(), lb_common::NodeEntry::default());
+    assert_eq!(view.node(1).unwrap().state, lb_common::NODE_ACTIVE);
+}
+
+/// A node without an agent, checked by TCP connect (`check = "tcp"`): up when its server
+/// answers, down (routes moved to the agent's node) once it stops answering.
+#[test]
+fn tcp_checked_node_follows_its_server() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let check_port = 8080;
+    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "\n[[node]]\nid = 2\n",
+        &format!(
+            "\n[[node]]\nid = 2\ncheck = \"tcp\"\ncheck_addr = \"{}:{check_port}\"\ncheck_interval = \"100ms\"\ncheck_rise = 1\ncheck_fall = 2\n",
+            lab.nodes[1].ip
+        ),
+    );
+    std::fs::write(&setup.config, cfg).unwrap();
+    let server = TcpServers::start(&[(&lab.nodes[1].ns, 2)], check_port).unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let _agent = setup.agent(&lab, 1, "100ms").unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().filter(|e| e.node == 2).count() == 32
+        })
+        .unwrap();
+    server.finish().unwrap();
+    let took = setup
+        .wait_routes(&key, Duration::from_secs(5), |r| {
+            r.iter().all(|e| e.node == 1)
+        })
+        .unwrap();
+    eprintln!("TCP-checked node down after {took:?}");
 }
 
 /// A namespace with a veth interface, enough for the daemon to start (or refuse to).

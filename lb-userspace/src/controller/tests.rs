@@ -395,9 +395,13 @@ enum Op {
     Undrain(u32),
     Weight(u32, u32),
     Settle(u8),
-    /// Reload with node `n` removed (or re-added if absent) and VIPs rotated.
+    /// Reload with node `n` removed (or re-added if absent); by the second number, VIPs
+    /// rotated (3) or the last VIP removed/re-added (2).
     Reconfigure(u32, u32),
     Restart,
+    /// Node `n` goes down; the daemon dies after the first `k` steps of that plan (before its
+    /// save) and restarts from the state file written before it.
+    Crash(u32, usize),
 }
 
 const NODES: u32 = 5;
@@ -417,6 +421,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::Settle),
         1 => (node.clone(), 1u32..4).prop_map(|(n, w)| Op::Reconfigure(n, w)),
         1 => Just(Op::Restart),
+        1 => (node.clone(), 0usize..8).prop_map(|(n, k)| Op::Crash(n, k)),
     ]
 }
 
@@ -459,7 +464,7 @@ fn inputs_of(op: &Op, c: &Controller) -> Vec<Input> {
             })
             .into_iter()
             .collect(),
-        Op::Reconfigure(..) | Op::Restart => Vec::new(),
+        Op::Reconfigure(..) | Op::Restart | Op::Crash(..) => Vec::new(),
     }
 }
 
@@ -511,8 +516,15 @@ proptest! {
                 Op::Reconfigure(n, w) => {
                     if world.nodes.remove(&n).is_none() {
                         world.nodes.insert(n, w);
-                    } else if let Some(v) = world.vips.pop() {
+                    }
+                    if w == 3 && let Some(v) = world.vips.pop() {
                         world.vips.insert(0, v);
+                    } else if w == 2 {
+                        if world.vips.iter().any(|v| v.0 == 3) {
+                            world.vips.retain(|v| v.0 != 3);
+                        } else {
+                            world.vips.push((3, 7));
+                        }
                     }
                     let cfg = world.config();
                     let p = c.configure(&cfg).expect("configure");
@@ -529,6 +541,23 @@ proptest! {
                             prop_assert!(k.vips.values().all(|(_, r)| r.iter().all(|e| e.node != id)));
                         }
                     }
+                }
+                Op::Crash(n, steps) => {
+                    let saved = serde_json::to_string(&c.snapshot()).expect("serialize");
+                    let plan = c.apply(&[down(n)]);
+                    let mut partial = plan.clone();
+                    partial.steps.truncate(steps);
+                    k.run(&partial);
+                    let st: State = serde_json::from_str(&saved).expect("deserialize");
+                    let cfg = world.config();
+                    let (c2, plan) = Controller::start(&cfg, Some(&st), &adopted(&k)).expect("restart");
+                    k.run(&plan);
+                    prop_assert_eq!(&k, &Kernel::of(&c2));
+                    c = c2;
+                    // The batched twin starts over from here.
+                    batched = c.clone();
+                    kb = k.clone();
+                    pending.clear();
                 }
                 Op::Restart => {
                     let cfg = world.config();
