@@ -441,8 +441,19 @@ impl Daemon {
                 warn!("reload: daemon.{what} changed; it takes effect at the next restart");
             }
         }
-        let plan = self.ctl.configure(&cfg)?;
+        // The global settings first: if they cannot be written, nothing else has changed; if
+        // the controller then refuses the file, they are put back.
+        let before = global_config(&self.cfg)?;
         self.dp.set_config(&global_config(&cfg)?)?;
+        let plan = match self.ctl.configure(&cfg) {
+            Ok(plan) => plan,
+            Err(e) => {
+                if let Err(back) = self.dp.set_config(&before) {
+                    error!("restoring the global settings after a refused reload: {back}");
+                }
+                return Err(e.into());
+            }
+        };
         sync_membership(&mut self.membership, &cfg);
         // Checks restart with the new settings (a running one reports its node again).
         self.checks = Vec::new();
