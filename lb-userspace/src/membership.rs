@@ -308,8 +308,9 @@ impl Membership {
     /// Decides whether missed deadlines at `now` are acted on; tracks fail-static episodes:
     /// one starts when a deadline passes while too many nodes are silent, and ends once
     /// heartbeats have flowed again for [`Membership::resume_grace`] (a real failure of many
-    /// nodes is then acted on, just later), or when no deadline is due any more.
-    fn judge(&mut self, now: Instant) -> bool {
+    /// nodes is then acted on, just later), or when no deadline is due any more. Only
+    /// `tick` (`ends`) ends an episode, so every node due then is judged in the same pass.
+    fn judge(&mut self, now: Instant, ends: bool) -> bool {
         let due = self
             .nodes
             .values()
@@ -323,7 +324,9 @@ impl Membership {
         }) = self.holding
             && now >= r + self.resume_grace()
         {
-            self.holding = None;
+            if ends {
+                self.holding = None;
+            }
             return true;
         }
         if self.holding.is_some() || self.too_many_silent(now) {
@@ -448,7 +451,7 @@ impl Membership {
             .nodes
             .get(&node)
             .is_some_and(|n| n.expires.is_some_and(|t| now >= t));
-        let forgiven = own_expired && !self.judge(now);
+        let forgiven = own_expired && !self.judge(now, false);
         if let Some(h) = &mut self.holding {
             // A heartbeat got through: the receive path works again.
             h.resumed.get_or_insert(now);
@@ -545,7 +548,7 @@ impl Membership {
     /// hold-down is over come up.
     pub fn tick(&mut self, now: Instant) -> Vec<Event> {
         let mut events = Vec::new();
-        let act = self.judge(now);
+        let act = self.judge(now, true);
         for (&id, n) in self.nodes.iter_mut() {
             if act {
                 expire(id, n, now, &mut events);
@@ -1194,5 +1197,18 @@ mod tests {
         // The hold-down ends while the joiner is still silent: no NodeUp for it.
         assert_eq!(m.tick(t0 + 2100 * MS), vec![]);
         assert_ne!(m.status(3).unwrap().phase, Phase::Up);
+    }
+
+    #[test]
+    fn fail_static_episode_ends_in_one_pass_and_is_counted_once() {
+        let (mut m, mut agents, t0) = four_up(Some(0.5));
+        assert_eq!(m.tick(t0 + 300 * MS), vec![]);
+        m.on_heartbeat(t0 + 400 * MS, &agents[0].beat()).unwrap();
+        // Past the grace, a heartbeat is read before the tick: the tick still ends the
+        // episode and takes all three silent nodes down together.
+        m.on_heartbeat(t0 + 700 * MS, &agents[0].beat()).unwrap();
+        assert_eq!(m.tick(t0 + 700 * MS).len(), 3);
+        assert!(!m.holding());
+        assert_eq!(m.counters().fail_static, 1);
     }
 }
