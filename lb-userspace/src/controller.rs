@@ -988,10 +988,31 @@ impl Controller {
 
     /// The plan that takes the kernel from `before` to `self`.
     fn compile(&self, before: &Shape, ch: Changes) -> Plan {
+        // A node is told of the routes it owned before the batch and does not own after it:
+        // a route that came back, or passed through it, within the batch did not move for it.
+        let mut owner_before: BTreeMap<VipKey, std::collections::HashMap<u32, u32>> =
+            BTreeMap::new();
+        let notices = ch
+            .notices
+            .into_iter()
+            .filter_map(|mut n| {
+                let v = self.vips.get(&n.vip)?;
+                let before = owner_before.entry(n.vip).or_insert_with(|| {
+                    ch.routes_before
+                        .get(&n.vip)
+                        .map(|t| t.before.iter().map(|(r, e)| (*r, e.node)).collect())
+                        .unwrap_or_default()
+                });
+                n.routes.retain(|r| {
+                    before.get(r) == Some(&n.node) && v.table.owner(*r) != Some(n.node)
+                });
+                (!n.routes.is_empty()).then_some(n)
+            })
+            .collect();
         let mut plan = Plan {
             persist: ch.persist,
             log: ch.log,
-            notices: ch.notices,
+            notices,
             ..Plan::default()
         };
         let mut late = Vec::new();

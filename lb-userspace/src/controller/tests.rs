@@ -224,6 +224,24 @@ fn a_batch_writes_each_route_once_and_persists_once() {
 }
 
 #[test]
+fn notices_name_only_routes_that_moved_over_the_whole_batch() {
+    let cfg = config(&[(1, 1), (2, 1)], &[(1, 64)]);
+    let (mut c, mut k) = start(&cfg);
+    apply(&mut c, &mut k, &[up(1), up(2)]);
+    let before = c.vip(&key(1)).expect("vip").table.clone();
+    // Node 2 goes down and comes back in one batch: whatever ends on node 1 again did not move
+    // for node 1, and node 2 is told only of routes it no longer owns.
+    let p = apply(&mut c, &mut k, &[down(2), up(2)]);
+    let after = &c.vip(&key(1)).expect("vip").table;
+    for n in &p.notices {
+        for r in &n.routes {
+            assert_eq!(before.owner(*r), Some(n.node), "{n:?}");
+            assert_ne!(after.owner(*r), Some(n.node), "{n:?}");
+        }
+    }
+}
+
+#[test]
 fn unknown_nodes_and_no_ops_plan_nothing() {
     let cfg = config(&[(1, 1)], &[(1, 16)]);
     let (mut c, mut k) = start(&cfg);
