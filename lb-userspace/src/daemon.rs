@@ -108,6 +108,8 @@ pub struct Daemon {
     resync: bool,
     /// Last warning per (node, reason), for rate limiting.
     warned: BTreeMap<(u32, &'static str), Instant>,
+    /// This instance's lock, held while the daemon runs.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Daemon {
@@ -128,6 +130,8 @@ impl Daemon {
             }
         };
         let instance = cfg.daemon.instance.clone();
+        // Before anything is touched: two daemons on one instance would fight over its maps.
+        let lock = lock_instance(&instance)?;
         let state_dir = args
             .state_dir
             .clone()
@@ -212,6 +216,7 @@ impl Daemon {
             args,
             resync: false,
             warned: BTreeMap::new(),
+            _lock: lock,
         };
         d.execute(&plan)
             .context("writing the start-up state to the kernel")?;
@@ -895,6 +900,44 @@ fn global_config(cfg: &Config) -> Result<GlobalConfig> {
         ipip_src6: cfg.ipip.source_v6.octets(),
         ..Default::default()
     })
+}
+
+/// Where `lb run` locks its instance.
+const LOCK_DIR: &str = "/run/lb";
+
+/// Takes `/run/lb/<instance>.lock` (an exclusive `flock`, released when the process ends,
+/// however it ends) and writes our pid in it; a second `lb run` of the instance is refused.
+fn lock_instance(instance: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = Path::new(LOCK_DIR).join(format!("{instance}.lock"));
+    std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("mkdir {LOCK_DIR}"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(l) => l,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "instance {instance:?} is already running (pid {}, lock {}); stop it first or \
+                 choose another daemon.instance",
+                pid.trim(),
+                path.display()
+            );
+        }
+        Err((_, e)) => bail!("locking {}: {e}", path.display()),
+    };
+    lock.set_len(0)
+        .and_then(|()| lock.rewind())
+        .and_then(|()| writeln!(lock, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(lock)
 }
 
 /// Mounts bpffs at `dir` if it is not mounted yet.

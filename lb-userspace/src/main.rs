@@ -1,7 +1,7 @@
 //! `lb`: the balancer daemon (`lb run`) and the node agent (`lb agent`).
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, error::ErrorKind};
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "XDP L4 load balancer")]
@@ -24,7 +24,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.cmd {
         Cmd::Run(args) => lb_userspace::daemon::run(args),
         Cmd::Agent(args) => lb_userspace::agent::run(args),
@@ -37,4 +40,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version go to stdout as clap prints them; a bad command line is one
+/// `lb: error: ...` line (what is wrong), then clap's usage and hint lines, and exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or("invalid command line");
+    eprintln!("lb: error: {}", first.trim_start_matches("error: "));
+    for l in lines {
+        eprintln!("{l}");
+    }
+    ExitCode::from(2)
 }

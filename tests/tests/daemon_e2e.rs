@@ -371,6 +371,46 @@ fn tcp_checked_node_follows_its_server() {
     eprintln!("TCP-checked node down after {took:?}");
 }
 
+/// A second `lb run` of a running instance is refused before it touches anything, and the
+/// first keeps running.
+#[test]
+fn a_second_daemon_of_an_instance_is_refused() {
+    let lab = Lab::new(1).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let mut first = setup.start(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let _agent = setup.agent(&lab, 1, "100ms").unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().all(|e| e.node == 1)
+        })
+        .unwrap();
+    let out = lab
+        .lb
+        .ns
+        .command(&lb_binary().unwrap().to_string_lossy())
+        .args(["run", "--iface", &lab.lb.ifname, "--config"])
+        .arg(&setup.config)
+        .arg("--state-dir")
+        .arg(&setup.state_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.starts_with("lb: error: "), "{err:?}");
+    assert!(err.contains("already running"), "{err:?}");
+    assert!(
+        err.contains(&first.pid().unwrap().to_string()),
+        "names the running pid: {err:?}"
+    );
+    assert!(
+        first.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the first still runs"
+    );
+    assert!(setup.routes(&key).unwrap().iter().all(|e| e.node == 1));
+}
+
 /// A namespace with a veth interface, enough for the daemon to start (or refuse to).
 fn dummy_ns() -> Netns {
     let ns = Netns::new(&format!("{}d", lb_tests::netns::unique_prefix())).unwrap();
@@ -447,6 +487,18 @@ fn bad_config_and_arguments_fail_with_one_line_errors() {
         assert!(!out.status.success());
         assert!(err.contains(needle), "{needle:?} not in {err:?}");
         assert!(err.starts_with("lb: error:"), "{err:?}");
+    }
+    // A bad command line (clap's errors too): one `lb: error:` line first, exit code 2.
+    for args in [
+        &["run", "--no-such-flag"][..],
+        &["run"][..],
+        &["agent", "--node-id", "x"][..],
+    ] {
+        let out = std::process::Command::new(&lb).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("lb: error: "), "{args:?}: {err:?}");
+        assert!(!err.starts_with("lb: error: error"), "{err:?}");
     }
     // Unknown interface: a clear error, nothing left pinned.
     let out = run("nosuchif0", "[daemon]\ninstance = \"lbtbadif\"\n");
