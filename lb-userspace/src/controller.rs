@@ -297,10 +297,6 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn is_empty(&self) -> bool {
-        self.steps.is_empty() && self.notices.is_empty() && !self.persist
-    }
-
     /// Route entries written by this plan (for benchmarks and tests).
     pub fn route_writes(&self) -> usize {
         self.steps
