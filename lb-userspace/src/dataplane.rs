@@ -166,12 +166,7 @@ pub struct Dataplane {
     vip_cache_map: Array<MapData, VipCacheEntry>,
     vip_gen_map: Array<MapData, u32>,
     filter_map: Array<MapData, u64>,
-    routes_map: Array<MapData, RouteEntry>,
-    /// A second fd of `ROUTES` for `BPF_MAP_UPDATE_BATCH` (aya has no batch API), used when
-    /// the map is not mmapable (pinned by an older build).
-    routes_fd: OwnedFd,
-    /// `ROUTES` mapped into memory: writes are stores.
-    routes_mem: Option<MappedArray<RouteEntry>>,
+    routes: RouteSlots,
     nodes_map: Array<MapData, NodeEntry>,
     /// `CONNTRACK`, mmapped.
     conntrack: CtTable,
@@ -264,9 +259,7 @@ impl Dataplane {
             vip_cache_map: take(&mut ebpf, lb_common::MAP_VIP_CACHE)?,
             vip_gen_map: take(&mut ebpf, lb_common::MAP_VIP_GEN)?,
             filter_map: take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
-            routes_fd: dup_map_fd(&ebpf, lb_common::MAP_ROUTES)?,
-            routes_mem: routes_mapping(&ebpf, opts.route_slots)?,
-            routes_map: take(&mut ebpf, lb_common::MAP_ROUTES)?,
+            routes: RouteSlots::new(take(&mut ebpf, lb_common::MAP_ROUTES)?)?,
             nodes_map: take(&mut ebpf, lb_common::MAP_NODES)?,
             conntrack: conntrack_table(&ebpf, ct_sets)?,
             config_map: take(&mut ebpf, lb_common::MAP_CONFIG)?,
@@ -291,7 +284,7 @@ impl Dataplane {
 
     /// Rebuilds the userspace mirror from the (possibly pinned, pre-existing) maps.
     fn readopt(&mut self) -> Result<()> {
-        let slots = self.routes_map.len();
+        let slots = self.routes.len();
         if slots != self.route_slots {
             return Err(DataplaneError::Invalid(format!(
                 "pinned ROUTES has {slots} slots but {} were asked for; remove the pins or keep the size",
@@ -333,7 +326,7 @@ impl Dataplane {
             for (h, half) in halves.iter_mut().enumerate() {
                 let start = base + h as u32 * meta.route_count;
                 *half = (start..start + meta.route_count)
-                    .map(|i| self.read_route(i))
+                    .map(|i| self.routes.get(i))
                     .collect::<Result<_>>()?;
             }
             self.vips.insert(
@@ -699,7 +692,7 @@ impl Dataplane {
             .map(|&i| (offset + i, live[i as usize]))
             .chain(changes.iter().map(|&(r, e)| (offset + r, e)))
             .unzip();
-        let written = self.write_routes(&keys, &values);
+        let written = self.routes.write(&keys, &values);
         let Some(s) = self.vips.get_mut(key) else {
             return written;
         };
@@ -769,20 +762,8 @@ impl Dataplane {
             .ok_or_else(|| DataplaneError::UnknownVip(vip_display(key)))?;
         let offset = s.meta.live_offset(self.gens[s.meta.index as usize]);
         (offset..offset + s.meta.route_count)
-            .map(|i| self.read_route(i))
+            .map(|i| self.routes.get(i))
             .collect()
-    }
-
-    /// One `ROUTES` slot, from the mapping when there is one.
-    fn read_route(&self, i: u32) -> Result<RouteEntry> {
-        // (PinnedView::read_routes is the same for a view of pinned maps.)
-        match &self.routes_mem {
-            Some(m) if i < m.len() => Ok(m.get(i)),
-            _ => self
-                .routes_map
-                .get(&i, 0)
-                .map_err(map_err(lb_common::MAP_ROUTES)),
-        }
     }
 
     /// The live route table of a VIP as the userspace mirror holds it (no syscalls).
@@ -829,32 +810,7 @@ impl Dataplane {
             .filter(|(i, r)| have.get(*i) != Some(*r))
             .map(|(i, r)| (offset + i as u32, *r))
             .unzip();
-        self.write_routes(&keys, &values)
-    }
-
-    /// Writes `ROUTES` slots: stores into the mapping, or one `BPF_MAP_UPDATE_BATCH` call.
-    fn write_routes(&mut self, keys: &[u32], values: &[RouteEntry]) -> Result<()> {
-        if let Some(m) = self.routes_mem.as_mut() {
-            if let Some(k) = keys.iter().find(|k| **k >= m.len()) {
-                return Err(DataplaneError::Invalid(format!(
-                    "ROUTES slot {k} >= {}",
-                    m.len()
-                )));
-            }
-            for (k, v) in keys.iter().zip(values) {
-                m.set(*k, *v);
-            }
-            // The stores are visible before whatever the caller writes next (the flip).
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            return Ok(());
-        }
-        batch_update(self.routes_fd.as_fd(), keys, values).map_err(|e| DataplaneError::Map {
-            name: lb_common::MAP_ROUTES,
-            source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_update_batch",
-                io_error: e,
-            })),
-        })
+        self.routes.write(&keys, &values)
     }
 
     /// First-fit allocation of `len` consecutive slots.
@@ -1094,42 +1050,80 @@ fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
     }
 }
 
-/// `ROUTES` mapped, or `None` (with a warning) when a pinned map of an older build is not
-/// mmapable: writes then go through `BPF_MAP_UPDATE_BATCH`.
-fn routes_mapping(ebpf: &Ebpf, slots: u32) -> Result<Option<MappedArray<RouteEntry>>> {
-    let name = lb_common::MAP_ROUTES;
-    let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
-        return Err(DataplaneError::MissingMap(name));
-    };
-    let mem = map_routes(data)?;
-    if mem.is_none() {
-        log::warn!(
-            "pinned {name} is not mmapable (made by an older build): route changes use \
-             BPF_MAP_UPDATE_BATCH; remove the pins once to get the faster path"
-        );
-    } else if mem.as_ref().is_some_and(|m| m.len() != slots) {
-        return Err(DataplaneError::Invalid(format!(
-            "{name} has another size than the {slots} slots asked for"
-        )));
-    }
-    Ok(mem)
+/// `ROUTES`: read and written as memory when the map is mmapable (this build creates it so),
+/// else through syscalls (a map pinned by an older build, which keeps working, more slowly).
+struct RouteSlots {
+    map: Array<MapData, RouteEntry>,
+    mem: Option<MappedArray<RouteEntry>>,
 }
 
-/// `ROUTES` mapped into memory, `None` if the map is not mmapable.
-fn map_routes(data: &MapData) -> Result<Option<MappedArray<RouteEntry>>> {
-    let name = lb_common::MAP_ROUTES;
-    let info = data.info().map_err(map_err(name))?;
-    if info.map_flags() & lb_common::ROUTES_MAP_FLAGS == 0 {
-        return Ok(None);
+impl RouteSlots {
+    fn new(map: Array<MapData, RouteEntry>) -> Result<Self> {
+        let name = lb_common::MAP_ROUTES;
+        let data = Self::data(&map);
+        let info = data.info().map_err(map_err(name))?;
+        let mem = if info.map_flags() & lb_common::ROUTES_MAP_FLAGS == 0 {
+            log::warn!(
+                "pinned {name} is not mmapable (made by an older build): route changes use \
+                 BPF_MAP_UPDATE_BATCH; remove the pins once to get the faster path"
+            );
+            None
+        } else {
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DataplaneError::Invalid(format!("dup of map {name} fd: {e}")))?;
+            let m = MappedArray::map(fd, info.max_entries())
+                .map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))?;
+            Some(m)
+        };
+        Ok(Self { map, mem })
     }
-    let fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| DataplaneError::Invalid(format!("dup of map {name} fd: {e}")))?;
-    MappedArray::map(fd, info.max_entries())
-        .map(Some)
-        .map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
+
+    fn data(map: &Array<MapData, RouteEntry>) -> &MapData {
+        aya::maps::IterableMap::<u32, RouteEntry>::map(map)
+    }
+
+    fn len(&self) -> u32 {
+        self.map.len()
+    }
+
+    /// One slot.
+    fn get(&self, i: u32) -> Result<RouteEntry> {
+        match &self.mem {
+            Some(m) if i < m.len() => Ok(m.get(i)),
+            _ => self.map.get(&i, 0).map_err(map_err(lb_common::MAP_ROUTES)),
+        }
+    }
+
+    /// Writes slots: stores into the mapping, or one `BPF_MAP_UPDATE_BATCH` call (aya has no
+    /// batch API).
+    fn write(&mut self, keys: &[u32], values: &[RouteEntry]) -> Result<()> {
+        if let Some(m) = self.mem.as_mut() {
+            if let Some(k) = keys.iter().find(|k| **k >= m.len()) {
+                return Err(DataplaneError::Invalid(format!(
+                    "ROUTES slot {k} >= {}",
+                    m.len()
+                )));
+            }
+            for (k, v) in keys.iter().zip(values) {
+                m.set(*k, *v);
+            }
+            // The stores are visible before whatever the caller writes next (the flip).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
+        batch_update(Self::data(&self.map).fd().as_fd(), keys, values).map_err(|e| {
+            DataplaneError::Map {
+                name: lb_common::MAP_ROUTES,
+                source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: e,
+                })),
+            }
+        })
+    }
 }
 
 /// `BPF_MAP_UPDATE_BATCH` on an array map: one syscall for many entries.
@@ -1312,9 +1306,7 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
 pub struct PinnedView {
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_gen: Array<MapData, u32>,
-    routes: Array<MapData, RouteEntry>,
-    /// `ROUTES` mapped (when mmapable): a table is read as memory.
-    routes_mem: Option<MappedArray<RouteEntry>>,
+    routes: RouteSlots,
     nodes: Array<MapData, NodeEntry>,
 }
 
@@ -1329,17 +1321,10 @@ impl PinnedView {
             let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
             M::try_from(map).map_err(map_err(name))
         }
-        let routes_name = lb_common::MAP_ROUTES;
-        let routes = MapData::from_pin(pin_dir.join(routes_name)).map_err(map_err(routes_name))?;
-        let routes_mem = map_routes(&routes)?;
-        let routes = aya::maps::Map::from_map_data(routes)
-            .and_then(Array::try_from)
-            .map_err(map_err(routes_name))?;
         Ok(Self {
             vips: open_map(pin_dir, lb_common::MAP_VIPS)?,
             vip_gen: open_map(pin_dir, lb_common::MAP_VIP_GEN)?,
-            routes,
-            routes_mem,
+            routes: RouteSlots::new(open_map(pin_dir, lb_common::MAP_ROUTES)?)?,
             nodes: open_map(pin_dir, lb_common::MAP_NODES)?,
         })
     }
@@ -1360,13 +1345,7 @@ impl PinnedView {
     /// Reads `out.len()` `ROUTES` slots from `offset`.
     pub fn read_routes(&self, offset: u32, out: &mut [RouteEntry]) -> Result<()> {
         for (i, e) in (offset..).zip(out.iter_mut()) {
-            *e = match &self.routes_mem {
-                Some(m) if i < m.len() => m.get(i),
-                _ => self
-                    .routes
-                    .get(&i, 0)
-                    .map_err(map_err(lb_common::MAP_ROUTES))?,
-            };
+            *e = self.routes.get(i)?;
         }
         Ok(())
     }

@@ -4,7 +4,6 @@
 
 use std::{
     io,
-    marker::PhantomData,
     os::fd::{AsRawFd as _, OwnedFd},
     ptr::NonNull,
 };
@@ -17,7 +16,6 @@ pub struct MappedArray<T: Copy> {
     bytes: usize,
     /// Keeps the map alive for as long as the mapping.
     _fd: OwnedFd,
-    _t: PhantomData<T>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; access goes through
@@ -57,7 +55,6 @@ impl<T: Copy> MappedArray<T> {
             len,
             bytes,
             _fd: fd,
-            _t: PhantomData,
         })
     }
 
