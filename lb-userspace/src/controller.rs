@@ -50,6 +50,14 @@ pub enum ControllerError {
     NoVipIndex,
 }
 
+/// The error of a route-table operation on `vip`'s table.
+fn route_err(vip: &VipKey) -> impl FnOnce(RouteError) -> ControllerError + '_ {
+    move |source| ControllerError::Route {
+        vip: dataplane::vip_display(vip),
+        source,
+    }
+}
+
 /// A node as the registry knows it: its data-plane addresses from the configuration, and the
 /// one state every VIP's table holds for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -518,10 +526,7 @@ impl Controller {
             reserve.filter(|r| self.nodes.contains_key(r)),
             &known,
         )
-        .map_err(|source| ControllerError::Route {
-            vip: dataplane::vip_display(key),
-            source,
-        })
+        .map_err(route_err(key))
     }
 
     /// Takes node states and tables from the kernel where they differ from the file's: the
@@ -593,10 +598,9 @@ impl Controller {
         // Nodes.
         let wanted: BTreeMap<u32, &config::NodeConfig> =
             cfg.nodes.iter().map(|n| (n.id, n)).collect();
-        if self.reserve.is_some_and(|r| !wanted.contains_key(&r))
-            || self.reserve != cfg.daemon.reserve_node
-        {
-            // Cleared first so removing the old reserve never fails; set again below.
+        if self.reserve != cfg.daemon.reserve_node {
+            // Cleared first (a validated config names only configured nodes, so a reserve
+            // being removed always lands here) and set again below.
             self.for_tables(ch, MoveReason::Join, |t| t.set_reserve(None))?;
             self.reserve = None;
         }
@@ -641,10 +645,7 @@ impl Controller {
                     for v in self.vips.values_mut() {
                         Arc::make_mut(&mut v.table)
                             .add_down(*id, n.weight)
-                            .map_err(|source| ControllerError::Route {
-                                vip: dataplane::vip_display(&v.spec.key),
-                                source,
-                            })?;
+                            .map_err(route_err(&v.spec.key))?;
                     }
                     self.nodes.insert(*id, n);
                 }
@@ -698,15 +699,7 @@ impl Controller {
                     Some(v) => v.spec.index,
                     None => self.free_index()?,
                 };
-                let mut table =
-                    RouteTable::new(vc.routes).map_err(|source| ControllerError::Route {
-                        vip: dataplane::vip_display(&key),
-                        source,
-                    })?;
-                let route_err = |source| ControllerError::Route {
-                    vip: dataplane::vip_display(&key),
-                    source,
-                };
+                let mut table = RouteTable::new(vc.routes).map_err(route_err(&key))?;
                 for n in self.nodes.values() {
                     match n.state {
                         NodeState::Down => table.add_down(n.id, n.weight),
@@ -716,10 +709,10 @@ impl Controller {
                             .and_then(|_| table.drain(n.id))
                             .map(|_| ()),
                     }
-                    .map_err(route_err)?;
+                    .map_err(route_err(&key))?;
                 }
                 if let Some(r) = self.reserve {
-                    table.set_reserve(Some(r)).map_err(route_err)?;
+                    table.set_reserve(Some(r)).map_err(route_err(&key))?;
                 }
                 // A replaced VIP (new N) is written whole; the old one is dropped from the
                 // routes-before map so the plan does not diff against a different N.
@@ -929,11 +922,7 @@ impl Controller {
         f: impl Fn(&mut RouteTable) -> Result<Vec<Move>, RouteError>,
     ) -> Result<(), ControllerError> {
         for (key, v) in self.vips.iter_mut() {
-            let moves =
-                f(Arc::make_mut(&mut v.table)).map_err(|source| ControllerError::Route {
-                    vip: dataplane::vip_display(key),
-                    source,
-                })?;
+            let moves = f(Arc::make_mut(&mut v.table)).map_err(route_err(key))?;
             ch.persist = true;
             if moves.is_empty() {
                 continue;
@@ -1035,32 +1024,27 @@ impl Controller {
             }
         }
         for (key, v) in &self.vips {
-            match before.get(key) {
-                Some((spec, count)) if *count == v.table.route_count() => {
-                    let mut changes: Vec<(u32, RouteEntry)> = ch
-                        .routes_before
-                        .get(key)
-                        .into_iter()
-                        .flat_map(|t| t.before.iter())
-                        .filter_map(|(r, old)| {
-                            let new = v.entry(*r);
-                            (new != *old).then_some((*r, new))
-                        })
-                        .collect();
-                    changes.sort_unstable_by_key(|c| c.0);
-                    if *spec != v.spec {
-                        plan.steps.push(Step::Vip {
-                            spec: v.spec,
-                            routes: v.entries(),
-                        });
-                    } else if !changes.is_empty() {
-                        plan.steps.push(Step::Routes { key: *key, changes });
-                    }
-                }
-                _ => plan.steps.push(Step::Vip {
+            // A new VIP, or one whose spec or route count changed, is written whole.
+            if before.get(key) != Some(&(v.spec, v.table.route_count())) {
+                plan.steps.push(Step::Vip {
                     spec: v.spec,
                     routes: v.entries(),
-                }),
+                });
+                continue;
+            }
+            let mut changes: Vec<(u32, RouteEntry)> = ch
+                .routes_before
+                .get(key)
+                .into_iter()
+                .flat_map(|t| t.before.iter())
+                .filter_map(|(r, old)| {
+                    let new = v.entry(*r);
+                    (new != *old).then_some((*r, new))
+                })
+                .collect();
+            changes.sort_unstable_by_key(|c| c.0);
+            if !changes.is_empty() {
+                plan.steps.push(Step::Routes { key: *key, changes });
             }
         }
         // Removed VIPs go before any node is taken down or cleared: their routes may still
