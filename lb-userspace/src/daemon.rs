@@ -218,7 +218,7 @@ impl Daemon {
             warned: BTreeMap::new(),
             _lock: lock,
         };
-        d.execute(&plan)
+        d.execute(&plan, None)
             .context("writing the start-up state to the kernel")?;
         d.attach()?;
         // The first save is waited for, so a state directory that cannot be written stops
@@ -536,35 +536,30 @@ impl Daemon {
         }
     }
 
-    /// Executes a plan; a failed kernel write is logged and everything is written again next
-    /// round (the controller's state is the truth the kernel is brought back to).
-    fn execute_logged(&mut self, plan: &Plan, socket: Option<&mut Receiver>) {
-        if let Err(e) = self.execute_steps(plan) {
-            error!("applying a plan to the kernel maps: {e:#}; writing everything again");
-            self.resync = true;
-        }
-        if let Some(sock) = socket {
-            self.send_notices(plan, sock);
-        }
-        if plan.persist {
-            self.persister.submit(self.ctl.snapshot());
-        }
-    }
-
-    /// [`Daemon::execute_logged`] for start-up, where errors stop the start.
-    fn execute(&mut self, plan: &Plan) -> Result<()> {
-        self.execute_steps(plan)?;
-        if plan.persist {
-            self.persister.submit(self.ctl.snapshot());
-        }
-        Ok(())
-    }
-
-    fn execute_steps(&mut self, plan: &Plan) -> Result<()> {
+    /// Executes a plan: its log lines, the kernel writes in order, the notices, and, once the
+    /// writes succeeded, the hand-off to the persister (after a failure the resync's full plan
+    /// persists).
+    fn execute(&mut self, plan: &Plan, socket: Option<&mut Receiver>) -> Result<()> {
         for line in &plan.log {
             info!("{line}");
         }
-        execute_steps(&mut self.dp, plan)
+        let written = execute_steps(&mut self.dp, plan);
+        if let Some(sock) = socket {
+            self.send_notices(plan, sock);
+        }
+        if plan.persist && written.is_ok() {
+            self.persister.submit(self.ctl.snapshot());
+        }
+        written
+    }
+
+    /// [`Daemon::execute`] in the loop: a failed kernel write is logged and everything is
+    /// written again next round (the controller's state is what the kernel is brought back to).
+    fn execute_logged(&mut self, plan: &Plan, socket: Option<&mut Receiver>) {
+        if let Err(e) = self.execute(plan, socket) {
+            error!("applying a plan to the kernel maps: {e:#}; writing everything again");
+            self.resync = true;
+        }
     }
 
     /// HaloD's "route moved": tell each old owner's agent which of its routes moved.
