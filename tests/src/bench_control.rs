@@ -20,7 +20,7 @@ use lb_userspace::{
     config::Config,
     controller::{Adopted, Controller, Input},
     daemon::execute_steps,
-    dataplane::{Dataplane, DataplaneOptions, vip_key},
+    dataplane::{Dataplane, DataplaneOptions},
     heartbeat::{self, Heartbeat, Key, Receiver},
     membership::{DownReason, Event, Membership, NodeCfg},
     persist::Persister,
@@ -30,7 +30,7 @@ use serde_json::json;
 use crate::{
     daemon::{DaemonSetup, udp_vip},
     netns::Lab,
-    scale::{KernelView, Watch, events, wait_tables},
+    scale::{KernelView, Watch, events, tcp_vips, wait_all_own},
 };
 
 const N: u32 = 65536;
@@ -249,13 +249,7 @@ fn heartbeat_rate(total: u64) -> Result<(f64, u64)> {
 /// then NodeDowns logged while all agents keep running for `hold` (false downs, must be 0).
 fn join_storm(hold: Duration) -> Result<(f64, usize)> {
     let ids: Vec<u32> = (1..=STORM_NODES).collect();
-    let vips: Vec<Ipv4Addr> = (1..=APPLY_VIPS as u8)
-        .map(|i| Ipv4Addr::new(198, 18, 100, i))
-        .collect();
-    let keys: Vec<_> = vips
-        .iter()
-        .map(|v| vip_key((*v).into(), 80, lb_common::PROTO_TCP))
-        .collect();
+    let (vips, keys) = tcp_vips(APPLY_VIPS as u8, 80);
     let lab = Lab::new(STORM_NODES as usize)?;
     lab.add_dsr_vips(&vips)?;
     let setup = DaemonSetup::dsr_many(&lab, &vips, 80, "tcp", N, 1 << 16, "")?;
@@ -268,15 +262,8 @@ fn join_storm(hold: Duration) -> Result<(f64, usize)> {
         .map(|id| setup.agent(&lab, *id, "100ms"))
         .collect::<Result<Vec<_>>>()?;
     let t0 = Instant::now();
-    let up = wait_tables(
-        &kv,
-        &mut watch,
-        t0,
-        Duration::from_secs(20),
-        false,
-        |kv, key, buf, w| kv.all_own(key, &ids, buf, |kv| w.poll_quiet(kv)),
-    )?
-    .context("not every node came up within 20 s")?;
+    let up = wait_all_own(&kv, &mut watch, &ids, t0, Duration::from_secs(20))?
+        .context("not every node came up within 20 s")?;
     std::thread::sleep(hold);
     let downs = events(&log.since(from), "NodeDown").len();
     Ok((up.as_secs_f64() * 1e3, downs))

@@ -18,10 +18,34 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{NodeEntry, RouteEntry, VipKey};
-use lb_userspace::dataplane::PinnedView;
+use lb_userspace::dataplane::{PinnedView, vip_key};
 use rand::Rng as _;
 
 use crate::netns::Netns;
+
+/// `n` TCP VIPs, 198.18.100.1 up, on `port`: their addresses and their keys.
+pub fn tcp_vips(n: u8, port: u16) -> (Vec<Ipv4Addr>, Vec<VipKey>) {
+    let addrs: Vec<Ipv4Addr> = (1..=n).map(|i| Ipv4Addr::new(198, 18, 100, i)).collect();
+    let keys = addrs
+        .iter()
+        .map(|a| vip_key((*a).into(), port, lb_common::PROTO_TCP))
+        .collect();
+    (addrs, keys)
+}
+
+/// Waits (up to `timeout`) until every node of `ids` is ACTIVE and owns routes in every VIP's
+/// kernel table; how long after `t0` that first held (see [`wait_tables`]).
+pub fn wait_all_own(
+    kv: &KernelView,
+    watch: &mut Watch,
+    ids: &[u32],
+    t0: Instant,
+    timeout: Duration,
+) -> Result<Option<Duration>> {
+    wait_tables(kv, watch, t0, timeout, false, |kv, key, buf, w| {
+        kv.all_own(key, ids, buf, |kv| w.poll_quiet(kv))
+    })
+}
 
 /// The kernel's view of a running daemon, read cheaply enough to poll while the daemon works,
 /// through [`PinnedView`] (route tables read from the mmapped `ROUTES`); pollers still scan

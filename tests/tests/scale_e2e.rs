@@ -14,19 +14,18 @@
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
-use lb_common::{NODE_ACTIVE, PROTO_TCP, VipKey};
+use lb_common::{NODE_ACTIVE, VipKey};
 use lb_tests::{
     daemon::DaemonSetup,
     netns::{ChildGuard, Lab},
     scale::{
-        KernelView, LoadStats, Problems, ScanBuf, TcpLoad, TcpServers, Watch, events, wait_tables,
+        KernelView, LoadStats, Problems, ScanBuf, TcpLoad, TcpServers, Watch, events, tcp_vips,
+        wait_all_own, wait_tables,
     },
 };
-use lb_userspace::dataplane::vip_key;
 
 const NODES: u32 = 20;
 const VIPS: u8 = 16;
@@ -43,10 +42,6 @@ const STEADY: Duration = Duration::from_secs(20);
 const FAILOVER_BUDGET: Duration = Duration::from_millis(800);
 /// Kernel sampling period while the steady phases run.
 const SAMPLE: Duration = Duration::from_millis(50);
-
-fn vips() -> Vec<Ipv4Addr> {
-    (1..=VIPS).map(|i| Ipv4Addr::new(198, 18, 100, i)).collect()
-}
 
 /// Samples the kernel every [`SAMPLE`] for `dur`: every node of `up` is ACTIVE and (one VIP per
 /// sample, in turn) owns routes; `down` is not ACTIVE. Returns the samples taken and the nodes
@@ -185,12 +180,8 @@ fn check_load(st: &LoadStats, what: &str, problems: &mut Problems) {
 #[test]
 fn sixteen_vips_twenty_agents_hold_under_tcp_load_and_fail_over() {
     let t_test = Instant::now();
-    let vips = vips();
+    let (vips, keys) = tcp_vips(VIPS, PORT);
     let ids: Vec<u32> = (1..=NODES).collect();
-    let keys: Vec<VipKey> = vips
-        .iter()
-        .map(|v| vip_key((*v).into(), PORT, PROTO_TCP))
-        .collect();
     let lab = Lab::new(NODES as usize).unwrap();
     lab.add_dsr_vips(&vips).unwrap();
     let setup = DaemonSetup::dsr_many(
@@ -227,15 +218,7 @@ fn sixteen_vips_twenty_agents_hold_under_tcp_load_and_fail_over() {
         .map(|id| setup.agent(&lab, *id, "100ms").unwrap())
         .collect();
     let t0 = Instant::now();
-    let all_up = wait_tables(
-        &kv,
-        &mut watch,
-        t0,
-        Duration::from_secs(15),
-        false,
-        |kv, key, buf, w| kv.all_own(key, &ids, buf, |kv| w.poll_quiet(kv)),
-    )
-    .unwrap();
+    let all_up = wait_all_own(&kv, &mut watch, &ids, t0, Duration::from_secs(15)).unwrap();
     let all_active = watch
         .nodes_ok_since
         .map(|t| t.saturating_duration_since(t0));
