@@ -338,10 +338,10 @@ pub fn run(args: &[String]) -> Result<()> {
         &applies,
     );
     println!(
-        "| join_storm: {STORM_NODES} agents start at once, {APPLY_VIPS} VIPs x N={N} -> all up in every kernel table ({storm_trials} trials) | {storm_med:.0} ms | {storm_min:.0} ms | {storm_max:.0} ms | |"
+        "| join_storm: {STORM_NODES} agents start at once, {APPLY_VIPS} VIPs x N={N}: last agent spawned -> every node ACTIVE and owning routes in every kernel table ({storm_trials} trials) | {storm_med:.0} ms | {storm_min:.0} ms | {storm_max:.0} ms | |"
     );
     println!(
-        "| false_downs: NodeDown with every agent running ({storm_trials} x {hold:?} after the storm) | {false_downs} | | | |"
+        "| false_downs: NodeDown logged while every agent runs, from the storm until {hold:?} after all are up ({storm_trials} trials) | {false_downs} | | | |"
     );
     println!("| heartbeats verified + processed ({hb_n} msgs, one core) | {hb_rate:.0}/s | | | |");
     println!(
