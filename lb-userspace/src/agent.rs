@@ -220,7 +220,7 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
     let interval_ms = u32::try_from(args.interval.as_millis())
         .unwrap_or(u32::MAX)
         .max(1);
-    log::info!(
+    tracing::info!(
         "agent: node {} incarnation {incarnation:#x}, heartbeats every {:?} from {local} to {}",
         args.node_id,
         args.interval,
@@ -248,7 +248,7 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
         let now_draining = ctl.draining.load(Ordering::SeqCst);
         if now_draining != draining {
             draining = now_draining;
-            log::info!(
+            tracing::info!(
                 "agent: node {} now {}",
                 args.node_id,
                 if draining { "draining" } else { "up" }
@@ -278,12 +278,12 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
                 match sock.send_to(&bytes, t) {
                     Ok(_) if failing[i] => {
                         failing[i] = false;
-                        log::info!("agent: heartbeats to {t} go through again");
+                        tracing::info!("agent: heartbeats to {t} go through again");
                     }
                     Ok(_) => {}
                     Err(e) if !failing[i] => {
                         failing[i] = true;
-                        log::warn!("agent: cannot send heartbeat to {t}: {e}");
+                        tracing::warn!("agent: cannot send heartbeat to {t}: {e}");
                     }
                     Err(_) => {}
                 }
@@ -299,7 +299,7 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
             match sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Some(notice) = notices.accept(&buf[..n], from, &key, args.node_id) {
-                        log::info!(
+                        tracing::info!(
                             "agent: routes moved off node {} for {} ({}): {} route(s) {} [part {}/{}, from {from}]",
                             notice.node,
                             notice.vip,
@@ -312,7 +312,7 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
                         if let Some(h) = &hooks
                             && h.try_send((notice, from)).is_err()
                         {
-                            log::warn!("agent: route-moved hook queue full; notice dropped");
+                            tracing::warn!("agent: route-moved hook queue full; notice dropped");
                         }
                     }
                 }
@@ -323,7 +323,7 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
             }
         }
     }
-    log::info!("agent: node {} stopping", args.node_id);
+    tracing::info!("agent: node {} stopping", args.node_id);
     Ok(())
 }
 
@@ -338,16 +338,16 @@ impl NoticeFilter {
         let n = match heartbeat::decode(bytes, key) {
             Ok(Message::RouteMoved(n)) => n,
             Ok(Message::Heartbeat(_)) => {
-                log::debug!("agent: ignoring a heartbeat from {from}");
+                tracing::debug!("agent: ignoring a heartbeat from {from}");
                 return None;
             }
             Err(e) => {
-                log::warn!("agent: rejected datagram from {from}: {e}");
+                tracing::warn!("agent: rejected datagram from {from}: {e}");
                 return None;
             }
         };
         if n.node != node {
-            log::warn!(
+            tracing::warn!(
                 "agent: notice from {from} is for node {}, not {node}; ignored",
                 n.node
             );
@@ -356,7 +356,7 @@ impl NoticeFilter {
         if let Some(&(inc, seq)) = self.last.get(&from)
             && (n.incarnation < inc || (n.incarnation == inc && n.sequence <= seq))
         {
-            log::warn!(
+            tracing::warn!(
                 "agent: replayed or stale notice from {from} (sequence {}); ignored",
                 n.sequence
             );
@@ -398,8 +398,8 @@ fn spawn_hook_runner(cmd: String) -> Result<mpsc::SyncSender<(Notice, SocketAddr
                     .status();
                 match status {
                     Ok(s) if s.success() => {}
-                    Ok(s) => log::warn!("agent: route-moved hook exited with {s}"),
-                    Err(e) => log::warn!("agent: cannot run route-moved hook: {e}"),
+                    Ok(s) => tracing::warn!("agent: route-moved hook exited with {s}"),
+                    Err(e) => tracing::warn!("agent: cannot run route-moved hook: {e}"),
                 }
             }
         })

@@ -8,12 +8,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{ForwardMode, HashMode};
 
 /// Whole configuration file.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct Config {
 }
 
 /// `[daemon]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// Instance name: maps and the XDP link are pinned under `/sys/fs/bpf/<instance>/`.
@@ -66,6 +66,11 @@ pub struct DaemonConfig {
     /// Idle tracked flows older than this are expired.
     #[serde(with = "humantime_serde_compat")]
     pub flow_idle_timeout: Duration,
+    /// The control API's Unix socket (default `/run/lb/<instance>.sock`).
+    pub api_socket: Option<PathBuf>,
+    /// Where `/metrics` (Prometheus text) and the status page `/` are served, e.g.
+    /// `127.0.0.1:9100`; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -88,12 +93,14 @@ impl Default for DaemonConfig {
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
             reserve_node: None,
             flow_idle_timeout: Duration::from_secs(300),
+            api_socket: None,
+            metrics_listen: None,
         }
     }
 }
 
 /// `[ipip]`: encapsulation settings (only needed when a VIP uses `mode = "ipip"`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IpipConfig {
     /// Next-hop MAC for encapsulated frames.
@@ -118,7 +125,7 @@ impl Default for IpipConfig {
 }
 
 /// `[[vip]]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
     pub addr: IpAddr,
@@ -145,8 +152,12 @@ fn default_routes() -> u32 {
     lb_common::DEFAULT_ROUTES_PER_VIP
 }
 
+/// Largest node weight (a weight is a share of routes; 65536 routes split 1:1000 already
+/// leaves the light node 65 routes).
+pub const MAX_WEIGHT: u32 = 1000;
+
 /// `[[node]]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Node index (also the node ID its agent sends), `< MAX_NODES`.
@@ -178,6 +189,13 @@ pub struct NodeConfig {
     pub check_fall: Option<u32>,
     /// Per-node override of the missed-interval limit.
     pub miss_limit: Option<u32>,
+    /// The operator drained the node (`lb node drain`): it takes no new flows, whatever its
+    /// agent advertises, until undrained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+    /// The operator's weight (`lb node weight`): beats the weight the agent advertises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_weight: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -286,8 +304,13 @@ impl Config {
             if !ids.insert(n.id) {
                 bail!("node id {} is listed twice", n.id);
             }
-            if n.weight == 0 {
-                bail!("node[{i}].weight must be at least 1");
+            if n.weight == 0 || n.weight > MAX_WEIGHT {
+                bail!("node[{i}].weight {} out of 1..={MAX_WEIGHT}", n.weight);
+            }
+            if let Some(w) = n.admin_weight
+                && (w == 0 || w > MAX_WEIGHT)
+            {
+                bail!("node[{i}].admin_weight {w} out of 1..={MAX_WEIGHT}");
             }
             if let Some(m) = &n.mac {
                 parse_mac(m).with_context(|| format!("node[{i}].mac"))?;
@@ -423,7 +446,14 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 mod opt_duration {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::humantime_serde_compat::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
@@ -437,7 +467,16 @@ mod opt_duration {
 mod humantime_serde_compat {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Whole milliseconds as `100ms`, anything finer as `250us` (what `parse_duration` reads).
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        if d.subsec_nanos() % 1_000_000 == 0 {
+            s.serialize_str(&format!("{}ms", d.as_millis()))
+        } else {
+            s.serialize_str(&format!("{}us", d.as_micros()))
+        }
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;

@@ -26,7 +26,7 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 use lb_common::{CtEntry, FlowKey, GlobalConfig, MAX_NODES, NODE_NONE, NodeEntry, VipKey};
-use log::{error, info, warn};
+use tracing::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 
 use crate::{

@@ -1063,7 +1063,7 @@ impl RouteSlots {
         let data = Self::data(&map);
         let info = data.info().map_err(map_err(name))?;
         let mem = if info.map_flags() & lb_common::ROUTES_MAP_FLAGS == 0 {
-            log::warn!(
+            tracing::warn!(
                 "pinned {name} is not mmapable (made by an older build): route changes use \
                  BPF_MAP_UPDATE_BATCH; remove the pins once to get the faster path"
             );

@@ -175,10 +175,10 @@ impl HealthChecker {
                 every.tick().await;
                 let result = probe(target, &cfg).await;
                 if let Err(e) = &result {
-                    log::debug!("health check of node {node} ({target}): {e}");
+                    tracing::debug!("health check of node {node} ({target}): {e}");
                 }
                 if let Some(up) = rf.record(result.is_ok()) {
-                    log::info!(
+                    tracing::info!(
                         "node {node} ({target}) health check: {}",
                         if up { "up" } else { "down" }
                     );

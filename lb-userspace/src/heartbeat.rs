@@ -844,17 +844,17 @@ impl Receiver {
         if let Err(force) = nixsock::setsockopt(&sock, sockopt::RcvBufForce, &RECV_BUFFER)
             && let Err(plain) = nixsock::setsockopt(&sock, sockopt::RcvBuf, &RECV_BUFFER)
         {
-            log::debug!("heartbeat socket: SO_RCVBUFFORCE: {force}; SO_RCVBUF: {plain}");
+            tracing::debug!("heartbeat socket: SO_RCVBUFFORCE: {force}; SO_RCVBUF: {plain}");
         }
         match nixsock::getsockopt(&sock, sockopt::RcvBuf) {
             // The kernel reports twice the size set (its bookkeeping share).
-            Ok(n) if n < 2 * RECV_BUFFER => log::warn!(
+            Ok(n) if n < 2 * RECV_BUFFER => tracing::warn!(
                 "heartbeat socket {addr}: receive buffer is {n} bytes, not {}; run with \
                  CAP_NET_ADMIN or raise net.core.rmem_max",
                 2 * RECV_BUFFER
             ),
-            Ok(n) => log::debug!("heartbeat socket {addr}: receive buffer {n} bytes"),
-            Err(e) => log::debug!("heartbeat socket {addr}: cannot read the receive buffer: {e}"),
+            Ok(n) => tracing::debug!("heartbeat socket {addr}: receive buffer {n} bytes"),
+            Err(e) => tracing::debug!("heartbeat socket {addr}: cannot read the receive buffer: {e}"),
         }
         Ok(Receiver {
             sock,
@@ -937,11 +937,11 @@ impl Receiver {
                         }
                     }
                 }
-                Err(e) => log::debug!("heartbeat socket: control data lost: {e}"),
+                Err(e) => tracing::debug!("heartbeat socket: control data lost: {e}"),
             }
             let Some(from) = msg.address.as_ref().and_then(to_std_addr) else {
                 // A UDP socket of an IP family always reports an IP source; be defensive.
-                log::debug!("heartbeat socket: datagram without an IP source ignored");
+                tracing::debug!("heartbeat socket: datagram without an IP source ignored");
                 continue;
             };
             return Ok(Some(Datagram {
@@ -975,7 +975,7 @@ impl Receiver {
                 None
             }
             Err(e) => {
-                log::debug!("heartbeat from {} rejected: {e}", d.from);
+                tracing::debug!("heartbeat from {} rejected: {e}", d.from);
                 self.counters.record(&e);
                 None
             }

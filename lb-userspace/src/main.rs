@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand, error::ErrorKind};
 #[derive(Parser)]
 #[command(name = "lb", version, about = "XDP L4 load balancer")]
 struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a `RUST_LOG`-style filter; default:
+    /// `RUST_LOG`, else info.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -21,13 +25,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("lb: error: --log-level: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.cmd {
         Cmd::Run(args) => lb_userspace::daemon::run(args),
         Cmd::Agent(args) => lb_userspace::agent::run(args),
@@ -66,4 +71,18 @@ fn usage_error(e: clap::Error) -> ExitCode {
         eprintln!("{l}");
     }
     ExitCode::from(2)
+}
+
+/// Logs to stderr through `tracing` (records of crates using `log`, aya's included, too).
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("{l:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| e.to_string())
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{error, info};
+use tracing::{error, info};
 
 use crate::state::{STATE_FILE, State};
 
