@@ -9,7 +9,7 @@
 //! 500 kernel or disk failure):
 //! - `GET  /v1/status` -> [`Status`]
 //! - `GET  /v1/vips` -> `[VipInfo]`; `POST /v1/vips` ([`VipAdd`]) -> [`Diff`];
-//!   `DELETE /v1/vips/{vip}?force=` -> [`Diff`] (`{vip}` = `addr:port/proto`, URL-encoded)
+//!   `DELETE /v1/vips/{vip}` -> [`Diff`] (`{vip}` = `addr:port/proto`, URL-encoded)
 //! - `GET  /v1/vips/{vip}/routes` -> [`RoutesInfo`]
 //! - `GET  /v1/nodes` -> `[NodeInfo]`; `GET /v1/nodes/{id}` -> [`NodeInfo`];
 //!   `POST /v1/nodes` ([`NodeAdd`]) -> [`Diff`]; `DELETE /v1/nodes/{id}?force=` -> [`Diff`]
@@ -37,6 +37,20 @@ pub const SOCKET_DIR: &str = "/run/lb";
 /// The API socket of an instance.
 pub fn default_socket(instance: &str) -> PathBuf {
     PathBuf::from(SOCKET_DIR).join(format!("{instance}.sock"))
+}
+
+/// Splits a VIP name `addr:port/proto` (IPv6 as `[addr]:port/proto`; port 0 = all ports)
+/// into its socket address and protocol number.
+pub fn split_vip(name: &str) -> Result<(std::net::SocketAddr, u8), String> {
+    let bad = || {
+        format!(
+            "VIP {name:?}: expected addr:port/proto, e.g. 198.18.0.1:80/tcp or [2001:db8::1]:443/tcp"
+        )
+    };
+    let (addr, proto) = name.rsplit_once('/').ok_or_else(bad)?;
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| bad())?;
+    let proto = crate::config::parse_proto(proto).map_err(|e| format!("VIP {name:?}: {e}"))?;
+    Ok((addr, proto))
 }
 
 /// Body of every non-2xx reply.
@@ -84,8 +98,9 @@ pub struct NodeCounts {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HeartbeatCounts {
     pub accepted: u64,
-    /// Rejected, by reason: `bad_mac` (wrong key or corrupt), `malformed`, `unknown_node`,
-    /// `replay`, `stale_incarnation`.
+    /// Rejected, by reason: `bad_hmac` (wrong key or corrupt), `malformed`, `truncated`,
+    /// `oversized`, `bad_magic`, `unknown_version`, `unknown_kind`, `wrong_direction` (the
+    /// socket's), `unknown_node`, `replay`, `stale_incarnation` (the detector's).
     pub rejected: BTreeMap<String, u64>,
     /// Dropped by the kernel before being read (socket queue full).
     pub queue_drops: u64,

@@ -223,10 +223,15 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates a config file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let cfg: Config =
-            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+            toml::from_str(text).with_context(|| format!("parsing config {origin}"))?;
         cfg.validate()
-            .with_context(|| format!("invalid config {}", path.display()))?;
+            .with_context(|| format!("invalid config {origin}"))?;
         Ok(cfg)
     }
 
@@ -456,7 +461,9 @@ mod opt_duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
         super::parse_duration(&s)
             .map(Some)
             .map_err(|e| serde::de::Error::custom(format!("{e:#}")))
@@ -469,9 +476,13 @@ mod humantime_serde_compat {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    /// Whole milliseconds as `100ms`, anything finer as `250us` (what `parse_duration` reads).
+    /// In the largest whole unit: `5m`, `2s`, `100ms`, else `250us` (what `parse_duration` reads).
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        if d.subsec_nanos() % 1_000_000 == 0 {
+        if d.subsec_nanos() == 0 && d.as_secs().is_multiple_of(60) && d.as_secs() > 0 {
+            s.serialize_str(&format!("{}m", d.as_secs() / 60))
+        } else if d.subsec_nanos() == 0 {
+            s.serialize_str(&format!("{}s", d.as_secs()))
+        } else if d.subsec_nanos().is_multiple_of(1_000_000) {
             s.serialize_str(&format!("{}ms", d.as_millis()))
         } else {
             s.serialize_str(&format!("{}us", d.as_micros()))

@@ -70,6 +70,13 @@ pub struct Node {
     pub config_weight: u32,
     /// Weight the node's agent advertises (0 = no opinion).
     pub advertised_weight: u32,
+    /// The operator's weight (`lb node weight`): beats the agent's.
+    pub admin_weight: Option<u32>,
+    /// The operator drained the node (`lb node drain`): it stays draining while up, whatever
+    /// its agent advertises.
+    pub admin_drain: bool,
+    /// The node's agent (or its last heartbeat) says it is draining.
+    pub agent_draining: bool,
     /// State in every route table (and, translated, in `NODES`).
     pub state: NodeState,
     /// Weight in every route table.
@@ -77,9 +84,12 @@ pub struct Node {
 }
 
 impl Node {
-    /// The weight the tables should use: the agent's if it has one, else the configured one.
+    /// The weight the tables should use: the operator's if set, else the agent's if it has
+    /// one, else the configured one.
     pub fn wanted_weight(&self) -> u32 {
-        if self.advertised_weight > 0 {
+        if let Some(w) = self.admin_weight {
+            w
+        } else if self.advertised_weight > 0 {
             self.advertised_weight
         } else {
             self.config_weight
@@ -465,6 +475,10 @@ impl Controller {
                     ipv6: None,
                     config_weight: r.weight,
                     advertised_weight: r.advertised_weight,
+                    admin_weight: None,
+                    admin_drain: false,
+                    // Set by `configure` once the operator's drain is known.
+                    agent_draining: r.agent_draining.unwrap_or(r.status == NodeState::Draining),
                     state: r.status,
                     weight: r.weight,
                 },
@@ -630,6 +644,11 @@ impl Controller {
                     n.ipv4 = nc.ipv4;
                     n.ipv6 = nc.ipv6;
                     n.config_weight = nc.weight;
+                    if n.admin_drain != nc.drain || n.admin_weight != nc.admin_weight {
+                        ch.persist = true;
+                    }
+                    n.admin_weight = nc.admin_weight;
+                    n.admin_drain = nc.drain;
                 }
                 None => {
                     let n = Node {
@@ -639,8 +658,11 @@ impl Controller {
                         ipv6: nc.ipv6,
                         config_weight: nc.weight,
                         advertised_weight: 0,
+                        admin_weight: nc.admin_weight,
+                        admin_drain: nc.drain,
+                        agent_draining: false,
                         state: NodeState::Down,
-                        weight: nc.weight,
+                        weight: nc.admin_weight.unwrap_or(nc.weight),
                     };
                     for v in self.vips.values_mut() {
                         Arc::make_mut(&mut v.table)
@@ -651,6 +673,7 @@ impl Controller {
                 }
             }
             self.sync_weight(ch, *id)?;
+            self.sync_drain(ch, *id)?;
         }
         // VIPs.
         let mut want_vips = BTreeMap::new();
@@ -813,6 +836,7 @@ impl Controller {
                 weight, draining, ..
             } => {
                 self.set_advertised(ch, id, weight);
+                self.set_agent_draining(ch, id, draining);
                 if state == NodeState::Down {
                     let w = self.nodes[&id].wanted_weight();
                     self.for_tables(ch, MoveReason::Join, |t| t.join(id, w))?;
@@ -822,14 +846,7 @@ impl Controller {
                     }
                 }
                 self.sync_weight(ch, id)?;
-                let now = self.nodes[&id].state;
-                if draining && now == NodeState::Active {
-                    self.for_tables(ch, MoveReason::Drain, |t| t.drain(id))?;
-                    self.set_state(id, NodeState::Draining);
-                } else if !draining && now == NodeState::Draining {
-                    self.for_tables(ch, MoveReason::Join, |t| t.activate(id))?;
-                    self.set_state(id, NodeState::Active);
-                }
+                self.sync_drain(ch, id)?;
             }
             Event::NodeDown { .. } => {
                 if live(state) {
@@ -838,16 +855,12 @@ impl Controller {
                 }
             }
             Event::NodeDraining { .. } => {
-                if state == NodeState::Active {
-                    self.for_tables(ch, MoveReason::Drain, |t| t.drain(id))?;
-                    self.set_state(id, NodeState::Draining);
-                }
+                self.set_agent_draining(ch, id, true);
+                self.sync_drain(ch, id)?;
             }
             Event::NodeUndrained { .. } => {
-                if state == NodeState::Draining {
-                    self.for_tables(ch, MoveReason::Join, |t| t.activate(id))?;
-                    self.set_state(id, NodeState::Active);
-                }
+                self.set_agent_draining(ch, id, false);
+                self.sync_drain(ch, id)?;
             }
             Event::WeightChanged { new, .. } => {
                 self.set_advertised(ch, id, new);
@@ -865,6 +878,36 @@ impl Controller {
             n.advertised_weight = w;
             ch.persist = true;
         }
+    }
+
+    fn set_agent_draining(&mut self, ch: &mut Changes, id: u32, draining: bool) {
+        if let Some(n) = self.nodes.get_mut(&id)
+            && n.agent_draining != draining
+        {
+            n.agent_draining = draining;
+            ch.persist = true;
+        }
+    }
+
+    /// Brings an up node's state to what its agent and the operator want: draining if either
+    /// says so, else active. A down node stays down (its next heartbeat decides).
+    fn sync_drain(&mut self, ch: &mut Changes, id: u32) -> Result<(), ControllerError> {
+        let Some(n) = self.nodes.get(&id) else {
+            return Ok(());
+        };
+        let drain = n.agent_draining || n.admin_drain;
+        match n.state {
+            NodeState::Active if drain => {
+                self.for_tables(ch, MoveReason::Drain, |t| t.drain(id))?;
+                self.set_state(id, NodeState::Draining);
+            }
+            NodeState::Draining if !drain => {
+                self.for_tables(ch, MoveReason::Join, |t| t.activate(id))?;
+                self.set_state(id, NodeState::Active);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Brings the tables' weight of a node to its wanted weight (in any state: a draining or
@@ -1101,6 +1144,7 @@ impl Controller {
                     weight: n.weight,
                     status: n.state,
                     advertised_weight: n.advertised_weight,
+                    agent_draining: Some(n.agent_draining),
                     incarnation: inc,
                     sequence: seq,
                 },

@@ -26,10 +26,13 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 use lb_common::{CtEntry, FlowKey, GlobalConfig, MAX_NODES, NODE_NONE, NodeEntry, VipKey};
-use tracing::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tracing::{error, info, warn};
+
+mod ops;
 
 use crate::{
+    api,
     config::{self, Config, XdpModeSetting},
     conntrack::CtTable,
     controller::{Adopted, AdoptedVip, Controller, Input, Plan, RouteSet, Step},
@@ -39,7 +42,9 @@ use crate::{
     membership::{self, Event, Membership},
     persist::Persister,
     routes::{NodeState, RouteTable},
-    state::State,
+    running,
+    server::{self, Call, Server},
+    state::{self, State},
 };
 
 /// How often conntrack is scanned (only while some route is flagged "moved").
@@ -98,8 +103,8 @@ pub struct Daemon {
     agents: BTreeMap<u32, SocketAddr>,
     health_tx: mpsc::UnboundedSender<(u32, Event)>,
     health_rx: mpsc::UnboundedReceiver<(u32, Event)>,
-    /// Active health checks (dropping one stops it).
-    checks: Vec<health::HealthChecker>,
+    /// Active health checks by node, with the settings they run with (dropping one stops it).
+    checks: BTreeMap<u32, (String, health::HealthChecker)>,
     persister: Persister,
     pin_dir: PathBuf,
     link: Option<PinnedLink>,
@@ -110,6 +115,21 @@ pub struct Daemon {
     warned: BTreeMap<(u32, &'static str), Instant>,
     /// This instance's lock, held while the daemon runs.
     _lock: nix::fcntl::Flock<std::fs::File>,
+    started: Instant,
+    state_dir: PathBuf,
+    /// SHA-256 of the `--config` file the running configuration derives from.
+    source_sha256: Option<String>,
+    /// `native` or `generic` (or `unknown` for a link re-adopted without a record of it).
+    xdp_mode: String,
+    program_id: Option<u32>,
+    /// What the last conntrack scan counted.
+    ct: ops::CtCounts,
+    /// Routes moved since start, by reason.
+    route_moves: BTreeMap<&'static str, u64>,
+    /// API requests (the servers' side of the channel).
+    api: Option<mpsc::Receiver<Call>>,
+    /// The API and metrics servers (stopped when dropped).
+    _servers: Vec<Server>,
 }
 
 impl Daemon {
@@ -122,20 +142,36 @@ impl Daemon {
                 args.iface
             )
         })?;
-        let cfg = match &args.config {
-            Some(p) => Config::load(p)?,
-            None => {
-                warn!("no --config given: starting with no VIPs and no nodes");
-                Config::default()
+        let file = match &args.config {
+            Some(p) => {
+                let (cfg, digest) = load_config(p)?;
+                Some((cfg, digest))
             }
+            None => None,
         };
-        let instance = cfg.daemon.instance.clone();
+        let instance = file.as_ref().map_or_else(
+            || Config::default().daemon.instance,
+            |(c, _)| c.daemon.instance.clone(),
+        );
         // Before anything is touched: two daemons on one instance would fight over its maps.
         let lock = lock_instance(&instance)?;
         let state_dir = args
             .state_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("/var/lib/lb").join(&instance));
+        let saved = if args.reset_state {
+            None
+        } else {
+            running::load(&state_dir)?
+        };
+        let saved_mode = saved.as_ref().and_then(|r| r.xdp_mode.clone());
+        let (cfg, source_sha256, note) = running::choose(file, saved);
+        if let Some(note) = note {
+            warn!("{note}");
+        }
+        if args.config.is_none() && cfg.nodes.is_empty() && cfg.vips.is_empty() {
+            warn!("no --config given: starting with no VIPs and no nodes (add them with `lb`)");
+        }
         ensure_bpffs(&args.bpffs)?;
         let pin_dir = args.bpffs.join(&instance);
 
@@ -197,7 +233,25 @@ impl Daemon {
 
         let membership = membership_for(&cfg, &ctl, Instant::now());
         let (health_tx, health_rx) = mpsc::unbounded_channel();
-        let checkers = health_checks(&cfg, &health_tx);
+
+        // The API (and metrics) bound before attaching: a socket that cannot be bound stops
+        // the start before traffic is touched.
+        let (api_tx, api_rx) = mpsc::channel(64);
+        let socket_path = cfg
+            .daemon
+            .api_socket
+            .clone()
+            .unwrap_or_else(|| api::default_socket(&instance));
+        let mut servers = vec![server::spawn_api(
+            server::bind_api(&socket_path)?,
+            api_tx.clone(),
+            socket_path.clone(),
+        )];
+        if let Some(addr) = cfg.daemon.metrics_listen {
+            servers.push(server::spawn_metrics(server::bind_metrics(addr)?, api_tx));
+            info!("metrics and status page on http://{addr}/");
+        }
+        info!("control API on {}", socket_path.display());
 
         let persister = Persister::spawn(state_dir.clone());
         let mut d = Self {
@@ -209,7 +263,7 @@ impl Daemon {
             agents: BTreeMap::new(),
             health_tx,
             health_rx,
-            checks: checkers,
+            checks: BTreeMap::new(),
             persister,
             pin_dir,
             link: None,
@@ -217,15 +271,24 @@ impl Daemon {
             resync: false,
             warned: BTreeMap::new(),
             _lock: lock,
+            started: Instant::now(),
+            state_dir,
+            source_sha256,
+            xdp_mode: saved_mode.unwrap_or_else(|| "unknown".into()),
+            program_id: None,
+            ct: ops::CtCounts::default(),
+            route_moves: BTreeMap::new(),
+            api: Some(api_rx),
+            _servers: servers,
         };
+        d.sync_checks();
         d.execute(&plan, None)
             .context("writing the start-up state to the kernel")?;
         d.attach()?;
+        d.program_id = d.dp.program_mut()?.info().ok().map(|i| i.id());
         // The first save is waited for, so a state directory that cannot be written stops
         // the start instead of being found out at the first failover.
-        d.persister
-            .flush(FLUSH_TIMEOUT)
-            .map_err(|e| anyhow::anyhow!("saving state in {}: {e}", state_dir.display()))?;
+        d.save_running()?;
         Ok(d)
     }
 
@@ -261,6 +324,7 @@ impl Daemon {
             .pin(&link_path)
             .with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
         self.link = Some(pinned);
+        self.xdp_mode = mode_name.into();
         info!("attached to {iface} in {mode_name} mode");
         println!("lb: attached to {iface} in {mode_name} XDP mode");
         Ok(())
@@ -305,6 +369,8 @@ impl Daemon {
         // The last drain stopped at its bound: drain again without waiting.
         let mut more = false;
         let mut queue_drops = 0;
+        let mut api_rx = self.api.take();
+        let mut calls: Vec<Call> = Vec::new();
         println!("lb: ready");
         loop {
             let mut inputs: Vec<Input> = Vec::new();
@@ -325,22 +391,20 @@ impl Daemon {
                     }
                 }
                 Some((_, ev)) = self.health_rx.recv() => inputs.push(Input::Membership(ev)),
+                Some(call) = next_call(&mut api_rx) => calls.push(call),
                 _ = sleep_until(deadline) => {}
                 Some(res) = scan_rx.recv() => {
                     ct_view = Some(res.table);
                     inputs.extend(res.settled);
+                    self.ct = res.counts;
                 }
                 _ = maintenance.tick() => {
                     if let Some(table) = ct_view.take() {
-                        match self.scan_job(table) {
-                            Ok(job) => {
-                                let tx = scan_tx.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    let _ = tx.send(job.run());
-                                });
-                            }
-                            Err(table) => ct_view = Some(table),
-                        }
+                        let job = self.scan_job(table);
+                        let tx = scan_tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = tx.send(job.run());
+                        });
                     }
                 }
             }
@@ -357,6 +421,9 @@ impl Daemon {
                 more = n >= heartbeat::DRAIN_MAX;
                 for r in heartbeats.drain(..) {
                     self.on_heartbeat(r, &mut inputs);
+                }
+                for r in sock.take_rejects() {
+                    self.on_rejected(&r);
                 }
                 let drops = sock.counters().queue_drops;
                 if drops > queue_drops {
@@ -392,8 +459,17 @@ impl Daemon {
                 self.execute_logged(&plan, socket.as_mut());
             }
             if reload {
-                match self.reload() {
-                    Ok(plan) => self.execute_logged(&plan, socket.as_mut()),
+                match self.reload(socket.as_mut()) {
+                    Ok(diff) if diff.applied => info!(
+                        "reloaded {}: {} changes",
+                        self.args
+                            .config
+                            .as_deref()
+                            .unwrap_or(Path::new("?"))
+                            .display(),
+                        diff.changes.len()
+                    ),
+                    Ok(_) => info!("reload: the file matches the running configuration"),
                     Err(e) => error!("reload refused, nothing changed: {e:#}"),
                 }
             }
@@ -410,62 +486,66 @@ impl Daemon {
                     );
                 }
             }
+            // API requests after the batch: they see (and change) the state it left.
+            if let Some(rx) = api_rx.as_mut() {
+                while let Ok(call) = rx.try_recv() {
+                    calls.push(call);
+                }
+            }
+            for call in calls.drain(..) {
+                let answer = self.handle(call.req, socket.as_mut());
+                // The client may have gone; the change (if any) is made either way.
+                let _ = call.reply.send(answer);
+            }
         }
         drop(ready);
         self.receiver = socket;
         Ok(())
     }
 
-    /// SIGHUP: the configuration file again, applied like at start-up (nodes and VIPs added,
-    /// removed, re-weighted; the detector and health checks follow). A file that does not load
-    /// or does not fit changes nothing. Settings of the socket and the maps need a restart.
-    fn reload(&mut self) -> Result<Plan> {
+    /// SIGHUP: `lb apply` of the file the daemon was started with, which becomes the origin
+    /// of the running configuration (runtime changes made since are replaced). A file that
+    /// does not load or does not fit changes nothing.
+    fn reload(&mut self, socket: Option<&mut Receiver>) -> Result<api::Diff> {
         let path = self
             .args
             .config
             .clone()
             .context("started without --config: nothing to reload")?;
-        let cfg = Config::load(&path)?;
-        let (old, new) = (&self.cfg.daemon, &cfg.daemon);
-        for (what, same) in [
-            ("instance", old.instance == new.instance),
-            (
-                "heartbeat_listen",
-                old.heartbeat_listen == new.heartbeat_listen,
-            ),
-            (
-                "heartbeat_group",
-                old.heartbeat_group == new.heartbeat_group,
-            ),
-            ("key_file", old.key_file == new.key_file),
-            ("xdp_mode", old.xdp_mode == new.xdp_mode),
-            ("route_slots", old.route_slots == new.route_slots),
-            ("conntrack_size", old.conntrack_size == new.conntrack_size),
-        ] {
-            if !same {
-                warn!("reload: daemon.{what} changed; it takes effect at the next restart");
-            }
+        let (cfg, digest) = load_config(&path)?;
+        let diff = self
+            .change(cfg, socket, false)
+            .map_err(|f| anyhow::anyhow!("{}", f.body.error))?;
+        if self.source_sha256.as_deref() != Some(digest.as_str()) {
+            self.source_sha256 = Some(digest);
+            self.save_running()?;
         }
-        // The global settings first: if they cannot be written, nothing else has changed; if
-        // the controller then refuses the file, they are put back.
-        let before = global_config(&self.cfg)?;
-        self.dp.set_config(&global_config(&cfg)?)?;
-        let plan = match self.ctl.configure(&cfg) {
-            Ok(plan) => plan,
-            Err(e) => {
-                if let Err(back) = self.dp.set_config(&before) {
-                    error!("restoring the global settings after a refused reload: {back}");
-                }
-                return Err(e.into());
-            }
-        };
-        sync_membership(&mut self.membership, &cfg);
-        // Checks restart with the new settings (a running one reports its node again).
-        self.checks = Vec::new();
-        self.checks = health_checks(&cfg, &self.health_tx);
-        info!("reloaded {}", path.display());
-        self.cfg = cfg;
-        Ok(plan)
+        Ok(diff)
+    }
+
+    /// Makes the TCP health checks match the configuration: a check whose settings did not
+    /// change keeps running (and keeps its rise/fall count).
+    fn sync_checks(&mut self) {
+        let d = health::HealthCfg::default();
+        let mut keep = BTreeMap::new();
+        for n in self.cfg.nodes.iter().filter(|n| n.check != "heartbeat") {
+            let Some(addr) = n.check_addr else { continue };
+            let hc = health::HealthCfg {
+                http_path: n.check_http_path.clone(),
+                interval: n.check_interval.unwrap_or(d.interval),
+                timeout: n.check_timeout.unwrap_or(d.timeout),
+                rise: n.check_rise.unwrap_or(d.rise),
+                fall: n.check_fall.unwrap_or(d.fall),
+                ..d.clone()
+            };
+            let settings = format!("{addr} {hc:?}");
+            let check = match self.checks.remove(&n.id) {
+                Some((s, c)) if s == settings => c,
+                _ => health::HealthChecker::spawn(n.id, addr, hc, self.health_tx.clone()),
+            };
+            keep.insert(n.id, (settings, check));
+        }
+        self.checks = keep;
     }
 
     /// One authentic heartbeat, judged at its arrival time.
@@ -511,6 +591,29 @@ impl Daemon {
         self.report_fail_static(was_holding);
     }
 
+    /// A refused datagram that names a configured node is worth a (rate-limited) warning: a
+    /// node with the wrong key otherwise silently never comes up.
+    fn on_rejected(&mut self, r: &heartbeat::Rejected) {
+        let Some(node) = r
+            .claimed_node
+            .filter(|n| self.cfg.nodes.iter().any(|c| c.id == *n))
+        else {
+            return;
+        };
+        let (reason, what) = match r.error {
+            heartbeat::DecodeError::BadHmac => (
+                "bad_hmac",
+                "wrong key (HMAC does not verify; check daemon.key_file and the agent's --key-file)",
+            ),
+            _ => ("malformed", "malformed heartbeat"),
+        };
+        let msg = format!(
+            "heartbeat claiming node {node} from {} rejected: {what}: {}",
+            r.from, r.error
+        );
+        self.warn_limited(node, reason, &msg);
+    }
+
     fn report_fail_static(&self, was_holding: bool) {
         match (was_holding, self.membership.holding()) {
             (false, true) => warn!(
@@ -532,7 +635,7 @@ impl Daemon {
             .or_insert(now - REJECT_WARN_PERIOD * 2);
         if now.duration_since(*last) >= REJECT_WARN_PERIOD {
             *last = now;
-            warn!("{msg}");
+            warn!(node, reason, "{msg}");
         }
     }
 
@@ -542,6 +645,9 @@ impl Daemon {
     fn execute(&mut self, plan: &Plan, socket: Option<&mut Receiver>) -> Result<()> {
         for line in &plan.log {
             info!("{line}");
+        }
+        for n in &plan.notices {
+            *self.route_moves.entry(n.reason.as_str()).or_default() += n.routes.len() as u64;
         }
         let written = execute_steps(&mut self.dp, plan);
         if let Some(sock) = socket {
@@ -579,8 +685,8 @@ impl Daemon {
         }
     }
 
-    /// What a conntrack scan needs, or the table back when no route is flagged moved.
-    fn scan_job(&self, table: CtTable) -> std::result::Result<ScanJob, CtTable> {
+    /// What a conntrack scan needs.
+    fn scan_job(&self, table: CtTable) -> ScanJob {
         let vips: Vec<ScanVip> = self
             .ctl
             .vips()
@@ -593,14 +699,11 @@ impl Daemon {
                 moved: v.moved.clone(),
             })
             .collect();
-        if vips.is_empty() {
-            return Err(table);
-        }
-        Ok(ScanJob {
+        ScanJob {
             table,
             vips,
             idle: (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32,
-        })
+        }
     }
 
     fn shutdown(&mut self) -> Result<()> {
@@ -661,6 +764,22 @@ async fn readable(
     }
 }
 
+/// The next API request (never, without a server).
+async fn next_call(rx: &mut Option<mpsc::Receiver<Call>>) -> Option<Call> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads and validates a config file; returns it with the SHA-256 of its bytes.
+fn load_config(path: &Path) -> Result<(Config, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let cfg = Config::parse(&text, &path.display().to_string())?;
+    Ok((cfg, running::digest(text.as_bytes())))
+}
+
 /// Sleeps until `deadline` (forever without one).
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
@@ -688,7 +807,7 @@ pub fn membership_for(cfg: &Config, ctl: &Controller, now: Instant) -> Membershi
                 n.id,
                 now,
                 d.heartbeat_interval * node_cfg.miss_limit,
-                node.state == NodeState::Draining,
+                node.agent_draining,
                 node.advertised_weight,
             );
         }
@@ -728,30 +847,6 @@ fn sync_membership(m: &mut Membership, cfg: &Config) {
     for (id, nc) in wanted {
         m.add_node(id, nc);
     }
-}
-
-/// One TCP/HTTP checker (a task) per node configured with `check = "tcp"`.
-fn health_checks(
-    cfg: &Config,
-    tx: &mpsc::UnboundedSender<(u32, Event)>,
-) -> Vec<health::HealthChecker> {
-    let d = health::HealthCfg::default();
-    cfg.nodes
-        .iter()
-        .filter(|n| n.check != "heartbeat")
-        .filter_map(|n| n.check_addr.map(|addr| (n, addr)))
-        .map(|(n, addr)| {
-            let hc = health::HealthCfg {
-                http_path: n.check_http_path.clone(),
-                interval: n.check_interval.unwrap_or(d.interval),
-                timeout: n.check_timeout.unwrap_or(d.timeout),
-                rise: n.check_rise.unwrap_or(d.rise),
-                fall: n.check_fall.unwrap_or(d.fall),
-                ..d.clone()
-            };
-            health::HealthChecker::spawn(n.id, addr, hc, tx.clone())
-        })
-        .collect()
 }
 
 /// What the kernel holds at start-up: the pinned VIPs' live tables and non-empty node slots.
@@ -802,6 +897,7 @@ struct ScanJob {
 struct ScanResult {
     table: CtTable,
     settled: Vec<Input>,
+    counts: ops::CtCounts,
 }
 
 impl ScanJob {
@@ -814,11 +910,17 @@ impl ScanJob {
             .map(|(i, v)| (v.key, i))
             .collect();
         let mut still_needed: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.vips.len()];
+        let mut counts = ops::CtCounts::default();
         for (key, ct) in self.table.entries() {
             if expired(&ct, now, self.idle) {
-                self.table.remove(&key);
+                // Only while some route is moved: an established flow on an unmoved route
+                // does not refresh its entry, which may still be needed by a later move.
+                if !self.vips.is_empty() {
+                    self.table.remove(&key);
+                }
                 continue;
             }
+            counts.count(&ct);
             let Some(&i) = by_key.get(&vip_of(&key)) else {
                 continue;
             };
@@ -848,6 +950,7 @@ impl ScanJob {
         ScanResult {
             table: self.table,
             settled,
+            counts,
         }
     }
 }

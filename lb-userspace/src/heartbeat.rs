@@ -818,6 +818,31 @@ pub struct Receiver {
     /// The `at` of the last heartbeat returned (at first: when the socket was bound). Arrival
     /// stamps are clamped to be no earlier, since the queue is in arrival order.
     last_at: Instant,
+    /// Datagrams refused since the caller last took them (at most [`REJECTS_KEPT`]), so the
+    /// daemon can warn about, say, a node with the wrong key by name.
+    rejects: Vec<Rejected>,
+}
+
+/// How many refused datagrams [`Receiver`] keeps for [`Receiver::take_rejects`].
+pub const REJECTS_KEPT: usize = 64;
+
+/// A datagram the receiver refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub from: SocketAddr,
+    /// The node ID the datagram claims (unauthenticated: read from a heartbeat body whose
+    /// HMAC did not verify), when it has one.
+    pub claimed_node: Option<u32>,
+    pub error: DecodeError,
+}
+
+/// The node field of a heartbeat, read without verifying anything.
+fn claimed_node(bytes: &[u8]) -> Option<u32> {
+    if bytes.len() < HEADER_LEN + 4 || bytes.get(5) != Some(&KIND_HEARTBEAT) {
+        return None;
+    }
+    let b = &bytes[HEADER_LEN..HEADER_LEN + 4];
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl Receiver {
@@ -854,7 +879,9 @@ impl Receiver {
                 2 * RECV_BUFFER
             ),
             Ok(n) => tracing::debug!("heartbeat socket {addr}: receive buffer {n} bytes"),
-            Err(e) => tracing::debug!("heartbeat socket {addr}: cannot read the receive buffer: {e}"),
+            Err(e) => {
+                tracing::debug!("heartbeat socket {addr}: cannot read the receive buffer: {e}")
+            }
         }
         Ok(Receiver {
             sock,
@@ -865,6 +892,7 @@ impl Receiver {
             buf: Box::new([0u8; MAX_DATAGRAM + 1]),
             cmsg: vec![0u8; CMSG_SPACE + std::mem::align_of::<libc::cmsghdr>()].into_boxed_slice(),
             last_at: Instant::now(),
+            rejects: Vec::new(),
         })
     }
 
@@ -977,6 +1005,13 @@ impl Receiver {
             Err(e) => {
                 tracing::debug!("heartbeat from {} rejected: {e}", d.from);
                 self.counters.record(&e);
+                if self.rejects.len() < REJECTS_KEPT {
+                    self.rejects.push(Rejected {
+                        from: d.from,
+                        claimed_node: claimed_node(&self.buf[..d.len]),
+                        error: e,
+                    });
+                }
                 None
             }
         }
@@ -1035,6 +1070,11 @@ impl Receiver {
     }
 
     /// Counters: heartbeats accepted, datagrams rejected by reason, kernel queue drops.
+    /// The datagrams refused since the last call.
+    pub fn take_rejects(&mut self) -> Vec<Rejected> {
+        std::mem::take(&mut self.rejects)
+    }
+
     pub fn counters(&self) -> &RecvCounters {
         &self.counters
     }

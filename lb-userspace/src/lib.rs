@@ -2,6 +2,8 @@
 //! membership (heartbeats, failure detection), persistent state, the daemon and the agent.
 pub mod agent;
 pub mod api;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod conntrack;
 pub mod controller;
@@ -13,7 +15,10 @@ pub mod heartbeat;
 pub mod membership;
 pub mod mmap;
 pub mod objects;
+pub mod observe;
 pub mod persist;
 pub mod routes;
+pub mod running;
+pub mod server;
 pub mod signals;
 pub mod state;

@@ -1,7 +1,9 @@
-//! `lb`: the balancer daemon (`lb run`) and the node agent (`lb agent`).
+//! `lb`: the balancer daemon (`lb run`), the node agent (`lb agent`), the node-side
+//! decapsulator (`lb decap`) and the operator commands that talk to a running daemon
+//! (`lb status`, `lb node ...`, see `cli.rs`).
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, error::ErrorKind};
+use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "XDP L4 load balancer")]
@@ -22,6 +24,8 @@ enum Cmd {
     Agent(lb_userspace::agent::AgentArgs),
     /// On a node of an ipip VIP: strip the outer header of packets for its VIPs (XDP).
     Decap(lb_userspace::decap::DecapArgs),
+    #[command(flatten)]
+    Operator(lb_userspace::cli::Command),
 }
 
 fn main() -> ExitCode {
@@ -37,11 +41,15 @@ fn main() -> ExitCode {
         Cmd::Run(args) => lb_userspace::daemon::run(args),
         Cmd::Agent(args) => lb_userspace::agent::run(args),
         Cmd::Decap(args) => lb_userspace::decap::run(args),
+        Cmd::Operator(cmd) => lb_userspace::cli::run(cmd, Cli::command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: error: {e:#}");
+            if let Some(hint) = lb_userspace::client::hint_of(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -83,6 +91,20 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal; logs collected by systemd or a test are plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init()
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// The whole tree (daemon, agent and operator commands side by side, globals included)
+    /// passes clap's own consistency checks.
+    #[test]
+    fn command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -360,6 +360,7 @@ mod tests {
                     weight: id + 1,
                     status: NodeState::Active,
                     advertised_weight: 0,
+                    agent_draining: None,
                     incarnation: Some(1),
                     sequence: Some(seq),
                 },

@@ -66,6 +66,10 @@ pub struct NodeRecord {
     /// Weight the node's agent last advertised (0 or absent = no opinion).
     #[serde(default)]
     pub advertised_weight: u32,
+    /// Whether the node's agent said it was draining (absent in older files, where a draining
+    /// node was always drained by its agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_draining: Option<bool>,
     /// Last agent incarnation seen (replay protection survives restarts).
     pub incarnation: Option<u64>,
     /// Last agent sequence seen in that incarnation.
@@ -308,6 +312,7 @@ mod v1 {
                     weight: n.weight,
                     status: n.status,
                     advertised_weight: 0,
+                    agent_draining: None,
                     incarnation: n.incarnation,
                     sequence: n.sequence,
                 };
@@ -368,6 +373,7 @@ mod tests {
             weight,
             status,
             advertised_weight: 0,
+            agent_draining: None,
             incarnation: None,
             sequence: None,
         }
@@ -381,6 +387,7 @@ mod tests {
                 weight: 2,
                 status: NodeState::Active,
                 advertised_weight: 3,
+                agent_draining: None,
                 incarnation: Some(7),
                 sequence: Some(9),
             },
@@ -508,6 +515,7 @@ mod tests {
                 weight: 2,
                 status: NodeState::Active,
                 advertised_weight: 0,
+                agent_draining: None,
                 incarnation: Some(7),
                 sequence: Some(9),
             }

@@ -7,7 +7,8 @@
 //! - heartbeat ingestion: authenticated heartbeats per second received over UDP, verified and
 //!   run through the failure detector on one core;
 //! - failover: an agent is killed in a namespace lab; time until the node's routes point
-//!   elsewhere in the kernel map, with default settings (100 ms interval, k = 3).
+//!   elsewhere in the kernel map, with default settings (100 ms interval, k = 3);
+//! - cli update: `lb node weight` issued -> the new table live in every kernel table.
 //!
 //! Prints a table and writes `target/bench/control.json`.
 use std::{
@@ -269,6 +270,72 @@ fn join_storm(hold: Duration) -> Result<(f64, usize)> {
     Ok((up.as_secs_f64() * 1e3, downs))
 }
 
+/// `cli_update_ms`: `lb node weight` issued (the CLI process spawned) -> the new table live in
+/// every kernel table (each of the `APPLY_VIPS` VIPs of N routes flipped its generation), 20
+/// nodes up; the weight alternates 2, 1 on one node.
+fn cli_updates(trials: usize) -> Result<Vec<f64>> {
+    let ids: Vec<u32> = (1..=APPLY_NODES).collect();
+    let (vips, keys) = tcp_vips(APPLY_VIPS as u8, 80);
+    let lab = Lab::new(APPLY_NODES as usize)?;
+    lab.add_dsr_vips(&vips)?;
+    let setup = DaemonSetup::dsr_many(&lab, &vips, 80, "tcp", N, 1 << 16, "")?;
+    let _daemon = setup.start(&lab, &[])?;
+    let kv = KernelView::open(setup.pin_dir())?;
+    let mut watch = Watch::new(&kv, &keys, &ids, &[])?;
+    let _agents = ids
+        .iter()
+        .map(|id| setup.agent(&lab, *id, "100ms"))
+        .collect::<Result<Vec<_>>>()?;
+    wait_all_own(
+        &kv,
+        &mut watch,
+        &ids,
+        Instant::now(),
+        Duration::from_secs(20),
+    )?
+    .context("not every node came up within 20 s")?;
+    let mut times = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let weight = if i % 2 == 0 { "2" } else { "1" };
+        let before = keys
+            .iter()
+            .map(|k| kv.generation(k))
+            .collect::<Result<Vec<_>>>()?;
+        let t0 = Instant::now();
+        let mut cli = std::process::Command::new(crate::daemon::lb_binary()?)
+            .args(["node", "weight", "1", weight, "--socket"])
+            .arg(setup.socket())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("running lb node weight")?;
+        loop {
+            let flipped = keys
+                .iter()
+                .zip(&before)
+                .map(|(k, g)| Ok(kv.generation(k)? != *g))
+                .collect::<Result<Vec<bool>>>()?;
+            if flipped.iter().all(|f| *f) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                anyhow::bail!("lb node weight 1 {weight}: tables not all flipped within 5 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        let status = cli.wait()?;
+        anyhow::ensure!(status.success(), "lb node weight 1 {weight}: {status}");
+        let owners = kv.owners(&keys[0])?;
+        let want = if weight == "2" { N * 2 / 21 } else { N / 20 };
+        let got = owners.get(&1).copied().unwrap_or(0);
+        anyhow::ensure!(
+            got.abs_diff(want) <= 1,
+            "node 1 owns {got} routes after weight {weight}; expected about {want}"
+        );
+    }
+    Ok(times)
+}
+
 /// Failover times (ms) over `trials` agent kills in a namespace lab, default settings.
 fn failover(trials: usize) -> Result<Vec<f64>> {
     let lab = Lab::new(2)?;
@@ -321,6 +388,11 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     let fo = failover(fo_trials)?;
     let (fo_med, fo_min, fo_max) = stats(fo.clone());
+    eprintln!(
+        "cli update: `lb node weight` x 20, {APPLY_VIPS} VIPs x N = {N}, {APPLY_NODES} nodes up"
+    );
+    let cli = cli_updates(20)?;
+    let (cli_med, cli_min, cli_max) = stats(cli.clone());
 
     println!();
     println!("| benchmark | median | min | max | persister write (off path), median |");
@@ -348,6 +420,10 @@ pub fn run(args: &[String]) -> Result<()> {
         "| failover: agent killed -> routes moved in kernel map ({} trials) | {fo_med:.0} ms | {fo_min:.0} ms | {fo_max:.0} ms | |",
         fo.len()
     );
+    println!(
+        "| cli_update: `lb node weight` issued -> new table live in all {APPLY_VIPS} kernel tables ({} trials) | {cli_med:.1} ms | {cli_min:.1} ms | {cli_max:.1} ms | |",
+        cli.len()
+    );
 
     let detail = |rows: &[(&'static str, Spread, f64)]| {
         rows.iter()
@@ -368,6 +444,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "false_downs": false_downs,
         "heartbeats_per_sec": hb_rate,
         "failover_ms": { "median": fo_med, "min": fo_min, "max": fo_max, "trials": fo },
+        "cli_update_ms": { "median": cli_med, "min": cli_min, "max": cli_max, "trials": cli },
         "routes": N,
         "nodes": NODES,
     });

@@ -154,6 +154,46 @@ impl DaemonSetup {
         &self.pins.0
     }
 
+    /// The daemon's control API socket (the default for its instance).
+    pub fn socket(&self) -> PathBuf {
+        lb_userspace::api::default_socket(&self.instance)
+    }
+
+    /// Runs the `lb` CLI against this daemon (`--socket` set), returning its output whatever
+    /// its exit status.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        std::process::Command::new(lb_binary()?)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running lb {}", args.join(" ")))
+    }
+
+    /// [`DaemonSetup::cli`] that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "lb {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// [`DaemonSetup::cli_ok`] with `--json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli_ok(&a)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("lb {} --json printed {out:?}", args.join(" ")))
+    }
+
     /// Starts `lb run` in the balancer namespace and waits until it says it is ready.
     pub fn start(&self, lab: &Lab, extra: &[&str]) -> Result<ChildGuard> {
         self.start_inner(lab, extra, None)

@@ -1,6 +1,7 @@
 //! Shared helpers of the root-only suites: packet builder, network-namespace guards.
 pub mod bench_control;
 pub mod daemon;
+pub mod echo;
 pub mod fixture;
 pub mod netns;
 pub mod packet;

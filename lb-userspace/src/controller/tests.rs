@@ -326,6 +326,113 @@ fn a_weight_change_while_draining_is_kept_for_the_undrain() {
     assert_eq!(count(&c, 1, 2), 75);
 }
 
+/// Applies a configuration as the daemon's API does, checking the kernel after each step.
+fn configure(c: &mut Controller, k: &mut Kernel, cfg: &Config) -> Plan {
+    let plan = c.configure(cfg).expect("configure");
+    k.run(&plan);
+    assert_eq!(*k, Kernel::of(c));
+    plan
+}
+
+/// `lb node drain`: the operator's drain holds whatever the agent says, and the undrain gives
+/// the node back to its agent (which may itself be draining).
+#[test]
+fn an_operators_drain_holds_whatever_the_agent_advertises() {
+    let mut cfg = config(&[(1, 1), (2, 1)], &[(1, 100), (2, 100)]);
+    let (mut c, mut k) = start(&cfg);
+    apply(&mut c, &mut k, &[up(1), up(2)]);
+    cfg.nodes[1].drain = true;
+    configure(&mut c, &mut k, &cfg);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
+    assert_eq!(count(&c, 1, 2), 0);
+    assert_eq!(count(&c, 2, 1), 100);
+    // The agent says up, draining, up again, restarts: the node stays draining.
+    for e in [
+        Event::NodeUndrained { node: 2 },
+        Event::NodeDraining { node: 2 },
+        Event::NodeUndrained { node: 2 },
+    ] {
+        apply(&mut c, &mut k, &[ev(e)]);
+        assert_eq!(c.node(2).expect("node").state, NodeState::Draining, "{e:?}");
+    }
+    apply(&mut c, &mut k, &[down(2), up(2)]);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
+    assert_eq!(count(&c, 1, 2), 0);
+    // ... across a daemon restart too.
+    let mut c = restart(&c, &mut k, &cfg);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
+    // Undrained by the operator while its agent drains: still draining (the agent's say).
+    apply(&mut c, &mut k, &[ev(Event::NodeDraining { node: 2 })]);
+    cfg.nodes[1].drain = false;
+    configure(&mut c, &mut k, &cfg);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
+    apply(&mut c, &mut k, &[ev(Event::NodeUndrained { node: 2 })]);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Active);
+    assert_eq!(count(&c, 1, 2), 50);
+}
+
+/// `lb node weight`: the operator's weight beats the agent's, and clearing it gives the
+/// agent's back.
+#[test]
+fn an_operators_weight_beats_the_agents_until_cleared() {
+    let mut cfg = config(&[(1, 1), (2, 1)], &[(1, 100)]);
+    let (mut c, mut k) = start(&cfg);
+    apply(
+        &mut c,
+        &mut k,
+        &[
+            up(1),
+            ev(Event::NodeUp {
+                node: 2,
+                weight: 3,
+                draining: false,
+            }),
+        ],
+    );
+    assert_eq!(count(&c, 1, 2), 75);
+    cfg.nodes[1].admin_weight = Some(1);
+    configure(&mut c, &mut k, &cfg);
+    assert_eq!(count(&c, 1, 2), 50);
+    apply(
+        &mut c,
+        &mut k,
+        &[ev(Event::WeightChanged {
+            node: 2,
+            old: 3,
+            new: 9,
+        })],
+    );
+    assert_eq!(
+        count(&c, 1, 2),
+        50,
+        "the agent's new weight does not override"
+    );
+    cfg.nodes[1].admin_weight = None;
+    configure(&mut c, &mut k, &cfg);
+    assert_eq!(count(&c, 1, 2), 90);
+}
+
+/// A node added at runtime starts down and takes routes when its agent comes up; one
+/// removed at runtime leaves every table and `NODES`.
+#[test]
+fn nodes_added_and_removed_at_runtime() {
+    let mut cfg = config(&[(1, 1)], &[(1, 64)]);
+    let (mut c, mut k) = start(&cfg);
+    apply(&mut c, &mut k, &[up(1)]);
+    let mut more = config(&[(1, 1), (7, 1)], &[(1, 64)]);
+    configure(&mut c, &mut k, &more);
+    assert_eq!(c.node(7).expect("node").state, NodeState::Down);
+    assert_eq!(count(&c, 1, 7), 0);
+    apply(&mut c, &mut k, &[up(7)]);
+    assert_eq!(count(&c, 1, 7), 32);
+    more.nodes.retain(|n| n.id != 7);
+    cfg = more;
+    configure(&mut c, &mut k, &cfg);
+    assert!(c.node(7).is_none());
+    assert!(!k.nodes.contains_key(&7));
+    assert_eq!(count(&c, 1, 1), 64);
+}
+
 /// Defect: a VIP's index was its position in the config file.
 #[test]
 fn vip_indices_survive_reordering_and_removal() {

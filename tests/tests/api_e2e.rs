@@ -1,0 +1,250 @@
+//! The control API and the `lb` CLI against a real daemon in a namespace lab, with real TCP
+//! through the balancer: drain with `--wait`, runtime changes that survive a restart.
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    process::Stdio,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::{DaemonSetup, lb_binary},
+    echo::{EchoServers, Held},
+    netns::Lab,
+};
+use lb_userspace::dataplane::vip_key;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+const PORT: u16 = 7000;
+const ROUTES: u32 = 65536;
+
+/// Opens connections from the client namespace until one lands on `node`; returns it (the
+/// others are closed).
+fn connection_to(lab: &Lab, node: u32) -> Held {
+    lab.client
+        .ns
+        .spawn(move || {
+            for _ in 0..200 {
+                let mut c = Held::connect(VIP, PORT)?;
+                if c.ask()? == node {
+                    return Ok(c);
+                }
+            }
+            anyhow::bail!("no connection landed on node {node} in 200 tries")
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+}
+
+/// Which nodes `n` new connections land on.
+fn new_connections(lab: &Lab, n: usize) -> Vec<u32> {
+    lab.client
+        .ns
+        .spawn(move || (0..n).map(|_| Held::connect(VIP, PORT)?.ask()).collect())
+        .join()
+        .unwrap()
+        .unwrap()
+}
+
+fn node_json(setup: &DaemonSetup, id: u32) -> serde_json::Value {
+    setup
+        .cli_json(&["node", "list"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .cloned()
+        .unwrap()
+}
+
+/// The proof of drain: a real TCP connection held on node 2, `lb node drain 2 --wait`
+/// waits showing a count of 1, no new connection reaches node 2 meanwhile, the held one keeps
+/// working, and closing it lets the command return.
+#[test]
+fn drain_wait_returns_when_the_last_connection_closes() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "tcp", ROUTES, "").unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let key = vip_key(VIP.into(), PORT, lb_common::PROTO_TCP);
+    let _a1 = setup.agent(&lab, 1, "100ms").unwrap();
+    let _a2 = setup.agent(&lab, 2, "100ms").unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
+        })
+        .unwrap();
+    let _servers =
+        EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], PORT).unwrap();
+    let mut held = connection_to(&lab, 2);
+
+    let mut drain = std::process::Command::new(lb_binary().unwrap())
+        .args([
+            "node",
+            "drain",
+            "2",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--socket",
+        ])
+        .arg(setup.socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = drain.stderr.take().unwrap();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[drain] {l}");
+            let _ = tx2.send(l);
+        }
+    });
+    // The command shows the live count: 1 open flow (the held connection).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let one = l.contains("1 open flow");
+                seen.push(l);
+                if one {
+                    break;
+                }
+            }
+            Err(_) => panic!("drain --wait never showed 1 open flow; it printed {seen:?}"),
+        }
+    }
+    assert!(
+        drain.try_wait().unwrap().is_none(),
+        "drain --wait returned with a flow open"
+    );
+    let n2 = node_json(&setup, 2);
+    assert_eq!(n2["state"], "draining");
+    assert_eq!(n2["admin_drain"], true);
+    assert_eq!(n2["flows"], 1, "{n2}");
+    assert_eq!(
+        setup
+            .routes(&key)
+            .unwrap()
+            .iter()
+            .filter(|e| e.node == 2)
+            .count(),
+        0
+    );
+    // Meanwhile: the held connection still reaches node 2; new ones never do.
+    for _ in 0..5 {
+        assert_eq!(held.ask().unwrap(), 2);
+    }
+    let landed = new_connections(&lab, 100);
+    assert!(
+        landed.iter().all(|n| *n == 1),
+        "a new connection reached the draining node: {landed:?}"
+    );
+    assert_eq!(held.ask().unwrap(), 2);
+    assert!(
+        drain.try_wait().unwrap().is_none(),
+        "drain --wait returned with a flow open"
+    );
+
+    // Close it: the command returns, successfully.
+    drop(held);
+    let closed = Instant::now();
+    let status = loop {
+        if let Some(s) = drain.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            closed.elapsed() < Duration::from_secs(15),
+            "drain --wait did not return within 15 s of the last connection closing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "drain --wait returned {:?} after the close",
+        closed.elapsed()
+    );
+    assert!(status.success(), "drain --wait: {status}");
+    assert_eq!(node_json(&setup, 2)["flows"], 0);
+
+    // Undrain: node 2 takes new connections again.
+    setup.cli_ok(&["node", "undrain", "2"]).unwrap();
+    let landed = new_connections(&lab, 100);
+    assert!(
+        landed.contains(&2),
+        "node 2 got no new connection after undrain: {landed:?}"
+    );
+}
+
+/// A node added, a weight set and a node drained at runtime survive a daemon restart with
+/// the same file; an edited file wins over them.
+#[test]
+fn runtime_changes_survive_a_restart_unless_the_file_changed() {
+    let lab = Lab::new(3).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "tcp", ROUTES, "").unwrap();
+    // The file names nodes 1 and 2 only; node 3 is added at runtime.
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let cut = text.find("\n[[node]]\nid = 3").unwrap();
+    std::fs::write(&setup.config, &text[..cut]).unwrap();
+    let key = vip_key(VIP.into(), PORT, lb_common::PROTO_TCP);
+    let mut daemon = setup.start(&lab, &[]).unwrap();
+    let mac3 = lb_tests::netns::mac_str(&lab.nodes[2].mac);
+    setup
+        .cli_ok(&["node", "add", "3", "--mac", &mac3, "--weight", "2"])
+        .unwrap();
+    setup.cli_ok(&["node", "weight", "1", "3"]).unwrap();
+    setup.cli_ok(&["node", "drain", "2"]).unwrap();
+    let _agents: Vec<_> = (1..=3)
+        .map(|id| setup.agent(&lab, id, "100ms").unwrap())
+        .collect();
+    // Weights 3 (node 1) and 2 (node 3); node 2 drained.
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            let c = |n| r.iter().filter(|e| e.node == n).count();
+            c(1) == 39322 && c(3) == 26214 && c(2) == 0
+        })
+        .unwrap();
+
+    daemon.signal_and_wait(libc::SIGTERM).unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let nodes = setup.cli_json(&["node", "list"]).unwrap();
+    let ids: Vec<u64> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    let n1 = node_json(&setup, 1);
+    assert_eq!(n1["admin_weight"], 3);
+    assert_eq!(node_json(&setup, 2)["state"], "draining");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = setup.routes(&key).unwrap();
+    let c = |n| r.iter().filter(|e| e.node == n).count();
+    assert_eq!(
+        (c(1), c(2), c(3)),
+        (39322, 0, 26214),
+        "tables after restart"
+    );
+
+    // An edited file wins (and the log says so): node 3 and the operator's settings go.
+    drop(_daemon);
+    std::fs::write(&setup.config, format!("{}\n# edited\n", &text[..cut])).unwrap();
+    let (_daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let nodes = setup.cli_json(&["node", "list"]).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 2);
+    assert!(
+        log.since(0)
+            .iter()
+            .any(|l| l.contains("config file changed")),
+        "no log line about dropped runtime changes"
+    );
+}
