@@ -150,6 +150,9 @@ pub struct NodeInfo {
     pub weighted_share: f64,
     /// Open tracked flows on it (last conntrack scan, every 2 s).
     pub flows: u64,
+    /// Whether `flows` comes from a scan that started after the last change (a drain just
+    /// made is not judged by a count taken before it).
+    pub flows_current: bool,
     pub packets: u64,
     pub bytes: u64,
     /// Seconds since its last accepted heartbeat.

@@ -124,6 +124,8 @@ pub struct Daemon {
     program_id: Option<u32>,
     /// What the last conntrack scan counted.
     ct: ops::CtCounts,
+    /// Bumped by every configuration change; a scan records the value it started at.
+    change_seq: u64,
     /// Routes moved since start, by reason.
     route_moves: BTreeMap<&'static str, u64>,
     /// API requests (the servers' side of the channel).
@@ -277,6 +279,7 @@ impl Daemon {
             xdp_mode: saved_mode.unwrap_or_else(|| "unknown".into()),
             program_id: None,
             ct: ops::CtCounts::default(),
+            change_seq: 0,
             route_moves: BTreeMap::new(),
             api: Some(api_rx),
             _servers: servers,
@@ -371,6 +374,8 @@ impl Daemon {
         let mut queue_drops = 0;
         let mut api_rx = self.api.take();
         let mut calls: Vec<Call> = Vec::new();
+        // Start a conntrack scan at the end of this round (if none is running).
+        let mut scan_now = false;
         println!("lb: ready");
         loop {
             let mut inputs: Vec<Input> = Vec::new();
@@ -398,15 +403,7 @@ impl Daemon {
                     inputs.extend(res.settled);
                     self.ct = res.counts;
                 }
-                _ = maintenance.tick() => {
-                    if let Some(table) = ct_view.take() {
-                        let job = self.scan_job(table);
-                        let tx = scan_tx.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let _ = tx.send(job.run());
-                        });
-                    }
-                }
+                _ = maintenance.tick() => scan_now = true,
             }
             // Time is read before the socket is drained: every heartbeat that arrived before
             // `now` is then read and counted before any deadline is judged at `now`.
@@ -492,10 +489,22 @@ impl Daemon {
                     calls.push(call);
                 }
             }
+            let seq = self.change_seq;
             for call in calls.drain(..) {
                 let answer = self.handle(call.req, socket.as_mut());
                 // The client may have gone; the change (if any) is made either way.
                 let _ = call.reply.send(answer);
+            }
+            // After a change, counts (flows per node: `drain --wait`) are taken again at once
+            // (or as soon as the running scan returns the table).
+            scan_now |= self.change_seq != seq;
+            if scan_now && let Some(table) = ct_view.take() {
+                scan_now = false;
+                let job = self.scan_job(table);
+                let tx = scan_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = tx.send(job.run());
+                });
             }
         }
         drop(ready);
@@ -701,6 +710,7 @@ impl Daemon {
             .collect();
         ScanJob {
             table,
+            seq: self.change_seq,
             vips,
             idle: (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32,
         }
@@ -889,6 +899,8 @@ struct ScanVip {
 /// whose previous owners no longer have tracked flows.
 struct ScanJob {
     table: CtTable,
+    /// The daemon's change sequence when the scan started.
+    seq: u64,
     vips: Vec<ScanVip>,
     /// `flow_idle_timeout` in `CtEntry::last_seen` units.
     idle: u32,
@@ -910,7 +922,10 @@ impl ScanJob {
             .map(|(i, v)| (v.key, i))
             .collect();
         let mut still_needed: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.vips.len()];
-        let mut counts = ops::CtCounts::default();
+        let mut counts = ops::CtCounts {
+            seq: self.seq,
+            ..Default::default()
+        };
         for (key, ct) in self.table.entries() {
             if expired(&ct, now, self.idle) {
                 // Only while some route is moved: an established flow on an unmoved route

@@ -238,6 +238,7 @@ impl Daemon {
         let globals = global_config(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
         self.dp.set_config(&globals).map_err(kernel)?;
         self.ctl = ctl;
+        self.change_seq += 1;
         sync_membership(&mut self.membership, &next);
         self.cfg = next;
         self.sync_checks();
@@ -417,6 +418,7 @@ impl Daemon {
                     0.0
                 },
                 flows: self.ct.flows.get(&n.id).copied().unwrap_or(0),
+                flows_current: self.ct.seq >= self.change_seq,
                 packets: traffic.packets,
                 bytes: traffic.bytes,
                 last_heartbeat_age: st
@@ -659,6 +661,8 @@ impl Daemon {
 /// What the last conntrack scan counted.
 #[derive(Clone, Debug, Default)]
 pub struct CtCounts {
+    /// [`Daemon`]'s change sequence when the scan started.
+    pub seq: u64,
     /// Entries in use.
     pub entries: u64,
     /// Entries of open flows (not closing, not idle past the timeout).
