@@ -628,7 +628,7 @@ impl Controller {
             ch.log
                 .push(format!("node {id} is no longer configured: removed"));
             self.touch_node(ch, id);
-            self.for_tables(ch, MoveReason::Failure, |t| t.remove(id))?;
+            self.for_tables(ch, MoveReason::Removed, |t| t.remove(id))?;
             self.nodes.remove(&id);
             self.seen.remove(&id);
         }

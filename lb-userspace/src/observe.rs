@@ -1159,6 +1159,7 @@ mod tests {
             route_share: 0.0,
             weighted_share: 0.0,
             flows: 10 * u64::from(id),
+            flows_current: true,
             packets: 1000 * u64::from(id),
             bytes: 1_500_000 * u64::from(id),
             last_heartbeat_age: None,
