@@ -271,11 +271,13 @@ pub struct ApplyArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
+    /// The configuration file to validate.
     #[arg(short, long, value_name = "FILE")]
     file: PathBuf,
-    /// Print `{"file", "ok", "vips", "nodes"}` as JSON.
-    #[arg(long)]
-    json: bool,
+    /// `--json` prints `{"file", "ok", "vips", "nodes"}`; `--socket` and `--instance` are
+    /// accepted like everywhere and ignored (no balancer is needed).
+    #[command(flatten)]
+    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
@@ -574,7 +576,7 @@ async fn apply(a: ApplyArgs) -> Result<()> {
 
 fn check(a: &CheckArgs) -> Result<()> {
     let cfg = Config::load(&a.file)?;
-    if a.json {
+    if a.opts.json {
         return emit_json(&serde_json::json!({
             "file": a.file,
             "ok": true,

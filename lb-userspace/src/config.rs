@@ -228,8 +228,7 @@ impl Config {
 
     /// Parses and validates a config file's text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let cfg: Config =
-            toml::from_str(text).with_context(|| format!("parsing config {origin}"))?;
+        let cfg: Config = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
         cfg.validate()
             .with_context(|| format!("invalid config {origin}"))?;
         Ok(cfg)
@@ -365,6 +364,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A TOML error as one line saying where and what (`parsing config F: line 3, column 9:
+/// invalid basic string`), then toml's excerpt of the spot.
+fn toml_error(text: &str, origin: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    let excerpt: String = e
+        .to_string()
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty() && l.trim() != e.message().trim())
+        .map(|l| format!("\n{l}"))
+        .collect();
+    anyhow::anyhow!(
+        "parsing config {origin}: {}{}{excerpt}",
+        at.unwrap_or_default(),
+        e.message().trim()
+    )
 }
 
 /// `tcp` / `udp` -> protocol number.

@@ -72,9 +72,21 @@ fn usage_error(e: clap::Error) -> ExitCode {
         };
     }
     let text = e.render().to_string();
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let first = lines.next().unwrap_or("invalid command line");
-    eprintln!("lb: error: {}", first.trim_start_matches("error: "));
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty()).peekable();
+    let mut first = lines
+        .next()
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error: ")
+        .to_string();
+    // "the following required arguments were not provided:" lists them on the next, indented
+    // lines: they belong on the error line.
+    if first.ends_with(':') {
+        while let Some(l) = lines.next_if(|l| l.starts_with(' ')) {
+            first.push(' ');
+            first.push_str(l.trim());
+        }
+    }
+    eprintln!("lb: error: {first}");
     for l in lines {
         eprintln!("{l}");
     }

@@ -1,5 +1,6 @@
 //! Shared helpers of the root-only suites: packet builder, network-namespace guards.
 pub mod bench_control;
+pub mod cli;
 pub mod daemon;
 pub mod echo;
 pub mod fixture;

@@ -80,7 +80,10 @@ fn real_main() -> Result<()> {
     let root = workspace_root()?;
     env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
     match cli.task {
-        Task::Setup(s) => setup(&root, &s),
+        Task::Setup(s) => {
+            setup(&root, &s)?;
+            ensure_test_packages()
+        }
         Task::Build(s) => {
             setup(&root, &s)?;
             build(&root)
@@ -293,27 +296,55 @@ fn ensure_bpffs() -> Result<()> {
         .status_ok("mount -t bpf bpf /sys/fs/bpf (is BPF enabled in this kernel?)")
 }
 
-/// Debian packages the namespace suites use, installed only when missing.
+/// Debian packages the namespace suites use, installed only when missing: `ip` and `nsenter`
+/// for the labs, headless `chromium` for the status page test (`cli_e2e`).
+const TEST_PACKAGES: [(&str, &str); 3] = [
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("chromium", "chromium"),
+];
+
 fn ensure_test_packages() -> Result<()> {
-    let wanted = [("ip", "iproute2"), ("nsenter", "util-linux")];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(bin, _)| !on_path(bin))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        say("test packages (iproute2, util-linux): present");
+    let missing = || -> Vec<&str> {
+        TEST_PACKAGES
+            .iter()
+            .filter(|(bin, _)| !on_path(bin))
+            .map(|(_, pkg)| *pkg)
+            .collect()
+    };
+    let names = TEST_PACKAGES.map(|(_, pkg)| pkg).join(", ");
+    let wanted = missing();
+    if wanted.is_empty() {
+        say(&format!("test packages ({names}): present"));
         return Ok(());
     }
-    say(&format!("test packages: installing {}", missing.join(" ")));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the test packages {} are missing and installing them needs root: run \
+             `cargo xtask setup` as root, or `apt-get install --no-install-recommends {}`",
+            wanted.join(" "),
+            wanted.join(" ")
+        );
+    }
+    say(&format!("test packages: installing {}", wanted.join(" ")));
     Command::new("apt-get")
         .args(["update", "-qq"])
         .status_ok("apt-get update")?;
     Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&wanted)
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .status_ok("apt-get install")
+        .status_ok(&format!("apt-get install {}", wanted.join(" ")))?;
+    let still = missing();
+    if !still.is_empty() {
+        bail!(
+            "{} still missing after apt-get install: the namespace suites need them \
+             (chromium: the status page test of cli_e2e)",
+            still.join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn on_path(bin: &str) -> bool {
