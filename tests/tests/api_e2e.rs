@@ -207,7 +207,7 @@ fn runtime_changes_survive_a_restart_unless_the_file_changed() {
         .collect();
     // Weights 3 (node 1) and 2 (node 3); node 2 drained.
     setup
-        .wait_routes(&key, Duration::from_secs(10), |r| {
+        .wait_routes(&key, Duration::from_secs(20), |r| {
             let c = |n| r.iter().filter(|e| e.node == n).count();
             c(1) == 39322 && c(3) == 26214 && c(2) == 0
         })
