@@ -448,7 +448,6 @@ impl Dataplane {
         }
         let cfg = GlobalConfig {
             ct_sets: self.conntrack.sets(),
-            _pad: 0,
             ..*cfg
         };
         self.config_map
