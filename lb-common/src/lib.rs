@@ -290,9 +290,17 @@ pub struct GlobalConfig {
     pub ipip_src6: [u8; 16],
     /// Sets in `CONNTRACK`. Written by the loader from the map's size; callers' value ignored.
     pub ct_sets: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// `CONFIG_F_*` bits (read only on the rare paths); the loader owns `CONFIG_F_LOG_EVENTS`.
+    pub flags: u32,
 }
+
+/// `GlobalConfig::flags`: write an aya-log record (target [`LOG_TARGET`]) for each drop, PMTU
+/// reply and conntrack eviction. Off unless a live trace is watching.
+pub const CONFIG_F_LOG_EVENTS: u32 = 1;
+
+/// The aya-log target of the balancer's event records (the program's module path, made
+/// explicit so userspace can select them).
+pub const LOG_TARGET: &str = "lb_balancer";
 
 // ---------------------------------------------------------------------------------------------
 // Counters. All are per-CPU arrays of u64 (or `TrafficCounter`), summed by userspace.
@@ -392,6 +400,25 @@ impl DropReason {
             _ => return None,
         })
     }
+
+    /// The reason's name, as in this enum (the event log and the counters print it).
+    pub const fn name(self) -> &'static str {
+        use DropReason::*;
+        match self {
+            TruncatedVlan => "TruncatedVlan",
+            BadIpv4Header => "BadIpv4Header",
+            BadIpv4Length => "BadIpv4Length",
+            BadIpv6Header => "BadIpv6Header",
+            BadIpv6Length => "BadIpv6Length",
+            BadTcpHeader => "BadTcpHeader",
+            BadUdpHeader => "BadUdpHeader",
+            BadIcmp => "BadIcmp",
+            NoBackend => "NoBackend",
+            TooBig => "TooBig",
+            HelperFailed => "HelperFailed",
+            NoRoute => "NoRoute",
+        }
+    }
 }
 
 /// Index into `DECAP_STATS` (node-side decap program).
@@ -457,6 +484,7 @@ const _: () = {
     assert!(offset_of!(GlobalConfig, ct_sets) == 32);
     assert!(offset_of!(GlobalConfig, ipip_src4) == 8);
     assert!(offset_of!(GlobalConfig, ipip_src6) == 16);
+    assert!(offset_of!(GlobalConfig, flags) == 36);
     assert!(size_of::<TrafficCounter>() == 16);
     assert!(matches!(
         DropReason::from_index(DROP_REASON_COUNT - 1),

@@ -6,4 +6,5 @@
 pub mod csum;
 pub mod decide;
 pub mod encap;
+pub mod evlog;
 pub mod parse;

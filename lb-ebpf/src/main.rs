@@ -9,26 +9,34 @@
 //! fast path of its own (`fast_v4`) that keeps everything in registers and falls back to the
 //! general path for anything else; cold paths (conntrack, encap, PMTU, malformed) are
 //! subprograms.
+//!
+//! Event log: drops, PMTU replies and conntrack evictions each write one aya-log record (target
+//! `LOG_TARGET`, level debug) when `CONFIG_F_LOG_EVENTS` is set. The switch is read only on
+//! those rare branches, so forwarding does no extra work whether it is on or off.
 #![no_std]
 #![no_main]
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        xdp_md,
+    },
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
-    CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT,
-    DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry,
-    PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, ROUTES_MAP_FLAGS,
-    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
-    VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
+    CONFIG_F_LOG_EVENTS, CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS,
+    DROP_REASON_COUNT, DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_NODES, MAX_VIPS,
+    NODE_DOWN, NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED,
+    ROUTES_MAP_FLAGS, RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE,
+    VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey,
+    VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
-        CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, ct_find_in, ct_insert_way_in, ct_key_words,
+        CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_insert_way_in, ct_key_words,
         ct_set_index, ct_store, ct_tag,
     },
     flow_hash_v4, flow_hash_v6,
@@ -37,7 +45,7 @@ use lb_common::{
 };
 use lb_ebpf::{
     decide::{self, CtAction, FlowKind},
-    encap,
+    encap, evlog,
     parse::{
         self, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, ICMP_HLEN, IPV4_HLEN,
         IPV6_HLEN, PROTO_IPIP, PROTO_IPV6_IN, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ipv4, ipv6, tcp,
@@ -89,6 +97,13 @@ static NODE_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(M
 /// Forwarded packets by `ROUTES` slot.
 #[map]
 static ROUTE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_ROUTE_SLOTS, 0);
+/// Event records (aya-log's wire format) for userspace: `aya_log::EbpfLogger` finds the ring
+/// buffer by this name. 128 KiB, as aya-log-ebpf sizes it: ~550 records.
+#[map]
+static AYA_LOGS: RingBuf = RingBuf::with_byte_size(1 << 17, 0);
+/// Where the event log assembles a record, per CPU (off the stack).
+#[map]
+static EVENT: PerCpuArray<evlog::Slot> = PerCpuArray::with_max_entries(1, 0);
 
 // ---------------------------------------------------------------------------------------------
 // Entry.
@@ -116,6 +131,11 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
                 // SAFETY: per-CPU slot, only this CPU writes it.
                 unsafe { *c += 1 };
             }
+            // The context read back from its stack slot: LLVM would otherwise keep it in
+            // registers through the whole program for this one call, which costs the
+            // forwarding paths spills and reloads.
+            // SAFETY: a plain read of the context's own field.
+            log_drop(unsafe { core::ptr::read_volatile(&ctx.ctx) }, reason);
             XDP_DROP
         }
     }
@@ -847,6 +867,7 @@ fn forward(
         } else {
             pmtu4(ctx, ip, mtu)?
         };
+        log_pmtu(flow, ip.v6, meta.index, node_idx);
     }
     if let Sent::PmtuReply = sent {
         count(Stat::Tx);
@@ -1022,7 +1043,11 @@ fn tracked(
             }
             CtAction::Refresh => {}
             _ => {
-                if unsafe { lb_ct_put(set, &key, tag, CT_WAYS, &e) } == 2 {
+                let put = unsafe { lb_ct_put(set, &key, tag, CT_WAYS, &e) };
+                if put >= 2 {
+                    if put == 3 {
+                        lb_log_event();
+                    }
                     count(Stat::CtEvict);
                 }
             }
@@ -1070,7 +1095,7 @@ pub unsafe extern "C" fn lb_ct_get(
 }
 
 /// Records `e` for the flow (`ct_store`): in its own way, else a free one, else the set's
-/// victim (then it returns 2).
+/// victim (then it returns 2, or 3 when the victim is noted for the event log).
 ///
 /// # Safety
 /// Each pointer is null or valid for its type (see above).
@@ -1090,8 +1115,17 @@ pub unsafe extern "C" fn lb_ct_put(
     // SAFETY: as in `lb_ct_get`.
     unsafe {
         let (i, evicts) = ct_insert_way_in(&*set, &*key, tag, (*e).last_seen, ways.min(CT_WAYS));
+        let mut r = 1;
+        if evicts {
+            // The victim's record is written by the caller (see `note_evict`).
+            r = if (*set).slots.get(i).is_some_and(note_evict) {
+                3
+            } else {
+                2
+            };
+        }
         ct_store(set, i, &*key, tag, &*e);
-        if evicts { 2 } else { 1 }
+        r
     }
 }
 
@@ -1436,6 +1470,212 @@ fn pmtu6(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropReason> {
     }
     cut_to(ctx, f, l3 + GROW + encap::PTB_QUOTE)?;
     Ok(Sent::PmtuReply)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event log: one aya-log record per drop, PMTU reply and conntrack eviction, only while
+// `CONFIG_F_LOG_EVENTS` is set (`lb_ebpf::evlog` has the format and why not aya-log-ebpf's
+// macros). Each site calls its `log_*` only on its rare branch; it reads the switch, fills the
+// per-CPU `EVENT` slot and calls `lb_log_event`, which writes the record.
+// ---------------------------------------------------------------------------------------------
+
+/// The event slot, if the event log is on (two array lookups; only on the rare paths).
+#[inline(always)]
+fn event_slot() -> Option<&'static mut evlog::Slot> {
+    if CONFIG
+        .get(0)
+        .is_none_or(|c| c.flags & CONFIG_F_LOG_EVENTS == 0)
+    {
+        return None;
+    }
+    // SAFETY: per-CPU value, only this CPU uses it, and only within one packet.
+    EVENT.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
+
+/// Writes the record of the event in this CPU's `EVENT` slot; 1 if it did (0: no slot, or
+/// the ring buffer is full, or the kind is unknown). A global: checked once by the verifier,
+/// and its frame is small enough to be called under `pick`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_log_event() -> u32 {
+    // SAFETY: as in `event_slot`.
+    let Some(s) = EVENT.get_ptr_mut(0).map(|s| unsafe { &mut *s }) else {
+        return 0;
+    };
+    let Some(label) = evlog::LABELS.get(s.ev.kind as usize) else {
+        return 0;
+    };
+    let sent = if s.ev.v6 != 0 {
+        s.rec = evlog::TEMPLATE_V6;
+        evlog::fill::<16>(&mut s.rec, &evlog::V6, label, &s.ev);
+        // SAFETY: the record is at least `V6.len` bytes of plain data.
+        let rec = unsafe { &*(&raw const s.rec).cast::<[u8; evlog::V6.len]>() };
+        AYA_LOGS.output::<[u8; evlog::V6.len]>(rec, 0)
+    } else {
+        s.rec = evlog::TEMPLATE_V4;
+        evlog::fill::<4>(&mut s.rec, &evlog::V4, label, &s.ev);
+        // SAFETY: as above.
+        let rec = unsafe { &*(&raw const s.rec).cast::<[u8; evlog::V4.len]>() };
+        AYA_LOGS.output::<[u8; evlog::V4.len]>(rec, 0)
+    };
+    sent.is_ok() as u32
+}
+
+/// Client, VIP, ports and protocol of a flow into `ev` (addresses as little-endian words; the
+/// ports word as read from the wire, client port in the low half).
+#[inline(always)]
+fn event_flow(
+    ev: &mut evlog::Event,
+    client: &[u32; 4],
+    vip: &[u32; 4],
+    ports: u32,
+    proto: u8,
+    v6: bool,
+) {
+    ev.client = bytes16(client);
+    ev.vip_addr = bytes16(vip);
+    ev.cport = u16::from_be(ports as u16);
+    ev.vport = u16::from_be((ports >> 16) as u16);
+    ev.proto = proto;
+    ev.v6 = v6 as u8;
+}
+
+/// The record of a dropped packet: addresses, protocol and ports re-read from the frame as far
+/// as it holds them; for TCP and UDP (not fragments) the VIP's index and the route owner.
+#[inline(never)]
+fn log_drop(ctx: *mut xdp_md, reason: DropReason) {
+    let Some(s) = event_slot() else {
+        return;
+    };
+    s.ev.reset(reason as u32);
+    drop_flow(&XdpContext::new(ctx), &mut s.ev);
+    lb_log_event();
+}
+
+/// `log_drop`'s parse: fills in what the frame holds.
+#[inline(always)]
+fn drop_flow(ctx: &XdpContext, ev: &mut evlog::Event) {
+    let f = Frame::of(ctx);
+    let Some(eth) = f.at::<ETH_HLEN>(0) else {
+        return;
+    };
+    let mut ethertype = be16(eth + 12);
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        let Some(tag) = f.at::<VLAN_HLEN>(ETH_HLEN) else {
+            return;
+        };
+        ethertype = be16(tag + 2);
+        l3 = ETH_VLAN_HLEN;
+    }
+    // Addresses, protocol, the L4 offset (None: no L4 header here), and whether ports route.
+    let (src, dst, v6, proto, l4, whole) = match ethertype {
+        ETH_P_IPV4 => {
+            let Some(h) = f.at::<IPV4_HLEN>(l3) else {
+                return;
+            };
+            let ihl = ((ld::<u8>(h + ipv4::VER_IHL) & 0xf) as usize) * 4;
+            let frag = be16(h + ipv4::FRAG_OFF);
+            // Only the first fragment holds the ports; no fragment routes by them.
+            let l4 = (ihl >= IPV4_HLEN && frag & 0x1fff == 0).then_some(l3 + ihl);
+            let src = [le32(h + ipv4::SRC), 0, 0, 0];
+            let dst = [le32(h + ipv4::DST), 0, 0, 0];
+            let whole = !parse::is_fragment(frag);
+            (src, dst, false, ld::<u8>(h + ipv4::PROTO), l4, whole)
+        }
+        ETH_P_IPV6 => {
+            let Some(h) = f.at::<IPV6_HLEN>(l3) else {
+                return;
+            };
+            let src = words16(h + ipv6::SRC);
+            let dst = words16(h + ipv6::DST);
+            let proto = ld::<u8>(h + ipv6::NEXT_HDR);
+            (src, dst, true, proto, Some(l3 + IPV6_HLEN), true)
+        }
+        _ => return,
+    };
+    let tcp_udp = proto == PROTO_TCP || proto == PROTO_UDP;
+    let ports = match l4.and_then(|o| f.at::<4>(o)) {
+        Some(p) if tcp_udp => le32(p),
+        _ => 0,
+    };
+    event_flow(ev, &src, &dst, ports, proto, v6);
+    if !tcp_udp || ports == 0 || !whole {
+        return;
+    }
+    let family = if v6 { FAMILY_V6 } else { FAMILY_V4 };
+    let Some(meta) = lookup_vip_slow(&dst, family, (ports >> 16) as u16, proto) else {
+        return;
+    };
+    ev.vip = meta.index as i32;
+    let ip = Ip {
+        l3,
+        v6,
+        ihl_len: 0,
+        len: 0,
+        tc: [0; 2],
+        df: false,
+        src,
+        dst,
+        dst_hash: 0,
+    };
+    let flow = Flow {
+        client: src,
+        vip: dst,
+        ports,
+        proto,
+        kind: FlowKind::Udp,
+        icmp: false,
+    };
+    if let Ok((_, _, route)) = route_of(&ip, &flow, &meta) {
+        ev.node = route.node as i32;
+    }
+}
+
+/// The record of a PMTU reply (frag-needed / packet-too-big) sent for a flow to `node`.
+#[inline(never)]
+fn log_pmtu(flow: &Flow, v6: bool, vip: u32, node: u32) {
+    let Some(s) = event_slot() else {
+        return;
+    };
+    s.ev.reset(evlog::PMTU);
+    event_flow(
+        &mut s.ev,
+        &flow.client,
+        &flow.vip,
+        flow.ports,
+        flow.proto,
+        v6,
+    );
+    s.ev.vip = vip as i32;
+    s.ev.node = node as i32;
+    lb_log_event();
+}
+
+/// Notes a conntrack eviction's victim (its flow, node and VIP) in the event slot, for
+/// `lb_log_event` once `lb_ct_put` has returned (the stack below it is full); false when the
+/// event log is off.
+#[inline(never)]
+fn note_evict(victim: &CtSlot) -> bool {
+    let Some(s) = event_slot() else {
+        return false;
+    };
+    let w = &victim.key;
+    let words = |a: u64, b: u64| [a as u32, (a >> 32) as u32, b as u32, (b >> 32) as u32];
+    s.ev.reset(evlog::EVICT);
+    let v6 = (w[4] >> 40) as u8 == FAMILY_V6;
+    let (client, vip) = (words(w[0], w[1]), words(w[2], w[3]));
+    event_flow(
+        &mut s.ev,
+        &client,
+        &vip,
+        w[4] as u32,
+        (w[4] >> 32) as u8,
+        v6,
+    );
+    s.ev.vip = victim.entry.vip as i32;
+    s.ev.node = victim.entry.node as i32;
+    true
 }
 
 #[cfg(not(test))]

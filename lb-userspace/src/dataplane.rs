@@ -6,6 +6,10 @@
 //! from `VipMeta::route_base`. A change is written into the inactive slice, then the VIP index's
 //! `VIP_GEN` word (4 bytes, one store) is flipped, so a packet sees exactly one generation. The
 //! `VIP_CACHE` slots the hot path reads are kept in step with `VIPS` (see docs/dataplane.md).
+//!
+//! The program's event log (aya-log records of drops, PMTU replies and evictions) is read by
+//! the [`EventLogger`] made at load ([`Dataplane::take_event_logger`]) and switched on and off
+//! with [`Dataplane::set_event_log`]; see `crate::livelog`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -19,14 +23,15 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, links::FdLink},
 };
 use lb_common::{
-    CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, MAX_VIPS, NodeEntry,
-    PROTO_ANY, RouteEntry, STAT_COUNT, TrafficCounter, VIP_CACHE_SIZE, VIP_F_ADDR_MARKER,
-    VIP_F_FRAG_ONLY, VIP_FILTER_WORDS, VipCacheEntry, VipKey, VipMeta,
+    CONFIG_F_LOG_EVENTS, CtEntry, DROP_REASON_COUNT, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig,
+    MAX_VIPS, NodeEntry, PROTO_ANY, RouteEntry, STAT_COUNT, TrafficCounter, VIP_CACHE_SIZE,
+    VIP_F_ADDR_MARKER, VIP_F_FRAG_ONLY, VIP_FILTER_WORDS, VipCacheEntry, VipKey, VipMeta,
     ct::{CT_MAP_FLAGS, CT_WAYS, CtSet, ct_sets_for},
     hash,
 };
 use thiserror::Error;
 
+pub use crate::livelog::EventLogger;
 use crate::{conntrack::CtTable, mmap::MappedArray, objects};
 
 /// `VipMeta::flags` bit of the earlier format, where `VipMeta` named the live slice and this bit
@@ -54,6 +59,8 @@ pub enum DataplaneError {
     },
     #[error("invalid {0}")]
     Invalid(String),
+    #[error("the balancer's event log: {0}")]
+    EventLog(#[source] Box<aya_log::Error>),
     #[error(
         "route table space exhausted: need {need} slots, {free} free of {total} (raise route_slots)"
     )]
@@ -185,6 +192,10 @@ pub struct Dataplane {
     /// Our copy of `VIP_FILTER`, so updates write only changed words.
     filter: Vec<u64>,
     route_slots: u32,
+    /// The reader of the program's event records, until the caller takes it.
+    event_logger: Option<EventLogger>,
+    /// The event-log switch (`CONFIG_F_LOG_EVENTS`), which every `CONFIG` write carries.
+    log_events: bool,
 }
 
 /// Every map of the balancer, for pinning.
@@ -249,6 +260,9 @@ impl Dataplane {
             what: "balancer",
             source: Box::new(e),
         })?;
+        // Takes the log ring buffer out of `ebpf`: it must stay open until the program loads.
+        let event_logger =
+            EventLogger::new(&mut ebpf).map_err(|e| DataplaneError::EventLog(Box::new(e)))?;
         {
             let prog: &mut Xdp = program(&mut ebpf, lb_common::PROG_BALANCER)?;
             prog.load()
@@ -274,9 +288,12 @@ impl Dataplane {
             gens: vec![0; MAX_VIPS as usize],
             filter: vec![0; VIP_FILTER_WORDS as usize],
             route_slots: opts.route_slots,
+            event_logger: Some(event_logger),
+            log_events: false,
         };
         dp.readopt()?;
-        // The kernel sizes its set index from CONFIG.
+        // The kernel sizes its set index from CONFIG. This write also turns the event log off
+        // (a pinned CONFIG may have it on from a run that crashed with a watcher).
         let cfg = dp.config()?;
         dp.set_config(&cfg)?;
         Ok(dp)
@@ -438,7 +455,9 @@ impl Dataplane {
     // Config and nodes
     // -----------------------------------------------------------------------------------------
 
-    /// Writes the global config. `mtu` must be 0 (no PMTU check) or at least 1280.
+    /// Writes the global config. `mtu` must be 0 (no PMTU check) or at least 1280. `ct_sets`
+    /// and the `CONFIG_F_LOG_EVENTS` bit of `flags` are the loader's: the caller's are ignored
+    /// (so a config reload keeps the event log as [`Dataplane::set_event_log`] left it).
     pub fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
         if cfg.mtu != 0 && cfg.mtu < 1280 {
             return Err(DataplaneError::Invalid(format!(
@@ -446,9 +465,14 @@ impl Dataplane {
                 cfg.mtu
             )));
         }
+        let log = if self.log_events {
+            CONFIG_F_LOG_EVENTS
+        } else {
+            0
+        };
         let cfg = GlobalConfig {
             ct_sets: self.conntrack.sets(),
-            _pad: 0,
+            flags: (cfg.flags & !CONFIG_F_LOG_EVENTS) | log,
             ..*cfg
         };
         self.config_map
@@ -460,6 +484,26 @@ impl Dataplane {
         self.config_map
             .get(&0, 0)
             .map_err(map_err(lb_common::MAP_CONFIG))
+    }
+
+    /// Turns the program's event log on or off: one aya-log record per drop, PMTU reply and
+    /// conntrack eviction (read with the [`EventLogger`]). Off after every load. Forwarding
+    /// costs the same either way (the program reads the switch only on those paths).
+    pub fn set_event_log(&mut self, on: bool) -> Result<()> {
+        let cfg = self.config()?;
+        let was = std::mem::replace(&mut self.log_events, on);
+        self.set_config(&cfg).inspect_err(|_| self.log_events = was)
+    }
+
+    /// Whether the event log is on.
+    pub fn event_log(&self) -> bool {
+        self.log_events
+    }
+
+    /// The reader of the program's event records, for the caller to pump (`None` once taken).
+    /// Records wait in a 128 KiB ring buffer; the program drops new ones while it is full.
+    pub fn take_event_logger(&mut self) -> Option<EventLogger> {
+        self.event_logger.take()
     }
 
     /// Writes one node slot.

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod health;
 pub mod heartbeat;
+pub mod livelog;
 pub mod membership;
 pub mod mmap;
 pub mod objects;

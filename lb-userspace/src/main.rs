@@ -93,20 +93,15 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Logs to stderr through `tracing` (records of crates using `log`, aya's included, too).
+/// Logs to stderr through `tracing` (records of crates using `log`, aya's included, too), and
+/// feeds the live event log (`lb trace --live`) whatever the level.
 fn init_logging(level: Option<&str>) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("{l:?}: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal; logs collected by systemd or a test are plain.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init()
-        .map_err(|e| e.to_string())
+    lb_userspace::livelog::try_init(filter)
 }
 
 #[cfg(test)]

@@ -621,3 +621,161 @@ fn full_conntrack_set_evicts_closing_then_oldest() {
     assert_eq!(c.stats[Stat::CtEvict as usize], 2);
     assert_eq!(c.stats[Stat::CtInsert as usize], CT_WAYS as u64 + 2);
 }
+
+/// The event log (`Dataplane::set_event_log`), end to end: ring buffer, aya-log, `log`,
+/// `tracing`, the live-log layer. Two balancers get the same packets, one with the log off and
+/// one with it on: verdicts, output bytes and counters are identical; the one that is off
+/// writes no record; the one that is on writes exactly one per drop, PMTU reply and eviction,
+/// and none for forwarded packets.
+#[test]
+fn event_log_records_rare_paths_only_when_on() {
+    use lb_common::{CONFIG_F_LOG_EVENTS, PROTO_TCP};
+    use lb_tests::{
+        fixture::{self as fx, CLIENT4, CLIENT6, Vip},
+        packet::{IPPROTO_TCP, Packet, TCP_ACK, TCP_PSH, TCP_SYN, XDP_DROP},
+    };
+    use lb_userspace::livelog;
+    use std::net::IpAddr;
+
+    static LOGGING: std::sync::Once = std::sync::Once::new();
+    // The normal log off: the live log gets the records whatever its filter.
+    LOGGING.call_once(|| {
+        livelog::try_init(tracing_subscriber::EnvFilter::new("off")).expect("logging")
+    });
+    let mut lines = livelog::subscribe();
+    let owner =
+        |v: &Vip, client: IpAddr, sport: u16| fx::std_owner(fx::vip_hash(v, client, sport, v.port));
+
+    // One conntrack set (16 ways), so that the 17th new flow evicts.
+    let mut off = fx::load_with(16).unwrap();
+    let mut on = fx::load_with(16).unwrap();
+    let mut off_log = off.take_event_logger().expect("a logger");
+    let mut on_log = on.take_event_logger().expect("a logger");
+    assert!(on.take_event_logger().is_none(), "taken once");
+    on.set_event_log(true).unwrap();
+    assert!(on.event_log() && !off.event_log());
+    // A config write (as on SIGHUP) keeps the switch.
+    on.set_config(&fx::config()).unwrap();
+    assert_ne!(on.config().unwrap().flags & CONFIG_F_LOG_EVENTS, 0);
+    assert_eq!(off.config().unwrap().flags & CONFIG_F_LOG_EVENTS, 0);
+
+    let v4_dsr = fx::V4_TCP_DSR;
+    let v6_dsr = fx::V6_TCP_DSR;
+    let v4_ipip = fx::V4_TCP_IPIP;
+    // (packet, the record it must give, if any)
+    let mut cases: Vec<(Vec<u8>, Option<String>)> = vec![
+        (
+            Packet::tcp(CLIENT4, v4_dsr.addr, 40000, 80, TCP_PSH | TCP_ACK)
+                .payload_len(100)
+                .build(),
+            None,
+        ),
+        (
+            Packet::tcp(CLIENT6, v6_dsr.addr, 40000, 80, TCP_ACK)
+                .payload_len(100)
+                .build(),
+            None,
+        ),
+        (
+            Packet::tcp(CLIENT4, v4_ipip.addr, 40000, 443, TCP_ACK)
+                .payload_len(100)
+                .build(),
+            None,
+        ),
+        (
+            Packet::tcp(CLIENT4, fx::OTHER4, 40000, 80, TCP_ACK).build(),
+            None,
+        ),
+        // Drops: no node with an address for ipip; a TCP header cut short (IPv6).
+        (
+            Packet::tcp(CLIENT4, fx::VIP4_NOADDR, 40000, 80, TCP_ACK).build(),
+            Some(format!(
+                "drop NoBackend     proto=6 192.0.2.10:40000 -> 10.0.0.4:80 vip={} node={}",
+                fx::V4_NOADDR.index,
+                fx::NODE_NOADDR
+            )),
+        ),
+        (
+            Packet::raw(
+                CLIENT6,
+                v6_dsr.addr,
+                IPPROTO_TCP,
+                &[0x9c, 0x40, 0, 80, 0, 0],
+            )
+            .build(),
+            Some(format!(
+                "drop BadTcpHeader  proto=6 2001:db8:c1::10:40000 -> 2001:db8::1:80 vip={} node={}",
+                v6_dsr.index,
+                owner(&v6_dsr, CLIENT6, 40000)
+            )),
+        ),
+        // Too big for the path MTU (1500) once encapsulated, DF set.
+        (
+            Packet::tcp(CLIENT4, v4_ipip.addr, 40001, 443, TCP_ACK)
+                .payload_len(1460)
+                .build(),
+            Some(format!(
+                "pmtu-reply         proto=6 192.0.2.10:40001 -> 10.0.0.2:443 vip={} node={}",
+                v4_ipip.index,
+                owner(&v4_ipip, CLIENT4, 40001)
+            )),
+        ),
+    ];
+    let check = |on: &mut Dataplane, off: &mut Dataplane, pkt: &[u8]| {
+        let a = off.test_run(pkt).unwrap();
+        let b = on.test_run(pkt).unwrap();
+        assert_eq!(a, b, "the same verdict and bytes with the log on");
+        a
+    };
+    let mut expect_record = |log: &mut lb_userspace::dataplane::EventLogger,
+                             want: Option<String>| {
+        match want {
+            Some(line) => {
+                assert_eq!(log.pump(), 1, "one record for {line:?}");
+                assert_eq!(lines.try_recv().expect("the record's line"), line);
+            }
+            None => assert_eq!(log.pump(), 0, "no record"),
+        }
+        assert!(lines.try_recv().is_err(), "nothing else");
+    };
+    for (pkt, want) in cases.drain(..) {
+        let (verdict, _) = check(&mut on, &mut off, &pkt);
+        if want.as_deref().is_some_and(|w| w.starts_with("drop")) {
+            assert_eq!(verdict, XDP_DROP);
+        }
+        assert_eq!(off_log.pump(), 0, "the log is off");
+        expect_record(&mut on_log, want);
+    }
+
+    // Fill the one set with 16 new flows, age one, and a 17th evicts it.
+    let syn = |port: u16| Packet::tcp(CLIENT4, v4_dsr.addr, port, 80, TCP_SYN).build();
+    for port in 41000..41016 {
+        check(&mut on, &mut off, &syn(port));
+        expect_record(&mut on_log, None);
+    }
+    let aged = 41005;
+    for dp in [&mut on, &mut off] {
+        let key = fx::flow_key(CLIENT4, v4_dsr.addr, aged, 80, PROTO_TCP);
+        let mut e = dp.conntrack_get(&key).unwrap().expect("tracked");
+        e.last_seen = e.last_seen.wrapping_sub(100);
+        dp.conntrack_insert(&key, &e).unwrap();
+    }
+    check(&mut on, &mut off, &syn(41016));
+    assert_eq!(off_log.pump(), 0, "the log is off");
+    expect_record(
+        &mut on_log,
+        Some(format!(
+            "ct-evict           proto=6 192.0.2.10:{aged} -> 10.0.0.1:80 vip={} node={}",
+            v4_dsr.index,
+            owner(&v4_dsr, CLIENT4, aged)
+        )),
+    );
+    let (a, b) = (off.counters().unwrap(), on.counters().unwrap());
+    assert_eq!((a.stats, a.drops), (b.stats, b.drops), "the same counters");
+
+    // Off again: drops write nothing.
+    on.set_event_log(false).unwrap();
+    let noaddr = Packet::tcp(CLIENT4, fx::VIP4_NOADDR, 40000, 80, TCP_ACK).build();
+    assert_eq!(on.test_run(&noaddr).unwrap().0, XDP_DROP);
+    expect_record(&mut on_log, None);
+}
