@@ -132,6 +132,8 @@ pub struct Daemon {
     api: Option<mpsc::Receiver<Call>>,
     /// The API and metrics servers (stopped when dropped).
     _servers: Vec<Server>,
+    /// The task moving the program's event records into the log.
+    _events: Option<Server>,
 }
 
 impl Daemon {
@@ -196,6 +198,12 @@ impl Daemon {
             )
         })?;
         dp.set_config(&global_config(&cfg)?)?;
+        // The program's event log (off until `lb trace --live` asks): records are pumped from
+        // its ring buffer into the log by a task of their own.
+        let events = match dp.take_event_logger() {
+            Some(logger) => Some(pump_events(logger)?),
+            None => None,
+        };
 
         let adopted = adopted(&dp)?;
         let (ctl, plan) = Controller::start(&cfg, state.as_ref(), &adopted).with_context(|| {
@@ -283,6 +291,7 @@ impl Daemon {
             route_moves: BTreeMap::new(),
             api: Some(api_rx),
             _servers: servers,
+            _events: events,
         };
         d.sync_checks();
         d.execute(&plan, None)
@@ -376,6 +385,8 @@ impl Daemon {
         let mut calls: Vec<Call> = Vec::new();
         // Start a conntrack scan at the end of this round (if none is running).
         let mut scan_now = false;
+        // `lb trace --live` clients: the event log is on while there is at least one.
+        let mut watchers = crate::livelog::watch_subscribers();
         println!("lb: ready");
         loop {
             let mut inputs: Vec<Input> = Vec::new();
@@ -404,6 +415,15 @@ impl Daemon {
                     self.ct = res.counts;
                 }
                 _ = maintenance.tick() => scan_now = true,
+                Ok(()) = watchers.changed() => {
+                    let on = *watchers.borrow_and_update() > 0;
+                    if on != self.dp.event_log() {
+                        match self.dp.set_event_log(on) {
+                            Ok(()) => info!("data-plane event log {}", if on { "on" } else { "off" }),
+                            Err(e) => error!("switching the data-plane event log: {e}"),
+                        }
+                    }
+                }
             }
             // Time is read before the socket is drained: every heartbeat that arrived before
             // `now` is then read and counted before any deadline is judged at `now`.
@@ -772,6 +792,20 @@ async fn readable(
         Some(s) => s.readable().await.map(Some),
         None => std::future::pending().await,
     }
+}
+
+/// Moves the program's event records from their ring buffer into the log (and so to
+/// `lb trace --live`) whenever it is readable; stopped when dropped.
+fn pump_events(logger: crate::livelog::EventLogger) -> Result<Server> {
+    // SAFETY: the AsyncFd owns the logger, so its descriptor outlives the registration.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .context("registering the event log's ring buffer")?;
+    Ok(Server::spawn(async move {
+        while let Ok(mut ready) = fd.readable_mut().await {
+            ready.get_inner_mut().pump();
+            ready.clear_ready();
+        }
+    }))
 }
 
 /// The next API request (never, without a server).

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     api::{ApiError, ApplyQuery, ForceQuery, NodeAdd, TraceQuery, VipAdd, WeightBody},
-    observe,
+    livelog, observe,
 };
 
 /// One API request, as the daemon's loop sees it.
@@ -287,10 +287,32 @@ pub fn api_router(tx: Calls) -> Router {
                 }
             }),
         )
+        .route("/v1/trace/live", get(live_events))
         .fallback(|| async {
             Fail::not_found("no such endpoint (docs/api.md lists them)").into_response()
         })
         .with_state(tx)
+}
+
+/// `GET /v1/trace/live`: the data plane's rare events, one line each, while the client stays.
+/// Holding a subscription switches the program's event log on (the loop watches the count);
+/// the stream ends when the client goes (hyper drops the body at its next write).
+async fn live_events() -> Response {
+    use tokio::sync::broadcast::error::RecvError;
+    let sub = livelog::subscribe();
+    let lines = futures_util::stream::unfold(sub, |mut sub| async move {
+        let line = match sub.recv().await {
+            Ok(line) => format!("{line}\n"),
+            Err(RecvError::Lagged(n)) => format!("({n} events lost: the reader fell behind)\n"),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(line), sub))
+    });
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 /// `/metrics` (Prometheus text) and `/` (the status page), both from one observation.
@@ -353,12 +375,11 @@ pub fn bind_api(path: &Path) -> Result<tokio::net::UnixListener> {
 
 /// Serves the API on `listener` until the task is aborted.
 pub fn spawn_api(listener: tokio::net::UnixListener, tx: Calls, path: PathBuf) -> Server {
-    let task = tokio::spawn(async move {
+    Server::spawn(async move {
         if let Err(e) = axum::serve(listener, api_router(tx)).await {
             tracing::error!("API socket {}: {e}", path.display());
         }
-    });
-    Server { task }
+    })
 }
 
 /// Binds the metrics address.
@@ -373,17 +394,25 @@ pub fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 
 /// Serves `/metrics` and `/` on `listener` until the task is aborted.
 pub fn spawn_metrics(listener: tokio::net::TcpListener, tx: Calls) -> Server {
-    let task = tokio::spawn(async move {
+    Server::spawn(async move {
         if let Err(e) = axum::serve(listener, metrics_router(tx)).await {
             tracing::error!("metrics server: {e}");
         }
-    });
-    Server { task }
+    })
 }
 
 /// A running server task, stopped when dropped.
 pub struct Server {
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Runs `f` as a task owned by the returned value.
+    pub fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Self {
+            task: tokio::spawn(f),
+        }
+    }
 }
 
 impl Drop for Server {

@@ -248,3 +248,74 @@ fn runtime_changes_survive_a_restart_unless_the_file_changed() {
         "no log line about dropped runtime changes"
     );
 }
+
+/// `lb trace --live`: while it runs, the program's event log is on and a dropped packet shows
+/// up as a line naming the drop reason and the flow; when it goes, the log is switched off.
+#[test]
+fn trace_live_streams_drops_while_it_runs() {
+    let lab = Lab::new(1).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "tcp", ROUTES, "").unwrap();
+    // No agent: every route is unowned, so a SYN to the VIP is dropped (no_backend).
+    let (_daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let mut live = std::process::Command::new(lb_binary().unwrap())
+        .args(["trace", "--live", "--socket"])
+        .arg(setup.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = live.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("[live] {l}");
+            let _ = tx.send(l);
+        }
+    });
+    let wait_log = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.since(0).iter().any(|l| l.contains(what)) {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never logged {what:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_log("data-plane event log on");
+    // A connection attempt from the client: its SYNs are dropped.
+    let syn = |lab: &Lab| {
+        lab.client
+            .ns
+            .spawn(|| {
+                let to = std::net::SocketAddr::from((VIP, PORT));
+                let _ = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(150));
+                Ok(())
+            })
+            .join()
+            .unwrap()
+            .unwrap()
+    };
+    syn(&lab);
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no event line");
+    assert!(line.contains("drop NoBackend"), "{line}");
+    assert!(line.contains(&format!("-> {VIP}:{PORT}")), "{line}");
+    assert!(line.contains(&lab.client.ip.to_string()), "{line}");
+    // The watcher leaves: the log goes off (noticed at the next event's write).
+    live.kill().unwrap();
+    let _ = live.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !log
+        .since(0)
+        .iter()
+        .any(|l| l.contains("data-plane event log off"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the event log stayed on after the client left"
+        );
+        syn(&lab);
+    }
+}
