@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod ct;
+pub mod decide;
 pub mod hash;
 
 pub use hash::{

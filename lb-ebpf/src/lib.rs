@@ -4,7 +4,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 
 pub mod csum;
-pub mod decide;
+pub use lb_common::decide;
 pub mod encap;
 pub mod evlog;
 pub mod parse;

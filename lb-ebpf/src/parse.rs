@@ -46,10 +46,7 @@ pub mod ipv6 {
 pub mod tcp {
     pub const DOFF: usize = 12;
     pub const FLAGS: usize = 13;
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
+    pub use lb_common::decide::tcp_flags::{ACK, FIN, RST, SYN};
 }
 
 pub const PROTO_IPIP: u8 = 4;

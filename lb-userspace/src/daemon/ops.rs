@@ -8,7 +8,10 @@ use std::{
     time::Instant,
 };
 
-use lb_common::{CT_F_FIN, CT_F_RST, DropReason, FlowKey, STAT_COUNT, VipKey};
+use lb_common::{
+    CT_F_FIN, CT_F_RST, DropReason, FlowKey, STAT_COUNT, VipKey,
+    decide::{self, CtAction, FlowKind},
+};
 
 use super::*;
 use crate::{
@@ -33,14 +36,13 @@ pub const EVENT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_evict",
 ];
 
-/// Snake-case name of a drop reason.
+/// Snake-case name of a drop reason (`no_backend`), as the API and metrics label it.
 pub fn drop_name(i: u32) -> String {
     let Some(r) = DropReason::from_index(i) else {
         return format!("reason_{i}");
     };
-    let camel = format!("{r:?}");
     let mut out = String::new();
-    for (n, c) in camel.chars().enumerate() {
+    for (n, c) in r.name().chars().enumerate() {
         if c.is_ascii_uppercase() {
             if n > 0 {
                 out.push('_');
@@ -577,8 +579,16 @@ impl Daemon {
         let owner = v.table.owner(route);
         let moved = v.moved.contains(route);
         let ct = self.dp.conntrack_get(&key).map_err(kernel)?;
-        let state_of = |id: u32| self.ctl.node(id).map(|n| n.state);
-        let live = |id: u32| matches!(state_of(id), Some(NodeState::Active | NodeState::Draining));
+        let kstate = |id: u32| {
+            self.ctl.node(id).map_or(lb_common::NODE_DOWN, |n| {
+                crate::controller::kernel_state(n.state)
+            })
+        };
+        let state_name = |id: u32| {
+            self.ctl
+                .node(id)
+                .map_or("unknown".into(), |n| n.state.to_string())
+        };
         let coarse = coarse_now();
         let tracked = ct.map(|e| api::TrackedFlow {
             node: e.node,
@@ -586,45 +596,59 @@ impl Daemon {
                 / 1_000_000_000,
             closing: e.flags & (CT_F_FIN | CT_F_RST) != 0,
         });
-        let looked_up = proto == lb_common::PROTO_UDP || moved;
-        let owner_state = owner.and_then(state_of);
-        let (node, why) = match (looked_up, &tracked) {
-            (true, Some(t)) if live(t.node) => (
-                Some(t.node),
-                format!(
-                    "route {route} {}; the flow is tracked on node {} ({}): it stays there",
-                    if moved { "moved" } else { "is UDP-tracked" },
-                    t.node,
-                    state_of(t.node).map_or("?".into(), |s| s.to_string())
-                ),
-            ),
-            _ => match (owner, owner_state) {
-                (Some(o), Some(NodeState::Active)) => (
-                    Some(o),
-                    format!(
-                        "route {route} is owned by node {o} (active){}",
-                        if looked_up && tracked.is_none() {
-                            "; the flow is not tracked"
-                        } else if tracked.is_some() && looked_up {
-                            "; its tracked node is down, so it is re-routed"
-                        } else {
-                            ""
-                        }
-                    ),
-                ),
-                (Some(o), Some(NodeState::Draining)) => (
-                    Some(o),
-                    format!(
-                        "route {route} is owned by node {o} (draining): established packets go \
-                         there, a new connection is dropped"
-                    ),
-                ),
-                _ => (
-                    None,
-                    format!("route {route} has no live owner: dropped (no_backend)"),
-                ),
-            },
+        // The program's own decision function, for an established packet of the flow and for
+        // a new connection (TCP SYN).
+        let kind = if proto == lb_common::PROTO_UDP {
+            FlowKind::Udp
+        } else {
+            FlowKind::tcp(decide::tcp_flags::ACK)
         };
+        let owner_id = owner.unwrap_or(lb_common::NODE_NONE);
+        let owner_state = kstate(owner_id);
+        let looked_up = decide::needs_lookup(kind, moved);
+        let hit = looked_up
+            .then(|| ct.map(|e| (e.node, kstate(e.node))))
+            .flatten();
+        let established = decide::choose(kind, owner_id, owner_state, looked_up, hit);
+        let mut why = match (&established, moved) {
+            (_, true) => format!("route {route} moved (flows on it are looked up in conntrack); "),
+            (_, false) => format!("route {route}; "),
+        };
+        match &established {
+            Ok(c) if c.ct == CtAction::Refresh => {
+                why += &format!(
+                    "the flow is tracked on node {} ({}): it stays there",
+                    c.node,
+                    state_name(c.node)
+                )
+            }
+            Ok(c) if c.ct == CtAction::Rewrite => {
+                why += &format!(
+                    "the flow was tracked on node {}, which is down: re-routed to the owner, node {} ({})",
+                    hit.map_or(0, |h| h.0),
+                    c.node,
+                    state_name(c.node)
+                )
+            }
+            Ok(c) => why += &format!("owned by node {} ({})", c.node, state_name(c.node)),
+            Err(reason) => {
+                why += &format!(
+                    "owner {}: dropped ({})",
+                    owner.map_or("none".into(), |o| format!("node {o} ({})", state_name(o))),
+                    drop_name(*reason as u32)
+                )
+            }
+        }
+        if proto == lb_common::PROTO_TCP {
+            match decide::choose(FlowKind::Syn, owner_id, owner_state, false, None) {
+                Ok(c) if established.as_ref().is_ok_and(|e| e.node == c.node) => {}
+                Ok(c) => why += &format!("; a new connection goes to node {}", c.node),
+                Err(r) => {
+                    why += &format!("; a new connection is dropped ({})", drop_name(r as u32))
+                }
+            }
+        }
+        let node = established.ok().map(|c| c.node);
         Ok(api::Trace {
             vip: dataplane::vip_display(&v.spec.key),
             route,

@@ -1,7 +1,15 @@
 //! Node choice (docs/dataplane.md step 9) as a pure function: which node a packet goes to,
 //! what happens to its `CONNTRACK` entry, and which `Stat` events it counts. The program does
-//! the map lookups this asks for and applies the result.
-use lb_common::{CT_F_FIN, CT_F_RST, DropReason, NODE_ACTIVE, NODE_DRAINING, Stat};
+//! the map lookups this asks for and applies the result; `lb trace` asks the same function.
+use crate::{CT_F_FIN, CT_F_RST, DropReason, NODE_ACTIVE, NODE_DRAINING, Stat};
+
+/// TCP flag bits (byte 13 of the header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
 
 /// What kind of packet is being routed, as far as node choice cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +30,7 @@ impl FlowKind {
     /// The kind of a TCP packet from its flags byte.
     #[inline(always)]
     pub const fn tcp(flags: u8) -> Self {
-        use crate::parse::tcp::{ACK, FIN, RST, SYN};
+        use tcp_flags::{ACK, FIN, RST, SYN};
         if flags & (SYN | ACK) == SYN {
             return FlowKind::Syn;
         }
@@ -139,7 +147,7 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::NODE_DOWN;
+    use crate::NODE_DOWN;
 
     const A: u8 = NODE_ACTIVE;
     const D: u8 = NODE_DRAINING;
