@@ -219,6 +219,7 @@ impl Daemon {
         socket: Option<&mut Receiver>,
         dry_run: bool,
     ) -> Result<Diff, Fail> {
+        let start = Instant::now();
         next.validate().map_err(|e| Fail::bad(format!("{e:#}")))?;
         let mut changes = config_diff(&self.cfg, &next);
         let mut ctl = self.ctl.clone();
@@ -250,11 +251,19 @@ impl Daemon {
                 "writing the change to the kernel: {e:#} (everything is written again next round)"
             )));
         }
+        let live = start.elapsed();
         for line in &changes {
             info!("configuration: {line}");
         }
         self.save_running()
             .map_err(|e| Fail::internal(format!("{e:#}")))?;
+        let saved = start.elapsed();
+        if live > SLOW_BATCH {
+            warn!(
+                "a configuration change took {live:?} to reach the kernel ({route_writes} route writes)"
+            );
+        }
+        tracing::debug!(?live, ?saved, route_writes, "configuration change applied");
         Ok(Diff {
             changes,
             route_writes,
