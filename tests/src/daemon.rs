@@ -185,6 +185,14 @@ impl DaemonSetup {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Node `id` as `lb node list --json` shows it.
+    pub fn node_json(&self, id: u32) -> Result<serde_json::Value> {
+        self.cli_json(&["node", "list"])?
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["id"] == id).cloned())
+            .with_context(|| format!("node {id} is not listed"))
+    }
+
     /// [`DaemonSetup::cli_ok`] with `--json`, parsed.
     pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut a = args.to_vec();

@@ -50,15 +50,7 @@ fn new_connections(lab: &Lab, n: usize) -> Vec<u32> {
 }
 
 fn node_json(setup: &DaemonSetup, id: u32) -> serde_json::Value {
-    setup
-        .cli_json(&["node", "list"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == id)
-        .cloned()
-        .unwrap()
+    setup.node_json(id).unwrap()
 }
 
 /// The proof of drain: a real TCP connection held on node 2, `lb node drain 2 --wait`

@@ -111,15 +111,7 @@ impl Bed {
     }
 
     fn node(&self, id: u32) -> Value {
-        self.setup
-            .cli_json(&["node", "list"])
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("node {id} is not listed"))
+        self.setup.node_json(id).unwrap()
     }
 
     fn metrics_addr(&self) -> SocketAddr {
