@@ -88,14 +88,20 @@ pub struct Names {
 }
 
 impl Names {
+    /// `lb-lab`, or another name of lowercase letters and digits that starts with `lb` and
+    /// contains `lab` (the tests' `lbtlab`): no lab's `<name>-` prefix then covers another
+    /// lab's names, and `/run/<name>` is never a directory of someone else (`/run/lb`).
     pub fn new(name: &str) -> Result<Self> {
+        let plain = name.len() <= 24
+            && name.starts_with("lb")
+            && name.contains("lab")
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         ensure!(
-            !name.is_empty()
-                && name.len() <= 24
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-            "lab name {name:?}: use up to 24 letters, digits, '-' and '_'"
+            name == DEFAULT_NAME || plain,
+            "lab name {name:?}: use {DEFAULT_NAME}, or up to 24 lowercase letters and digits \
+             starting with `lb` and containing `lab` (e.g. lbtlab)"
         );
         Ok(Self { name: name.into() })
     }
@@ -319,6 +325,7 @@ fn up_foreground(spec: &Spec) -> Result<()> {
 /// daemon child in foreground mode.
 fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
     let n = &spec.names;
+    ensure_bpffs()?;
     for d in [n.run_dir(), n.pid_dir(), n.log_dir(), n.state_dir()] {
         fs::create_dir_all(&d).with_context(|| format!("mkdir {}", d.display()))?;
     }
@@ -1435,10 +1442,56 @@ pub fn udp_echo(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16, msg: &[u8]) -> 
     Ok(buf[..len].to_vec())
 }
 
+/// Mounts the BPF filesystem at /sys/fs/bpf unless it is there (the lab pins programs).
+fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        (f.nth(1), f.next()) == (Some("/sys/fs/bpf"), Some("bpf"))
+    }) {
+        return Ok(());
+    }
+    sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .map(|_| ())
+        .context("mounting bpffs at /sys/fs/bpf")
+}
+
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the lab needs root (network namespaces, BPF): run it as root");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_config_is_valid_for_any_node_count() {
+        let n = Names::new(DEFAULT_NAME).unwrap();
+        for nodes in [1, DEFAULT_NODES, MAX_NODES] {
+            for mode in ["native", "generic"] {
+                let text = lab_config(&n, nodes, mode);
+                let cfg = lb_userspace::config::Config::parse(&text, "lab config").unwrap();
+                assert_eq!((cfg.vips.len(), cfg.nodes.len()), (4, nodes));
+                assert_eq!(cfg.daemon.instance, "lb-lab");
+            }
+        }
+        // Node addresses stay clear of the client's extra sources and the router.
+        assert!(node_ip(MAX_NODES) < CLIENT_EXTRA[0]);
+    }
+
+    #[test]
+    fn lab_names_never_cover_each_other() {
+        for ok in ["lb-lab", "lbtlab", "lblab2"] {
+            assert!(Names::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "lb", "lb-lab-x", "lab", "lb_lab", "LBLAB", "systemd", "lb-lab/x", "",
+        ] {
+            assert!(Names::new(bad).is_err(), "{bad}");
+        }
+    }
 }
