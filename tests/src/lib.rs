@@ -4,6 +4,7 @@ pub mod cli;
 pub mod daemon;
 pub mod echo;
 pub mod fixture;
+pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod scale;

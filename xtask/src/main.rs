@@ -32,13 +32,22 @@ enum Task {
     Setup(SetupArgs),
     /// Build the eBPF programs and the `lb` binary (release).
     Build(SetupArgs),
-    /// Build everything, then run `lb run ARGS` (root): attach the balancer to a NIC.
+    /// Build everything, then run the balancer (root). Without arguments: in the lab (network
+    /// namespaces on this machine: a client, the balancer, 3 nodes), until Ctrl-C, which also
+    /// removes the lab. With arguments: `lb run ARGS` on a real NIC.
     Run {
         #[command(flatten)]
         setup: SetupArgs,
-        /// Arguments for `lb run`, e.g. `--iface eth0 --config lb.toml`.
+        /// Arguments for `lb run`, e.g. `--iface eth0 --config lb.toml`; none: the lab.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// The lab, kept running in the background: `up`, `down`, `status` (root).
+    Lab {
+        #[command(flatten)]
+        setup: SetupArgs,
+        #[command(subcommand)]
+        action: LabAction,
     },
     /// Setup, fmt check, clippy (all crates), host unit tests, then the root-only suites.
     Test {
@@ -58,6 +67,28 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Create the lab and start the balancer, agents and servers in it; prints how to reach
+    /// the VIPs and which `lb` commands to try.
+    Up {
+        /// Nodes behind the balancer.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// `auto` (native XDP where the veths allow it) or `generic`.
+        #[arg(long, default_value = "auto")]
+        xdp: String,
+        /// Keep the balancer in the foreground until Ctrl-C, then remove the lab (what
+        /// `cargo xtask run` without arguments does).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Remove everything of the lab, also after a crash.
+    Down,
+    /// Namespaces, processes and the balancer's status.
+    Status,
 }
 
 #[derive(clap::Args, Clone)]
@@ -91,10 +122,44 @@ fn real_main() -> Result<()> {
         Task::Run { setup: s, args } => {
             setup(&root, &s)?;
             require_root("cargo xtask run")?;
+            if args.is_empty() {
+                build_lab(&root)?;
+                return lab_foreground(&root, &["up".into(), "--foreground".into()]);
+            }
             build(&root)?;
-            let lb = root.join("target/release/lb");
+            let lb = target_dir(&root).join("release/lb");
             let err = Command::new(&lb).arg("run").args(&args).exec();
             Err(err).with_context(|| format!("exec {}", lb.display()))
+        }
+        Task::Lab { setup: s, action } => {
+            setup(&root, &s)?;
+            require_root("cargo xtask lab")?;
+            build_lab(&root)?;
+            let args: Vec<OsString> = match action {
+                LabAction::Up {
+                    nodes,
+                    xdp,
+                    foreground,
+                } => {
+                    let mut a: Vec<OsString> = vec![
+                        "up".into(),
+                        "--nodes".into(),
+                        nodes.to_string().into(),
+                        "--xdp".into(),
+                        xdp.into(),
+                    ];
+                    if foreground {
+                        a.push("--foreground".into());
+                        return lab_foreground(&root, &a);
+                    }
+                    a
+                }
+                LabAction::Down => vec!["down".into()],
+                LabAction::Status => vec!["status".into()],
+            };
+            let lab = target_dir(&root).join("release/lb-lab");
+            let err = Command::new(&lab).args(&args).exec();
+            Err(err).with_context(|| format!("exec {}", lab.display()))
         }
         Task::Test { setup: s, only } => test(&root, &s, only.as_deref()),
         Task::Bench {
@@ -371,6 +436,66 @@ fn build(root: &Path) -> Result<()> {
         .status_ok("cargo build")
 }
 
+/// `lb` and the lab's `lb-lab` (release).
+fn build_lab(root: &Path) -> Result<()> {
+    cargo(root)
+        .args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests"])
+        .args(["--bin", "lb", "--bin", "lb-lab"])
+        .status_ok("cargo build (lb, lb-lab)")
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn note_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Runs `lb-lab ARGS` (a foreground lab) and waits for it. Ctrl-C reaches it and us: it stops
+/// the balancer and removes the lab; we only wait (a handler, not SIG_IGN, so the child gets
+/// the default disposition back). Should it die of a signal, the lab is removed here.
+fn lab_foreground(root: &Path, args: &[OsString]) -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = note_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    let lab = target_dir(root).join("release/lb-lab");
+    let mut child = Command::new(&lab)
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", lab.display()))?;
+    let mut forwarded = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().context("waiting for lb-lab")? {
+            break st;
+        }
+        // A SIGTERM or SIGHUP sent to xtask alone: pass it on.
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) && !forwarded {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            forwarded = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if status.success() {
+        return Ok(());
+    }
+    if status.code().is_none() {
+        eprintln!("xtask: lb-lab died ({status}): removing the lab");
+        Command::new(&lab).arg("down").status_ok("lb-lab down")?;
+    }
+    bail!("lb-lab failed ({status})")
+}
+
 fn test(root: &Path, args: &SetupArgs, only: Option<&str>) -> Result<()> {
     setup(root, args)?;
     require_root("cargo xtask test (the kernel suites)")?;
@@ -433,10 +558,9 @@ fn test(root: &Path, args: &SetupArgs, only: Option<&str>) -> Result<()> {
         .status_ok("lb-ebpf host unit tests")?;
 
     step("kernel suites (root: BPF_PROG_TEST_RUN fixtures, namespaces)");
-    // The namespace suites run the real `lb` binary (daemon and agents).
-    cargo(root)
-        .args(["build", "--release", "-p", "lb-userspace", "--bins"])
-        .status_ok("building lb")?;
+    // The namespace suites run the real `lb` binary (daemon and agents); `lab_e2e` runs the
+    // lab's `lb-lab`.
+    build_lab(root)?;
     let mut c = cargo(root);
     c.args(["test", "--release", "-p", "lb-tests"]);
     if let Some(only) = only {
