@@ -169,7 +169,13 @@ impl Daemon {
             running::load(&state_dir)?
         };
         let saved_mode = saved.as_ref().and_then(|r| r.xdp_mode.clone());
-        let (cfg, source_sha256, note) = running::choose(file, saved);
+        let file_daemon = file.as_ref().map(|(c, _)| c.daemon.clone());
+        let (mut cfg, source_sha256, note) = running::choose(file, saved);
+        // Restart-only settings come from the file at every start (at runtime they keep their
+        // running value; a restart is when they change).
+        if let Some(d) = file_daemon {
+            ops::keep_restart_only(&d, &mut cfg.daemon);
+        }
         if let Some(note) = note {
             warn!("{note}");
         }

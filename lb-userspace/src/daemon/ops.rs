@@ -220,6 +220,10 @@ impl Daemon {
         dry_run: bool,
     ) -> Result<Diff, Fail> {
         let start = Instant::now();
+        let mut next = next;
+        // What only a restart changes keeps its running value (so the running configuration
+        // says what runs); the diff names it.
+        let later = keep_restart_only(&self.cfg.daemon, &mut next.daemon);
         next.validate().map_err(|e| Fail::bad(format!("{e:#}")))?;
         let mut changes = config_diff(&self.cfg, &next);
         let mut ctl = self.ctl.clone();
@@ -227,15 +231,15 @@ impl Daemon {
             .configure(&next)
             .map_err(|e| Fail::conflict(e.to_string()))?;
         let route_writes = plan.route_writes() as u64;
+        changes.extend(later.iter().map(|what| {
+            format!("! daemon.{what} differs: it changes at the next restart (the running value is kept)")
+        }));
         if dry_run || changes.is_empty() {
             return Ok(Diff {
                 changes,
                 route_writes,
                 applied: false,
             });
-        }
-        for line in self.restart_only(&next) {
-            changes.push(line);
         }
         // The global settings first: if they cannot be written, nothing else has changed.
         let globals = global_config(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
@@ -269,36 +273,6 @@ impl Daemon {
             route_writes,
             applied: true,
         })
-    }
-
-    /// Settings that only a restart changes, named in the diff when they differ.
-    fn restart_only(&self, next: &Config) -> Vec<String> {
-        let (old, new) = (&self.cfg.daemon, &next.daemon);
-        let same = [
-            ("instance", old.instance == new.instance),
-            (
-                "heartbeat_listen",
-                old.heartbeat_listen == new.heartbeat_listen,
-            ),
-            (
-                "heartbeat_group",
-                old.heartbeat_group == new.heartbeat_group,
-            ),
-            ("key_file", old.key_file == new.key_file),
-            ("xdp_mode", old.xdp_mode == new.xdp_mode),
-            ("route_slots", old.route_slots == new.route_slots),
-            ("conntrack_size", old.conntrack_size == new.conntrack_size),
-            ("api_socket", old.api_socket == new.api_socket),
-            ("metrics_listen", old.metrics_listen == new.metrics_listen),
-        ];
-        same.iter()
-            .filter(|(_, same)| !same)
-            .map(|(what, _)| {
-                let line = format!("! daemon.{what} changed: it takes effect at the next restart");
-                warn!("{line}");
-                line
-            })
-            .collect()
     }
 
     /// The running configuration and the state, on disk before the change is answered.
@@ -691,6 +665,35 @@ impl Daemon {
     }
 }
 
+/// Copies into `next` the settings of `running` that only a restart can change (the socket,
+/// the maps, the attach mode, the servers' addresses); returns the names of those that differed.
+pub fn keep_restart_only(
+    running: &config::DaemonConfig,
+    next: &mut config::DaemonConfig,
+) -> Vec<&'static str> {
+    let mut differ = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if running.$field != next.$field {
+                differ.push(stringify!($field));
+                next.$field = running.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        instance,
+        heartbeat_listen,
+        heartbeat_group,
+        key_file,
+        xdp_mode,
+        route_slots,
+        conntrack_size,
+        api_socket,
+        metrics_listen
+    );
+    differ
+}
+
 /// What the last conntrack scan counted.
 #[derive(Clone, Debug, Default)]
 pub struct CtCounts {
@@ -805,4 +808,37 @@ pub fn config_diff(old: &Config, new: &Config) -> Vec<String> {
     }
     out.extend(b.keys().map(|name| format!("+ vip {name}")));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `lb apply` / SIGHUP of a file with a new `route_slots`: the running value is kept (the
+    /// maps are sized at load) and the diff says it changes at the next restart.
+    #[test]
+    fn restart_only_settings_keep_their_running_value() {
+        let running = Config::default();
+        let mut next = Config::default();
+        next.daemon.route_slots *= 2;
+        next.daemon.miss_limit = 5;
+        let differ = keep_restart_only(&running.daemon, &mut next.daemon);
+        assert_eq!(differ, vec!["route_slots"]);
+        assert_eq!(next.daemon.route_slots, running.daemon.route_slots);
+        assert_eq!(next.daemon.miss_limit, 5, "live settings are applied");
+        assert_eq!(
+            config_diff(&running, &next),
+            vec!["~ daemon: miss_limit 3 -> 5".to_string()]
+        );
+    }
+
+    #[test]
+    fn drop_reasons_are_snake_case() {
+        assert_eq!(drop_name(DropReason::NoBackend as u32), "no_backend");
+        assert_eq!(
+            drop_name(DropReason::BadIpv4Header as u32),
+            "bad_ipv4_header"
+        );
+        assert_eq!(drop_name(99), "reason_99");
+    }
 }
