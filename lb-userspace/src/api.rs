@@ -115,6 +115,8 @@ pub struct ConntrackStatus {
     pub capacity: u64,
     /// Entries in use at the last scan (every 2 s).
     pub entries: u64,
+    /// Scans done since the daemon started.
+    pub scans: u64,
     /// Entries of open flows (not closed, not idle past `flow_idle_timeout`).
     pub open_flows: u64,
     /// New flows that took the place of a tracked one in a full set.

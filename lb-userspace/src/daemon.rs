@@ -126,6 +126,8 @@ pub struct Daemon {
     ct: ops::CtCounts,
     /// Bumped by every configuration change; a scan records the value it started at.
     change_seq: u64,
+    /// Conntrack scans completed.
+    ct_scans: u64,
     /// Routes moved since start, by reason.
     route_moves: BTreeMap<&'static str, u64>,
     /// API requests (the servers' side of the channel).
@@ -294,6 +296,7 @@ impl Daemon {
             program_id: None,
             ct: ops::CtCounts::default(),
             change_seq: 0,
+            ct_scans: 0,
             route_moves: BTreeMap::new(),
             api: Some(api_rx),
             _servers: servers,
@@ -419,6 +422,7 @@ impl Daemon {
                     ct_view = Some(res.table);
                     inputs.extend(res.settled);
                     self.ct = res.counts;
+                    self.ct_scans += 1;
                 }
                 _ = maintenance.tick() => scan_now = true,
                 Ok(()) = watchers.changed() => {
@@ -736,6 +740,7 @@ impl Daemon {
             .collect();
         ScanJob {
             table,
+            all: self.ctl.vips().map(|v| v.spec.key).collect(),
             seq: self.change_seq,
             vips,
             idle: (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32,
@@ -939,6 +944,8 @@ struct ScanVip {
 /// whose previous owners no longer have tracked flows.
 struct ScanJob {
     table: CtTable,
+    /// Every VIP (a flow belongs to the VIP of its port, else to its address's all-ports VIP).
+    all: BTreeSet<VipKey>,
     /// The daemon's change sequence when the scan started.
     seq: u64,
     vips: Vec<ScanVip>,
@@ -976,7 +983,8 @@ impl ScanJob {
                 continue;
             }
             counts.count(&ct);
-            let Some(&i) = by_key.get(&vip_of(&key)) else {
+            let Some(&i) = flow_vip(&key, |k| self.all.contains(k)).and_then(|k| by_key.get(&k))
+            else {
                 continue;
             };
             let v = &self.vips[i];
@@ -1016,14 +1024,17 @@ fn expired(ct: &CtEntry, now: u32, idle: u32) -> bool {
     age > idle || (ct.flags & (lb_common::CT_F_FIN | lb_common::CT_F_RST) != 0 && age > 10)
 }
 
-/// The VIP a tracked flow belongs to.
-fn vip_of(key: &FlowKey) -> VipKey {
-    VipKey {
+/// The VIP a flow belongs to, as the program finds it: the VIP of its destination port, else
+/// the all-ports VIP (port 0) of its address; `has` says which VIPs exist.
+pub fn flow_vip(key: &FlowKey, has: impl Fn(&VipKey) -> bool) -> Option<VipKey> {
+    let exact = VipKey {
         addr: key.dst,
         port: key.dport,
         proto: key.proto,
         family: key.family,
-    }
+    };
+    let any_port = VipKey { port: 0, ..exact };
+    [exact, any_port].into_iter().find(|k| has(k))
 }
 
 /// Route ID of a tracked flow, as the kernel computes it.

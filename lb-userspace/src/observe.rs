@@ -1223,6 +1223,7 @@ mod tests {
             conntrack: ConntrackStatus {
                 capacity: 1 << 20,
                 entries: 1000,
+                scans: 12,
                 open_flows: 800,
                 evictions: 6,
                 inserts: 90_000,

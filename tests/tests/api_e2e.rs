@@ -311,3 +311,52 @@ fn trace_live_streams_drops_while_it_runs() {
         syn(&lab);
     }
 }
+
+/// Issue 10's all-ports defect: the conntrack scan looked tracked flows up by their real port,
+/// missed the port-0 VIP and cleared its moved flags within a scan or two, so a connection on
+/// a drained node's route was then sent to the new owner and reset. A held connection on a
+/// port-0 VIP now keeps its node across scans after a drain.
+#[test]
+fn all_ports_vip_flows_keep_their_node_after_a_drain() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, 0, "tcp", ROUTES, "").unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let key = vip_key(VIP.into(), 0, lb_common::PROTO_TCP);
+    let _a1 = setup.agent(&lab, 1, "100ms").unwrap();
+    let _a2 = setup.agent(&lab, 2, "100ms").unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
+        })
+        .unwrap();
+    let _servers =
+        EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], PORT).unwrap();
+    let mut held = connection_to(&lab, 2);
+    setup.cli_ok(&["node", "drain", "2"]).unwrap();
+    let scans = |s: &DaemonSetup| {
+        s.cli_json(&["status"]).unwrap()["conntrack"]["scans"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = scans(&setup);
+    // Three scans after the drain: each would have cleared the moved flags under the defect.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while scans(&setup) < first + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the conntrack scan did not run 3 times in 15 s"
+        );
+        assert_eq!(held.ask().unwrap(), 2, "the held connection left node 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let vips = setup.cli_json(&["vip", "list"]).unwrap();
+    assert!(
+        vips[0]["moved"].as_u64().unwrap() > 0,
+        "the drained node's routes lost their moved flags while a flow still needs them: {vips}"
+    );
+    for _ in 0..5 {
+        assert_eq!(held.ask().unwrap(), 2);
+    }
+    assert_eq!(setup.node_json(2).unwrap()["flows"], 1);
+}

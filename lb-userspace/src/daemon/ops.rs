@@ -351,6 +351,7 @@ impl Daemon {
             conntrack: ConntrackStatus {
                 capacity: u64::from(self.cfg.daemon.conntrack_size),
                 entries: self.ct.entries,
+                scans: self.ct_scans,
                 open_flows: self.ct.open,
                 evictions: stat(lb_common::Stat::CtEvict),
                 inserts: stat(lb_common::Stat::CtInsert),
@@ -537,27 +538,23 @@ impl Daemon {
                 "source and destination are of different families",
             ));
         }
-        let exact = dataplane::vip_key(dst.ip(), dst.port(), proto);
-        let any_port = dataplane::vip_key(dst.ip(), 0, proto);
-        let v = self
-            .ctl
-            .vip(&exact)
-            .or_else(|| self.ctl.vip(&any_port))
-            .ok_or_else(|| {
-                unknown_vip(&format!("{dst}/{}", q.proto))
-                    .hint("a packet to it is passed to the host untouched")
-            })?;
         let (s, family) = dataplane::ip_bytes(src.ip());
         let (d, _) = dataplane::ip_bytes(dst.ip());
         let key = FlowKey {
             src: s,
             dst: d,
             sport: src.port().to_be(),
-            dport: v.spec.key.port,
+            dport: dst.port().to_be(),
             proto,
             family,
             ..Default::default()
         };
+        let v = flow_vip(&key, |k| self.ctl.vip(k).is_some())
+            .and_then(|k| self.ctl.vip(&k))
+            .ok_or_else(|| {
+                unknown_vip(&format!("{dst}/{}", q.proto))
+                    .hint("a packet to it is passed to the host untouched")
+            })?;
         let route = flow_route(v.spec.hash, v.table.route_count(), &key);
         let owner = v.table.owner(route);
         let moved = v.moved.contains(route);
