@@ -175,6 +175,69 @@ pub fn ct_find_in(set: &CtSet, key: &CtKey, tag: u32, ways: usize) -> Option<usi
     None
 }
 
+/// The flow's entry, copied once and checked as copied: the entry and check word of a way
+/// whose tag matches are copied into `out` first, then the tag is read again, the key compared
+/// and the copied check verified over the copied entry. A store racing with the read (tag := 0,
+/// slot, check, tag) changes the tag or breaks the check, so what `out` holds on `true` is
+/// never another flow's entry (a check-then-copy could return the evicting flow's). The copy
+/// goes straight to `out`: the kernel's stack has no room for another.
+///
+/// # Safety
+/// `set` is valid for reads (a live `CONNTRACK` value or its mapping), `out` for writes.
+#[inline(always)]
+pub unsafe fn ct_get_in(
+    set: *const CtSet,
+    key: &CtKey,
+    tag: u32,
+    ways: usize,
+    out: *mut CtEntry,
+) -> bool {
+    // SAFETY: per the contract.
+    unsafe { ct_get_with(set, key, tag, ways, out, |_| {}) }
+}
+
+/// [`ct_get_in`] with `between(way)` run after the copy and before the checks (tests interleave
+/// a store there).
+///
+/// # Safety
+/// As [`ct_get_in`].
+#[inline(always)]
+pub unsafe fn ct_get_with(
+    set: *const CtSet,
+    key: &CtKey,
+    tag: u32,
+    ways: usize,
+    out: *mut CtEntry,
+    mut between: impl FnMut(usize),
+) -> bool {
+    let mut i = 0;
+    while i < ways {
+        let w = i % CT_WAYS;
+        // SAFETY: per the contract; `w` is a way of the set. Volatile reads keep the copy
+        // before the checks (other CPUs write this memory concurrently).
+        unsafe {
+            let t = &raw const (*set).tags[w];
+            if t.read_volatile() == tag {
+                let s = &raw const (*set).slots[w];
+                (*out).node = (&raw const (*s).entry.node).read_volatile();
+                (*out).vip = (&raw const (*s).entry.vip).read_volatile();
+                (*out).last_seen = (&raw const (*s).entry.last_seen).read_volatile();
+                (*out).flags = (&raw const (*s).entry.flags).read_volatile();
+                let check = (&raw const (*s).check).read_volatile();
+                between(w);
+                if t.read_volatile() == tag
+                    && same_key(&(*s).key, key)
+                    && check == hash::ct_check(tag, (*out).node, (*out).vip)
+                {
+                    return true;
+                }
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
 /// [`ct_insert_way`] over the first `ways` ways, and whether the way holds another flow (an
 /// eviction). The free way is found in a second pass rather than remembered in the first: a
 /// carried index would multiply the verifier's states.
@@ -257,6 +320,49 @@ mod tests {
 
     use super::*;
     use crate::{FAMILY_V4, FAMILY_V6};
+
+    /// A store that evicts the flow while it is being read (between the copy and the checks)
+    /// yields no entry, never the evicting flow's.
+    #[test]
+    fn a_read_racing_an_eviction_never_returns_the_other_flow() {
+        let (ka, kb) = (ct_key(&key(1, FAMILY_V4)), ct_key(&key(2, FAMILY_V4)));
+        let (ta, tb) = (7, 9);
+        let a = CtEntry {
+            node: 1,
+            vip: 3,
+            last_seen: 10,
+            flags: 0,
+        };
+        let b = CtEntry { node: 2, ..a };
+        let mut set = CtSet::default();
+        let p = &raw mut set;
+        // SAFETY: `p` points at a live set for the whole test.
+        unsafe {
+            let get = move |between: &mut dyn FnMut(usize)| {
+                let mut out = CtEntry::default();
+                ct_get_with(p, &ka, ta, CT_WAYS, &mut out, between).then_some(out)
+            };
+            ct_store(p, 0, &ka, ta, &a);
+            assert_eq!(get(&mut |_| {}), Some(a));
+            // B takes A's way mid-read.
+            let got = get(&mut |w| ct_store(p, w, &kb, tb, &b));
+            assert_eq!(got, None);
+            // A is rewritten to another node after the copy: the read returns the flow's own
+            // entry as copied (consistent: its check word matched), the next read the new one.
+            ct_store(p, 0, &ka, ta, &a);
+            let got = get(&mut |w| ct_store(p, w, &ka, ta, &b));
+            assert_eq!(got, Some(a));
+            // A torn copy (node from one store, check word from another) is refused.
+            ct_store(p, 0, &ka, ta, &a);
+            (*p).slots[0].check = hash::ct_check(ta, b.node, b.vip);
+            assert_eq!(get(&mut |_| {}), None);
+            ct_store(p, 0, &ka, ta, &b);
+            assert_eq!(get(&mut |_| {}), Some(b));
+            // A half-done store (tag cleared) reads as absent.
+            let got = get(&mut |w| (*p).tags[w] = 0);
+            assert_eq!(got, None);
+        }
+    }
 
     fn key(n: u32, family: u8) -> FlowKey {
         let mut k = FlowKey {

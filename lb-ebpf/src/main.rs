@@ -36,8 +36,8 @@ use lb_common::{
     VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey,
     VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
-        CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_insert_way_in, ct_key_words,
-        ct_set_index, ct_store, ct_tag,
+        CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_get_in, ct_insert_way_in,
+        ct_key_words, ct_set_index, ct_store, ct_tag,
     },
     flow_hash_v4, flow_hash_v6,
     hash::filter_slot,
@@ -1083,15 +1083,7 @@ pub unsafe extern "C" fn lb_ct_get(
         return 0;
     }
     // SAFETY: non-null pointers to a live set, a key and an entry (the verifier checks sizes).
-    unsafe {
-        match ct_find_in(&*set, &*key, tag, ways.min(CT_WAYS)) {
-            Some(i) => {
-                *out = (*set).slots[i].entry;
-                1
-            }
-            None => 0,
-        }
-    }
+    unsafe { ct_get_in(set, &*key, tag, ways.min(CT_WAYS), out) as u32 }
 }
 
 /// Records `e` for the flow (`ct_store`): in its own way, else a free one, else the set's

@@ -7,7 +7,7 @@ use std::{io, os::fd::OwnedFd};
 use lb_common::{
     CtEntry, FlowKey,
     ct::{
-        CT_WAYS, CtSet, ct_find, ct_flow_key, ct_holds, ct_insert_way, ct_key, ct_key_tag,
+        CT_WAYS, CtSet, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key, ct_key_tag,
         ct_set_index, ct_store,
     },
 };
@@ -74,8 +74,9 @@ impl CtTable {
     /// One flow's entry.
     pub fn get(&self, key: &FlowKey) -> Option<CtEntry> {
         let (tag, i) = self.set_of(key);
-        let set = self.read(i);
-        ct_find(&set, &ct_key(key), tag).map(|w| set.slots[w].entry)
+        let mut out = CtEntry::default();
+        // SAFETY: set `i` lies inside the mapping; read as the kernel reads it.
+        unsafe { ct_get_in(self.set_ptr(i), &ct_key(key), tag, CT_WAYS, &mut out) }.then_some(out)
     }
 
     /// Forgets a flow; true if it was tracked.

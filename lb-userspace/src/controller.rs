@@ -29,7 +29,7 @@ use crate::{
     config::{self, Config},
     dataplane::{self, ForwardMode, HashMode, VipSpec},
     heartbeat::MoveReason,
-    membership::Event,
+    membership::{DownReason, Event},
     routes::{Move, NodeInfo, NodeState, RouteError, RouteTable},
     state::{self, NodeRecord, State, VipRecord},
 };
@@ -77,6 +77,8 @@ pub struct Node {
     pub admin_drain: bool,
     /// The node's agent (or its last heartbeat) says it is draining.
     pub agent_draining: bool,
+    /// Its agent restarted and it is held down: drained (tracked flows stay) until it is up.
+    pub restarting: bool,
     /// State in every route table (and, translated, in `NODES`).
     pub state: NodeState,
     /// Weight in every route table.
@@ -477,6 +479,7 @@ impl Controller {
                     advertised_weight: r.advertised_weight,
                     admin_weight: None,
                     admin_drain: false,
+                    restarting: false,
                     // Set by `configure` once the operator's drain is known.
                     agent_draining: r.agent_draining.unwrap_or(r.status == NodeState::Draining),
                     state: r.status,
@@ -661,6 +664,7 @@ impl Controller {
                         admin_weight: nc.admin_weight,
                         admin_drain: nc.drain,
                         agent_draining: false,
+                        restarting: false,
                         state: NodeState::Down,
                         weight: nc.admin_weight.unwrap_or(nc.weight),
                     };
@@ -837,6 +841,7 @@ impl Controller {
             } => {
                 self.set_advertised(ch, id, weight);
                 self.set_agent_draining(ch, id, draining);
+                self.set_restarting(id, false);
                 if state == NodeState::Down {
                     let w = self.nodes[&id].wanted_weight();
                     self.for_tables(ch, MoveReason::Join, |t| t.join(id, w))?;
@@ -848,7 +853,16 @@ impl Controller {
                 self.sync_weight(ch, id)?;
                 self.sync_drain(ch, id)?;
             }
+            Event::NodeDown {
+                reason: DownReason::Restarted,
+                ..
+            } => {
+                // Held down after a restart: drained, not failed (see `RestartPolicy`).
+                self.set_restarting(id, true);
+                self.sync_drain(ch, id)?;
+            }
             Event::NodeDown { .. } => {
+                self.set_restarting(id, false);
                 if live(state) {
                     self.for_tables(ch, MoveReason::Failure, |t| t.fail(id))?;
                     self.set_state(id, NodeState::Down);
@@ -880,6 +894,12 @@ impl Controller {
         }
     }
 
+    fn set_restarting(&mut self, id: u32, on: bool) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.restarting = on;
+        }
+    }
+
     fn set_agent_draining(&mut self, ch: &mut Changes, id: u32, draining: bool) {
         if let Some(n) = self.nodes.get_mut(&id)
             && n.agent_draining != draining
@@ -895,7 +915,7 @@ impl Controller {
         let Some(n) = self.nodes.get(&id) else {
             return Ok(());
         };
-        let drain = n.agent_draining || n.admin_drain;
+        let drain = n.agent_draining || n.admin_drain || n.restarting;
         match n.state {
             NodeState::Active if drain => {
                 self.for_tables(ch, MoveReason::Drain, |t| t.drain(id))?;

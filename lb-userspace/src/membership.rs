@@ -44,7 +44,10 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum RestartPolicy {
     /// `NodeRestarted` + `NodeDown{Restarted}`, then up again after the hold-down (a rebooted
-    /// node lost its state; a crash-looping node stays out).
+    /// node lost its state; a crash-looping node stays out). The controller drains such a node
+    /// rather than failing it: its tracked flows stay (an agent restart on a running node breaks
+    /// no connection; a rebooted node resets its old flows itself), no new flow goes to it, and
+    /// if it goes silent during the hold-down it is failed (`NodeDown{MissedHeartbeats}`).
     #[default]
     HoldDown,
     /// `NodeRestarted` only; the node stays up (an agent restart that does not touch the
@@ -194,6 +197,9 @@ pub struct NodeStatus {
     pub weight: u32,
     pub cpu_permille: Option<u16>,
     pub active_conns: Option<u32>,
+    /// Joining after a restart while up: the controller holds it drained, so going silent
+    /// now is reported (`NodeDown`), unlike a joiner that was down.
+    pub held_after_restart: bool,
 }
 
 /// The failure detector.
@@ -364,6 +370,7 @@ impl Membership {
                 weight: 0,
                 cpu_permille: None,
                 active_conns: None,
+                held_after_restart: false,
             });
     }
 
@@ -508,6 +515,7 @@ impl Membership {
                     reason: DownReason::Restarted,
                 });
                 n.phase = Phase::Joining { since: now };
+                n.held_after_restart = true;
             }
             Phase::Up => {
                 if draining != n.draining {
@@ -535,6 +543,7 @@ impl Membership {
             && now.saturating_duration_since(since) >= n.cfg.hold_down
         {
             n.phase = Phase::Up;
+            n.held_after_restart = false;
             events.push(Event::NodeUp {
                 node,
                 weight: n.weight,
@@ -559,6 +568,7 @@ impl Membership {
                 && n.expires.is_none_or(|t| now < t)
             {
                 n.phase = Phase::Up;
+                n.held_after_restart = false;
                 events.push(Event::NodeUp {
                     node: id,
                     weight: n.weight,
@@ -606,7 +616,16 @@ fn expire(id: u32, n: &mut NodeStatus, now: Instant, events: &mut Vec<Event>) {
                 reason: DownReason::MissedHeartbeats,
             });
         }
-        Phase::Joining { .. } if expired => n.phase = Phase::Down,
+        Phase::Joining { .. } if expired => {
+            n.phase = Phase::Down;
+            // A node held down after a restart is still draining in the tables: it fails now.
+            if std::mem::take(&mut n.held_after_restart) {
+                events.push(Event::NodeDown {
+                    node: id,
+                    reason: DownReason::MissedHeartbeats,
+                });
+            }
+        }
         _ => {}
     }
 }
@@ -813,6 +832,30 @@ mod tests {
         }
         assert_eq!(m.next_deadline(), Some(t1 + DEFAULT_HOLD_DOWN));
         assert_eq!(m.tick(t1 + DEFAULT_HOLD_DOWN), vec![up(1)]);
+    }
+
+    /// A node held down after a restart (drained in the tables) that goes silent is reported
+    /// down, so its routes and flows leave it; a joiner that was down goes back silently.
+    #[test]
+    fn a_restarted_node_that_goes_silent_while_held_is_reported_down() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        let mut b = Agent::new(1, 11);
+        let t1 = t0 + 100 * MS;
+        assert_eq!(m.on_heartbeat(t1, &b.beat()).unwrap().len(), 2);
+        assert_eq!(
+            m.tick(t1 + 300 * MS),
+            vec![Event::NodeDown {
+                node: 1,
+                reason: DownReason::MissedHeartbeats
+            }]
+        );
+        assert_eq!(m.status(1).unwrap().phase, Phase::Down);
+        // Back again, never up since: held down like any returning node, silently.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(m.on_heartbeat(t2, &b.beat()), Ok(vec![]));
+        assert!(m.tick(t2 + 300 * MS).is_empty());
     }
 
     #[test]

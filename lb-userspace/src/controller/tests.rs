@@ -371,6 +371,35 @@ fn an_operators_drain_holds_whatever_the_agent_advertises() {
     assert_eq!(count(&c, 1, 2), 50);
 }
 
+/// An agent restart (held down by the detector) drains the node instead of failing it: its
+/// routes move with the moved flag, so tracked flows stay on it; up again after the hold-down
+/// it is active; silent during the hold-down it fails.
+#[test]
+fn a_restarted_node_is_drained_while_held_down() {
+    let cfg = config(&[(1, 1), (2, 1)], &[(1, 100)]);
+    let (mut c, mut k) = start(&cfg);
+    apply(&mut c, &mut k, &[up(1), up(2)]);
+    let held = ev(Event::NodeDown {
+        node: 2,
+        reason: DownReason::Restarted,
+    });
+    apply(&mut c, &mut k, &[held.clone()]);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
+    assert_eq!(count(&c, 1, 2), 0);
+    let v = c.vip(&key(1)).expect("vip");
+    assert_eq!(v.moved.len(), 50, "its flows are looked up in conntrack");
+    // An API change meanwhile does not bring it back early.
+    configure(&mut c, &mut k, &cfg);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
+    apply(&mut c, &mut k, &[up(2)]);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Active);
+    assert_eq!(count(&c, 1, 2), 50);
+    // Held again, then silent: failed.
+    apply(&mut c, &mut k, &[held]);
+    apply(&mut c, &mut k, &[down(2)]);
+    assert_eq!(c.node(2).expect("node").state, NodeState::Down);
+}
+
 /// `lb node weight`: the operator's weight beats the agent's, and clearing it gives the
 /// agent's back.
 #[test]
