@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod echo;
 pub mod fixture;
 pub mod lab;
+pub mod labctl;
 pub mod netns;
 pub mod packet;
 pub mod scale;
