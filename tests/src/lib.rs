@@ -6,6 +6,7 @@ pub mod echo;
 pub mod fixture;
 pub mod lab;
 pub mod labctl;
+pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod scale;
