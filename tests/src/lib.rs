@@ -5,6 +5,8 @@ pub mod daemon;
 pub mod echo;
 pub mod fixture;
 pub mod lab;
+pub mod labctl;
+pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod scale;
