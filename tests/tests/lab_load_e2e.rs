@@ -543,7 +543,9 @@ fn agent_restart_with_open_connections() -> Result<()> {
     l.ctl.kill("agent-1", libc::SIGTERM)?;
     l.ctl.start_agent(1)?;
     let restarted_in = restart.elapsed();
-    let down_at = l.wait_state(1, "down", Duration::from_secs(5))?;
+    // Held down after the restart: drained in the tables (docs/control-plane.md, "Agent
+    // restart"), so its tracked connections stay and no new flow reaches it.
+    let down_at = l.wait_state(1, "draining", Duration::from_secs(5))?;
     let moved: Vec<String> = l
         .ctl
         .cli_json(&["vip", "list"])?
@@ -613,7 +615,9 @@ fn agent_restart_with_open_connections() -> Result<()> {
         held_for
     );
     assert!(
-        (2.0..3.0).contains(&held_for),
+        // The log stamps lines when written; the hold-down runs from the restarting
+        // heartbeat's kernel arrival time, a few ms earlier.
+        (1.95..3.0).contains(&held_for),
         "node 1 was held down {held_for:.3} s, not the 2 s hold-down (+ a heartbeat)"
     );
     let held: Vec<&Request> = r
@@ -647,10 +651,7 @@ fn agent_restart_with_open_connections() -> Result<()> {
     assert!(
         p.is_empty(),
         "node 1 stayed up (only its agent restarted), yet {} of its {} established connections \
-         broke: NodeDown{{Restarted}} takes node 1 out like a failed node, so its routes move to \
-         nodes 2 and 3 without the moved flag (flags are set only when the old owner is still \
-         live) and the data plane sends the established flows' packets straight to the new \
-         owners, which reset them:\n  {}",
+         broke:\n  {}",
         p.len(),
         on1.len(),
         p.join("\n  ")
