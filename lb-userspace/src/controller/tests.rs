@@ -383,7 +383,7 @@ fn a_restarted_node_is_drained_while_held_down() {
         node: 2,
         reason: DownReason::Restarted,
     });
-    apply(&mut c, &mut k, &[held.clone()]);
+    apply(&mut c, &mut k, std::slice::from_ref(&held));
     assert_eq!(c.node(2).expect("node").state, NodeState::Draining);
     assert_eq!(count(&c, 1, 2), 0);
     let v = c.vip(&key(1)).expect("vip");
