@@ -278,6 +278,12 @@ fn check_stop() -> Result<()> {
 /// stdout/stderr and this returns when the daemon exits (after a signal, which is forwarded to
 /// it), tearing the lab down; otherwise it returns once the lab answers, leaving it running.
 pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
+    up_with_banner(spec, foreground, true)
+}
+
+/// [`up`]; without `banner` the lab does not print how to use it (for a benchmark that runs
+/// its own lab).
+pub fn up_with_banner(spec: &Spec, foreground: bool, banner: bool) -> Result<()> {
     require_root()?;
     ensure!(
         (1..=MAX_NODES).contains(&spec.nodes),
@@ -313,7 +319,7 @@ pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
     }
     if foreground {
         catch_signals();
-        let result = up_foreground(spec);
+        let result = up_foreground(spec, banner);
         println!("lab: tearing down");
         let down = down(n);
         if let Ok(r) = &down {
@@ -325,7 +331,7 @@ pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
             (Err(e), Err(d)) => Err(e.context(format!("and tearing the lab down failed: {d:#}"))),
         };
     }
-    match build_and_start(spec, false) {
+    match build_and_start(spec, false, banner) {
         Ok(_) => Ok(()),
         Err(e) => {
             eprintln!(
@@ -338,8 +344,8 @@ pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
     }
 }
 
-fn up_foreground(spec: &Spec) -> Result<()> {
-    let mut daemon = build_and_start(spec, true)?.context("no daemon child")?;
+fn up_foreground(spec: &Spec, banner: bool) -> Result<()> {
+    let mut daemon = build_and_start(spec, true, banner)?.context("no daemon child")?;
     let mut forwarded = false;
     loop {
         if let Some(status) = daemon.try_wait()? {
@@ -359,7 +365,7 @@ fn up_foreground(spec: &Spec) -> Result<()> {
 
 /// Namespaces, links, addresses, programs, processes; waits until the lab answers. Returns the
 /// daemon child in foreground mode.
-fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
+fn build_and_start(spec: &Spec, foreground: bool, banner: bool) -> Result<Option<Child>> {
     let n = &spec.names;
     ensure_bpffs()?;
     for d in [n.run_dir(), n.pid_dir(), n.log_dir(), n.state_dir()] {
@@ -456,7 +462,9 @@ fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
         }
         return Err(e);
     }
-    print_banner(spec, &rec);
+    if banner {
+        print_banner(spec, &rec);
+    }
     Ok(daemon.filter(|_| foreground))
 }
 
