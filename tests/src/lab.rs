@@ -2,17 +2,24 @@
 //! the process that made them (`lb-lab up|down|status`, `cargo xtask lab ...`, and
 //! `cargo xtask run` with no arguments).
 //!
-//! Topology (one L2 segment, 198.18.0.0/24, a bridge in its own namespace):
+//! Topology (one L2 segment, 198.18.0.0/24 and 2001:db8::/64, a bridge in its own namespace;
+//! an IPv6 address ends in the IPv4 address's last octet, written as is: .11 is ::11):
 //! ```text
-//!   <name>-client   198.18.0.1 (+ .101-.104)   routes 198.18.100.0/24 via the gateway
-//!   <name>-gw       198.18.0.2   `lb run` on eth0 (heartbeats on :7711, metrics on :9100)
-//!   <name>-nodeN    198.18.0.(10+N), MAC 02:00:00:00:00:(0a+N): VIPs on lo, arp_ignore=1,
-//!                   arp_announce=2, `lb agent`, `lb decap` (ipip), `lb-lab serve`
-//!   <name>-br       br0 198.18.0.254, MAC 02:00:00:00:00:fe: the bridge, and the IP router
-//!                   the ipip VIP's encapsulated packets go to (`[ipip] gateway_mac`)
+//!   <name>-client   198.18.0.1 (+ .101-.104), 2001:db8::1 (+ ::101-::104); routes
+//!                   198.18.100.0/24 and 2001:db8:100::/64 via the gateway
+//!   <name>-gw       198.18.0.2, 2001:db8::2   `lb run` on eth0 (heartbeats on :7711,
+//!                   metrics on :9100)
+//!   <name>-nodeN    198.18.0.(10+N), 2001:db8::(10+N), MAC 02:00:00:00:00:(0a+N): VIPs on lo,
+//!                   arp_ignore=1, arp_announce=2, `lb agent`, `lb decap` (ipip),
+//!                   `lb-lab serve` (dual-stack)
+//!   <name>-br       br0 198.18.0.254, 2001:db8::254, MAC 02:00:00:00:00:fe: the bridge, and
+//!                   the IP router the ipip VIPs' encapsulated packets go to
+//!                   (`[ipip] gateway_mac`)
 //! ```
-//! VIPs: 198.18.100.1 dsr-l2 (TCP 80 HTTP, TCP 7 echo, UDP 7 echo), 198.18.100.2 ipip (TCP 80),
-//! 65536 routes each. These are the README's addresses: its `lb` examples work on the lab.
+//! VIPs: 198.18.100.1 and 2001:db8:100::1 dsr-l2 (TCP 80 HTTP, TCP 7 echo, UDP 7 echo),
+//! 198.18.100.2 and 2001:db8:100::2 ipip (TCP 80; IP6IP6 for the IPv6 one), 65536 routes each.
+//! These are the README's addresses: its `lb` examples work on the lab. IPv6 addresses skip
+//! duplicate address detection (`accept_dad=0`, `nodad`), so they are usable at once.
 //!
 //! Everything the lab makes is found again by name, not by memory, so `down` also cleans up
 //! after a crash: namespaces `<name>-*`, processes whose `argv[0]` is `<name>:<role>` (or
@@ -24,7 +31,7 @@ use std::{
     ffi::OsString,
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::{
         fd::{AsRawFd as _, FromRawFd as _},
         unix::{
@@ -65,6 +72,23 @@ pub const DSR_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 /// The ipip VIP: HTTP on 80.
 pub const IPIP_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 pub const VIP_NET: &str = "198.18.100.0/24";
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1);
+/// The client's extra IPv6 source addresses.
+pub const CLIENT_EXTRA6: [Ipv6Addr; 4] = [
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x101),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x102),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x103),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x104),
+];
+pub const GW_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x2);
+pub const ROUTER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x254);
+/// The IPv6 dsr-l2 VIP: HTTP on 80, TCP and UDP echo on 7.
+pub const DSR_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x1);
+/// The IPv6 ipip (IP6IP6) VIP: HTTP on 80.
+pub const IPIP_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x2);
+pub const VIP6_NET: &str = "2001:db8:100::/64";
+/// Outer source prefix of the IPv6 ipip VIP's packets (`[ipip] source_v6`).
+pub const IPIP_SRC6: &str = "fd00::";
 pub const HTTP_PORT: u16 = 80;
 pub const ECHO_PORT: u16 = 7;
 pub const HB_PORT: u16 = 7711;
@@ -74,6 +98,18 @@ pub const ROUTES: u32 = 65536;
 /// Node `i` (1-based): its address on the segment.
 pub fn node_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+}
+
+/// Node `i` (1-based): its IPv6 address, ending in the digits of its IPv4 address's last
+/// octet (node 1: 198.18.0.11 and 2001:db8::11).
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    v6_host(10 + i as u8)
+}
+
+/// 2001:db8::D for the decimal digits D of `last` (.11 -> ::11, .254 -> ::254).
+fn v6_host(last: u8) -> Ipv6Addr {
+    let low = u16::from_str_radix(&last.to_string(), 16).unwrap_or(0);
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, low)
 }
 
 /// Node `i` (1-based): its MAC (the README's numbering: node 1 is `...:0b`).
@@ -242,6 +278,12 @@ fn check_stop() -> Result<()> {
 /// stdout/stderr and this returns when the daemon exits (after a signal, which is forwarded to
 /// it), tearing the lab down; otherwise it returns once the lab answers, leaving it running.
 pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
+    up_with_banner(spec, foreground, true)
+}
+
+/// [`up`]; without `banner` the lab does not print how to use it (for a benchmark that runs
+/// its own lab).
+pub fn up_with_banner(spec: &Spec, foreground: bool, banner: bool) -> Result<()> {
     require_root()?;
     ensure!(
         (1..=MAX_NODES).contains(&spec.nodes),
@@ -277,7 +319,7 @@ pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
     }
     if foreground {
         catch_signals();
-        let result = up_foreground(spec);
+        let result = up_foreground(spec, banner);
         println!("lab: tearing down");
         let down = down(n);
         if let Ok(r) = &down {
@@ -289,7 +331,7 @@ pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
             (Err(e), Err(d)) => Err(e.context(format!("and tearing the lab down failed: {d:#}"))),
         };
     }
-    match build_and_start(spec, false) {
+    match build_and_start(spec, false, banner) {
         Ok(_) => Ok(()),
         Err(e) => {
             eprintln!(
@@ -302,8 +344,8 @@ pub fn up(spec: &Spec, foreground: bool) -> Result<()> {
     }
 }
 
-fn up_foreground(spec: &Spec) -> Result<()> {
-    let mut daemon = build_and_start(spec, true)?.context("no daemon child")?;
+fn up_foreground(spec: &Spec, banner: bool) -> Result<()> {
+    let mut daemon = build_and_start(spec, true, banner)?.context("no daemon child")?;
     let mut forwarded = false;
     loop {
         if let Some(status) = daemon.try_wait()? {
@@ -323,7 +365,7 @@ fn up_foreground(spec: &Spec) -> Result<()> {
 
 /// Namespaces, links, addresses, programs, processes; waits until the lab answers. Returns the
 /// daemon child in foreground mode.
-fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
+fn build_and_start(spec: &Spec, foreground: bool, banner: bool) -> Result<Option<Child>> {
     let n = &spec.names;
     ensure_bpffs()?;
     for d in [n.run_dir(), n.pid_dir(), n.log_dir(), n.state_dir()] {
@@ -358,15 +400,11 @@ fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
     let lb = spec.lb.as_os_str();
     for i in 1..=spec.nodes {
         let ns = n.ns(&format!("node{i}"));
-        let serve_args: Vec<OsString> = vec![
-            "serve".into(),
-            "--node".into(),
-            i.to_string().into(),
-            "--vip".into(),
-            DSR_VIP.to_string().into(),
-            "--vip".into(),
-            IPIP_VIP.to_string().into(),
-        ];
+        let mut serve_args: Vec<OsString> =
+            vec!["serve".into(), "--node".into(), i.to_string().into()];
+        for vip in all_vips() {
+            serve_args.extend(["--vip".into(), vip.to_string().into()]);
+        }
         spawn(
             n,
             &format!("serve-{i}"),
@@ -381,6 +419,8 @@ fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
             "eth0",
             "--vip",
             &IPIP_VIP.to_string(),
+            "--vip",
+            &IPIP_VIP6.to_string(),
             "--xdp-mode",
             xdp_mode,
         ]
@@ -422,8 +462,20 @@ fn build_and_start(spec: &Spec, foreground: bool) -> Result<Option<Child>> {
         }
         return Err(e);
     }
-    print_banner(spec, &rec);
+    if banner {
+        print_banner(spec, &rec);
+    }
     Ok(daemon.filter(|_| foreground))
+}
+
+/// Every VIP address of the lab: the dsr-l2 and ipip VIPs, IPv4 then IPv6.
+pub fn all_vips() -> [IpAddr; 4] {
+    [
+        IpAddr::V4(DSR_VIP),
+        IpAddr::V4(IPIP_VIP),
+        IpAddr::V6(DSR_VIP6),
+        IpAddr::V6(IPIP_VIP6),
+    ]
 }
 
 fn write_key(path: &Path) -> Result<()> {
@@ -492,14 +544,23 @@ fn build_network(spec: &Spec) -> Result<()> {
     for i in 1..=spec.nodes {
         hosts.push((n.ns(&format!("node{i}")), format!("node{i}"), 10 + i as u8));
     }
+    // No duplicate address detection (a second or two of "tentative" addresses that cannot
+    // be used): set before the links exist, so every interface inherits it.
+    let no_dad = [
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+    ];
     for ns in std::iter::once(&br).chain(hosts.iter().map(|h| &h.0)) {
         sh(&["ip", "netns", "add", ns])?;
+        sysctls(ns, &no_dad)?;
     }
+    // No multicast snooping: neighbour discovery is flooded like ARP.
     let mut lines = vec![
         "link set lo up".to_string(),
-        "link add br0 type bridge".into(),
+        "link add br0 type bridge mcast_snooping 0".into(),
         format!("link set br0 address {ROUTER_MAC}"),
         format!("addr add {ROUTER_IP}/24 dev br0"),
+        format!("addr add {ROUTER_IP6}/64 dev br0 nodad"),
         "link set br0 up".into(),
     ];
     for (ns, peer, _) in &hosts {
@@ -509,11 +570,13 @@ fn build_network(spec: &Spec) -> Result<()> {
         lines.push(format!("link set {peer} master br0 up"));
     }
     ip_batch(&br, &lines)?;
-    // br0 routes the ipip VIP's encapsulated packets (outer source 172.16/16) to the nodes.
+    // br0 routes the ipip VIPs' encapsulated packets (outer sources 172.16/16 and fd00::/96)
+    // to the nodes.
     sysctls(
         &br,
         &[
             ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
             ("net.ipv4.conf.br0.rp_filter", "0"),
@@ -526,6 +589,7 @@ fn build_network(spec: &Spec) -> Result<()> {
             "link set lo up".to_string(),
             format!("link set eth0 address 02:00:00:00:00:{last:02x}"),
             format!("addr add 198.18.0.{last}/24 dev eth0"),
+            format!("addr add {}/64 dev eth0 nodad", v6_host(*last)),
             "link set eth0 up".into(),
         ];
         let mut kv = vec![
@@ -537,10 +601,18 @@ fn build_network(spec: &Spec) -> Result<()> {
             for a in CLIENT_EXTRA {
                 lines.push(format!("addr add {a}/24 dev eth0"));
             }
+            for a in CLIENT_EXTRA6 {
+                lines.push(format!("addr add {a}/64 dev eth0 nodad"));
+            }
             lines.push(format!("route add {VIP_NET} via {GW_IP}"));
+            lines.push(format!("route add {VIP6_NET} via {GW_IP6}"));
         } else if *last > 10 {
-            lines.push(format!("addr add {DSR_VIP}/32 dev lo"));
-            lines.push(format!("addr add {IPIP_VIP}/32 dev lo"));
+            // (IPv6 needs no arp_ignore: a neighbour solicitation is only answered for
+            // addresses of the interface it arrived on, not for those on lo.)
+            for vip in all_vips() {
+                let len = if vip.is_ipv4() { 32 } else { 128 };
+                lines.push(format!("addr add {vip}/{len} dev lo"));
+            }
             kv.push(("net.ipv4.conf.all.arp_ignore", "1"));
             kv.push(("net.ipv4.conf.all.arp_announce", "2"));
         }
@@ -666,6 +738,21 @@ fn attach_pass(ifname: &str, pin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The lab's VIPs: (address, port, protocol, mode).
+pub fn lab_vips() -> Vec<(IpAddr, u16, &'static str, &'static str)> {
+    let mut v = Vec::new();
+    for (dsr, ipip) in [
+        (IpAddr::V4(DSR_VIP), IpAddr::V4(IPIP_VIP)),
+        (IpAddr::V6(DSR_VIP6), IpAddr::V6(IPIP_VIP6)),
+    ] {
+        v.push((dsr, HTTP_PORT, "tcp", "dsr-l2"));
+        v.push((dsr, ECHO_PORT, "tcp", "dsr-l2"));
+        v.push((dsr, ECHO_PORT, "udp", "dsr-l2"));
+        v.push((ipip, HTTP_PORT, "tcp", "ipip"));
+    }
+    v
+}
+
 /// The lab's `lb.toml`.
 pub fn lab_config(n: &Names, nodes: usize, xdp_mode: &str) -> String {
     let mut s = format!(
@@ -682,44 +769,23 @@ metrics_listen = "{GW_IP}:{METRICS_PORT}"
 gateway_mac = "{ROUTER_MAC}"     # br0 in {br}: routes the outer packets to the nodes
 mtu = 1500
 source_v4 = "172.16.0.0/16"
-
-[[vip]]
-addr = "{DSR_VIP}"
-port = {HTTP_PORT}
-proto = "tcp"
-mode = "dsr-l2"
-routes = {ROUTES}
-
-[[vip]]
-addr = "{DSR_VIP}"
-port = {ECHO_PORT}
-proto = "tcp"
-mode = "dsr-l2"
-routes = {ROUTES}
-
-[[vip]]
-addr = "{DSR_VIP}"
-port = {ECHO_PORT}
-proto = "udp"
-mode = "dsr-l2"
-routes = {ROUTES}
-
-[[vip]]
-addr = "{IPIP_VIP}"
-port = {HTTP_PORT}
-proto = "tcp"
-mode = "ipip"
-routes = {ROUTES}
+source_v6 = "{IPIP_SRC6}"
 "#,
         instance = n.instance(),
         key = n.key().display(),
         br = n.ns("br"),
     );
+    for (addr, port, proto, mode) in lab_vips() {
+        s += &format!(
+            "\n[[vip]]\naddr = \"{addr}\"\nport = {port}\nproto = \"{proto}\"\nmode = \"{mode}\"\nroutes = {ROUTES}\n"
+        );
+    }
     for i in 1..=nodes {
         s += &format!(
-            "\n[[node]]\nid = {i}\nname = \"node{i}\"\nmac = \"{}\"\nipv4 = \"{}\"\n",
+            "\n[[node]]\nid = {i}\nname = \"node{i}\"\nmac = \"{}\"\nipv4 = \"{}\"\nipv6 = \"{}\"\n",
             node_mac(i),
-            node_ip(i)
+            node_ip(i),
+            node_ip6(i)
         );
     }
     s
@@ -777,15 +843,16 @@ fn wait_up(spec: &Spec, mut fg: Option<&mut Child>) -> Result<()> {
     let client = n.ns("client");
     // The servers, directly (not through the balancer).
     for i in 1..=spec.nodes {
-        let ip = node_ip(i);
-        wait_for(
-            &format!("node {i}'s HTTP server"),
-            Duration::from_secs(10),
-            || {
-                check_alive(n, &format!("serve-{i}"))?;
-                Ok(http_get_in(&client, ip, HTTP_PORT, None).is_ok())
-            },
-        )?;
+        for ip in [IpAddr::V4(node_ip(i)), IpAddr::V6(node_ip6(i))] {
+            wait_for(
+                &format!("node {i}'s HTTP server on {ip}"),
+                Duration::from_secs(10),
+                || {
+                    check_alive(n, &format!("serve-{i}"))?;
+                    Ok(http_get_ip_in(&client, ip, HTTP_PORT, None).is_ok())
+                },
+            )?;
+        }
         wait_for(
             &format!("node {i}'s decap"),
             Duration::from_secs(10),
@@ -812,13 +879,16 @@ fn wait_up(spec: &Spec, mut fg: Option<&mut Child>) -> Result<()> {
                 .is_ok_and(|s| s["nodes"]["active"].as_u64() == Some(want as u64)))
         },
     )?;
-    for vip in [DSR_VIP, IPIP_VIP] {
+    for vip in all_vips() {
         wait_for(
-            &format!("http://{vip}/ from the client"),
+            &format!(
+                "http://{}/ from the client",
+                SocketAddr::new(vip, HTTP_PORT)
+            ),
             Duration::from_secs(10),
             || {
                 check_stop()?;
-                Ok(http_get_in(&client, vip, HTTP_PORT, None).is_ok())
+                Ok(http_get_ip_in(&client, vip, HTTP_PORT, None).is_ok())
             },
         )?;
     }
@@ -902,6 +972,10 @@ Reach the VIPs from the client namespace:
   ip netns exec {c} curl --interface {extra} http://{DSR_VIP}/   # another source address
   ip netns exec {c} bash -c 'exec 3<>/dev/tcp/{DSR_VIP}/{ECHO_PORT}; echo hello >&3; head -1 <&3'   # TCP echo
   ip netns exec {c} bash -c 'exec 3<>/dev/udp/{DSR_VIP}/{ECHO_PORT}; echo hello >&3; timeout 1 head -1 <&3'   # UDP echo
+  ip netns exec {c} curl -6 'http://[{DSR_VIP6}]/'      # IPv6 dsr-l2
+  ip netns exec {c} curl -6 'http://[{IPIP_VIP6}]/'      # IPv6 ipip (IP6IP6)
+  ip netns exec {c} curl -6 --interface {extra6} 'http://[{DSR_VIP6}]/'   # another IPv6 source
+  ip netns exec {c} bash -c 'exec 3<>/dev/tcp/{DSR_VIP6}/{ECHO_PORT}; echo hello >&3; head -1 <&3'   # TCP echo over IPv6
 
 Operate the balancer (another terminal):
   export LB_SOCKET={sock}       # or --socket {sock} on each command
@@ -919,6 +993,7 @@ Files: {run} (lb.toml, key, state/, logs/, pids/). {stop}
         gw = n.ns("gw"),
         why = rec.xdp_why,
         extra = CLIENT_EXTRA[0],
+        extra6 = CLIENT_EXTRA6[0],
         run = n.run_dir().display(),
     );
 }
@@ -1271,11 +1346,12 @@ pub fn status(n: &Names, lb: &Path) -> Result<bool> {
 // The servers on each node (`lb-lab serve`)
 // ---------------------------------------------------------------------------------------------
 
-/// HTTP on :80 (`GET /` answers `node N\n`), TCP echo on :7, UDP echo on :7 of each VIP
-/// (a UDP reply must come from the address the datagram went to). Runs until killed.
-pub fn serve(node: u32, vips: &[Ipv4Addr]) -> Result<()> {
-    let http = TcpListener::bind((Ipv4Addr::UNSPECIFIED, HTTP_PORT)).context("binding :80")?;
-    let echo = TcpListener::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)).context("binding :7")?;
+/// HTTP on :80 (`GET /` answers `node N\n`), TCP echo on :7, both dual-stack (IPv4 and IPv6
+/// on one socket), and UDP echo on :7 of each VIP (a UDP reply must come from the address the
+/// datagram went to). Runs until killed.
+pub fn serve(node: u32, vips: &[IpAddr]) -> Result<()> {
+    let http = listen_dual_stack(HTTP_PORT).context("binding [::]:80")?;
+    let echo = listen_dual_stack(ECHO_PORT).context("binding [::]:7")?;
     let mut handles = Vec::new();
     for &vip in vips {
         let udp =
@@ -1299,7 +1375,7 @@ pub fn serve(node: u32, vips: &[Ipv4Addr]) -> Result<()> {
         }
     });
     println!(
-        "lb-lab serve: node {node}: HTTP :{HTTP_PORT}, TCP echo :{ECHO_PORT}, UDP echo :{ECHO_PORT}; ready"
+        "lb-lab serve: node {node}: HTTP :{HTTP_PORT}, TCP echo :{ECHO_PORT} (IPv4 and IPv6), UDP echo :{ECHO_PORT}; ready"
     );
     for s in http.incoming().flatten() {
         std::thread::spawn(move || {
@@ -1307,6 +1383,74 @@ pub fn serve(node: u32, vips: &[Ipv4Addr]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// A TCP listener on `[::]:port` that also takes IPv4 (`IPV6_V6ONLY` off, whatever
+/// `net.ipv6.bindv6only` says).
+fn listen_dual_stack(port: u16) -> Result<TcpListener> {
+    // SAFETY: plain socket calls on a descriptor owned by the returned listener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let listener = TcpListener::from_raw_fd(fd);
+        let off: libc::c_int = 0;
+        let on: libc::c_int = 1;
+        for (opt_level, opt, v) in [
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &off),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR, &on),
+        ] {
+            ensure!(
+                libc::setsockopt(
+                    fd,
+                    opt_level,
+                    opt,
+                    (v as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as u32,
+                ) == 0,
+                "setsockopt: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let (sa, len) = sockaddr(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+        ensure!(
+            libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) == 0,
+            "bind [::]:{port}: {}",
+            std::io::Error::last_os_error()
+        );
+        ensure!(
+            libc::listen(fd, 1024) == 0,
+            "listen: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(listener)
+    }
+}
+
+/// `a` as a `sockaddr_in` or `sockaddr_in6` in a `sockaddr_storage`, and its length.
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage; the writes below stay within it (both
+    // sockaddr_in and sockaddr_in6 are smaller and less aligned).
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        match a {
+            SocketAddr::V4(a) => {
+                let sin =
+                    &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                sin.sin_family = libc::AF_INET as u16;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+                (ss, size_of::<libc::sockaddr_in>() as u32)
+            }
+            SocketAddr::V6(a) => {
+                let sin6 =
+                    &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                sin6.sin6_family = libc::AF_INET6 as u16;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                (ss, size_of::<libc::sockaddr_in6>() as u32)
+            }
+        }
+    }
 }
 
 fn answer_http(s: TcpStream, node: u32) -> Result<()> {
@@ -1345,15 +1489,30 @@ fn answer_http(s: TcpStream, node: u32) -> Result<()> {
 
 /// A TCP connection from `src` (any address when `None`) to `dst:port`, 2 s to connect.
 pub fn connect_from(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16) -> Result<TcpStream> {
+    connect_ip(src.map(IpAddr::V4), IpAddr::V4(dst), port)
+}
+
+/// [`connect_from`] for IPv4 or IPv6 (`src`, if given, of the same family as `dst`).
+pub fn connect_ip(src: Option<IpAddr>, dst: IpAddr, port: u16) -> Result<TcpStream> {
+    let remote = SocketAddr::new(dst, port);
     let Some(src) = src else {
-        let s = TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(2))
-            .with_context(|| format!("connecting to {dst}:{port}"))?;
+        let s = TcpStream::connect_timeout(&remote, Duration::from_secs(2))
+            .with_context(|| format!("connecting to {remote}"))?;
         return Ok(s);
+    };
+    ensure!(
+        src.is_ipv4() == dst.is_ipv4(),
+        "source {src} and destination {dst} are of different families"
+    );
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
     // std cannot bind before connecting: the socket by hand.
     // SAFETY: plain socket calls on a descriptor owned by the returned stream.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let stream = TcpStream::from_raw_fd(fd);
         let tv = libc::timeval {
@@ -1367,25 +1526,16 @@ pub fn connect_from(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16) -> Result<T
             (&tv as *const libc::timeval).cast(),
             size_of::<libc::timeval>() as u32,
         );
-        let sa = |a: SocketAddrV4| libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*a.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = size_of::<libc::sockaddr_in>() as u32;
-        let local = sa(SocketAddrV4::new(src, 0));
+        let (local, len) = sockaddr(SocketAddr::new(src, 0));
         ensure!(
-            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) == 0,
+            libc::bind(fd, (&local as *const libc::sockaddr_storage).cast(), len) == 0,
             "bind {src}: {}",
             std::io::Error::last_os_error()
         );
-        let remote = sa(SocketAddrV4::new(dst, port));
+        let (sa, len) = sockaddr(remote);
         ensure!(
-            libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) == 0,
-            "connecting from {src} to {dst}:{port}: {}",
+            libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) == 0,
+            "connecting from {src} to {remote}: {}",
             std::io::Error::last_os_error()
         );
         Ok(stream)
@@ -1394,51 +1544,78 @@ pub fn connect_from(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16) -> Result<T
 
 /// `GET /` on `dst:port` from the calling thread's namespace: the body.
 pub fn http_get(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16) -> Result<String> {
-    let mut s = connect_from(src, dst, port)?;
+    http_get_ip(src.map(IpAddr::V4), IpAddr::V4(dst), port)
+}
+
+/// [`http_get`] for IPv4 or IPv6.
+pub fn http_get_ip(src: Option<IpAddr>, dst: IpAddr, port: u16) -> Result<String> {
+    let url = format!("http://{}/", SocketAddr::new(dst, port));
+    let mut s = connect_ip(src, dst, port)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let host = match dst {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)
-        .with_context(|| format!("reading the reply of http://{dst}:{port}/"))?;
+        .with_context(|| format!("reading the reply of {url}"))?;
     let (head, body) = reply
         .split_once("\r\n\r\n")
-        .with_context(|| format!("http://{dst}:{port}/ answered {reply:?}"))?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "http://{dst}:{port}/ answered {head:?}"
-    );
+        .with_context(|| format!("{url} answered {reply:?}"))?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{url} answered {head:?}");
     Ok(body.to_string())
 }
 
 /// [`http_get`] from namespace `ns`.
 pub fn http_get_in(ns: &str, dst: Ipv4Addr, port: u16, src: Option<Ipv4Addr>) -> Result<String> {
-    in_ns(ns, move || http_get(src, dst, port))
+    http_get_ip_in(ns, IpAddr::V4(dst), port, src.map(IpAddr::V4))
+}
+
+/// [`http_get_ip`] from namespace `ns`.
+pub fn http_get_ip_in(ns: &str, dst: IpAddr, port: u16, src: Option<IpAddr>) -> Result<String> {
+    in_ns(ns, move || http_get_ip(src, dst, port))
 }
 
 /// Sends `msg` over TCP to `dst:port` and reads as many bytes back.
 pub fn tcp_echo(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16, msg: &[u8]) -> Result<Vec<u8>> {
-    let mut s = connect_from(src, dst, port)?;
+    tcp_echo_ip(src.map(IpAddr::V4), IpAddr::V4(dst), port, msg)
+}
+
+/// [`tcp_echo`] for IPv4 or IPv6.
+pub fn tcp_echo_ip(src: Option<IpAddr>, dst: IpAddr, port: u16, msg: &[u8]) -> Result<Vec<u8>> {
+    let mut s = connect_ip(src, dst, port)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(msg)?;
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back)
-        .with_context(|| format!("reading the echo from {dst}:{port}"))?;
+        .with_context(|| format!("reading the echo from {}", SocketAddr::new(dst, port)))?;
     Ok(back)
 }
 
 /// Sends `msg` in one datagram to `dst:port` and waits (1 s) for the reply.
 pub fn udp_echo(src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16, msg: &[u8]) -> Result<Vec<u8>> {
-    let s = UdpSocket::bind((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
+    udp_echo_ip(src.map(IpAddr::V4), IpAddr::V4(dst), port, msg)
+}
+
+/// [`udp_echo`] for IPv4 or IPv6.
+pub fn udp_echo_ip(src: Option<IpAddr>, dst: IpAddr, port: u16, msg: &[u8]) -> Result<Vec<u8>> {
+    let any = if dst.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    };
+    let s = UdpSocket::bind((src.unwrap_or(any), 0))?;
     s.connect((dst, port))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.send(msg)?;
     let mut buf = [0u8; 65536];
     let len = s
         .recv(&mut buf)
-        .with_context(|| format!("no UDP echo from {dst}:{port}"))?;
+        .with_context(|| format!("no UDP echo from {}", SocketAddr::new(dst, port)))?;
     Ok(buf[..len].to_vec())
 }
 
@@ -1475,12 +1652,16 @@ mod tests {
             for mode in ["native", "generic"] {
                 let text = lab_config(&n, nodes, mode);
                 let cfg = lb_userspace::config::Config::parse(&text, "lab config").unwrap();
-                assert_eq!((cfg.vips.len(), cfg.nodes.len()), (4, nodes));
+                assert_eq!((cfg.vips.len(), cfg.nodes.len()), (8, nodes));
+                assert!(cfg.nodes.iter().all(|n| n.ipv6.is_some()));
                 assert_eq!(cfg.daemon.instance, "lb-lab");
             }
         }
         // Node addresses stay clear of the client's extra sources and the router.
         assert!(node_ip(MAX_NODES) < CLIENT_EXTRA[0]);
+        assert!(node_ip6(MAX_NODES) < CLIENT_EXTRA6[0]);
+        assert_eq!(node_ip6(1), "2001:db8::11".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(v6_host(254), ROUTER_IP6);
     }
 
     #[test]

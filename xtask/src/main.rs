@@ -61,7 +61,8 @@ enum Task {
     Bench {
         #[command(flatten)]
         setup: SetupArgs,
-        /// `dataplane` or `control`.
+        /// `dataplane`, `control` or `lab` (the balancer in the lab: Mpps on a veth in native
+        /// mode beside a trivial XDP_TX program, HTTP requests/s through the VIP vs direct).
         which: String,
         /// Extra arguments for the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -170,13 +171,18 @@ fn real_main() -> Result<()> {
             setup(&root, &s)?;
             require_root("cargo xtask bench")?;
             ensure_bpffs()?;
-            if !matches!(which.as_str(), "dataplane" | "control") {
-                bail!("unknown benchmark {which:?}: use `dataplane` or `control`");
+            if !matches!(which.as_str(), "dataplane" | "control" | "lab") {
+                bail!("unknown benchmark {which:?}: use `dataplane`, `control` or `lab`");
             }
-            // The control benchmark runs the real daemon and agents.
-            cargo(&root)
-                .args(["build", "--release", "-p", "lb-userspace", "--bins"])
-                .status_ok("building lb")?;
+            // The control benchmark runs the real daemon and agents; the lab benchmark the lab
+            // (`lb-lab`, next to `lb-bench`).
+            if which == "lab" {
+                build_lab(&root)?;
+            } else {
+                cargo(&root)
+                    .args(["build", "--release", "-p", "lb-userspace", "--bins"])
+                    .status_ok("building lb")?;
+            }
             cargo(&root)
                 .args([
                     "run",

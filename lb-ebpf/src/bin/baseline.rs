@@ -1,7 +1,9 @@
 //! Benchmark baselines measured in the same run as the balancer: the cheapest possible
 //! programs that return `XDP_PASS`, and that swap MACs and return `XDP_TX`; and the new-flow
 //! wrapper, which makes every run of a `repeat` test a new flow and tail-calls the program
-//! under test (its own cost is measured against `baseline_tx` and subtracted).
+//! under test (its own cost is measured against `baseline_tx` and subtracted); and the sink
+//! `bench lab` puts on the far end of the balancer's veth, which drops (and counts) the
+//! benchmark's frames and passes everything else.
 #![no_std]
 #![no_main]
 
@@ -24,6 +26,15 @@ static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// (the input restored: each run still makes the balancer insert its conntrack entry anew).
 #[map]
 static BENCH_STEP: Array<u32> = Array::with_max_entries(1, 0);
+
+/// IPv4 source address (as the 4 bytes of the header, read as a native-endian u32) of the
+/// frames `bench_sink` drops; 0 = none.
+#[map]
+static BENCH_SINK_SRC: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU count of the frames `bench_sink` dropped.
+#[map]
+static BENCH_SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offsets in an untagged IPv4 frame without options: low half of the source address, and the
 /// TCP/UDP source port.
@@ -52,6 +63,35 @@ pub fn bench_new_flow(ctx: XdpContext) -> u32 {
         BENCH_TARGET.tail_call(&ctx, 0);
     }
     // Only reached when the slot is empty.
+    xdp_action::XDP_DROP
+}
+
+/// Drops and counts untagged IPv4 frames from `BENCH_SINK_SRC`; passes everything else (so
+/// the rest of the lab keeps working while a benchmark floods the link).
+#[xdp]
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    // Bounds check the verifier needs before reading the EtherType and the source address.
+    if start + 14 + 20 > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(&want) = BENCH_SINK_SRC.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bytes 12..14 and 26..30 were bounds-checked above.
+    let (ethertype, src) = unsafe {
+        (
+            ((start + 12) as *const [u8; 2]).read_unaligned(),
+            ((start + 14 + 12) as *const u32).read_unaligned(),
+        )
+    };
+    if ethertype != [0x08, 0x00] || want == 0 || src != want {
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(count) = BENCH_SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: the per-CPU slot is valid for this run.
+        unsafe { *count += 1 };
+    }
     xdp_action::XDP_DROP
 }
 

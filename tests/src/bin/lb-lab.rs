@@ -2,7 +2,7 @@
 //! client, the gateway running `lb run`, K nodes with agents and servers). Run it through
 //! `cargo xtask lab ...` or `cargo xtask run` (no arguments), as root. The library side is
 //! `lb_tests::lab`, which documents the topology.
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(long)]
         node: u32,
         #[arg(long = "vip")]
-        vips: Vec<Ipv4Addr>,
+        vips: Vec<IpAddr>,
     },
 }
 
