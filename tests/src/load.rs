@@ -370,7 +370,8 @@ fn open_spread(spec: &Spec, es: &EchoSpec) -> Result<Vec<(TcpStream, u32)>> {
 }
 
 /// Established TCP sockets on local `port` in each node's namespace: (client end, VIP) ->
-/// node (`/proc/thread-self/net/tcp` of a thread inside the namespace).
+/// node (`/proc/thread-self/net/tcp` and `tcp6` of a thread inside the namespace: a
+/// dual-stack server's IPv4 connections are listed in `tcp6`, v4-mapped).
 pub fn locate(
     nodes: &[(u32, String)],
     port: u16,
@@ -378,11 +379,15 @@ pub fn locate(
     let mut m = HashMap::new();
     for (id, ns) in nodes {
         let text = spawn_in(ns, || {
-            std::fs::read_to_string("/proc/thread-self/net/tcp").context("reading /proc/net/tcp")
+            let mut t = std::fs::read_to_string("/proc/thread-self/net/tcp")
+                .context("reading /proc/net/tcp")?;
+            // Absent without IPv6; then there is nothing more to read.
+            t.push_str(&std::fs::read_to_string("/proc/thread-self/net/tcp6").unwrap_or_default());
+            Ok(t)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("thread panicked"))??;
-        for l in text.lines().skip(1) {
+        for l in text.lines() {
             let f: Vec<&str> = l.split_whitespace().collect();
             if f.len() < 4 || f[3] != "01" {
                 continue;
@@ -402,6 +407,13 @@ pub fn locate(
 /// port in hex.
 fn parse_proc_addr(s: &str) -> Option<SocketAddrV4> {
     let (a, p) = s.split_once(':')?;
+    // `tcp6`: an IPv4-mapped address (::ffff:a.b.c.d) is 24 hex digits of prefix, then the
+    // IPv4 word as in `tcp`.
+    let a = match a.len() {
+        8 => a,
+        32 if a[..24].eq_ignore_ascii_case("0000000000000000FFFF0000") => &a[24..],
+        _ => return None,
+    };
     let a = u32::from_str_radix(a, 16).ok()?;
     let p = u16::from_str_radix(p, 16).ok()?;
     Some(SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), p))
@@ -805,6 +817,12 @@ mod tests {
             assert_eq!(a, SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 7));
         }
         assert_eq!(a.port(), 7);
+        let m = parse_proc_addr("0000000000000000FFFF0000016412C6:0007").unwrap();
+        assert_eq!(m, a, "v4-mapped in tcp6");
+        assert_eq!(
+            parse_proc_addr("B80D0120000000000000000011000000:0050"),
+            None
+        );
     }
 
     #[test]
