@@ -354,6 +354,21 @@ impl LogLines {
     }
 }
 
+/// Seconds into the day of a daemon log line's RFC 3339 timestamp
+/// (`2026-12-02T00:39:17.558513Z  WARN ...`): when the daemon wrote it, whenever the test got
+/// to read it. Differences across midnight need `rem_euclid(86400.0)`.
+pub fn log_seconds(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?.split_once('T')?.1;
+    let t = t.strip_suffix('Z')?;
+    let mut it = t.split(':');
+    let (h, m, sec) = (it.next()?, it.next()?, it.next()?);
+    Some(
+        h.parse::<f64>().ok()? * 3600.0
+            + m.parse::<f64>().ok()? * 60.0
+            + sec.parse::<f64>().ok()?,
+    )
+}
+
 pub fn udp_vip(vip: Ipv4Addr, port: u16) -> VipKey {
     vip_key(vip.into(), port, lb_common::PROTO_UDP)
 }
