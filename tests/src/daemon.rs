@@ -6,7 +6,7 @@ use std::{
     process::Stdio,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     time::{Duration, Instant},
@@ -354,6 +354,21 @@ impl LogLines {
     }
 }
 
+/// Seconds into the day of a daemon log line's RFC 3339 timestamp
+/// (`2026-12-02T00:39:17.558513Z  WARN ...`): when the daemon wrote it, whenever the test got
+/// to read it. Differences across midnight need `rem_euclid(86400.0)`.
+pub fn log_seconds(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?.split_once('T')?.1;
+    let t = t.strip_suffix('Z')?;
+    let mut it = t.split(':');
+    let (h, m, sec) = (it.next()?, it.next()?, it.next()?);
+    Some(
+        h.parse::<f64>().ok()? * 3600.0
+            + m.parse::<f64>().ok()? * 60.0
+            + sec.parse::<f64>().ok()?,
+    )
+}
+
 pub fn udp_vip(vip: Ipv4Addr, port: u16) -> VipKey {
     vip_key(vip.into(), port, lb_common::PROTO_UDP)
 }
@@ -364,6 +379,7 @@ pub type Tag = (u32, u32);
 /// Counts datagrams (tagged `flow:u32, seq:u32`) that reach a node's UDP port.
 pub struct UdpSink {
     stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
     handle: Option<std::thread::JoinHandle<Result<Vec<Tag>>>>,
 }
 
@@ -371,10 +387,15 @@ impl UdpSink {
     pub fn start(ns: &Netns, port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
+        let received = Arc::new(AtomicUsize::new(0));
+        let r2 = received.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let handle = ns.spawn(move || {
             let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
             sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            // Room for seconds of test traffic: on a busy machine this thread may not run for
+            // a while, and a full socket queue would count as datagrams the balancer lost.
+            force_rcvbuf(&sock, 16 << 20)?;
             let _ = ready_tx.send(());
             let mut got = Vec::new();
             let mut buf = [0u8; 2048];
@@ -385,6 +406,7 @@ impl UdpSink {
                     let flow = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
                     let seq = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
                     got.push((flow, seq));
+                    r2.store(got.len(), Ordering::Relaxed);
                 }
             }
             Ok(got)
@@ -394,8 +416,14 @@ impl UdpSink {
             .context("UDP sink did not start")?;
         Ok(Self {
             stop,
+            received,
             handle: Some(handle),
         })
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// Stops and returns what arrived.
@@ -410,9 +438,47 @@ impl UdpSink {
     }
 }
 
+/// Sets a socket's receive buffer to `bytes` past `net.core.rmem_max` (`SO_RCVBUFFORCE`; root).
+fn force_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt(2) on a socket we own, with a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Drop for UdpSink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Datagrams received by all of `sinks` together.
+pub fn received(sinks: &[&UdpSink]) -> usize {
+    sinks.iter().map(|s| s.received()).sum()
+}
+
+/// Waits until `sinks` together have received at least `n` datagrams, or `timeout` passes;
+/// returns how many they have. Deciding whether that is right is the caller's (e.g.
+/// [`assert_delivered`] on what the sinks return when finished).
+pub fn wait_received(sinks: &[&UdpSink], n: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = received(sinks);
+        if got >= n || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -426,29 +492,82 @@ pub fn send_udp(
     count: u32,
     gap: Duration,
 ) -> Result<Vec<(u32, u32)>> {
-    let h = crate::netns::spawn_in(ns, move || {
-        let socks: Vec<UdpSocket> = (0..flows)
-            .map(|_| {
-                let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
-                s.connect(SocketAddr::from((vip, port)))?;
-                Ok(s)
-            })
-            .collect::<Result<_>>()?;
-        let mut sent = Vec::new();
-        for seq in 0..count {
-            for (flow, s) in socks.iter().enumerate() {
-                let mut msg = [0u8; 64];
-                msg[..4].copy_from_slice(&(flow as u32).to_be_bytes());
-                msg[4..8].copy_from_slice(&seq.to_be_bytes());
-                s.send(&msg)?;
-                sent.push((flow as u32, seq));
-            }
-            std::thread::sleep(gap);
-        }
-        Ok(sent)
-    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = crate::netns::spawn_in(ns, move || send_rounds(vip, port, flows, count, gap, &stop));
     h.join()
         .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+}
+
+/// [`send_udp`] until stopped: rounds of one datagram per flow, `gap` apart, from a thread in
+/// the client namespace, for as long as the test needs traffic (e.g. through a daemon restart
+/// however long that takes on a busy machine).
+pub struct UdpSender {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<Vec<Tag>>>>,
+}
+
+impl UdpSender {
+    pub fn start(ns: &str, vip: Ipv4Addr, port: u16, flows: u32, gap: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let handle = crate::netns::spawn_in(ns, move || {
+            send_rounds(vip, port, flows, u32::MAX, gap, &s2)
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops after the current round; returns the (flow, seq) pairs sent.
+    pub fn stop(mut self) -> Result<Vec<Tag>> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender thread panicked"))?,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for UdpSender {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Up to `count` rounds (fewer if `stop` is set) of one datagram per flow, `gap` apart.
+fn send_rounds(
+    vip: Ipv4Addr,
+    port: u16,
+    flows: u32,
+    count: u32,
+    gap: Duration,
+    stop: &AtomicBool,
+) -> Result<Vec<Tag>> {
+    let socks: Vec<UdpSocket> = (0..flows)
+        .map(|_| {
+            let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+            s.connect(SocketAddr::from((vip, port)))?;
+            Ok(s)
+        })
+        .collect::<Result<_>>()?;
+    let mut sent = Vec::new();
+    for seq in 0..count {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        for (flow, s) in socks.iter().enumerate() {
+            let mut msg = [0u8; 64];
+            msg[..4].copy_from_slice(&(flow as u32).to_be_bytes());
+            msg[4..8].copy_from_slice(&seq.to_be_bytes());
+            s.send(&msg)?;
+            sent.push((flow as u32, seq));
+        }
+        std::thread::sleep(gap);
+    }
+    Ok(sent)
 }
 
 /// Asserts that `got` holds exactly the datagrams in `sent` (any order), with a short report.

@@ -9,7 +9,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -495,6 +495,8 @@ impl LoadStats {
 /// send a line, read the answer (a node id) to the end, close.
 pub struct TcpLoad {
     stop: Arc<AtomicBool>,
+    /// Connections answered so far, all threads (progress, while it runs).
+    answered: Arc<AtomicU64>,
     handles: Vec<JoinHandle<Result<LoadStats>>>,
     started: Instant,
 }
@@ -502,10 +504,12 @@ pub struct TcpLoad {
 impl TcpLoad {
     pub fn start(ns: &Netns, vips: &[Ipv4Addr], port: u16, threads: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let handles = (0..threads)
             .map(|_| {
                 let stop = stop.clone();
+                let answered = answered.clone();
                 let vips = vips.to_vec();
                 ns.spawn(move || {
                     let mut st = LoadStats::default();
@@ -517,6 +521,7 @@ impl TcpLoad {
                         match one_connection(vip, port) {
                             Ok(node) => {
                                 st.ok += 1;
+                                answered.fetch_add(1, Ordering::Relaxed);
                                 if t.elapsed() > Duration::from_millis(500) {
                                     st.slow += 1;
                                 }
@@ -537,9 +542,28 @@ impl TcpLoad {
             .collect();
         Self {
             stop,
+            answered,
             handles,
             started,
         }
+    }
+
+    /// Connections answered so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more connections than `from` have been answered; false if `timeout`
+    /// passes first.
+    pub fn wait_answered(&self, from: u64, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.answered() < from + n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// Stops the threads and sums what they saw.

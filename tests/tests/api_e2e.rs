@@ -224,17 +224,20 @@ fn runtime_changes_survive_a_restart_unless_the_file_changed() {
     let n1 = node_json(&setup, 1);
     assert_eq!(n1["admin_weight"], 3);
     assert_eq!(node_json(&setup, 2)["state"], "draining");
-    // The restarted daemon has judged every agent's heartbeats for a while: no table changed.
-    let beats = |s: &DaemonSetup| {
+    // The tables once the restarted daemon has judged every node on heartbeats of its own:
+    // more than miss_limit (3) intervals of them from each of the 3 agents, long enough for a
+    // node wrongly restored to change state and move routes.
+    let accepted = |s: &DaemonSetup| {
         s.cli_json(&["status"]).unwrap()["heartbeats"]["accepted"]
             .as_u64()
             .unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while beats(&setup) < 30 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while accepted(&setup) < 3 * 4 {
         assert!(
             Instant::now() < deadline,
-            "the restarted daemon accepted no heartbeats"
+            "the restarted daemon accepted {} heartbeats in 15 s",
+            accepted(&setup)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -250,12 +253,20 @@ fn runtime_changes_survive_a_restart_unless_the_file_changed() {
     let (_daemon, log) = setup.start_captured(&lab, &[]).unwrap();
     let nodes = setup.cli_json(&["node", "list"]).unwrap();
     assert_eq!(nodes.as_array().unwrap().len(), 2);
-    assert!(
-        log.since(0)
-            .iter()
-            .any(|l| l.contains("config file changed")),
-        "no log line about dropped runtime changes"
-    );
+    // Logged (stderr) before `lb: ready` (stdout), but the two pipes are read by threads of
+    // their own: wait for the line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log
+        .since(0)
+        .iter()
+        .any(|l| l.contains("config file changed"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no log line about dropped runtime changes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `lb trace --live`: while it runs, the program's event log is on and a dropped packet shows

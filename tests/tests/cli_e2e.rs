@@ -22,7 +22,7 @@ use lb_tests::{
         self, Element, Exposition, PublicLb, chromium_dump_dom, elements, http_get_ok,
         one_error_line, parse_openmetrics, row_cells,
     },
-    daemon::{DaemonSetup, HB_PORT, LogLines, lb_binary},
+    daemon::{DaemonSetup, HB_PORT, LogLines, lb_binary, log_seconds},
     echo::{EchoServers, Held},
     netns::{ChildGuard, Lab},
 };
@@ -1428,6 +1428,12 @@ fn wrong_key_is_a_warning_naming_the_node() {
     );
     let warned_at = Instant::now();
     eprintln!("warning: {first}");
+    // Seconds from the first warning to `line`, by the daemon's own stamps (when it wrote each
+    // line, however late this test got to read it).
+    let after_first = |line: &str| {
+        let at = |l: &str| log_seconds(l).unwrap_or_else(|| panic!("no time in {l:?}"));
+        (at(line) - at(&first)).rem_euclid(86400.0)
+    };
     let rejected = |s: &Value| {
         s["heartbeats"]["rejected"]["bad_hmac"]
             .as_u64()
@@ -1438,7 +1444,8 @@ fn wrong_key_is_a_warning_naming_the_node() {
     assert!(at_warning > 0, "{s}");
 
     // Five more seconds of heartbeats at 100 ms: all rejected, node 2 down all along, and no
-    // second warning (at most one per node per 10 s).
+    // second warning within 10 s of the first (at most one per node per 10 s; on a busy machine
+    // this window may outlast the period, so a warning counts by when the daemon wrote it).
     let s = wait_for(
         "50 more rejected heartbeats",
         Duration::from_secs(15),
@@ -1453,16 +1460,15 @@ fn wrong_key_is_a_warning_naming_the_node() {
                 .then_some(s)
         },
     );
-    assert!(
-        warned_at.elapsed() < Duration::from_secs(10),
-        "the observation window outlasted the rate limit's period"
-    );
     let warnings: Vec<String> = log.since(from).into_iter().filter(is_warning).collect();
-    assert_eq!(
-        warnings.len(),
-        1,
-        "{} warnings for {} rejected heartbeats: {warnings:#?}",
-        warnings.len(),
+    let early: Vec<&String> = warnings[1..]
+        .iter()
+        .filter(|w| after_first(w) < 9.5)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "{} more warnings within 10 s of the first, for {} rejected heartbeats: {early:#?}",
+        early.len(),
         rejected(&s)
     );
     assert_eq!(s["nodes"]["active"], 1, "{s}");
@@ -1481,13 +1487,10 @@ fn wrong_key_is_a_warning_naming_the_node() {
         Duration::from_secs(14),
         || {
             let w: Vec<String> = log.since(from).into_iter().filter(is_warning).collect();
-            (w.len() >= 2).then(|| warned_at.elapsed())
+            w.get(1).map(|l| after_first(l))
         },
     );
-    eprintln!("second warning {second:?} after the first");
-    assert!(
-        second >= Duration::from_millis(9500),
-        "a second warning after only {second:?}"
-    );
+    eprintln!("second warning {second:.3} s after the first (daemon's stamps)");
+    assert!(second >= 9.5, "a second warning after only {second:.3} s");
     assert_eq!(bed.node(2)["state"], "down");
 }

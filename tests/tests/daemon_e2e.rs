@@ -1,16 +1,38 @@
 //! The real daemon and agents in network namespaces with real traffic: dsr-l2 forwarding,
 //! failover timing, restart under traffic without loss, and refusal of bad state/config.
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
-    daemon::{DaemonSetup, UdpSink, assert_delivered, lb_binary, send_udp, udp_vip},
+    daemon::{
+        DaemonSetup, LogLines, UdpSender, UdpSink, assert_delivered, lb_binary, received, send_udp,
+        udp_vip, wait_received,
+    },
     netns::{Lab, Netns},
     scale::TcpServers,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const PORT: u16 = 5000;
+/// How long datagrams already sent may take to arrive before the missing ones count as lost
+/// (they take well under a millisecond; this only bounds the wait on a busy machine).
+const DELIVERY: Duration = Duration::from_secs(5);
+
+/// Waits until a line of `log` from `from` on contains `what`; panics after `timeout`.
+fn wait_log(log: &LogLines, from: usize, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !log.since(from).iter().any(|l| l.contains(what)) {
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} in the log within {timeout:?}: {:#?}",
+            log.since(from)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 #[test]
 fn dsr_forwarding_and_failover_with_agents() {
@@ -72,7 +94,8 @@ fn dsr_forwarding_and_failover_with_agents() {
         Duration::from_millis(1),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Every datagram sent has arrived (or the deadline passed: the assertion names the missing).
+    wait_received(&sinks.iter().collect::<Vec<_>>(), sent.len(), DELIVERY);
     let got: Vec<Vec<(u32, u32)>> = sinks.into_iter().map(|s| s.finish().unwrap()).collect();
     assert!(
         !got[0].is_empty() && !got[1].is_empty(),
@@ -108,7 +131,7 @@ fn dsr_forwarding_and_failover_with_agents() {
         Duration::from_millis(1),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_received(&[&sink2], sent.len(), DELIVERY);
     assert_delivered(sink2.finish().unwrap(), sent, "after failover, on node 2");
 }
 
@@ -136,19 +159,35 @@ fn restart_under_traffic_loses_no_packets() {
         .iter()
         .map(|n| UdpSink::start(&n.ns, PORT).unwrap())
         .collect();
-    // ~3 s of traffic over 16 flows; the daemon is stopped and restarted in the middle.
-    let client = lab.client.ns.name.clone();
-    let sender = std::thread::spawn(move || {
-        send_udp(&client, VIP, PORT, 16, 1500, Duration::from_millis(2))
-    });
-    std::thread::sleep(Duration::from_millis(700));
+    let all: Vec<&UdpSink> = sinks.iter().collect();
+    // Traffic over 16 flows (a datagram per flow every 2 ms) until stopped, whatever the phases
+    // take on a busy machine: each phase below lasts until `PHASE` more datagrams have arrived
+    // in it, so traffic demonstrably flows through the daemon, with no daemon at all, and
+    // through the restarted daemon.
+    const PHASE: usize = 16 * 25;
+    let sender = UdpSender::start(&lab.client.ns.name, VIP, PORT, 16, Duration::from_millis(2));
+    let flowing = |what: &str| {
+        let from = received(&all);
+        let got = wait_received(&all, from + PHASE, Duration::from_secs(10));
+        assert!(
+            got >= from + PHASE,
+            "{what}: {} of {PHASE} more datagrams arrived in 10 s",
+            got - from
+        );
+    };
+    flowing("through the first daemon");
     let status = daemon.signal_and_wait(libc::SIGTERM).unwrap();
     assert!(status.success(), "daemon exit status {status}");
-    // The program keeps forwarding with no daemon at all.
-    std::thread::sleep(Duration::from_millis(500));
+    // The program keeps forwarding with no daemon at all: an observation window of at least
+    // NO_DAEMON with traffic arriving in it (any datagram lost in it fails the check below).
+    const NO_DAEMON: Duration = Duration::from_millis(500);
+    let stopped = Instant::now();
+    flowing("with no daemon");
+    std::thread::sleep(NO_DAEMON.saturating_sub(stopped.elapsed()));
     let _daemon2 = setup.start(&lab, &[]).unwrap();
-    let sent = sender.join().unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    flowing("through the restarted daemon");
+    let sent = sender.stop().unwrap();
+    wait_received(&all, sent.len(), DELIVERY);
     let got: Vec<(u32, u32)> = sinks
         .into_iter()
         .flat_map(|s| s.finish().unwrap())
@@ -230,28 +269,28 @@ fn fail_static_keeps_the_table_when_every_heartbeat_stops_at_once() {
         .unwrap();
     let before = setup.routes(&key).unwrap();
     let from = log.len();
+    // The outage, an observation window: the link stays down for OUTAGE (over 3 x the 100 ms
+    // heartbeat interval, miss_limit 3: every node would be judged down) and at least until
+    // the daemon has said that it holds the table; no NodeDown and no table change over it.
+    const OUTAGE: Duration = Duration::from_secs(1);
     lab.lb.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    lab.lb.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-    // Wait until the daemon says it judges normally again (deadline, not a fixed sleep).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !log
-        .since(from)
-        .iter()
-        .any(|l| l.contains("heartbeats flow again"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "fail static never ended: {:#?}",
-            log.since(from)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let during = log.since(from);
-    assert!(
-        during.iter().any(|l| l.contains("fail static")),
-        "no fail-static warning: {during:#?}"
+    let down = Instant::now();
+    wait_log(
+        &log,
+        from,
+        "fail static: most nodes went silent",
+        Duration::from_secs(10),
     );
+    std::thread::sleep(OUTAGE.saturating_sub(down.elapsed()));
+    lab.lb.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    // The daemon says it judges normally again.
+    wait_log(
+        &log,
+        from,
+        "fail static: heartbeats flow again",
+        Duration::from_secs(10),
+    );
+    let during = log.since(from);
     assert!(
         !during.iter().any(|l| l.contains("NodeDown")),
         "a node went down: {during:#?}"
@@ -286,16 +325,7 @@ fn sighup_applies_the_config_and_refuses_a_bad_one() {
         })
         .unwrap();
     let good = std::fs::read_to_string(&setup.config).unwrap();
-    let wait_log = |from: usize, what: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !log.since(from).iter().any(|l| l.contains(what)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {what:?} in the log"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let wait_log = |from: usize, what: &str| wait_log(&log, from, what, Duration::from_secs(10));
     // A bad file (node 1 twice): refused, nothing changes.
     std::fs::write(
         &setup.config,

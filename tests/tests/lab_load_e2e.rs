@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
+    daemon::log_seconds,
     lab::{self, CLIENT_EXTRA, CLIENT_IP, DSR_VIP, ECHO_PORT, IPIP_VIP, Names, ROUTES},
     labctl::{LabCtl, wait_for},
     load::{self, EchoSpec, Load, Report, Request},
@@ -314,19 +315,6 @@ fn failover_under_load() -> Result<()> {
         "node 2 answered after it was down: {counts:?}"
     );
     Ok(())
-}
-
-/// Seconds into the day of a log line's RFC 3339 timestamp (`2026-12-02T00:39:17.558513Z`).
-fn log_seconds(line: &str) -> Option<f64> {
-    let t = line.split_whitespace().next()?.split_once('T')?.1;
-    let t = t.strip_suffix('Z')?;
-    let mut it = t.split(':');
-    let (h, m, sec) = (it.next()?, it.next()?, it.next()?);
-    Some(
-        h.parse::<f64>().ok()? * 3600.0
-            + m.parse::<f64>().ok()? * 60.0
-            + sec.parse::<f64>().ok()?,
-    )
 }
 
 fn signed_ms(at: Instant, base: Instant) -> f64 {

@@ -38,7 +38,19 @@ const LOAD_THREADS: usize = 4;
 const VICTIM: u32 = 7;
 
 const ALL_UP_BUDGET: Duration = Duration::from_secs(1);
+/// Observation window: no NodeDown, every node ACTIVE and owning routes, under TCP load.
 const STEADY: Duration = Duration::from_secs(20);
+/// Observation window after each daemon restart, under load: long enough for a wrongly
+/// judged node to go down (3 intervals) several times; none may.
+const AFTER_RESTART: Duration = Duration::from_secs(2);
+/// Connections the load has answered through a daemon before it is stopped (so the restart
+/// happens under load however slowly the load threads start on a busy machine).
+const BEFORE_RESTART_CONNS: u64 = 1000;
+/// Observation window before the kill, under load: every node up (the failover figure is
+/// meaningful only from there).
+const BEFORE_KILL: Duration = Duration::from_secs(1);
+/// Observation window after the failover, under load: the other 19 stay up, the victim down.
+const AFTER_KILL: Duration = Duration::from_secs(3);
 const FAILOVER_BUDGET: Duration = Duration::from_millis(800);
 /// Kernel sampling period while the steady phases run.
 const SAMPLE: Duration = Duration::from_millis(50);
@@ -284,25 +296,34 @@ fn sixteen_vips_twenty_agents_hold_under_tcp_load_and_fail_over() {
     let load = TcpLoad::start(&lab.client.ns, &vips, PORT, LOAD_THREADS);
     let mut restart_times = Vec::new();
     let mut downs_restart = Vec::new();
+    let mut answered = 0;
     for sig in [libc::SIGTERM, libc::SIGKILL] {
-        std::thread::sleep(Duration::from_millis(500));
+        if !load.wait_answered(answered, BEFORE_RESTART_CONNS, Duration::from_secs(15)) {
+            problems.add(
+                "restart: the load did not run before the restart",
+                format!(
+                    "{} of {BEFORE_RESTART_CONNS} connections answered in 15 s",
+                    load.answered() - answered
+                ),
+            );
+        }
         daemon.signal_and_wait(sig).unwrap();
         let t = Instant::now();
         let (d, l) = setup.start_captured(&lab, &[]).unwrap();
         restart_times.push(t.elapsed());
         daemon = d;
         log = l;
-        // Long enough for a wrongly judged node to go down (3 intervals) several times.
         monitor(
             &kv,
             &keys,
             &ids,
             None,
-            Duration::from_secs(2),
+            AFTER_RESTART,
             "after restart",
             &mut problems,
         );
         downs_restart.extend(events(&log.since(0), "NodeDown"));
+        answered = load.answered();
     }
     let restarted = load.finish().unwrap();
     eprintln!(
@@ -330,7 +351,7 @@ fn sixteen_vips_twenty_agents_hold_under_tcp_load_and_fail_over() {
         &keys,
         &ids,
         None,
-        Duration::from_secs(1),
+        BEFORE_KILL,
         "before kill",
         &mut problems,
     );
@@ -385,7 +406,7 @@ fn sixteen_vips_twenty_agents_hold_under_tcp_load_and_fail_over() {
         &keys,
         &others,
         Some(VICTIM),
-        Duration::from_secs(3),
+        AFTER_KILL,
         "after kill",
         &mut problems,
     );
