@@ -792,8 +792,9 @@ source_v6 = "{IPIP_SRC6}"
 }
 
 /// Starts `program args` in namespace `ns` with `argv[0]` = `<name>:<role>`, in a session of
-/// its own, and records its pid. Output: the terminal (`inherit`) or `logs/<role>.log`.
-fn spawn(
+/// its own, and records its pid. Output: the terminal (`inherit`) or appended to
+/// `logs/<role>.log` (a restarted process continues its log).
+pub fn spawn(
     n: &Names,
     role: &str,
     ns: &str,
@@ -810,7 +811,11 @@ fn spawn(
         cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
     } else {
         let log = n.log_dir().join(format!("{role}.log"));
-        let f = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
         cmd.stdout(f.try_clone()?).stderr(f);
     }
     // SAFETY: setns and setsid are async-signal-safe system calls; `nsfile` outlives spawn().

@@ -2,12 +2,11 @@
 //! lab's documented names (pid files `/run/<name>/pids/<role>.pid` holding `pid start-time`,
 //! `argv[0]` = `<name>:<role>`, namespaces `<name>-<role>`), a node vanishing, the daemon and
 //! an agent stopped and started again the way the lab starts them, and the `lb` CLI against
-//! the lab's daemon. Nothing here changes `lab.rs`: processes started here look to `lab::down`
+//! the lab's daemon. Processes are started with `lab::spawn`, so they look to `lab::down`
 //! exactly like the lab's own (same `argv[0]`, pid file, log file, namespace).
 use std::{
     ffi::OsString,
     fs,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -89,46 +88,10 @@ impl LabCtl {
         }
     }
 
-    /// Starts `program args` in namespace `ns` as the lab does: `argv[0]` = `<name>:<role>`,
-    /// a session of its own, output appended to `logs/<role>.log`, pid file written.
+    /// Starts `program args` in namespace `ns` as the lab does (`lab::spawn`): `argv[0]` =
+    /// `<name>:<role>`, a session of its own, output appended to `logs/<role>.log`, pid file.
     pub fn spawn(&self, role: &str, ns: &str, program: &Path, args: &[OsString]) -> Result<u32> {
-        let n = &self.names;
-        let nsfile = fs::File::open(PathBuf::from("/run/netns").join(ns))
-            .with_context(|| format!("opening namespace {ns}"))?;
-        let nsfd = nsfile.as_raw_fd();
-        let log = n.log_dir().join(format!("{role}.log"));
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        let mut cmd = Command::new(program);
-        cmd.arg0(format!("{}:{role}", n.name))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f);
-        // SAFETY: setns and setsid are async-signal-safe system calls; `nsfile` outlives spawn().
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {role} ({})", program.display()))?;
-        drop(nsfile);
-        let pid = child.id();
-        let start = start_time(pid).unwrap_or(0);
-        fs::write(
-            n.pid_dir().join(format!("{role}.pid")),
-            format!("{pid} {start}\n"),
-        )?;
-        Ok(pid)
+        lab::spawn(&self.names, role, ns, program.as_os_str(), args, false).map(|c| c.id())
     }
 
     /// Starts node `i`'s agent with the lab's arguments (a new incarnation).

@@ -9,16 +9,55 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::VipKey;
 use lb_tests::{
     daemon::{DaemonSetup, lb_binary},
     echo::{EchoServers, Held},
-    netns::Lab,
+    netns::{ChildGuard, Lab},
 };
 use lb_userspace::dataplane::vip_key;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const PORT: u16 = 7000;
 const ROUTES: u32 = 65536;
+
+/// Two nodes with agents and echo servers on `PORT` behind a daemon with one TCP VIP
+/// `VIP:vip_port` (0: all ports) of `ROUTES` routes, both nodes owning routes. Fields drop
+/// in order: servers, agents, daemon, files, namespaces.
+struct TwoNodes {
+    _servers: EchoServers,
+    _agents: [ChildGuard; 2],
+    _daemon: ChildGuard,
+    setup: DaemonSetup,
+    lab: Lab,
+    key: VipKey,
+}
+
+impl TwoNodes {
+    fn up(vip_port: u16) -> Self {
+        let lab = Lab::new(2).unwrap();
+        lab.add_dsr_vip(VIP).unwrap();
+        let setup = DaemonSetup::dsr(&lab, VIP, vip_port, "tcp", ROUTES, "").unwrap();
+        let daemon = setup.start(&lab, &[]).unwrap();
+        let key = vip_key(VIP.into(), vip_port, lb_common::PROTO_TCP);
+        let agents = [1, 2].map(|id| setup.agent(&lab, id, "100ms").unwrap());
+        setup
+            .wait_routes(&key, Duration::from_secs(10), |r| {
+                r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
+            })
+            .unwrap();
+        let servers =
+            EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], PORT).unwrap();
+        Self {
+            _servers: servers,
+            _agents: agents,
+            _daemon: daemon,
+            setup,
+            lab,
+            key,
+        }
+    }
+}
 
 /// Opens connections from the client namespace until one lands on `node`; returns it (the
 /// others are closed).
@@ -58,21 +97,10 @@ fn node_json(setup: &DaemonSetup, id: u32) -> serde_json::Value {
 /// working, and closing it lets the command return.
 #[test]
 fn drain_wait_returns_when_the_last_connection_closes() {
-    let lab = Lab::new(2).unwrap();
-    lab.add_dsr_vip(VIP).unwrap();
-    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "tcp", ROUTES, "").unwrap();
-    let _daemon = setup.start(&lab, &[]).unwrap();
-    let key = vip_key(VIP.into(), PORT, lb_common::PROTO_TCP);
-    let _a1 = setup.agent(&lab, 1, "100ms").unwrap();
-    let _a2 = setup.agent(&lab, 2, "100ms").unwrap();
-    setup
-        .wait_routes(&key, Duration::from_secs(10), |r| {
-            r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
-        })
-        .unwrap();
-    let _servers =
-        EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], PORT).unwrap();
-    let mut held = connection_to(&lab, 2);
+    let two = TwoNodes::up(PORT);
+    let (lab, setup) = (&two.lab, &two.setup);
+    let key = two.key;
+    let mut held = connection_to(lab, 2);
 
     let mut drain = std::process::Command::new(lb_binary().unwrap())
         .args([
@@ -118,7 +146,7 @@ fn drain_wait_returns_when_the_last_connection_closes() {
         drain.try_wait().unwrap().is_none(),
         "drain --wait returned with a flow open"
     );
-    let n2 = node_json(&setup, 2);
+    let n2 = node_json(setup, 2);
     assert_eq!(n2["state"], "draining");
     assert_eq!(n2["admin_drain"], true);
     assert_eq!(n2["flows"], 1, "{n2}");
@@ -135,7 +163,7 @@ fn drain_wait_returns_when_the_last_connection_closes() {
     for _ in 0..5 {
         assert_eq!(held.ask().unwrap(), 2);
     }
-    let landed = new_connections(&lab, 100);
+    let landed = new_connections(lab, 100);
     assert!(
         landed.iter().all(|n| *n == 1),
         "a new connection reached the draining node: {landed:?}"
@@ -164,11 +192,11 @@ fn drain_wait_returns_when_the_last_connection_closes() {
         closed.elapsed()
     );
     assert!(status.success(), "drain --wait: {status}");
-    assert_eq!(node_json(&setup, 2)["flows"], 0);
+    assert_eq!(node_json(setup, 2)["flows"], 0);
 
     // Undrain: node 2 takes new connections again.
     setup.cli_ok(&["node", "undrain", "2"]).unwrap();
-    let landed = new_connections(&lab, 100);
+    let landed = new_connections(lab, 100);
     assert!(
         landed.contains(&2),
         "node 2 got no new connection after undrain: {landed:?}"
@@ -346,31 +374,19 @@ fn trace_live_streams_drops_while_it_runs() {
 /// port-0 VIP now keeps its node across scans after a drain.
 #[test]
 fn all_ports_vip_flows_keep_their_node_after_a_drain() {
-    let lab = Lab::new(2).unwrap();
-    lab.add_dsr_vip(VIP).unwrap();
-    let setup = DaemonSetup::dsr(&lab, VIP, 0, "tcp", ROUTES, "").unwrap();
-    let _daemon = setup.start(&lab, &[]).unwrap();
-    let key = vip_key(VIP.into(), 0, lb_common::PROTO_TCP);
-    let _a1 = setup.agent(&lab, 1, "100ms").unwrap();
-    let _a2 = setup.agent(&lab, 2, "100ms").unwrap();
-    setup
-        .wait_routes(&key, Duration::from_secs(10), |r| {
-            r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
-        })
-        .unwrap();
-    let _servers =
-        EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], PORT).unwrap();
-    let mut held = connection_to(&lab, 2);
+    let two = TwoNodes::up(0);
+    let (lab, setup) = (&two.lab, &two.setup);
+    let mut held = connection_to(lab, 2);
     setup.cli_ok(&["node", "drain", "2"]).unwrap();
     let scans = |s: &DaemonSetup| {
         s.cli_json(&["status"]).unwrap()["conntrack"]["scans"]
             .as_u64()
             .unwrap()
     };
-    let first = scans(&setup);
+    let first = scans(setup);
     // Three scans after the drain: each would have cleared the moved flags under the defect.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while scans(&setup) < first + 3 {
+    while scans(setup) < first + 3 {
         assert!(
             Instant::now() < deadline,
             "the conntrack scan did not run 3 times in 15 s"
