@@ -487,10 +487,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "routes": N,
         "nodes": NODES,
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("control.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    let path = crate::write_bench_json("control.json", &doc)?;
     println!("\nwrote {}", path.display());
     Ok(())
 }

@@ -1016,14 +1016,14 @@ pub struct LabProcess {
 }
 
 /// The process's start time (clock ticks since boot), field 22 of /proc/PID/stat.
-fn start_time(pid: u32) -> Option<u64> {
+pub fn start_time(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rfind(')')
             .and_then(|i| s[i + 2..].chars().next())
@@ -1240,7 +1240,7 @@ pub fn down(n: &Names) -> Result<Removed> {
 }
 
 /// Reaps `pid` if it is our child (a no-op otherwise).
-fn reap(pid: u32) {
+pub fn reap(pid: u32) {
     let mut st = 0;
     // SAFETY: waitpid with WNOHANG never blocks; ECHILD for strangers is ignored.
     unsafe { libc::waitpid(pid as i32, &mut st, libc::WNOHANG) };

@@ -14,37 +14,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::lab::{self, GW_IP, HB_PORT, Names};
+pub use crate::lab::alive;
+use crate::lab::{self, GW_IP, HB_PORT, Names, reap, start_time};
 
 /// A lab that `lab::up` started, and the `lb` binary it runs.
 pub struct LabCtl {
     pub names: Names,
     pub nodes: usize,
     pub lb: PathBuf,
-}
-
-/// The process's start time (clock ticks since boot), field 22 of /proc/PID/stat.
-fn start_time(pid: u32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Alive and not a zombie.
-pub fn alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rfind(')')
-            .and_then(|i| s[i + 2..].chars().next())
-            .is_some_and(|st| st != 'Z' && st != 'X')
-    })
-}
-
-/// Reaps `pid` if it is our child (the lab's processes are when `lab::up` ran in this
-/// process); a no-op otherwise.
-fn reap(pid: u32) {
-    let mut st = 0;
-    // SAFETY: waitpid with WNOHANG never blocks; ECHILD for strangers is ignored.
-    unsafe { libc::waitpid(pid as i32, &mut st, libc::WNOHANG) };
 }
 
 impl LabCtl {

@@ -10,3 +10,18 @@ pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod scale;
+
+/// Writes a benchmark's JSON document to `target/bench/<file>` and returns the path.
+pub fn write_bench_json(
+    file: &str,
+    doc: &impl serde::Serialize,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let path = dir.join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(doc)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

@@ -26,9 +26,7 @@
 //! and the minimum of the runs and the ratio of the median to the matching baseline's.
 use std::{
     collections::BTreeMap,
-    fs,
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
     time::Instant,
 };
 
@@ -421,15 +419,7 @@ pub fn run(args: &[String]) -> Result<()> {
             },
         );
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("bench");
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize().unwrap_or(dir);
-    let path = dir.join("dataplane.json");
-    fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    let path = lb_tests::write_bench_json("dataplane.json", &report)?;
     println!(
         "\n{} runs per case; repeat = {}, loop = {} calls per run; wrote {}",
         o.runs,

@@ -34,10 +34,9 @@
 //! Writes `target/bench/lab.json` with `mpps.{lb,baseline,ratio}` and `rps.{vip,direct,ratio}`
 //! (medians of the rounds) and the rounds themselves.
 use std::{
-    fs,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Barrier},
     time::{Duration, Instant},
 };
@@ -518,15 +517,7 @@ pub fn run(args: &[String]) -> Result<()> {
         routes_per_vip: lab::ROUTES,
         xdp_mode,
     };
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("bench");
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize().unwrap_or(dir);
-    let path = dir.join("lab.json");
-    fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    let path = lb_tests::write_bench_json("lab.json", &report)?;
     println!("wrote {}", path.display());
     Ok(())
 }
