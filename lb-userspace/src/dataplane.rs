@@ -1296,13 +1296,17 @@ pub fn addr_hash(addr: &[u8; 16], family: u8) -> u32 {
 
 /// Human form of a VIP key: `10.0.0.1:80/tcp`, `[2001:db8::1]:443/udp`.
 pub fn vip_display(key: &VipKey) -> String {
-    let proto = match key.proto {
+    let sa = std::net::SocketAddr::new(key_ip(key), u16::from_be(key.port));
+    format!("{sa}/{}", proto_name(key.proto))
+}
+
+/// `tcp`, `udp` (the names `lb.toml` and VIP names use), `?` for anything else.
+pub fn proto_name(p: u8) -> &'static str {
+    match p {
         lb_common::PROTO_TCP => "tcp",
         lb_common::PROTO_UDP => "udp",
         _ => "?",
-    };
-    let sa = std::net::SocketAddr::new(key_ip(key), u16::from_be(key.port));
-    format!("{sa}/{proto}")
+    }
 }
 
 /// A VIP key's address (inverse of [`ip_bytes`]).

@@ -427,7 +427,7 @@ impl Daemon {
                     name: dataplane::vip_display(key),
                     addr: dataplane::key_ip(key),
                     port: u16::from_be(key.port),
-                    proto: proto_name(key.proto).into(),
+                    proto: dataplane::proto_name(key.proto).into(),
                     mode: v.spec.mode,
                     hash: v.spec.hash,
                     index: v.spec.index,
@@ -720,14 +720,6 @@ fn share(part: u64, whole: u64) -> f64 {
         0.0
     } else {
         part as f64 / whole as f64
-    }
-}
-
-fn proto_name(p: u8) -> &'static str {
-    match p {
-        lb_common::PROTO_TCP => "tcp",
-        lb_common::PROTO_UDP => "udp",
-        _ => "?",
     }
 }
 
