@@ -111,10 +111,10 @@ pub const fn ct_tag(flow_hash: u32) -> u32 {
     if flow_hash == 0 { 1 } else { flow_hash }
 }
 
-/// The tag of a [`FlowKey`].
+/// The tag of a [`FlowKey`] under the balancer's hash `seed`.
 #[inline(always)]
-pub const fn ct_key_tag(key: &FlowKey) -> u32 {
-    ct_tag(hash::flow_key_hash(key, true))
+pub const fn ct_key_tag(seed: u32, key: &FlowKey) -> u32 {
+    ct_tag(hash::flow_key_hash(seed, key, true))
 }
 
 /// The set of a tag in a table of `sets` sets.
@@ -321,6 +321,9 @@ mod tests {
     use super::*;
     use crate::{FAMILY_V4, FAMILY_V6};
 
+    /// Any seed: the tests are about ways and tags, not which set a flow lands in.
+    const SEED: u32 = 0x5eed_0001;
+
     /// A store that evicts the flow while it is being read (between the copy and the checks)
     /// yields no entry, never the evicting flow's.
     #[test]
@@ -382,7 +385,7 @@ mod tests {
     }
 
     fn put(set: &mut CtSet, i: usize, k: &FlowKey, node: u32, last_seen: u32, flags: u32) {
-        let tag = ct_key_tag(k);
+        let tag = ct_key_tag(SEED, k);
         set.tags[i] = tag;
         set.slots[i] = CtSlot {
             key: ct_key(k),
@@ -426,9 +429,9 @@ mod tests {
         let a = key(1, FAMILY_V4);
         let b = key(2, FAMILY_V4);
         put(&mut set, 5, &a, 9, 0, 0);
-        let (ka, ta) = (ct_key(&a), ct_key_tag(&a));
+        let (ka, ta) = (ct_key(&a), ct_key_tag(SEED, &a));
         assert_eq!(ct_find(&set, &ka, ta), Some(5));
-        assert_eq!(ct_find(&set, &ct_key(&b), ct_key_tag(&b)), None);
+        assert_eq!(ct_find(&set, &ct_key(&b), ct_key_tag(SEED, &b)), None);
         // A torn slot: node rewritten, check not (yet).
         set.slots[5].entry.node = 4;
         assert_eq!(ct_find(&set, &ka, ta), None);
@@ -448,7 +451,7 @@ mod tests {
         let mut set = CtSet::default();
         let flows: [FlowKey; CT_WAYS] = core::array::from_fn(|i| key(100 + i as u32, FAMILY_V6));
         let new = key(7, FAMILY_V6);
-        let (kn, tn) = (ct_key(&new), ct_key_tag(&new));
+        let (kn, tn) = (ct_key(&new), ct_key_tag(SEED, &new));
         // Free ways are taken in order.
         assert_eq!(ct_insert_way(&set, &kn, tn, 50), 0);
         for (i, f) in flows.iter().enumerate().take(3) {
@@ -486,7 +489,7 @@ mod tests {
         let mut hit = [0u32; CT_WAYS];
         for n in 0..4000 {
             let k = key(10_000 + n, FAMILY_V4);
-            hit[ct_insert_way(&set, &ct_key(&k), ct_key_tag(&k), 0)] += 1;
+            hit[ct_insert_way(&set, &ct_key(&k), ct_key_tag(SEED, &k), 0)] += 1;
         }
         let even = 4000 / CT_WAYS as u32;
         for h in hit {
@@ -524,7 +527,7 @@ mod tests {
             };
             let mut k = k;
             k.src[..8].copy_from_slice(&(r >> 32).to_le_bytes());
-            let (tag, words) = (ct_key_tag(&k), ct_key(&k));
+            let (tag, words) = (ct_key_tag(SEED, &k), ct_key(&k));
             let set = &mut table[ct_set_index(tag, SETS) as usize];
             let (w, evicts) = ct_insert_way_in(set, &words, tag, now, CT_WAYS);
             set.tags[w] = tag;

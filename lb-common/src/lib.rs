@@ -135,6 +135,9 @@ pub struct VipMeta {
     pub route_base: u32,
     /// Route IDs in the table (N); never 0 for a live VIP.
     pub route_count: u32,
+    /// The balancer's flow-hash seed (`hash::flow_hash_v4/v6`): the same in every VIP, kept
+    /// here because the fast path already holds this cache line.
+    pub hash_seed: u32,
 }
 
 impl VipMeta {
@@ -460,9 +463,10 @@ const _: () = {
     assert!(offset_of!(VipKey, port) == 16);
     assert!(offset_of!(VipKey, proto) == 18);
     assert!(offset_of!(VipKey, family) == 19);
-    assert!(size_of::<VipMeta>() == 16);
+    assert!(size_of::<VipMeta>() == 20);
     assert!(offset_of!(VipMeta, route_base) == 8);
-    assert!(size_of::<VipCacheEntry>() == 36);
+    assert!(offset_of!(VipMeta, hash_seed) == 16);
+    assert!(size_of::<VipCacheEntry>() == 40);
     assert!(offset_of!(VipCacheEntry, meta) == 20);
     assert!(VIP_CACHE_SIZE.is_power_of_two());
     assert!(size_of::<RouteEntry>() == 8);

@@ -432,7 +432,7 @@ fn fast_v4(f: Frame, l3: usize) -> Fast {
     } else {
         le32(t)
     };
-    let hash = flow_hash_v4(le32(h + ipv4::SRC), dst, ports, PROTO_TCP);
+    let hash = flow_hash_v4(meta.hash_seed, le32(h + ipv4::SRC), dst, ports, PROTO_TCP);
     // verifier: the index is < MAX_VIPS (the loader checks), but the lookup can return null.
     let Some(generation) = VIP_GEN.get(meta.index) else {
         return Fast::Slow;
@@ -890,16 +890,16 @@ fn route_hash(ip: &Ip, flow: &Flow, meta: &VipMeta) -> u32 {
     } else {
         flow.ports
     };
-    flow_hash(ip, flow, ports)
+    flow_hash(ip, flow, ports, meta.hash_seed)
 }
 
 /// The flow's hash with the given ports word (0 for source affinity).
 #[inline(always)]
-fn flow_hash(ip: &Ip, flow: &Flow, ports: u32) -> u32 {
+fn flow_hash(ip: &Ip, flow: &Flow, ports: u32, seed: u32) -> u32 {
     if ip.v6 {
-        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
+        flow_hash_v6(seed, &flow.client, &flow.vip, ports, flow.proto)
     } else {
-        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
+        flow_hash_v4(seed, flow.client[0], flow.vip[0], ports, flow.proto)
     }
 }
 
@@ -1004,7 +1004,7 @@ fn tracked(
     // The tag is the 5-tuple hash: the route hash already is one unless the VIP hashes by
     // source address only.
     let tag = ct_tag(if meta.flags & VIP_F_HASH_SRC != 0 {
-        flow_hash(ip, flow, flow.ports)
+        flow_hash(ip, flow, flow.ports, meta.hash_seed)
     } else {
         hash
     });

@@ -221,6 +221,7 @@ impl Daemon {
                 state_dir.display()
             )
         })?;
+        dp.set_hash_seed(ctl.hash_seed());
 
         let key = match &cfg.daemon.key_file {
             Some(p) => {
@@ -906,7 +907,10 @@ fn sync_membership(m: &mut Membership, cfg: &Config) {
 
 /// What the kernel holds at start-up: the pinned VIPs' live tables and non-empty node slots.
 fn adopted(dp: &Dataplane) -> Result<Adopted> {
-    let mut a = Adopted::default();
+    let mut a = Adopted {
+        hash_seed: (!dp.vip_keys().is_empty()).then(|| dp.hash_seed()),
+        ..Adopted::default()
+    };
     for key in dp.vip_keys() {
         let (Some(meta), Some(routes)) = (dp.vip_meta(&key), dp.live_routes(&key)) else {
             continue;
@@ -988,7 +992,7 @@ impl ScanJob {
                 continue;
             };
             let v = &self.vips[i];
-            let route = flow_route(v.hash, v.table.route_count(), &key);
+            let route = flow_route(self.table.seed(), v.hash, v.table.route_count(), &key);
             let owner_live = v
                 .table
                 .node(ct.node)
@@ -1037,9 +1041,9 @@ pub fn flow_vip(key: &FlowKey, has: impl Fn(&VipKey) -> bool) -> Option<VipKey> 
     [exact, any_port].into_iter().find(|k| has(k))
 }
 
-/// Route ID of a tracked flow, as the kernel computes it.
-pub fn flow_route(mode: HashMode, n: u32, key: &FlowKey) -> u32 {
-    let h = lb_common::hash::flow_key_hash(key, mode == HashMode::FiveTuple);
+/// Route ID of a tracked flow, as the kernel computes it under the hash `seed`.
+pub fn flow_route(seed: u32, mode: HashMode, n: u32, key: &FlowKey) -> u32 {
+    let h = lb_common::hash::flow_key_hash(seed, key, mode == HashMode::FiveTuple);
     lb_common::hash::route_index(h, n)
 }
 

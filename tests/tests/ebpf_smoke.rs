@@ -541,7 +541,7 @@ fn full_conntrack_set_evicts_closing_then_oldest() {
     let ports = (1024..=u16::MAX)
         .find_map(|p| {
             let g = groups
-                .entry(ct_set_index(ct_key_tag(&flow(p)), sets))
+                .entry(ct_set_index(ct_key_tag(dp.hash_seed(), &flow(p)), sets))
                 .or_default();
             g.push(p);
             (g.len() == CT_WAYS + 2).then(|| g.clone())
