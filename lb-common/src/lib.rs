@@ -250,10 +250,19 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// A TCP FIN was seen on the flow.
+/// The flow's last packet carried a TCP FIN (a later packet without one clears it: a forged
+/// FIN/RST cannot close a flow that goes on talking).
 pub const CT_F_FIN: u32 = 1;
-/// A TCP RST was seen on the flow.
+/// The flow's last packet carried a TCP RST (cleared like `CT_F_FIN`).
 pub const CT_F_RST: u32 = 2;
+/// The flow was seen on a moved route (`ROUTE_F_MOVED`), where every packet refreshes its
+/// entry: the entry is needed to keep the flow on its node, and its `last_seen` is live. A new
+/// flow's SYN never evicts such an entry (a SYN flood cannot push established flows off their
+/// nodes); only another flow on a moved route can.
+pub const CT_F_KEEP: u32 = 4;
+/// A flow whose last packet carried FIN/RST is closing once it has been quiet this long
+/// (`CtEntry::last_seen` units, ~10.7 s): then it is the first to be evicted or expired.
+pub const CT_CLOSE_QUIET: u32 = 10;
 
 /// What `CONNTRACK` records of a flow (`ct::CtSlot::entry`).
 #[repr(C)]
@@ -348,9 +357,12 @@ pub enum Stat {
     DrainKeep = 11,
     /// A new flow took the place of a tracked one in its full `CONNTRACK` set.
     CtEvict = 12,
+    /// A new flow was not recorded: its `CONNTRACK` set was full of flows on moved routes
+    /// (`CT_F_KEEP`), which a new flow does not evict. Flood pressure.
+    CtFull = 13,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 /// Index into `DROPS`: why a VIP packet was dropped.
 #[repr(u32)]

@@ -5,7 +5,7 @@
 use std::{io, os::fd::OwnedFd};
 
 use lb_common::{
-    CtEntry, FlowKey,
+    CT_F_KEEP, CtEntry, FlowKey,
     ct::{
         CT_WAYS, CtSet, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key, ct_key_tag,
         ct_set_index, ct_store,
@@ -110,12 +110,17 @@ impl CtTable {
     }
 
     /// Records a flow where the kernel would (its own way, a free way, or the victim), in the
-    /// kernel's write order.
-    pub fn insert(&mut self, key: &FlowKey, entry: &CtEntry) {
+    /// kernel's write order; false when the set has no way it may take (see
+    /// `ct_insert_way`).
+    pub fn insert(&mut self, key: &FlowKey, entry: &CtEntry) -> bool {
         let (tag, i) = self.set_of(key);
         let words = ct_key(key);
-        let w = ct_insert_way(&self.read(i), &words, tag, entry.last_seen);
+        let keep = entry.flags & CT_F_KEEP != 0;
+        let Some(w) = ct_insert_way(&self.read(i), &words, tag, entry.last_seen, keep) else {
+            return false;
+        };
         // SAFETY: a set inside the mapping.
         unsafe { ct_store(self.set_ptr(i), w, &words, tag, entry) };
+        true
     }
 }

@@ -1020,7 +1020,11 @@ impl Dataplane {
 
     /// Records one flow where the kernel would (tests, and re-homing flows).
     pub fn conntrack_insert(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
-        self.conntrack.insert(key, entry);
+        if !self.conntrack.insert(key, entry) {
+            return Err(DataplaneError::Invalid(
+                "conntrack set full of flows on moved routes (CT_F_KEEP): not recorded".into(),
+            ));
+        }
         Ok(())
     }
 

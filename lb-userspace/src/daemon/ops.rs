@@ -34,6 +34,7 @@ pub const EVENT_NAMES: [&str; STAT_COUNT as usize] = [
     "encap",
     "drain_keep",
     "ct_evict",
+    "ct_full",
 ];
 
 /// Snake-case name of a drop reason (`no_backend`), as the API and metrics label it.
