@@ -277,7 +277,7 @@ impl Dataplane {
             filter_map: take(&mut ebpf, lb_common::MAP_VIP_FILTER)?,
             routes: RouteSlots::new(take(&mut ebpf, lb_common::MAP_ROUTES)?)?,
             nodes_map: take(&mut ebpf, lb_common::MAP_NODES)?,
-            conntrack: conntrack_table(&ebpf, ct_sets)?,
+            conntrack: conntrack_table(&ebpf, ct_sets, 0)?,
             config_map: take(&mut ebpf, lb_common::MAP_CONFIG)?,
             stats_map: take(&mut ebpf, lb_common::MAP_STATS)?,
             drops_map: take(&mut ebpf, lb_common::MAP_DROPS)?,
@@ -999,7 +999,7 @@ impl Dataplane {
     /// A second mapping of `CONNTRACK`, for a scan that runs beside the daemon's other work
     /// (the kernel writes the table concurrently anyway; readers check every slot they use).
     pub fn conntrack_view(&self) -> Result<CtTable> {
-        conntrack_table(&self.ebpf, self.conntrack.sets())
+        conntrack_table(&self.ebpf, self.conntrack.sets(), self.hash_seed)
     }
 
     /// All tracked flows.
@@ -1078,9 +1078,9 @@ impl Dataplane {
     }
 }
 
-/// A second fd of a map, before it is taken.
-/// `CONNTRACK` mapped, after checking that a pinned one has this build's layout and size.
-fn conntrack_table(ebpf: &Ebpf, sets: u32) -> Result<CtTable> {
+/// `CONNTRACK` mapped (for flows hashed with `seed`), after checking that a pinned one has
+/// this build's layout and size.
+fn conntrack_table(ebpf: &Ebpf, sets: u32, seed: u32) -> Result<CtTable> {
     let name = lb_common::MAP_CONNTRACK;
     let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
         return Err(DataplaneError::Invalid(format!(
@@ -1106,9 +1106,10 @@ fn conntrack_table(ebpf: &Ebpf, sets: u32) -> Result<CtTable> {
         )));
     }
     let fd = dup_map_fd(ebpf, name)?;
-    CtTable::map(fd, sets, 0).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
+    CtTable::map(fd, sets, seed).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
 
+/// A second fd of a map, before it is taken.
 fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
     match ebpf.map(name) {
         Some(aya::maps::Map::Array(data)) => data

@@ -16,7 +16,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::netns::Netns;
+use lb_common::VipKey;
+use lb_userspace::dataplane::vip_key;
+
+use crate::{
+    daemon::DaemonSetup,
+    netns::{ChildGuard, Lab, Netns},
+};
 
 /// One echo server per node namespace on `0.0.0.0:port`.
 pub struct EchoServers {
@@ -107,5 +113,87 @@ impl Held {
         line.trim()
             .parse()
             .with_context(|| format!("echo answered {line:?}"))
+    }
+}
+
+/// Opens connections to `vip:port` from the client namespace until one lands on `node`;
+/// returns it (the others are closed).
+pub fn connection_to(lab: &Lab, vip: Ipv4Addr, port: u16, node: u32) -> Result<Held> {
+    lab.client
+        .ns
+        .spawn(move || {
+            for _ in 0..200 {
+                let mut c = Held::connect(vip, port)?;
+                if c.ask()? == node {
+                    return Ok(c);
+                }
+            }
+            bail!("no connection landed on node {node} in 200 tries")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// Which nodes `n` new connections to `vip:port` land on.
+pub fn new_connections(lab: &Lab, vip: Ipv4Addr, port: u16, n: usize) -> Result<Vec<u32>> {
+    lab.client
+        .ns
+        .spawn(move || (0..n).map(|_| Held::connect(vip, port)?.ask()).collect())
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// Two nodes with agents (beating every 100 ms) and echo servers on `echo_port` behind a
+/// daemon with one dsr-l2 TCP VIP `vip:vip_port` (0: all ports) of `routes` routes, both nodes
+/// owning routes. Fields drop in order: servers, agents, daemon, files, namespaces.
+pub struct TwoNodes {
+    _servers: EchoServers,
+    _agents: [ChildGuard; 2],
+    _daemon: ChildGuard,
+    pub setup: DaemonSetup,
+    pub lab: Lab,
+    pub key: VipKey,
+}
+
+impl TwoNodes {
+    /// `extra_daemon` is appended to the config's `[daemon]`.
+    pub fn up(
+        vip: Ipv4Addr,
+        vip_port: u16,
+        echo_port: u16,
+        routes: u32,
+        conntrack_size: u32,
+        extra_daemon: &str,
+    ) -> Result<Self> {
+        let lab = Lab::new(2)?;
+        lab.add_dsr_vip(vip)?;
+        let setup = DaemonSetup::dsr_many(
+            &lab,
+            &[vip],
+            vip_port,
+            "tcp",
+            routes,
+            conntrack_size,
+            extra_daemon,
+        )?;
+        let daemon = setup.start(&lab, &[])?;
+        let key = vip_key(vip.into(), vip_port, lb_common::PROTO_TCP);
+        let agents = [
+            setup.agent(&lab, 1, "100ms")?,
+            setup.agent(&lab, 2, "100ms")?,
+        ];
+        setup.wait_routes(&key, Duration::from_secs(10), |r| {
+            r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
+        })?;
+        let servers =
+            EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], echo_port)?;
+        Ok(Self {
+            _servers: servers,
+            _agents: agents,
+            _daemon: daemon,
+            setup,
+            lab,
+            key,
+        })
     }
 }

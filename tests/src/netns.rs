@@ -284,3 +284,60 @@ pub fn mac_str(mac: &[u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// Sends raw Ethernet frames out of `ifname` through an `AF_PACKET` socket of the calling
+/// thread's namespace (a flood generator: the frames need not belong to any socket), `batch`
+/// at a time with `pause` between batches so the receiver's backlog is not simply overrun.
+/// Returns how many the kernel took.
+pub fn send_frames(
+    ifname: &str,
+    frames: impl Iterator<Item = Vec<u8>>,
+    batch: usize,
+    pause: std::time::Duration,
+) -> Result<u64> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("no interface {ifname} in this namespace");
+    }
+    // SAFETY: plain socket(2); protocol 0 = send only.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_ifindex = index as i32;
+    to.sll_halen = 6;
+    let mut sent = 0u64;
+    for (i, f) in frames.enumerate() {
+        if i > 0 && i % batch == 0 {
+            std::thread::sleep(pause);
+        }
+        // SAFETY: the frame and the address outlive the call; sizes are theirs.
+        let r = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&raw const to).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r >= 0 {
+            sent += 1;
+        } else {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) {
+                bail!("sending a frame on {ifname}: {e}");
+            }
+        }
+    }
+    Ok(sent)
+}

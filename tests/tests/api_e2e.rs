@@ -9,11 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::VipKey;
 use lb_tests::{
     daemon::{DaemonSetup, lb_binary},
-    echo::{EchoServers, Held},
-    netns::{ChildGuard, Lab},
+    echo::{Held, TwoNodes},
+    netns::Lab,
 };
 use lb_userspace::dataplane::vip_key;
 
@@ -21,71 +20,18 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const PORT: u16 = 7000;
 const ROUTES: u32 = 65536;
 
-/// Two nodes with agents and echo servers on `PORT` behind a daemon with one TCP VIP
-/// `VIP:vip_port` (0: all ports) of `ROUTES` routes, both nodes owning routes. Fields drop
-/// in order: servers, agents, daemon, files, namespaces.
-struct TwoNodes {
-    _servers: EchoServers,
-    _agents: [ChildGuard; 2],
-    _daemon: ChildGuard,
-    setup: DaemonSetup,
-    lab: Lab,
-    key: VipKey,
+/// The two-node lab of these tests: a TCP VIP `VIP:vip_port` (0: all ports) of `ROUTES`
+/// routes, echo servers on `PORT`.
+fn two_nodes(vip_port: u16) -> TwoNodes {
+    TwoNodes::up(VIP, vip_port, PORT, ROUTES, 65536, "").unwrap()
 }
 
-impl TwoNodes {
-    fn up(vip_port: u16) -> Self {
-        let lab = Lab::new(2).unwrap();
-        lab.add_dsr_vip(VIP).unwrap();
-        let setup = DaemonSetup::dsr(&lab, VIP, vip_port, "tcp", ROUTES, "").unwrap();
-        let daemon = setup.start(&lab, &[]).unwrap();
-        let key = vip_key(VIP.into(), vip_port, lb_common::PROTO_TCP);
-        let agents = [1, 2].map(|id| setup.agent(&lab, id, "100ms").unwrap());
-        setup
-            .wait_routes(&key, Duration::from_secs(10), |r| {
-                r.iter().any(|e| e.node == 1) && r.iter().any(|e| e.node == 2)
-            })
-            .unwrap();
-        let servers =
-            EchoServers::start(&[(&lab.nodes[0].ns, 1), (&lab.nodes[1].ns, 2)], PORT).unwrap();
-        Self {
-            _servers: servers,
-            _agents: agents,
-            _daemon: daemon,
-            setup,
-            lab,
-            key,
-        }
-    }
-}
-
-/// Opens connections from the client namespace until one lands on `node`; returns it (the
-/// others are closed).
 fn connection_to(lab: &Lab, node: u32) -> Held {
-    lab.client
-        .ns
-        .spawn(move || {
-            for _ in 0..200 {
-                let mut c = Held::connect(VIP, PORT)?;
-                if c.ask()? == node {
-                    return Ok(c);
-                }
-            }
-            anyhow::bail!("no connection landed on node {node} in 200 tries")
-        })
-        .join()
-        .unwrap()
-        .unwrap()
+    lb_tests::echo::connection_to(lab, VIP, PORT, node).unwrap()
 }
 
-/// Which nodes `n` new connections land on.
 fn new_connections(lab: &Lab, n: usize) -> Vec<u32> {
-    lab.client
-        .ns
-        .spawn(move || (0..n).map(|_| Held::connect(VIP, PORT)?.ask()).collect())
-        .join()
-        .unwrap()
-        .unwrap()
+    lb_tests::echo::new_connections(lab, VIP, PORT, n).unwrap()
 }
 
 fn node_json(setup: &DaemonSetup, id: u32) -> serde_json::Value {
@@ -97,7 +43,7 @@ fn node_json(setup: &DaemonSetup, id: u32) -> serde_json::Value {
 /// working, and closing it lets the command return.
 #[test]
 fn drain_wait_returns_when_the_last_connection_closes() {
-    let two = TwoNodes::up(PORT);
+    let two = two_nodes(PORT);
     let (lab, setup) = (&two.lab, &two.setup);
     let key = two.key;
     let mut held = connection_to(lab, 2);
@@ -374,7 +320,7 @@ fn trace_live_streams_drops_while_it_runs() {
 /// port-0 VIP now keeps its node across scans after a drain.
 #[test]
 fn all_ports_vip_flows_keep_their_node_after_a_drain() {
-    let two = TwoNodes::up(0);
+    let two = two_nodes(0);
     let (lab, setup) = (&two.lab, &two.setup);
     let mut held = connection_to(lab, 2);
     setup.cli_ok(&["node", "drain", "2"]).unwrap();
