@@ -1106,7 +1106,8 @@ fn conntrack_table(ebpf: &Ebpf, sets: u32, seed: u32) -> Result<CtTable> {
         )));
     }
     let fd = dup_map_fd(ebpf, name)?;
-    CtTable::map(fd, sets, seed).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
+    CtTable::map(fd, sets, seed)
+        .map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
 
 /// A second fd of a map, before it is taken.

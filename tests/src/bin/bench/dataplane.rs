@@ -4,26 +4,31 @@
 //! The balancer is loaded and configured exactly as the fixture tests do (`lb_tests::fixture`),
 //! and the cases are packets of the fixture flows.
 //!
-//! Two methods, because with `repeat > 1` the kernel feeds the program's output back in:
+//! Every case is measured `--runs` times (default 7, at least 5), each run paired with a run of
+//! its baseline (case then baseline, then baseline then case, alternating): the ratio is the
+//! median of the per-pair ratios, so drift in the machine's speed cancels. Three methods,
+//! because with `repeat > 1` the kernel feeds a program's output back in as the next run's
+//! input (it does not reset the packet):
 //! - `repeat`: one call with a large repeat; the kernel reports the mean time per run. Only for
 //!   packets whose rewrite is idempotent (dsr-l2 rewrites only MACs and takes the same path
 //!   again; pass-through leaves the packet alone), and for the baselines.
-//! - `wrapper` (SYN): one call with a large repeat through `bench_new_flow`, which sets the
-//!   source address/port and tail-calls the balancer. `v4_syn_dsr`: the input is restored to
-//!   the same SYN every run, and every run makes the balancer insert the flow's conntrack entry
-//!   (an LRU update always links a newly taken element). `v4_syn_dsr_newflow`: every run is a
-//!   flow never seen before, so the table's memory is cold (a 1M-entry table). Both check that
-//!   the number of inserts equals the number of runs. The wrapper's own cost (tail-calling
-//!   `baseline_tx` instead, minus `baseline_tx` alone) is subtracted. Each run starts with a
-//!   freshly loaded balancer, so the inserts never evict.
-//! - `loop`: many calls with repeat = 1 (ipip would re-encapsulate its own output; the SYN is
-//!   also reported this way, `v4_syn_dsr_loop`). The time is the kernel-reported
-//!   duration of each call (so the syscall itself is not counted, but the per-call timer and
-//!   setup are), averaged over the calls of a run; the baselines are measured the same way
-//!   (`baseline_*_loop`) for the ratio. The wall-clock time per call is reported alongside.
-//!
-//! Every case is measured `--runs` times (default 7, at least 5); the table shows the median
-//! and the minimum of the runs and the ratio of the median to the matching baseline's.
+//! - `wrapper`: one call with a large repeat through `bench_new_flow`, which rewrites the
+//!   source address's low half and the source port from a per-CPU counter, restoring the input,
+//!   and tail-calls the balancer. Its own cost (tail-calling `baseline_tx` instead, minus
+//!   `baseline_tx` alone, measured in the same pair) is subtracted.
+//!   - `v4_syn_refresh`: the same SYN every run (step 0): the balancer re-records the same flow
+//!     in its own way, a hot line (what a retransmitted SYN costs).
+//!   - `v4_syn_newflow`: a never-seen flow every run into a long-lived 1M-flow table filled to
+//!     25% by earlier flows; `v4_syn_newflow_full`: the same into a full table (every insert
+//!     evicts). Both check that every run inserted.
+//!   - `v4_established_dsr_1m_flows`: an established packet of a different flow every run
+//!     (1M flows in turn): each touches another route slot, node line and `ROUTE_STATS`
+//!     counter, where `v4_established_dsr` repeats one flow whose lines are all hot.
+//! - `loop`: many calls with repeat = 1 (ipip would re-encapsulate its own output). The time is
+//!   the kernel-reported duration of each call (so the syscall itself is not counted, but the
+//!   per-call timer and setup are), averaged over the calls of a run; the baselines are
+//!   measured the same way (`baseline_*_loop`). The wall-clock time per call is reported
+//!   alongside.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
@@ -33,7 +38,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::Xdp;
 use lb_tests::{
-    fixture::{self as fx, Baseline, CLIENT4, OTHER4, V4_TCP_DSR, V4_TCP_IPIP, V6_TCP_DSR},
+    fixture::{
+        self as fx, Baseline, CLIENT4, OTHER4, V4_TCP_DSR, V4_TCP_IPIP, V6_TCP_DSR, V6_TCP_IPIP,
+    },
     packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN, XDP_PASS, XDP_TX, verdict_name},
 };
 use serde::Serialize;
@@ -120,9 +127,40 @@ struct Measured {
     method: Method,
     baseline: &'static str,
     runs: Vec<f64>,
+    /// The baseline's run paired with each of `runs` (empty for a baseline itself).
+    base_runs: Vec<f64>,
     wall: Vec<f64>,
     verdict: u32,
     want: u32,
+}
+
+impl Measured {
+    fn new(name: &'static str, method: Method, baseline: &'static str, r: Runs, want: u32) -> Self {
+        Self {
+            name,
+            method,
+            baseline,
+            runs: r.runs,
+            base_runs: r.base_runs,
+            wall: r.wall,
+            verdict: r.verdict,
+            want,
+        }
+    }
+
+    /// Median of the per-pair ratios (1 for a baseline).
+    fn ratio(&self) -> f64 {
+        if self.base_runs.is_empty() {
+            return 1.0;
+        }
+        let r: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&self.base_runs)
+            .map(|(c, b)| c / b)
+            .collect();
+        median(&r)
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -143,109 +181,201 @@ fn min(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-/// `repeat` method: `runs` calls with a large repeat; ns per run of the program.
-fn by_repeat(prog: &mut Xdp, pkt: &[u8], o: &Opts) -> Result<(Vec<f64>, u32)> {
+/// What a method measured.
+#[derive(Default)]
+struct Runs {
+    /// ns per packet of each run.
+    runs: Vec<f64>,
+    /// The baseline's run paired with each (empty without a baseline).
+    base_runs: Vec<f64>,
+    /// `loop` only: wall-clock ns per call (syscall included) of each run.
+    wall: Vec<f64>,
+    verdict: u32,
+}
+
+/// `repeat` method: `runs` calls with a large repeat; ns per run of the program. With `base`,
+/// each call is paired with one of the baseline (alternating which goes first).
+fn by_repeat(prog: &mut Xdp, pkt: &[u8], mut base: Option<&mut Xdp>, o: &Opts) -> Result<Runs> {
     let (verdict, _, _) = fx::xdp_run(prog, pkt, 1)?;
-    // One warm-up call.
+    // One warm-up call each.
     fx::xdp_run(prog, pkt, o.repeat.min(10_000))?;
-    let mut runs = Vec::with_capacity(o.runs);
-    for _ in 0..o.runs {
-        let (_, _, d) = fx::xdp_run(prog, pkt, o.repeat)?;
-        runs.push(d.as_nanos() as f64);
-    }
-    Ok((runs, verdict))
-}
-
-/// `loop` method: `runs` rounds of `loop_calls` calls with repeat 1; per round the mean
-/// kernel-reported ns per call and the mean wall-clock ns per call. `pkts(round)` gives the
-/// packets of a round (one per call, cycled).
-fn by_loop(
-    prog: &mut Xdp,
-    o: &Opts,
-    mut pkts: impl FnMut(usize) -> Vec<Vec<u8>>,
-) -> Result<(Vec<f64>, Vec<f64>, u32)> {
-    let warm = pkts(usize::MAX);
-    let (verdict, _, _) = fx::xdp_run(prog, &warm[0], 1)?;
-    for p in warm.iter().take(1000) {
-        fx::xdp_run(prog, p, 1)?;
+    if let Some(b) = base.as_deref_mut() {
+        fx::xdp_run(b, pkt, o.repeat.min(10_000))?;
     }
     let mut runs = Vec::with_capacity(o.runs);
-    let mut wall = Vec::with_capacity(o.runs);
-    for round in 0..o.runs {
-        let batch = pkts(round);
-        let t0 = Instant::now();
-        let mut kernel_ns = 0u128;
-        for i in 0..o.loop_calls {
-            let (_, _, d) = fx::xdp_run(prog, &batch[i % batch.len()], 1)?;
-            kernel_ns += d.as_nanos();
+    let mut base_runs = Vec::with_capacity(o.runs);
+    for i in 0..o.runs {
+        let mut case = || -> Result<()> {
+            runs.push(fx::xdp_run(prog, pkt, o.repeat)?.2.as_nanos() as f64);
+            Ok(())
+        };
+        match base.as_deref_mut() {
+            None => case()?,
+            Some(b) => {
+                let mut baseline = || -> Result<()> {
+                    base_runs.push(fx::xdp_run(b, pkt, o.repeat)?.2.as_nanos() as f64);
+                    Ok(())
+                };
+                if i % 2 == 0 {
+                    case()?;
+                    baseline()?;
+                } else {
+                    baseline()?;
+                    case()?;
+                }
+            }
         }
-        let w = t0.elapsed().as_nanos() as f64 / o.loop_calls as f64;
-        runs.push(kernel_ns as f64 / o.loop_calls as f64);
-        wall.push(w);
     }
-    Ok((runs, wall, verdict))
-}
-
-/// SYNs of distinct new flows: round `r`, call `i` (the warm-up round uses its own range).
-fn syn_batch(round: usize, calls: usize) -> Vec<Vec<u8>> {
-    let base = if round == usize::MAX {
-        0xff_0000u32
-    } else {
-        (round as u32 + 1) << 16
-    };
-    (0..calls as u32)
-        .map(|i| {
-            let n = base + i;
-            // Client 100.64.0.0/10 + n / 32768, port 16384 + n % 32768: unique per call.
-            let a = 0x6440_0000u32 + (n >> 15);
-            let src = IpAddr::V4(Ipv4Addr::from(a));
-            let port = 16384 + (n & 0x7fff) as u16;
-            Packet::tcp(src, V4_TCP_DSR.addr, port, V4_TCP_DSR.port, TCP_SYN).build()
-        })
-        .collect()
-}
-
-/// `wrapper` method for SYNs: per run, ns of (wrapper -> balancer) minus the wrapper's own
-/// cost (wrapper -> baseline_tx, minus baseline_tx alone).
-fn syn_by_wrapper(base: &mut Baseline, o: &Opts, new_flows: bool) -> Result<Measured> {
-    base.set_wrapper_new_flows(new_flows)?;
-    // Below the conntrack size, so no run evicts.
-    let repeat = o.repeat.min(500_000);
-    let syn = Packet::tcp(CLIENT4, V4_TCP_DSR.addr, 1, V4_TCP_DSR.port, TCP_SYN).build();
-    let mut runs = Vec::with_capacity(o.runs);
-    let mut verdict = 0;
-    for _ in 0..o.runs {
-        base.wrap_baseline_tx()?;
-        let (_, _, wrapped_tx) = fx::xdp_run(base.program_mut("bench_new_flow")?, &syn, repeat)?;
-        let (_, _, tx) = fx::xdp_run(base.program_mut("baseline_tx")?, &syn, repeat)?;
-        let overhead = wrapped_tx.as_nanos() as f64 - tx.as_nanos() as f64;
-
-        let mut dp = fx::load_with(1 << 20).context("loading the balancer")?;
-        let fd = dp.program_mut()?.fd()?.try_clone()?;
-        base.set_wrapper_target(&fd)?;
-        let wrap = base.program_mut("bench_new_flow")?;
-        let (v, _, _) = fx::xdp_run(wrap, &syn, 1)?;
-        verdict = v;
-        let (_, _, d) = fx::xdp_run(wrap, &syn, repeat)?;
-        let inserted = dp.counters()?.stats[lb_common::Stat::CtInsert as usize];
-        if inserted < u64::from(repeat) {
-            bail!("wrapper SYN run made {inserted} conntrack inserts for {repeat} packets");
-        }
-        runs.push(d.as_nanos() as f64 - overhead);
-    }
-    Ok(Measured {
-        name: if new_flows {
-            "v4_syn_dsr_newflow"
-        } else {
-            "v4_syn_dsr"
-        },
-        method: Method::Wrapper,
-        baseline: "baseline_tx",
+    Ok(Runs {
         runs,
+        base_runs,
         wall: vec![],
         verdict,
-        want: XDP_TX,
     })
+}
+
+/// One `loop` run: `calls` calls with repeat 1 over `batch` (cycled); mean kernel-reported ns
+/// per call and mean wall-clock ns per call.
+fn loop_round(prog: &mut Xdp, batch: &[Vec<u8>], calls: usize) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut kernel_ns = 0u128;
+    for i in 0..calls {
+        let (_, _, d) = fx::xdp_run(prog, &batch[i % batch.len()], 1)?;
+        kernel_ns += d.as_nanos();
+    }
+    let wall = t0.elapsed().as_nanos() as f64 / calls as f64;
+    Ok((kernel_ns as f64 / calls as f64, wall))
+}
+
+/// `loop` method: `runs` rounds of `loop_calls` calls with repeat 1, each round paired with a
+/// round of `base` (if any) over the same packets.
+fn by_loop(prog: &mut Xdp, mut base: Option<&mut Xdp>, o: &Opts, pkts: &[Vec<u8>]) -> Result<Runs> {
+    let (verdict, _, _) = fx::xdp_run(prog, &pkts[0], 1)?;
+    loop_round(prog, pkts, 1000)?;
+    if let Some(b) = base.as_deref_mut() {
+        loop_round(b, pkts, 1000)?;
+    }
+    let (mut runs, mut base_runs, mut wall) = (vec![], vec![], vec![]);
+    for i in 0..o.runs {
+        let first_base = i % 2 == 1;
+        if first_base && let Some(b) = base.as_deref_mut() {
+            base_runs.push(loop_round(b, pkts, o.loop_calls)?.0);
+        }
+        let (k, w) = loop_round(prog, pkts, o.loop_calls)?;
+        runs.push(k);
+        wall.push(w);
+        if !first_base && let Some(b) = base.as_deref_mut() {
+            base_runs.push(loop_round(b, pkts, o.loop_calls)?.0);
+        }
+    }
+    Ok(Runs {
+        runs,
+        base_runs,
+        wall,
+        verdict,
+    })
+}
+
+/// What a `wrapper` case feeds the balancer.
+#[derive(Clone, Copy)]
+enum Wrapped {
+    /// The same SYN every run.
+    SynRefresh,
+    /// A never-seen SYN every run, into a table filled to this share of its capacity first.
+    SynNew { fill: f64 },
+    /// An established packet of another flow every run.
+    EstablishedFlows,
+}
+
+/// The conntrack table of the `wrapper` cases (and of the whole bench): 1M flows.
+const CT_SIZE: u32 = 1 << 20;
+/// Runs per call of a filling case: 7 calls add 7% of the table to its 25% fill.
+const NEWFLOW_REPEAT: u32 = 10_000;
+
+/// Records `n` random flows (never the wrapper's) in `dp`'s conntrack, as a table that has been
+/// in use: a `fill` of 1 or more leaves every set full.
+fn prefill(dp: &mut lb_userspace::dataplane::Dataplane, fill: f64) -> Result<()> {
+    let n = (f64::from(CT_SIZE) * fill) as u64;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // 10.0.0.0/8 clients: the wrapper's are CLIENT4 with another low half.
+        let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (x as u32 & 0x00ff_ffff)));
+        let key = fx::flow_key(src, V4_TCP_DSR.addr, (x >> 32) as u16, V4_TCP_DSR.port, 6);
+        let e = lb_common::CtEntry {
+            node: 1,
+            vip: V4_TCP_DSR.index,
+            last_seen: 0,
+            flags: 0,
+        };
+        dp.conntrack_insert(&key, &e)?;
+    }
+    Ok(())
+}
+
+/// `wrapper` method: per run, ns of (wrapper -> balancer) minus the wrapper's own cost
+/// (wrapper -> baseline_tx, minus baseline_tx alone), paired with that `baseline_tx` run.
+fn by_wrapper(base: &mut Baseline, o: &Opts, what: Wrapped) -> Result<Measured> {
+    let (name, flags, repeat) = match what {
+        Wrapped::SynRefresh => ("v4_syn_refresh", TCP_SYN, o.repeat.min(500_000)),
+        Wrapped::SynNew { fill } if fill >= 1.0 => ("v4_syn_newflow_full", TCP_SYN, NEWFLOW_REPEAT),
+        Wrapped::SynNew { .. } => ("v4_syn_newflow", TCP_SYN, NEWFLOW_REPEAT),
+        Wrapped::EstablishedFlows => (
+            "v4_established_dsr_1m_flows",
+            TCP_PSH | TCP_ACK,
+            o.repeat.min(1_000_000),
+        ),
+    };
+    base.set_wrapper_new_flows(!matches!(what, Wrapped::SynRefresh))?;
+    let pkt = Packet::tcp(CLIENT4, V4_TCP_DSR.addr, 1, V4_TCP_DSR.port, flags).build();
+    // One long-lived balancer per case: a table in use, not one just zeroed and cached.
+    let mut dp = fx::load_with(CT_SIZE).context("loading the balancer")?;
+    if let Wrapped::SynNew { fill } = what {
+        prefill(&mut dp, fill)?;
+    }
+    let fd = dp.program_mut()?.fd()?.try_clone()?;
+    let (mut runs, mut base_runs) = (vec![], vec![]);
+    let mut verdict = 0;
+    let mut inserts = dp.counters()?.stats[lb_common::Stat::CtInsert as usize];
+    for _ in 0..o.runs {
+        base.wrap_baseline_tx()?;
+        let (_, _, wrapped_tx) = fx::xdp_run(base.program_mut("bench_new_flow")?, &pkt, repeat)?;
+        let (_, _, tx) = fx::xdp_run(base.program_mut("baseline_tx")?, &pkt, repeat)?;
+        let overhead = wrapped_tx.as_nanos() as f64 - tx.as_nanos() as f64;
+        base.set_wrapper_target(&fd)?;
+        let wrap = base.program_mut("bench_new_flow")?;
+        let (_, _, d) = fx::xdp_run(wrap, &pkt, repeat)?;
+        verdict = fx::xdp_run(wrap, &pkt, 1)?.0;
+        runs.push(d.as_nanos() as f64 - overhead);
+        base_runs.push(tx.as_nanos() as f64);
+        let now = dp.counters()?.stats[lb_common::Stat::CtInsert as usize];
+        let made = now - inserts;
+        inserts = now;
+        match what {
+            Wrapped::EstablishedFlows if made != 0 => {
+                bail!("{name}: {made} conntrack inserts for established packets")
+            }
+            Wrapped::SynRefresh | Wrapped::SynNew { .. } if made < u64::from(repeat) => {
+                bail!("{name}: {made} conntrack inserts for {repeat} SYNs")
+            }
+            _ => {}
+        }
+    }
+    let r = Runs {
+        runs,
+        base_runs,
+        wall: vec![],
+        verdict,
+    };
+    Ok(Measured::new(
+        name,
+        Method::Wrapper,
+        "baseline_tx",
+        r,
+        XDP_TX,
+    ))
 }
 
 fn established(vip: &fx::Vip, client: IpAddr, sport: u16) -> Vec<u8> {
@@ -256,123 +386,88 @@ fn established(vip: &fx::Vip, client: IpAddr, sport: u16) -> Vec<u8> {
 
 pub fn run(args: &[String]) -> Result<()> {
     let o = parse(args)?;
-    let mut dp = fx::load_with(1 << 20).context("loading the balancer (run as root)")?;
+    let mut dp = fx::load_with(CT_SIZE).context("loading the balancer (run as root)")?;
     let mut base = Baseline::load().context("loading the baselines")?;
 
     let v4_dsr = established(&V4_TCP_DSR, CLIENT4, 40000);
     let v6_dsr = established(&V6_TCP_DSR, fx::CLIENT6, 40000);
     let v4_ipip = established(&V4_TCP_IPIP, CLIENT4, 40000);
+    let v6_ipip = established(&V6_TCP_IPIP, fx::CLIENT6, 40000);
     let non_vip = Packet::tcp(CLIENT4, OTHER4, 40000, 80, TCP_PSH | TCP_ACK)
         .payload_len(64)
         .build();
 
     let mut results: Vec<Measured> = vec![];
-    let repeat_case = |name: &'static str,
-                       prog: &mut Xdp,
-                       pkt: &[u8],
-                       baseline: &'static str,
-                       want: u32|
-     -> Result<Measured> {
-        let (runs, verdict) = by_repeat(prog, pkt, &o)?;
-        Ok(Measured {
-            name,
-            method: Method::Repeat,
-            baseline,
-            runs,
-            wall: vec![],
-            verdict,
-            want,
-        })
+    let mut repeat_case = |name: &'static str,
+                           prog: &mut Xdp,
+                           pkt: &[u8],
+                           base: Option<&mut Xdp>,
+                           baseline: &'static str,
+                           want: u32|
+     -> Result<()> {
+        let r = by_repeat(prog, pkt, base, &o)?;
+        results.push(Measured::new(name, Method::Repeat, baseline, r, want));
+        Ok(())
     };
-    // Baselines first and last would both do; interleaving is not needed at these run lengths.
-    results.push(repeat_case(
-        "baseline_tx",
-        base.program_mut("baseline_tx")?,
-        &v4_dsr,
-        "baseline_tx",
-        XDP_TX,
-    )?);
-    results.push(repeat_case(
-        "baseline_pass",
-        base.program_mut("baseline_pass")?,
-        &v4_dsr,
-        "baseline_pass",
-        XDP_PASS,
-    )?);
-    results.push(repeat_case(
-        "v4_established_dsr",
-        dp.program_mut()?,
-        &v4_dsr,
-        "baseline_tx",
-        XDP_TX,
-    )?);
-    results.push(repeat_case(
-        "v6_established_dsr",
-        dp.program_mut()?,
-        &v6_dsr,
-        "baseline_tx",
-        XDP_TX,
-    )?);
-    results.push(repeat_case(
-        "non_vip",
-        dp.program_mut()?,
-        &non_vip,
-        "baseline_pass",
-        XDP_PASS,
-    )?);
+    let tx = "baseline_tx";
+    let pass = "baseline_pass";
+    repeat_case(tx, base.program_mut(tx)?, &v4_dsr, None, tx, XDP_TX)?;
+    repeat_case(pass, base.program_mut(pass)?, &v4_dsr, None, pass, XDP_PASS)?;
+    for (name, pkt) in [
+        ("v4_established_dsr", &v4_dsr),
+        ("v6_established_dsr", &v6_dsr),
+    ] {
+        let b = Some(base.program_mut(tx)?);
+        repeat_case(name, dp.program_mut()?, pkt, b, tx, XDP_TX)?;
+    }
+    let b = Some(base.program_mut(pass)?);
+    repeat_case("non_vip", dp.program_mut()?, &non_vip, b, pass, XDP_PASS)?;
 
-    let calls = o.loop_calls;
-    let loop_case = |name: &'static str,
-                     prog: &mut Xdp,
-                     baseline: &'static str,
-                     want: u32,
-                     pkts: &mut dyn FnMut(usize) -> Vec<Vec<u8>>|
-     -> Result<Measured> {
-        let (runs, wall, verdict) = by_loop(prog, &o, pkts)?;
-        Ok(Measured {
-            name,
-            method: Method::Loop,
-            baseline,
-            runs,
-            wall,
-            verdict,
-            want,
-        })
+    let mut loop_case = |name: &'static str,
+                         prog: &mut Xdp,
+                         base: Option<&mut Xdp>,
+                         baseline: &'static str,
+                         want: u32,
+                         pkts: &[Vec<u8>]|
+     -> Result<()> {
+        let r = by_loop(prog, base, &o, pkts)?;
+        results.push(Measured::new(name, Method::Loop, baseline, r, want));
+        Ok(())
     };
-    results.push(loop_case(
+    let one = std::slice::from_ref(&v4_dsr);
+    loop_case(
         "baseline_tx_loop",
-        base.program_mut("baseline_tx")?,
-        "baseline_tx_loop",
-        XDP_TX,
-        &mut |_| vec![v4_dsr.clone()],
-    )?);
-    results.push(loop_case(
-        "baseline_pass_loop",
-        base.program_mut("baseline_pass")?,
-        "baseline_pass_loop",
-        XDP_PASS,
-        &mut |_| vec![v4_dsr.clone()],
-    )?);
-    results.push(loop_case(
-        "v4_established_ipip",
-        dp.program_mut()?,
+        base.program_mut(tx)?,
+        None,
         "baseline_tx_loop",
         XDP_TX,
-        &mut |_| vec![v4_ipip.clone()],
-    )?);
-    results.push(loop_case(
-        "v4_syn_dsr_loop",
-        dp.program_mut()?,
-        "baseline_tx_loop",
-        XDP_TX,
-        &mut |round| syn_batch(round, calls),
-    )?);
+        one,
+    )?;
+    for (name, pkt) in [
+        ("v4_established_ipip", v4_ipip),
+        ("v6_established_ipip", v6_ipip),
+    ] {
+        let b = Some(base.program_mut(tx)?);
+        loop_case(
+            name,
+            dp.program_mut()?,
+            b,
+            "baseline_tx_loop",
+            XDP_TX,
+            &[pkt],
+        )?;
+    }
 
-    results.push(syn_by_wrapper(&mut base, &o, false)?);
-    results.push(syn_by_wrapper(&mut base, &o, true)?);
+    for what in [
+        Wrapped::EstablishedFlows,
+        Wrapped::SynRefresh,
+        Wrapped::SynNew { fill: 0.25 },
+        Wrapped::SynNew { fill: 2.0 },
+    ] {
+        results.push(by_wrapper(&mut base, &o, what)?);
+    }
 
     // Report.
-    let medians: BTreeMap<&str, f64> = results.iter().map(|m| (m.name, median(&m.runs))).collect();
     let mut report = Report {
         cases: BTreeMap::new(),
     };
@@ -382,8 +477,7 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     for m in &results {
         let med = median(&m.runs);
-        let b = medians.get(m.baseline).copied().unwrap_or(f64::NAN);
-        let ratio = med / b;
+        let ratio = m.ratio();
         let wall = (!m.wall.is_empty()).then(|| median(&m.wall));
         let verdict = if m.verdict == m.want {
             verdict_name(m.verdict).to_string()
