@@ -36,6 +36,8 @@ const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const SOURCES: &str = "172.16.0.0/16";
 /// The bulk transfer.
 const BULK: usize = 50 << 20;
+/// The transfer fails (instead of crawling on) when it takes longer than this: 7 Mbit/s.
+const STALL: Duration = Duration::from_secs(60);
 
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -288,6 +290,10 @@ fn bulk_transfer(client: &Netns) -> Result<(usize, Duration)> {
         let start = Instant::now();
         let mut sent = 0;
         while sent < BULK {
+            ensure!(
+                start.elapsed() < STALL,
+                "only {sent} of {BULK} bytes sent in {STALL:?}"
+            );
             let n = (BULK - sent).min(buf.len());
             s.write_all(&buf[..n])
                 .with_context(|| format!("writing after {sent} bytes, {:?}", start.elapsed()))?;
@@ -394,6 +400,18 @@ fn ipip_bulk_tcp_generic() {
         Ok(setup.node_json(1)?["state"] == "active")
     })
     .unwrap();
+    // A node with the balancer's own MAC is refused in one line, and changes nothing.
+    let own = mac_str(&lab.lb.mac);
+    let out = setup
+        .cli(&["node", "add", "2", "--mac", &own, "--ipv4", "198.18.0.12"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb node add with our MAC succeeded");
+    assert!(
+        err.contains(&format!("{own} is the balancer's own interface MAC")),
+        "{err}"
+    );
+    assert!(setup.node_json(2).is_err(), "node 2 was added");
 
     let (got, took) = bulk_transfer(&lab.client.ns).unwrap();
     let mbit = BULK as f64 * 8.0 / took.as_secs_f64() / 1e6;
