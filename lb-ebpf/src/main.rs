@@ -1321,7 +1321,7 @@ fn encap(
             return Err(DropReason::TooBig);
         }
         // An aggregate of segments the sender sized (docs/dataplane.md "Generic XDP and
-        // aggregated frames"): encapsulated whole, the kernel sends it on as segments.
+        // aggregated frames"): encapsulated whole, the kernel sends it on as one GSO packet.
         count(Stat::EncapAggregate);
     }
     let eth = save_eth(Frame::of(ctx))?;

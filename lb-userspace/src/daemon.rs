@@ -379,9 +379,9 @@ impl Daemon {
     }
 
     /// Generic XDP runs after GRO (and sees what LRO built): it would get aggregates of many
-    /// segments, which ipip cannot encapsulate within the path MTU (docs/dataplane.md
-    /// "Generic XDP and aggregated frames"). Turns both off on `iface` and says so; they are
-    /// turned on again when the program is detached.
+    /// segments, which ipip can only encapsulate whole and `XDP_TX` hands to the driver as
+    /// they are (docs/dataplane.md "Generic XDP and aggregated frames"). Turns both off on
+    /// `iface` and says so; they are turned on again when the program is detached.
     fn aggregation_off(&mut self, iface: &str) {
         let mut turned = Vec::new();
         for f in [Feature::Gro, Feature::Lro] {
