@@ -1246,6 +1246,33 @@ fn pmtu_rows() -> Vec<Fixture> {
         p,
         r,
     ));
+    // The outer header as Katran writes it (docs/dataplane.md "ipip outer header"): DF clear
+    // and TTL / hop limit 64 whatever the inner packet has, TOS / traffic class copied, the
+    // inner packet untouched (a TTL of 1 is neither decremented nor refused).
+    let p = tcp(&V4_TCP_IPIP, 40039, PSH_ACK)
+        .ttl(1)
+        .tos(0xb8)
+        .payload_len(100)
+        .build();
+    rows.push(fwd(
+        "outer/v4 ipip inner DF, TTL 1, DSCP EF -> outer DF clear, TTL 64, TOS copied",
+        &V4_TCP_IPIP,
+        p,
+        h(&V4_TCP_IPIP, 40039),
+        &[],
+    ));
+    let p = tcp(&V6_TCP_IPIP, 40039, PSH_ACK)
+        .ttl(1)
+        .tos(0xb8)
+        .payload_len(100)
+        .build();
+    rows.push(fwd(
+        "outer/v6 ipip inner hop limit 1 -> outer hop limit 64, traffic class copied",
+        &V6_TCP_IPIP,
+        p,
+        h(&V6_TCP_IPIP, 40039),
+        &[],
+    ));
     let p = tcp(&V4_TCP_DSR, 40037, PSH_ACK).payload_len(1460).build();
     rows.push(fwd(
         "pmtu/v4 dsr-l2 1500-byte packet: no mtu check",
