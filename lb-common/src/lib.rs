@@ -45,6 +45,8 @@ pub const MAP_NODE_STATS: &str = "NODE_STATS";
 pub const MAP_ROUTE_STATS: &str = "ROUTE_STATS";
 pub const MAP_DECAP_VIPS: &str = "DECAP_VIPS";
 pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
+pub const MAP_DECAP_SRC4: &str = "DECAP_SRC4";
+pub const MAP_DECAP_SRC6: &str = "DECAP_SRC6";
 
 // ---------------------------------------------------------------------------------------------
 // Limits. Map sizes compiled into the ELF are maxima; the loader may shrink them from config.
@@ -73,6 +75,15 @@ pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
 pub const VIP_FILTER_WORDS: u32 = 1024;
 /// Most VIPs the node-side decap program recognises.
 pub const MAX_DECAP_VIPS: u32 = 1024;
+/// Most outer-source networks (per address family) the node-side decap program accepts.
+pub const MAX_DECAP_SOURCES: u32 = 64;
+
+/// PMTU replies (frag-needed / packet-too-big) each CPU may send per second, after a burst of
+/// [`PMTU_BURST`]: Linux's own ICMP limit (`net.ipv4.icmp_msgs_per_sec` 1000, burst 50).
+/// Beyond it the packet is dropped as `DropReason::PmtuLimited`: a flood of oversized packets
+/// with forged sources cannot turn the balancer into an ICMP reflector.
+pub const PMTU_PER_SEC: u64 = 1000;
+pub const PMTU_BURST: u64 = 50;
 
 // ---------------------------------------------------------------------------------------------
 // Address families and protocols as stored in keys.
@@ -360,9 +371,12 @@ pub enum Stat {
     /// A new flow was not recorded: its `CONNTRACK` set was full of flows on moved routes
     /// (`CT_F_KEEP`), which a new flow does not evict. Flood pressure.
     CtFull = 13,
+    /// ipip: a frame longer than the receiving interface's MTU (a GRO/LRO/TSO aggregate, seen
+    /// in generic XDP mode) encapsulated whole instead of answered with a PMTU error.
+    EncapAggregate = 14,
 }
 
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 15;
 
 /// Index into `DROPS`: why a VIP packet was dropped.
 #[repr(u32)]
@@ -392,9 +406,12 @@ pub enum DropReason {
     HelperFailed = 10,
     /// The VIP has no route table (`route_count == 0`) or its table entry is missing.
     NoRoute = 11,
+    /// ipip packet too big, and this CPU already sent its share of PMTU replies
+    /// ([`PMTU_PER_SEC`], [`PMTU_BURST`]).
+    PmtuLimited = 12,
 }
 
-pub const DROP_REASON_COUNT: u32 = 12;
+pub const DROP_REASON_COUNT: u32 = 13;
 
 impl DropReason {
     /// The reason with this index.
@@ -413,6 +430,7 @@ impl DropReason {
             9 => TooBig,
             10 => HelperFailed,
             11 => NoRoute,
+            12 => PmtuLimited,
             _ => return None,
         })
     }
@@ -433,6 +451,7 @@ impl DropReason {
             TooBig => "TooBig",
             HelperFailed => "HelperFailed",
             NoRoute => "NoRoute",
+            PmtuLimited => "PmtuLimited",
         }
     }
 }
@@ -449,9 +468,12 @@ pub enum DecapStat {
     Malformed = 2,
     /// Not encapsulated: passed untouched.
     Pass = 3,
+    /// Encapsulated for a configured VIP, but the outer source is not in a configured source
+    /// network (`lb decap --source`): dropped, so only the balancers can tunnel to the VIPs.
+    ForeignSource = 4,
 }
 
-pub const DECAP_STAT_COUNT: u32 = 4;
+pub const DECAP_STAT_COUNT: u32 = 5;
 
 /// Key of `DECAP_VIPS` (node side): a VIP address; IPv4 in the first 4 bytes.
 #[repr(C)]
@@ -505,7 +527,7 @@ const _: () = {
     assert!(size_of::<TrafficCounter>() == 16);
     assert!(matches!(
         DropReason::from_index(DROP_REASON_COUNT - 1),
-        Some(DropReason::NoRoute)
+        Some(DropReason::PmtuLimited)
     ));
     assert!(DropReason::from_index(DROP_REASON_COUNT).is_none());
     assert!(size_of::<DecapKey>() == 20);

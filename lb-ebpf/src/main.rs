@@ -23,7 +23,10 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
         xdp_md,
     },
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::generated::{
+        bpf_check_mtu, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
@@ -31,10 +34,10 @@ use aya_ebpf::{
 use lb_common::{
     CONFIG_F_LOG_EVENTS, CT_F_KEEP, CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT, DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig,
-    MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, ROUTE_F_MOVED, ROUTES_MAP_FLAGS, RouteEntry, STAT_COUNT, Stat, TrafficCounter,
-    VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS, VIP_MODE_IPIP,
-    VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
+    MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry, PMTU_BURST, PMTU_PER_SEC, PROTO_ANY, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, ROUTES_MAP_FLAGS, RouteEntry, STAT_COUNT,
+    Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS,
+    VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
         CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_get_in, ct_insert_way_in,
         ct_key_words, ct_set_index, ct_store, ct_tag,
@@ -104,6 +107,9 @@ static AYA_LOGS: RingBuf = RingBuf::with_byte_size(1 << 17, 0);
 /// Where the event log assembles a record, per CPU (off the stack).
 #[map]
 static EVENT: PerCpuArray<evlog::Slot> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU PMTU reply budget (a token bucket counted in nanoseconds): [credit, last refill].
+#[map]
+static PMTU_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 // ---------------------------------------------------------------------------------------------
 // Entry.
@@ -862,6 +868,9 @@ fn forward(
         dsr(f, node)?
     };
     if let Sent::NeedPmtu(mtu) = sent {
+        if !pmtu_budget() {
+            return Err(DropReason::PmtuLimited);
+        }
         sent = if ip.v6 {
             pmtu6(ctx, ip, mtu)?
         } else {
@@ -1325,11 +1334,16 @@ fn encap(
         outer_len
     };
     if (cfg.mtu != 0 && l3_size > cfg.mtu as u32) || outer_len > u16::MAX as u32 {
-        // No ICMP error about an ICMP error; IPv4 without DF has no frag-needed either.
-        if cfg.mtu != 0 && !icmp && (ip.v6 || ip.df) {
-            return Ok(Sent::NeedPmtu(cfg.mtu));
+        if outer_len > u16::MAX as u32 || !aggregated(ctx, l3_size - grow as u32) {
+            // No ICMP error about an ICMP error; IPv4 without DF has no frag-needed either.
+            if cfg.mtu != 0 && !icmp && (ip.v6 || ip.df) {
+                return Ok(Sent::NeedPmtu(cfg.mtu));
+            }
+            return Err(DropReason::TooBig);
         }
-        return Err(DropReason::TooBig);
+        // An aggregate of segments the sender sized (docs/dataplane.md "Generic XDP and
+        // aggregated frames"): encapsulated whole, the kernel sends it on as one GSO packet.
+        count(Stat::EncapAggregate);
     }
     let eth = save_eth(Frame::of(ctx))?;
     let f = grow_head(ctx, grow as i32)?;
@@ -1374,6 +1388,43 @@ fn encap(
     }
     count(Stat::Encap);
     Ok(Sent::Forwarded)
+}
+
+/// Whether an IP packet of `l3_len` bytes is longer than the receiving interface's MTU: then
+/// it did not arrive as one frame but is an aggregate built by GRO or LRO (or a virtual
+/// peer's TSO), which only generic XDP is shown. Asked only of packets over the ipip MTU.
+#[inline(always)]
+fn aggregated(ctx: &XdpContext, l3_len: u32) -> bool {
+    // In: the L3 length (the helper adds the device's link header); out: the device MTU.
+    let mut len = l3_len;
+    // SAFETY: plain helper call on our own context (ifindex 0: the receiving device); `len`
+    // is on our stack.
+    let r = unsafe { bpf_check_mtu(ctx.ctx.cast(), 0, &mut len, 0, 0) };
+    r == aya_ebpf::bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED as i64
+}
+
+/// Takes one PMTU reply from this CPU's budget: `PMTU_PER_SEC` a second after a burst of
+/// `PMTU_BURST` (the bucket starts full). False when it is spent.
+#[inline(never)]
+fn pmtu_budget() -> bool {
+    const COST: u64 = 1_000_000_000 / PMTU_PER_SEC;
+    let Some(b) = PMTU_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, only this CPU reads and writes it.
+    let b = unsafe { &mut *b };
+    let credit = b[0]
+        .saturating_add(now.saturating_sub(b[1]))
+        .min(COST * PMTU_BURST);
+    b[1] = now;
+    if credit < COST {
+        b[0] = credit;
+        return false;
+    }
+    b[0] = credit - COST;
+    true
 }
 
 /// Cuts the frame to `len` bytes.

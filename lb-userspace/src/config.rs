@@ -273,8 +273,15 @@ impl Config {
             bail!("ipip.mtu {} is below 1280 (0 disables)", self.ipip.mtu);
         }
         parse_v4_net(&self.ipip.source_v4).context("ipip.source_v4")?;
-        if let Some(m) = &self.ipip.gateway_mac {
-            parse_mac(m).context("ipip.gateway_mac")?;
+        let gw_mac = match &self.ipip.gateway_mac {
+            Some(m) => Some(parse_mac(m).context("ipip.gateway_mac")?),
+            None => None,
+        };
+        if d.flow_idle_timeout.is_zero() {
+            bail!(
+                "daemon.flow_idle_timeout must be > 0 (tracked flows would expire at once, so \
+                 every route move would break them)"
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, v) in self.vips.iter().enumerate() {
@@ -291,6 +298,13 @@ impl Config {
             }
             if v.mode == ForwardMode::Ipip && self.ipip.gateway_mac.is_none() {
                 bail!("vip[{i}] uses ipip but ipip.gateway_mac is not set");
+            }
+            if v.addr == d.heartbeat_listen.ip() {
+                bail!(
+                    "vip[{i}] {} is daemon.heartbeat_listen's address: the data plane would \
+                     take the heartbeats; listen on another address",
+                    v.addr
+                );
             }
         }
         if self.vips.len() > lb_common::MAX_VIPS as usize {
@@ -317,7 +331,8 @@ impl Config {
                 bail!("node[{i}].admin_weight {w} out of 1..={MAX_WEIGHT}");
             }
             if let Some(m) = &n.mac {
-                parse_mac(m).with_context(|| format!("node[{i}].mac"))?;
+                let mac = parse_mac(m).with_context(|| format!("node[{i}].mac"))?;
+                check_node_mac(mac, gw_mac, None).with_context(|| format!("node[{i}].mac"))?;
             }
             match n.check.as_str() {
                 "heartbeat" => {}
@@ -364,6 +379,48 @@ impl Config {
         }
         Ok(())
     }
+
+    /// What [`Config::validate`] cannot know: no node may have the MAC of the interface the
+    /// balancer runs on (`own`), or its dsr-l2 frames would come straight back to it.
+    pub fn check_own_mac(&self, own: [u8; 6]) -> Result<()> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(m) = &n.mac {
+                check_node_mac(parse_mac(m)?, None, Some(own))
+                    .with_context(|| format!("node[{i}].mac"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node MAC must be a unicast address that is neither the ipip gateway's (`gw`) nor the
+/// balancer's own (`own`): frames sent to it must reach the node and only the node.
+pub fn check_node_mac(mac: [u8; 6], gw: Option<[u8; 6]>, own: Option<[u8; 6]>) -> Result<()> {
+    let s = mac_string(&mac);
+    if mac == [0xff; 6] {
+        bail!("{s} is the broadcast address: give the node's own MAC");
+    }
+    if mac[0] & 1 != 0 {
+        bail!("{s} is a multicast address: give the node's own (unicast) MAC");
+    }
+    if mac == [0; 6] {
+        bail!("{s} is all zeros: give the node's own MAC");
+    }
+    if Some(mac) == gw {
+        bail!("{s} is ipip.gateway_mac (the router's): give the node's own MAC");
+    }
+    if Some(mac) == own {
+        bail!("{s} is the balancer's own interface MAC: give the node's own MAC");
+    }
+    Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A TOML error as one line saying where and what (`parsing config F: line 3, column 9:
@@ -428,6 +485,50 @@ pub fn parse_v4_net(s: &str) -> Result<([u8; 4], [u8; 4])> {
     let host = if len == 32 { 0 } else { u32::MAX >> len };
     let base = u32::from(addr) & !host;
     Ok((base.to_be_bytes(), host.to_be_bytes()))
+}
+
+/// An IP network: an address with its prefix length (host bits zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// `a.b.c.d/len` or `x:y::/len` (a bare address is one host); host bits are cleared.
+pub fn parse_prefix(s: &str) -> Result<Prefix> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .with_context(|| format!("{s:?}: expected an address/prefix length, e.g. 172.16.0.0/16"))?;
+    let bits: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= bits)
+            .with_context(|| format!("{s:?}: prefix length must be 0..={bits}"))?,
+        None => bits,
+    };
+    let addr = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    };
+    Ok(Prefix { addr, len })
 }
 
 /// XDP attach mode setting.
@@ -596,10 +697,82 @@ ipv6 = "2001:db8::1:1"
                 ),
                 "twice",
             ),
+            (
+                GOOD.replace("02:00:00:00:01:01", "ff:ff:ff:ff:ff:ff"),
+                "node[0].mac: ff:ff:ff:ff:ff:ff is the broadcast address",
+            ),
+            (
+                GOOD.replace("02:00:00:00:01:01", "01:00:5e:00:00:01"),
+                "node[0].mac: 01:00:5e:00:00:01 is a multicast address",
+            ),
+            (
+                GOOD.replace("02:00:00:00:01:01", "00:00:00:00:00:00"),
+                "all zeros",
+            ),
+            (
+                GOOD.replace("02:00:00:00:01:01", "02:00:00:00:00:01"),
+                "node[0].mac: 02:00:00:00:00:01 is ipip.gateway_mac",
+            ),
+            (
+                GOOD.replace(
+                    "heartbeat_interval = \"100ms\"",
+                    "heartbeat_interval = \"100ms\"\nflow_idle_timeout = \"0s\"",
+                ),
+                "daemon.flow_idle_timeout must be > 0",
+            ),
+            (
+                GOOD.replace(
+                    "heartbeat_interval = \"100ms\"",
+                    "heartbeat_interval = \"100ms\"\nheartbeat_listen = \"198.18.0.100:7711\"",
+                ),
+                "vip[0] 198.18.0.100 is daemon.heartbeat_listen's address",
+            ),
+            (
+                GOOD.replace(
+                    "heartbeat_interval = \"100ms\"",
+                    "heartbeat_interval = \"100ms\"\nheartbeat_listen = \"[2001:db8::100]:7711\"",
+                ),
+                "vip[1] 2001:db8::100 is daemon.heartbeat_listen's address",
+            ),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", parse(&text).unwrap_err());
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_address_beside_a_vip_is_fine() {
+        let text = GOOD.replace(
+            "heartbeat_interval = \"100ms\"",
+            "heartbeat_interval = \"100ms\"\nheartbeat_listen = \"198.18.0.101:7711\"",
+        );
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn a_node_with_the_balancers_own_mac_is_refused() {
+        let c = parse(GOOD).unwrap();
+        c.check_own_mac([2, 0, 0, 0, 9, 9]).unwrap();
+        let e = format!("{:#}", c.check_own_mac([2, 0, 0, 0, 1, 1]).unwrap_err());
+        assert_eq!(
+            e,
+            "node[0].mac: 02:00:00:00:01:01 is the balancer's own interface MAC: give the node's own MAC"
+        );
+    }
+
+    #[test]
+    fn prefixes() {
+        let p = parse_prefix("172.16.9.9/16").unwrap();
+        assert_eq!(p.to_string(), "172.16.0.0/16");
+        assert_eq!(
+            parse_prefix("fd00::1:2/96").unwrap().to_string(),
+            "fd00::/96"
+        );
+        assert_eq!(parse_prefix("10.0.0.1").unwrap().len, 32);
+        assert_eq!(parse_prefix("0.0.0.0/0").unwrap().len, 0);
+        for bad in ["172.16.0.0/33", "fd00::/129", "x/8", "10.0.0.0/"] {
+            assert!(parse_prefix(bad).is_err(), "{bad}");
         }
     }
 

@@ -43,6 +43,7 @@ use crate::{
     health,
     heartbeat::{self, Key, Received, Receiver},
     membership::{self, Event, Membership},
+    offload::{self, Feature},
     persist::Persister,
     routes::{NodeState, RouteTable},
     running,
@@ -124,6 +125,11 @@ pub struct Daemon {
     source_sha256: Option<String>,
     /// `native` or `generic` (or `unknown` for a link re-adopted without a record of it).
     xdp_mode: String,
+    /// Receive offloads this daemon (or an earlier run on the same link) turned off for
+    /// generic mode; turned on again when the program is detached.
+    offloads_off: Vec<Feature>,
+    /// The MAC of the interface the program runs on (no node may have it).
+    own_mac: Option<[u8; 6]>,
     program_id: Option<u32>,
     /// What the last conntrack scan counted.
     ct: ops::CtCounts,
@@ -174,6 +180,15 @@ impl Daemon {
             running::load(&state_dir)?
         };
         let saved_mode = saved.as_ref().and_then(|r| r.xdp_mode.clone());
+        let saved_offloads: Vec<Feature> = saved
+            .as_ref()
+            .map(|r| {
+                r.offloads_off
+                    .iter()
+                    .filter_map(|n| Feature::from_name(n))
+                    .collect()
+            })
+            .unwrap_or_default();
         let file_daemon = file.as_ref().map(|(c, _)| c.daemon.clone());
         let (mut cfg, source_sha256, note) = running::choose(file, saved);
         // Restart-only settings come from the file at every start (at runtime they keep their
@@ -183,6 +198,10 @@ impl Daemon {
         }
         if let Some(note) = note {
             warn!("{note}");
+        }
+        let own_mac = iface_mac(&args.iface);
+        if let Some(mac) = own_mac {
+            cfg.check_own_mac(mac).context("invalid config")?;
         }
         if args.config.is_none() && cfg.nodes.is_empty() && cfg.vips.is_empty() {
             warn!("no --config given: starting with no VIPs and no nodes (add them with `lb`)");
@@ -297,6 +316,8 @@ impl Daemon {
             state_dir,
             source_sha256,
             xdp_mode: saved_mode.unwrap_or_else(|| "unknown".into()),
+            offloads_off: saved_offloads,
+            own_mac,
             program_id: None,
             ct: ops::CtCounts::default(),
             change_seq: 0,
@@ -331,6 +352,9 @@ impl Daemon {
             // Re-open the pin so we can unpin it later (--detach-on-exit).
             self.link = Some(PinnedLink::from_pin(&link_path)?);
             info!("re-adopted the XDP link on {iface}: program replaced atomically");
+            if self.xdp_mode == "generic" {
+                self.aggregation_off(&iface);
+            }
             return Ok(());
         }
         let setting = config::parse_xdp_mode(&self.cfg.daemon.xdp_mode)?;
@@ -352,7 +376,47 @@ impl Daemon {
         self.xdp_mode = mode_name.into();
         info!("attached to {iface} in {mode_name} mode");
         println!("lb: attached to {iface} in {mode_name} XDP mode");
+        if mode_name == "generic" {
+            self.aggregation_off(&iface);
+        }
         Ok(())
+    }
+
+    /// Generic XDP runs after GRO (and sees what LRO built): it would get aggregates of many
+    /// segments, which ipip can only encapsulate whole and `XDP_TX` hands to the driver as
+    /// they are (docs/dataplane.md "Generic XDP and aggregated frames"). Turns both off on
+    /// `iface` and says so; they are turned on again when the program is detached.
+    fn aggregation_off(&mut self, iface: &str) {
+        let mut turned = Vec::new();
+        for f in [Feature::Gro, Feature::Lro] {
+            match offload::get(iface, f) {
+                Ok(false) => {}
+                Ok(true) => match offload::set(iface, f, false) {
+                    Ok(()) => {
+                        turned.push(f.name());
+                        if !self.offloads_off.contains(&f) {
+                            self.offloads_off.push(f);
+                        }
+                    }
+                    Err(e) => warn!(
+                        "generic XDP on {iface}: could not turn {} off ({e:#}): aggregated \
+                         frames to ipip VIPs are encapsulated whole",
+                        f.name()
+                    ),
+                },
+                // Not every driver reports every switch (LRO especially).
+                Err(e) => tracing::debug!("{iface}: reading {}: {e:#}", f.name()),
+            }
+        }
+        if !turned.is_empty() {
+            let msg = format!(
+                "generic XDP on {iface}: turned {} off, so the program sees frames as they \
+                 arrived, not aggregates (turned on again when the program is detached)",
+                turned.join(" and ")
+            );
+            info!("{msg}");
+            println!("lb: {msg}");
+        }
     }
 
     /// The loop until SIGTERM/SIGINT, then the shutdown (also when the loop failed: the
@@ -768,10 +832,39 @@ impl Daemon {
             dataplane::remove_pins(&self.pin_dir)
                 .with_context(|| format!("removing {}", self.pin_dir.display()))?;
             println!("lb: detached and removed pinned maps");
+            if !self.offloads_off.is_empty() {
+                self.restore_offloads();
+                // The record says nothing is left to turn on again.
+                if let Err(e) = self.save_running() {
+                    warn!("saving the running configuration on exit: {e:#}");
+                }
+            }
         } else {
             println!("lb: exiting; the program stays attached and forwarding (pinned)");
+            if !self.offloads_off.is_empty() {
+                let names: Vec<&str> = self.offloads_off.iter().map(|f| f.name()).collect();
+                println!(
+                    "lb: {} stay off on {} while the program stays attached",
+                    names.join(" and "),
+                    self.args.iface
+                );
+            }
         }
         saved
+    }
+
+    /// Turns on again what [`Daemon::aggregation_off`] turned off (the program is detached).
+    fn restore_offloads(&mut self) {
+        let iface = self.args.iface.clone();
+        for f in std::mem::take(&mut self.offloads_off) {
+            match offload::set(&iface, f, true) {
+                Ok(()) => {
+                    info!("{iface}: {} on again (program detached)", f.name());
+                    println!("lb: {} on again on {iface}", f.name());
+                }
+                Err(e) => warn!("{iface}: turning {} on again: {e:#}", f.name()),
+            }
+        }
     }
 }
 
@@ -1123,6 +1216,15 @@ fn global_config(cfg: &Config) -> Result<GlobalConfig> {
         ipip_src6: cfg.ipip.source_v6.octets(),
         ..Default::default()
     })
+}
+
+/// The MAC of `iface` (in our network namespace), if it has one.
+fn iface_mac(iface: &str) -> Option<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .filter(|m| *m != [0; 6])
 }
 
 /// Where `lb run` locks its instance.

@@ -1,17 +1,23 @@
 //! `lb decap`: the node side of ipip mode. Nodes' kernels may lack the `ipip`/`ip6_tunnel`
 //! modules, so the node runs a small XDP program that strips the outer IPv4/IPv6 header of
 //! packets whose inner destination is one of its VIPs and passes the inner packet to its stack.
+//! It opens only tunnels whose outer source lies in a configured network (`--source`: the
+//! balancers' `[ipip] source_v4` and `source_v6`); others are dropped and counted, so nobody
+//! else can inject packets to the VIPs' services with whatever inner source they like.
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{
+        HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{Xdp, XdpMode},
 };
 use lb_common::{DECAP_STAT_COUNT, DecapKey};
 
-use crate::{dataplane::ip_bytes, objects, signals};
+use crate::{config::Prefix, dataplane::ip_bytes, objects, signals};
 
 /// Arguments of `lb decap`.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,6 +28,11 @@ pub struct DecapArgs {
     /// A VIP this node serves (repeat for several); IPv4 or IPv6.
     #[arg(long = "vip", required = true)]
     pub vips: Vec<IpAddr>,
+    /// A network the balancers' encapsulated packets come from (repeat for several): each
+    /// balancer's `[ipip] source_v4` (e.g. 172.16.0.0/16) and `source_v6` as a /96 (e.g.
+    /// fd00::/96). Tunnels from any other source are dropped.
+    #[arg(long = "source", required = true, value_parser = parse_source)]
+    pub sources: Vec<Prefix>,
     /// XDP mode: auto (native if the driver supports it), native or generic.
     #[arg(long, default_value = "auto")]
     pub xdp_mode: String,
@@ -31,7 +42,13 @@ pub struct DecapArgs {
 pub struct Decap {
     ebpf: Ebpf,
     vips: HashMap<MapData, DecapKey, u32>,
+    src4: LpmTrie<MapData, [u8; 4], u32>,
+    src6: LpmTrie<MapData, [u8; 16], u32>,
     stats: PerCpuArray<MapData, u64>,
+}
+
+fn parse_source(s: &str) -> Result<Prefix, String> {
+    crate::config::parse_prefix(s).map_err(|e| format!("{e:#}"))
 }
 
 impl Decap {
@@ -52,7 +69,31 @@ impl Decap {
             ebpf.take_map(lb_common::MAP_DECAP_STATS)
                 .context("DECAP_STATS missing")?,
         )?;
-        Ok(Self { ebpf, vips, stats })
+        let src4 = LpmTrie::try_from(
+            ebpf.take_map(lb_common::MAP_DECAP_SRC4)
+                .context("DECAP_SRC4 missing")?,
+        )?;
+        let src6 = LpmTrie::try_from(
+            ebpf.take_map(lb_common::MAP_DECAP_SRC6)
+                .context("DECAP_SRC6 missing")?,
+        )?;
+        Ok(Self {
+            ebpf,
+            vips,
+            src4,
+            src6,
+            stats,
+        })
+    }
+
+    /// Accepts encapsulated packets whose outer source lies in `net`.
+    pub fn add_source(&mut self, net: Prefix) -> Result<()> {
+        let len = u32::from(net.len);
+        let r = match net.addr {
+            IpAddr::V4(a) => self.src4.insert(&Key::new(len, a.octets()), 1, 0),
+            IpAddr::V6(a) => self.src6.insert(&Key::new(len, a.octets()), 1, 0),
+        };
+        r.with_context(|| format!("adding decap source {net}"))
     }
 
     /// Accepts encapsulated packets for `vip`.
@@ -91,6 +132,9 @@ pub fn run(args: DecapArgs) -> Result<()> {
     for v in &args.vips {
         d.add_vip(*v)?;
     }
+    for s in &args.sources {
+        d.add_source(*s)?;
+    }
     let setting = crate::config::parse_xdp_mode(&args.xdp_mode)?;
     let iface = args.iface.clone();
     let prog = d.program_mut()?;
@@ -116,15 +160,19 @@ pub fn run(args: DecapArgs) -> Result<()> {
     if args.vips.is_empty() {
         bail!("no --vip given");
     }
-    println!("lb decap: attached to {iface} in {mode} XDP mode; ready");
+    let sources: Vec<String> = args.sources.iter().map(|s| s.to_string()).collect();
+    println!(
+        "lb decap: attached to {iface} in {mode} XDP mode, accepting tunnels from {}; ready",
+        sources.join(", ")
+    );
     signals::install();
     while !signals::stop_requested() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let c = d.counters()?;
     println!(
-        "lb decap: exiting (decapsulated {}, not ours {}, malformed {}, passed {})",
-        c[0], c[1], c[2], c[3]
+        "lb decap: exiting (decapsulated {}, not ours {}, malformed {}, passed {}, foreign source {})",
+        c[0], c[1], c[2], c[3], c[4]
     );
     Ok(())
 }

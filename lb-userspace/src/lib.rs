@@ -17,6 +17,7 @@ pub mod membership;
 pub mod mmap;
 pub mod objects;
 pub mod observe;
+pub mod offload;
 pub mod persist;
 pub mod routes;
 pub mod running;

@@ -30,6 +30,10 @@ pub struct Running {
     /// that re-adopt the pinned link.
     #[serde(default)]
     pub xdp_mode: Option<String>,
+    /// Receive offloads (`ethtool -k` names) the daemon turned off on its interface for
+    /// generic XDP mode, to turn on again when the program is detached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offloads_off: Vec<String>,
     pub config: Config,
 }
 
@@ -134,6 +138,7 @@ mod tests {
         let saved = Running {
             source_sha256: Some("aa".into()),
             xdp_mode: None,
+            offloads_off: vec![],
             config: cfg(3),
         };
         let (c, _, note) = choose(Some((cfg(1), "aa".into())), Some(saved.clone()));
@@ -150,6 +155,7 @@ mod tests {
         let r = Running {
             source_sha256: None,
             xdp_mode: Some("generic".into()),
+            offloads_off: vec!["generic-receive-offload".into()],
             config: cfg(2),
         };
         save(dir.path(), &r).expect("save");

@@ -404,6 +404,11 @@ impl Decap {
         self.0.add_vip(addr)
     }
 
+    /// Accepts tunnels whose outer source lies in `net` (`lb decap --source`).
+    pub fn add_source(&mut self, net: &str) -> Result<()> {
+        self.0.add_source(lb_userspace::config::parse_prefix(net)?)
+    }
+
     pub fn test_run(&mut self, input: &[u8]) -> Result<(u32, Vec<u8>)> {
         let (v, out, _) = xdp_run(self.0.program_mut()?, input, 1)?;
         Ok((v, out))

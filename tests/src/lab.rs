@@ -89,6 +89,8 @@ pub const IPIP_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 
 pub const VIP6_NET: &str = "2001:db8:100::/64";
 /// Outer source prefix of the IPv6 ipip VIP's packets (`[ipip] source_v6`).
 pub const IPIP_SRC6: &str = "fd00::";
+/// Outer source network of the IPv4 ipip VIP's packets (`[ipip] source_v4`).
+pub const IPIP_SRC4_NET: &str = "172.16.0.0/16";
 pub const HTTP_PORT: u16 = 80;
 pub const ECHO_PORT: u16 = 7;
 pub const HB_PORT: u16 = 7711;
@@ -421,6 +423,11 @@ fn build_and_start(spec: &Spec, foreground: bool, banner: bool) -> Result<Option
             &IPIP_VIP.to_string(),
             "--vip",
             &IPIP_VIP6.to_string(),
+            // Only the balancer's outer sources (`[ipip] source_v4`, `source_v6` as a /96).
+            "--source",
+            IPIP_SRC4_NET,
+            "--source",
+            &format!("{IPIP_SRC6}/96"),
             "--xdp-mode",
             xdp_mode,
         ]
@@ -768,7 +775,7 @@ metrics_listen = "{GW_IP}:{METRICS_PORT}"
 [ipip]
 gateway_mac = "{ROUTER_MAC}"     # br0 in {br}: routes the outer packets to the nodes
 mtu = 1500
-source_v4 = "172.16.0.0/16"
+source_v4 = "{IPIP_SRC4_NET}"
 source_v6 = "{IPIP_SRC6}"
 "#,
         instance = n.instance(),

@@ -143,6 +143,29 @@ pub fn enter(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The calling thread working in a namespace of its own until dropped: then the thread goes
+/// back to the namespace it came from and the namespace is deleted. (`BPF_PROG_TEST_RUN` runs a
+/// program as if received on the calling thread's namespace's `lo`.)
+pub struct ThreadNetns {
+    home: File,
+    _ns: Netns,
+}
+
+impl ThreadNetns {
+    pub fn enter(ns: Netns) -> Result<Self> {
+        let home = File::open("/proc/thread-self/ns/net").context("opening our namespace")?;
+        enter(&PathBuf::from("/run/netns").join(&ns.name))?;
+        Ok(Self { home, _ns: ns })
+    }
+}
+
+impl Drop for ThreadNetns {
+    fn drop(&mut self) {
+        // SAFETY: setns back to the namespace this thread came from (a valid fd we own).
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh(&["ip", "netns", "del", &self.name]);

@@ -164,6 +164,7 @@ const ALL_STATS: [Stat; STAT_COUNT as usize] = [
     Stat::DrainKeep,
     Stat::CtEvict,
     Stat::CtFull,
+    Stat::EncapAggregate,
 ];
 
 const ALL_DROPS: [DropReason; DROP_REASON_COUNT as usize] = [
@@ -179,6 +180,7 @@ const ALL_DROPS: [DropReason; DROP_REASON_COUNT as usize] = [
     DropReason::TooBig,
     DropReason::HelperFailed,
     DropReason::NoRoute,
+    DropReason::PmtuLimited,
 ];
 
 /// Hex dump of a byte range, 16 per line, for failure messages.
@@ -1236,6 +1238,42 @@ fn pmtu_rows() -> Vec<Fixture> {
         h(&V6_TCP_IPIP, 40036),
         &[],
     ));
+    // BPF_PROG_TEST_RUN receives on `lo` (MTU 65536 here): a 3000-byte packet could have
+    // arrived as one frame (jumbo frames), so it is answered (`aggregates_...` has MTU 1500).
+    let p = tcp(&V4_TCP_IPIP, 40038, PSH_ACK).payload_len(2960).build();
+    let r = icmp4_frag_needed(&p, MTU);
+    rows.push(Fixture::reply(
+        "pmtu/v4 ipip 3000 bytes within the interface mtu -> frag-needed",
+        p,
+        r,
+    ));
+    // The outer header as Katran writes it (docs/dataplane.md "ipip outer header"): DF clear
+    // and TTL / hop limit 64 whatever the inner packet has, TOS / traffic class copied, the
+    // inner packet untouched (a TTL of 1 is neither decremented nor refused).
+    let p = tcp(&V4_TCP_IPIP, 40039, PSH_ACK)
+        .ttl(1)
+        .tos(0xb8)
+        .payload_len(100)
+        .build();
+    rows.push(fwd(
+        "outer/v4 ipip inner DF, TTL 1, DSCP EF -> outer DF clear, TTL 64, TOS copied",
+        &V4_TCP_IPIP,
+        p,
+        h(&V4_TCP_IPIP, 40039),
+        &[],
+    ));
+    let p = tcp(&V6_TCP_IPIP, 40039, PSH_ACK)
+        .ttl(1)
+        .tos(0xb8)
+        .payload_len(100)
+        .build();
+    rows.push(fwd(
+        "outer/v6 ipip inner hop limit 1 -> outer hop limit 64, traffic class copied",
+        &V6_TCP_IPIP,
+        p,
+        h(&V6_TCP_IPIP, 40039),
+        &[],
+    ));
     let p = tcp(&V4_TCP_DSR, 40037, PSH_ACK).payload_len(1460).build();
     rows.push(fwd(
         "pmtu/v4 dsr-l2 1500-byte packet: no mtu check",
@@ -1261,6 +1299,185 @@ fn nobackend_rows() -> Vec<Fixture> {
             NoBackend,
         ),
     ]
+}
+
+/// Generic XDP is handed aggregates longer than the interface's MTU (GRO, LRO, a veth peer's
+/// TSO): ipip encapsulates them whole instead of answering frag-needed (docs/dataplane.md
+/// "Generic XDP and aggregated frames"). Run in a namespace whose `lo` (the device
+/// BPF_PROG_TEST_RUN receives on) has MTU 1500, like a NIC.
+#[test]
+fn aggregates_are_encapsulated_whole() {
+    use Stat::*;
+    let ns = lb_tests::netns::Netns::new(&format!("lbedgefx{}", std::process::id())).unwrap();
+    ns.ip(&["link", "set", "lo", "mtu", "1500"]).unwrap();
+    let _in = lb_tests::netns::ThreadNetns::enter(ns).unwrap();
+    let mut r = Runner::new();
+    let mut rows = vec![];
+    for (what, payload) in [
+        ("aggregate/v4 tcp 3000 bytes -> encapsulated whole", 2960),
+        (
+            "aggregate/v4 tcp 1501 bytes (mtu + 1) -> encapsulated whole",
+            1461,
+        ),
+    ] {
+        let sport = 41000 + payload as u16 % 1000;
+        let p = tcp(&V4_TCP_IPIP, sport, PSH_ACK)
+            .payload_len(payload)
+            .build();
+        rows.push(fwd(
+            what,
+            &V4_TCP_IPIP,
+            p,
+            h(&V4_TCP_IPIP, sport),
+            &[EncapAggregate],
+        ));
+    }
+    let p = tcp(&V4_TCP_IPIP, 41010, PSH_ACK).payload_len(1460).build();
+    let reply = icmp4_frag_needed(&p, MTU);
+    rows.push(Fixture::reply(
+        "aggregate/v4 tcp 1500 bytes (the interface mtu) -> frag-needed, not an aggregate",
+        p,
+        reply,
+    ));
+    let p = tcp(&V4_TCP_IPIP, 41011, PSH_ACK).payload_len(1441).build();
+    let reply = icmp4_frag_needed(&p, MTU);
+    rows.push(Fixture::reply(
+        "aggregate/v4 tcp 1481 bytes -> frag-needed as ever",
+        p,
+        reply,
+    ));
+    let p = tcp(&V4_TCP_IPIP, 41012, PSH_ACK)
+        .vlan(9)
+        .payload_len(1460)
+        .build();
+    let reply = icmp4_frag_needed(&p, MTU);
+    rows.push(Fixture::reply(
+        "aggregate/v4 tcp 1500 bytes behind a vlan tag -> frag-needed (the tag is not L3)",
+        p,
+        reply,
+    ));
+    let p = tcp(&V6_TCP_IPIP, 41013, PSH_ACK).payload_len(2900).build();
+    rows.push(fwd(
+        "aggregate/v6 tcp 2960 bytes -> encapsulated whole",
+        &V6_TCP_IPIP,
+        p,
+        h(&V6_TCP_IPIP, 41013),
+        &[EncapAggregate],
+    ));
+    let p = tcp(&V6_TCP_IPIP, 41014, PSH_ACK).payload_len(1440).build();
+    let reply = icmp6_packet_too_big(&p, MTU);
+    rows.push(Fixture::reply(
+        "aggregate/v6 tcp 1500 bytes -> packet-too-big, not an aggregate",
+        p,
+        reply,
+    ));
+    let p = udp(&V4_UDP_IPIP, 41015).df(false).payload_len(2972).build();
+    rows.push(fwd(
+        "aggregate/v4 udp 3000 bytes without DF -> encapsulated whole, not TooBig",
+        &V4_UDP_IPIP,
+        p,
+        h(&V4_UDP_IPIP, 41015),
+        &[CtMiss, CtInsert, EncapAggregate],
+    ));
+    let p = tcp(&V4_TCP_DSR, 41016, PSH_ACK).payload_len(2960).build();
+    rows.push(fwd(
+        "aggregate/v4 dsr-l2 3000 bytes: no mtu check at all",
+        &V4_TCP_DSR,
+        p,
+        h(&V4_TCP_DSR, 41016),
+        &[],
+    ));
+    r.run_all(rows);
+    r.finish("aggregates_are_encapsulated_whole");
+}
+
+/// The calling thread on one CPU until dropped (then on the CPUs it had).
+struct OneCpu(libc::cpu_set_t);
+
+impl OneCpu {
+    fn pin() -> Self {
+        // SAFETY: plain affinity calls on the calling thread with a zeroed, then filled set.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut old),
+                0
+            );
+            let cpu = (0..libc::CPU_SETSIZE as usize)
+                .find(|c| libc::CPU_ISSET(*c, &old))
+                .unwrap();
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            assert_eq!(
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one),
+                0
+            );
+            Self(old)
+        }
+    }
+}
+
+impl Drop for OneCpu {
+    fn drop(&mut self) {
+        // SAFETY: restores the set read in `pin`.
+        unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
+/// PMTU replies come out of a per-CPU token bucket (`PMTU_BURST`, then `PMTU_PER_SEC`); the
+/// packets beyond it are dropped and counted as `PmtuLimited`, and the bucket refills.
+#[test]
+fn pmtu_replies_are_rate_limited() {
+    use lb_common::{PMTU_BURST, PMTU_PER_SEC};
+    let _cpu = OneCpu::pin();
+    let mut dp = fx::load().unwrap();
+    const SENT: u64 = 500;
+    let big = |sport: u16| tcp(&V4_TCP_IPIP, sport, PSH_ACK).payload_len(1441).build();
+    let before = dp.counters().unwrap();
+    let (mut replies, mut limited) = (0u64, 0u64);
+    let t0 = std::time::Instant::now();
+    for i in 0..SENT {
+        let p = big(42000 + i as u16);
+        match dp.test_run(&p).unwrap() {
+            (XDP_TX, out) => {
+                assert_eq!(out, icmp4_frag_needed(&p, MTU), "reply {i}");
+                replies += 1;
+            }
+            (XDP_DROP, _) => limited += 1,
+            (v, _) => panic!("packet {i}: verdict {}", verdict_name(v)),
+        }
+    }
+    let elapsed = t0.elapsed();
+    let c = dp.counters().unwrap();
+    let refill = (elapsed.as_secs_f64() * PMTU_PER_SEC as f64).ceil() as u64;
+    println!(
+        "pmtu_replies_are_rate_limited: {SENT} too-big packets in {elapsed:.1?}: {replies} replies, \
+         {limited} limited (burst {PMTU_BURST}, refill in that time <= {refill})"
+    );
+    assert!(
+        (PMTU_BURST..=PMTU_BURST + refill + 1).contains(&replies),
+        "{replies} replies to {SENT} packets in {elapsed:?} (burst {PMTU_BURST}, {PMTU_PER_SEC}/s)"
+    );
+    assert_eq!(replies + limited, SENT);
+    let d = |i: usize| c.drops[i] - before.drops[i];
+    let st = |s: Stat| c.stats[s as usize] - before.stats[s as usize];
+    assert_eq!(d(DropReason::PmtuLimited as usize), limited);
+    assert_eq!(st(Stat::PmtuReply), replies);
+    assert_eq!(st(Stat::Drop), limited);
+    // The bucket refills: a reply again within a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut n = 0u16;
+    loop {
+        n += 1;
+        if dp.test_run(&big(43000 + n)).unwrap().0 == XDP_TX {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PMTU reply again within 2 s ({n} tries)"
+        );
+        std::thread::yield_now();
+    }
 }
 
 /// The main table against the fixed configuration, then the totals.
@@ -1780,6 +1997,9 @@ fn decap_table() {
     d.add_vip(VIP4_B).unwrap();
     d.add_vip(VIP6_B).unwrap();
     d.add_vip(VIP6_AFF).unwrap();
+    // The fixture balancer's outer sources: IPIP_SRC4/16 and IPIP_SRC6/96.
+    d.add_source("172.16.0.0/16").unwrap();
+    d.add_source("fd00:ffff::/96").unwrap();
     let lb4 = IpAddr::V4([172, 16, 1, 2].into());
     let node4 = IpAddr::V4(node_addr4(1).into());
     let lb6 = IpAddr::V6(ipip_src6(IPIP_SRC6, 0x1234_5678).into());
@@ -1834,6 +2054,45 @@ fn decap_table() {
     let e = encapsulate(&other6, lb6, node6);
     rows.push(DecapRow {
         what: "decap/ip6ip6, inner destination not a VIP: passed untouched",
+        input: e,
+        output: Out::Unchanged,
+        verdict: XDP_PASS,
+        stat: DecapStat::NotOurs,
+    });
+    // Tunnels from anyone but the balancers: only a VIP's are refused (counted); the rest is
+    // not ours to judge.
+    for (what, src) in [
+        (
+            "decap/ipip to a VIP from outside the source networks: dropped",
+            IpAddr::V4([172, 17, 0, 1].into()),
+        ),
+        (
+            "decap/ipip to a VIP from a node's address: dropped",
+            IpAddr::V4(node_addr4(2).into()),
+        ),
+        (
+            "decap/ip6ip6 to a VIP from outside the source prefix: dropped",
+            IpAddr::V6(
+                ipip_src6([0xfd, 0, 0xff, 0xfe, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 7).into(),
+            ),
+        ),
+    ] {
+        let (inner, dst) = if src.is_ipv4() {
+            (&ours4, node4)
+        } else {
+            (&ours6, node6)
+        };
+        rows.push(DecapRow {
+            what,
+            input: encapsulate(inner, src, dst),
+            output: Out::Any,
+            verdict: XDP_DROP,
+            stat: DecapStat::ForeignSource,
+        });
+    }
+    let e = encapsulate(&other4, IpAddr::V4([172, 17, 0, 1].into()), node4);
+    rows.push(DecapRow {
+        what: "decap/ipip from outside the sources, inner not a VIP: passed untouched",
         input: e,
         output: Out::Unchanged,
         verdict: XDP_PASS,
@@ -1918,7 +2177,7 @@ fn decap_table() {
         }
     }
 
-    let mut tally = [0u64; 4];
+    let mut tally = [0u64; lb_common::DECAP_STAT_COUNT as usize];
     let n = rows.len();
     for (i, row) in rows.into_iter().enumerate() {
         println!("row: {}", row.what);
@@ -1944,6 +2203,7 @@ fn decap_table() {
             DecapStat::NotOurs,
             DecapStat::Malformed,
             DecapStat::Pass,
+            DecapStat::ForeignSource,
         ] {
             let got = after[s as usize] - before[s as usize];
             let want = u64::from(s == row.stat);

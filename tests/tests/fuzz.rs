@@ -401,6 +401,9 @@ fn fuzz_decap() {
     let mut d = Decap::load().unwrap();
     d.add_vip(VIP4_B).unwrap();
     d.add_vip(VIP6_B).unwrap();
+    // The corpus's tunnels come from the fixture balancer's outer sources.
+    d.add_source("172.16.0.0/16").unwrap();
+    d.add_source("fd00:ffff::/96").unwrap();
     let mut failures = vec![];
     let mut failed = 0u64;
     let mut verdicts = [0u64; 5];

@@ -1,6 +1,9 @@
 //! `lb_decap`: node-side decapsulator for ipip mode (docs/dataplane.md "Node-side decap").
 //! Strips the outer IPv4 (IPIP) or IPv6 (IP6IP6) header of packets whose inner destination is
-//! a VIP this node serves, so kernels without the `ipip` module still receive them.
+//! a VIP this node serves, so kernels without the `ipip` module still receive them. Only
+//! tunnels from the configured outer-source networks (the balancers' `[ipip] source_v4` /
+//! `source_v6`) are opened: anyone else could otherwise inject packets that reach the VIP's
+//! service from any source address they like.
 #![no_std]
 #![no_main]
 
@@ -10,10 +13,12 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
-use lb_common::{DECAP_STAT_COUNT, DecapKey, DecapStat, FAMILY_V4, FAMILY_V6, MAX_DECAP_VIPS};
+use lb_common::{
+    DECAP_STAT_COUNT, DecapKey, DecapStat, FAMILY_V4, FAMILY_V6, MAX_DECAP_SOURCES, MAX_DECAP_VIPS,
+};
 use lb_ebpf::parse::{
     ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
     PROTO_IPV6_IN, VLAN_HLEN,
@@ -22,6 +27,12 @@ use lb_ebpf::parse::{
 /// VIP addresses this node accepts inside IPIP / IP6IP6 (value unused).
 #[map]
 static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(MAX_DECAP_VIPS, 0);
+/// IPv4 outer-source networks accepted (value unused).
+#[map]
+static DECAP_SRC4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_DECAP_SOURCES, 0);
+/// IPv6 outer-source networks accepted (value unused).
+#[map]
+static DECAP_SRC6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_DECAP_SOURCES, 0);
 /// Decap verdict counts by `DecapStat`.
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_STAT_COUNT, 0);
@@ -34,7 +45,7 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
         unsafe { *c += 1 };
     }
     match stat {
-        DecapStat::Malformed => XDP_DROP,
+        DecapStat::Malformed | DecapStat::ForeignSource => XDP_DROP,
         _ => XDP_PASS,
     }
 }
@@ -71,7 +82,7 @@ fn try_decap(ctx: &XdpContext) -> DecapStat {
         l3 = ETH_VLAN_HLEN;
     }
     let mut key = DecapKey::default();
-    let outer_len = match ethertype {
+    let (outer_len, src_ok) = match ethertype {
         ETH_P_IPV4 => {
             let Some(h) = at::<IPV4_HLEN>(ctx, l3) else {
                 return DecapStat::Pass;
@@ -89,7 +100,8 @@ fn try_decap(ctx: &XdpContext) -> DecapStat {
             };
             key.addr[..4].copy_from_slice(&ld::<[u8; 4]>(inner + 16));
             key.family = FAMILY_V4;
-            ihl_len
+            let src = DECAP_SRC4.get(Key::new(32, ld::<[u8; 4]>(h + 12)));
+            (ihl_len, src.is_some())
         }
         ETH_P_IPV6 => {
             let Some(h) = at::<IPV6_HLEN>(ctx, l3) else {
@@ -103,13 +115,17 @@ fn try_decap(ctx: &XdpContext) -> DecapStat {
             };
             key.addr = ld(inner + 24);
             key.family = FAMILY_V6;
-            IPV6_HLEN
+            let src = DECAP_SRC6.get(Key::new(128, ld::<[u8; 16]>(h + 8)));
+            (IPV6_HLEN, src.is_some())
         }
         _ => return DecapStat::Pass,
     };
     // SAFETY: read-only use of the value's existence.
     if unsafe { DECAP_VIPS.get(key) }.is_none() {
         return DecapStat::NotOurs;
+    }
+    if !src_ok {
+        return DecapStat::ForeignSource;
     }
     strip(ctx, l3, outer_len)
 }

@@ -35,6 +35,7 @@ pub const EVENT_NAMES: [&str; STAT_COUNT as usize] = [
     "drain_keep",
     "ct_evict",
     "ct_full",
+    "encap_aggregate",
 ];
 
 /// Snake-case name of a drop reason (`no_backend`), as the API and metrics label it.
@@ -226,6 +227,10 @@ impl Daemon {
         // says what runs); the diff names it.
         let later = keep_restart_only(&self.cfg.daemon, &mut next.daemon);
         next.validate().map_err(|e| Fail::bad(format!("{e:#}")))?;
+        if let Some(mac) = self.own_mac {
+            next.check_own_mac(mac)
+                .map_err(|e| Fail::bad(format!("{e:#}")))?;
+        }
         let mut changes = config_diff(&self.cfg, &next);
         let mut ctl = self.ctl.clone();
         let plan = ctl
@@ -283,6 +288,7 @@ impl Daemon {
             &running::Running {
                 source_sha256: self.source_sha256.clone(),
                 xdp_mode: Some(self.xdp_mode.clone()),
+                offloads_off: self.offloads_off.iter().map(|f| f.name().into()).collect(),
                 config: self.cfg.clone(),
             },
         )?;
