@@ -216,7 +216,7 @@ impl Daemon {
     pub(super) fn change(
         &mut self,
         next: Config,
-        socket: Option<&mut Receiver>,
+        mut socket: Option<&mut Receiver>,
         dry_run: bool,
     ) -> Result<Diff, Fail> {
         let start = Instant::now();
@@ -225,6 +225,7 @@ impl Daemon {
         // says what runs); the diff names it.
         let later = keep_restart_only(&self.cfg.daemon, &mut next.daemon);
         next.validate().map_err(|e| Fail::bad(format!("{e:#}")))?;
+        let keys = super::node_keys(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
         let mut changes = config_diff(&self.cfg, &next);
         let mut ctl = self.ctl.clone();
         let plan = ctl
@@ -246,6 +247,9 @@ impl Daemon {
         self.dp.set_config(&globals).map_err(kernel)?;
         self.ctl = ctl;
         self.change_seq += 1;
+        if let Some(r) = socket.as_deref_mut() {
+            r.set_node_keys(keys);
+        }
         sync_membership(&mut self.membership, &next);
         self.cfg = next;
         self.sync_checks();
@@ -307,6 +311,8 @@ impl Daemon {
         let mut hb = HeartbeatCounts {
             accepted: m.accepted,
             interval_clamped: m.interval_clamped,
+            weight_clamped: m.weight_clamped,
+            incarnation_resets: m.incarnation_reset,
             fail_static_episodes: m.fail_static,
             ..Default::default()
         };
@@ -314,6 +320,7 @@ impl Daemon {
             ("unknown_node", m.unknown_node),
             ("replay", m.replay),
             ("stale_incarnation", m.stale_incarnation),
+            ("duplicate_node", m.duplicate),
         ];
         if let Some(r) = socket {
             let c = r.counters();
@@ -335,6 +342,7 @@ impl Daemon {
             .collect();
         let ev = self.dp.counters().map(|c| c.stats).unwrap_or_default();
         let stat = |s: lb_common::Stat| ev.get(s as usize).copied().unwrap_or(0);
+        let served = self.ctl.served();
         api::Status {
             version: env!("CARGO_PKG_VERSION").into(),
             instance: self.cfg.daemon.instance.clone(),
@@ -357,6 +365,13 @@ impl Daemon {
                 inserts: stat(lb_common::Stat::CtInsert),
             },
             fail_static: self.membership.holding(),
+            unserved_vips: self
+                .ctl
+                .vips()
+                .filter(|v| !served.contains(&v.spec.key))
+                .map(|v| dataplane::vip_display(&v.spec.key))
+                .collect(),
+            unserved_episodes: self.unserved_episodes,
         }
     }
 
@@ -412,6 +427,9 @@ impl Daemon {
                     .map(|t| now.saturating_duration_since(t).as_secs_f64()),
                 cpu_permille: st.and_then(|s| s.cpu_permille),
                 active_conns: st.and_then(|s| s.active_conns),
+                duplicate_agent: st
+                    .and_then(|s| s.duplicate_seen)
+                    .is_some_and(|t| now.saturating_duration_since(t) < super::DUPLICATE_SHOWN),
             });
         }
         Ok(out)
@@ -682,6 +700,7 @@ pub fn keep_restart_only(
         heartbeat_listen,
         heartbeat_group,
         key_file,
+        node_key_dir,
         xdp_mode,
         route_slots,
         conntrack_size,
