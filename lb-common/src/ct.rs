@@ -13,7 +13,7 @@
 //! (the route owner is used, as after an eviction) rather than as a wrong node; this holds on
 //! any memory ordering, up to a 2^-32 chance that a torn slot's check word matches.
 
-use crate::{CT_F_FIN, CT_F_RST, CtEntry, FlowKey, hash};
+use crate::{CT_CLOSE_QUIET, CT_F_FIN, CT_F_KEEP, CT_F_RST, CtEntry, FlowKey, hash};
 
 /// Ways per set: 16 tags fill one cache line, and with 16 ways a set rarely overflows before
 /// the table is half full (`set_overflow_is_rare_below_half_fill`).
@@ -111,10 +111,10 @@ pub const fn ct_tag(flow_hash: u32) -> u32 {
     if flow_hash == 0 { 1 } else { flow_hash }
 }
 
-/// The tag of a [`FlowKey`].
+/// The tag of a [`FlowKey`] under the balancer's hash `seed`.
 #[inline(always)]
-pub const fn ct_key_tag(key: &FlowKey) -> u32 {
-    ct_tag(hash::flow_key_hash(key, true))
+pub const fn ct_key_tag(seed: u32, key: &FlowKey) -> u32 {
+    ct_tag(hash::flow_key_hash(seed, key, true))
 }
 
 /// The set of a tag in a table of `sets` sets.
@@ -150,11 +150,13 @@ pub fn ct_find(set: &CtSet, key: &CtKey, tag: u32) -> Option<usize> {
 }
 
 /// The way a new entry for the flow goes to: the flow's own way (a retransmitted SYN re-records
-/// rather than duplicates), else a free way, else the victim: a closing flow (FIN/RST seen)
-/// first, then the least recently seen (`now` in `CtEntry::last_seen` units).
+/// rather than duplicates), else a free way, else the victim: a closing flow (FIN/RST last,
+/// quiet for `CT_CLOSE_QUIET`) first, then the least recently seen (`now` in
+/// `CtEntry::last_seen` units). An entry without `CT_F_KEEP` (`keep` false: a new flow) never
+/// evicts one with it; `None` when every way holds such a flow.
 #[inline(always)]
-pub fn ct_insert_way(set: &CtSet, key: &CtKey, tag: u32, now: u32) -> usize {
-    ct_insert_way_in(set, key, tag, now, CT_WAYS).0
+pub fn ct_insert_way(set: &CtSet, key: &CtKey, tag: u32, now: u32, keep: bool) -> Option<usize> {
+    ct_insert_way_in(set, key, tag, now, keep, CT_WAYS).map(|(w, _)| w)
 }
 
 // The `_in` forms scan the first `ways` ways (`CT_WAYS` in every call). The kernel calls them
@@ -247,13 +249,14 @@ pub fn ct_insert_way_in(
     key: &CtKey,
     tag: u32,
     now: u32,
+    keep: bool,
     ways: usize,
-) -> (usize, bool) {
+) -> Option<(usize, bool)> {
     let mut i = 0;
     while i < ways {
         let w = i % CT_WAYS;
         if set.tags[w] == tag && same_key(&set.slots[w].key, key) {
-            return (w, false);
+            return Some((w, false));
         }
         i += 1;
     }
@@ -261,29 +264,34 @@ pub fn ct_insert_way_in(
     while i < ways {
         let w = i % CT_WAYS;
         if set.tags[w] == 0 {
-            return (w, false);
+            return Some((w, false));
         }
         i += 1;
     }
     // Full set: reads every slot line, which only a full set costs. Ties are broken from a
     // start that depends on the tag, so same-age sets do not always evict the same way.
     let start = tag as usize % CT_WAYS;
-    let mut best = start;
+    let mut best = CT_WAYS;
     let mut best_score = 0u64;
     let mut j = 0;
     while j < ways {
         let w = (start + j) % CT_WAYS;
         let e = &set.slots[w].entry;
-        let age = now.wrapping_sub(e.last_seen) as u64;
-        let closing = (e.flags & (CT_F_FIN | CT_F_RST) != 0) as u64;
-        let score = (closing << 32) | age;
-        if j == 0 || score > best_score {
-            best = w;
-            best_score = score;
+        if keep || e.flags & CT_F_KEEP == 0 {
+            let age = now.wrapping_sub(e.last_seen);
+            let closing = e.flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
+            let score = ((closing as u64) << 32) | age as u64;
+            if best == CT_WAYS || score > best_score {
+                best = w;
+                best_score = score;
+            }
         }
         j += 1;
     }
-    (best, true)
+    if best == CT_WAYS {
+        return None;
+    }
+    Some((best, true))
 }
 
 /// Writes way `i` of a set in the order readers rely on: tag cleared, slot and check word
@@ -320,6 +328,9 @@ mod tests {
 
     use super::*;
     use crate::{FAMILY_V4, FAMILY_V6};
+
+    /// Any seed: the tests are about ways and tags, not which set a flow lands in.
+    const SEED: u32 = 0x5eed_0001;
 
     /// A store that evicts the flow while it is being read (between the copy and the checks)
     /// yields no entry, never the evicting flow's.
@@ -382,7 +393,7 @@ mod tests {
     }
 
     fn put(set: &mut CtSet, i: usize, k: &FlowKey, node: u32, last_seen: u32, flags: u32) {
-        let tag = ct_key_tag(k);
+        let tag = ct_key_tag(SEED, k);
         set.tags[i] = tag;
         set.slots[i] = CtSlot {
             key: ct_key(k),
@@ -426,9 +437,9 @@ mod tests {
         let a = key(1, FAMILY_V4);
         let b = key(2, FAMILY_V4);
         put(&mut set, 5, &a, 9, 0, 0);
-        let (ka, ta) = (ct_key(&a), ct_key_tag(&a));
+        let (ka, ta) = (ct_key(&a), ct_key_tag(SEED, &a));
         assert_eq!(ct_find(&set, &ka, ta), Some(5));
-        assert_eq!(ct_find(&set, &ct_key(&b), ct_key_tag(&b)), None);
+        assert_eq!(ct_find(&set, &ct_key(&b), ct_key_tag(SEED, &b)), None);
         // A torn slot: node rewritten, check not (yet).
         set.slots[5].entry.node = 4;
         assert_eq!(ct_find(&set, &ka, ta), None);
@@ -444,37 +455,54 @@ mod tests {
     }
 
     #[test]
-    fn insert_prefers_own_then_free_then_closing_then_oldest() {
+    fn insert_prefers_own_then_free_then_quiet_closing_then_oldest_never_kept() {
         let mut set = CtSet::default();
         let flows: [FlowKey; CT_WAYS] = core::array::from_fn(|i| key(100 + i as u32, FAMILY_V6));
         let new = key(7, FAMILY_V6);
-        let (kn, tn) = (ct_key(&new), ct_key_tag(&new));
+        let (kn, tn) = (ct_key(&new), ct_key_tag(SEED, &new));
         // Free ways are taken in order.
-        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 0);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 0);
         for (i, f) in flows.iter().enumerate().take(3) {
             put(&mut set, i, f, 1, 40, 0);
         }
-        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 3);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 3);
         // The flow's own way, even with free ways before it.
         put(&mut set, 6, &new, 1, 40, 0);
-        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 6);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 6);
         set.tags[6] = 0;
         // Full: the oldest loses.
         for (i, f) in flows.iter().enumerate() {
             put(&mut set, i, f, 1, 20 + i as u32, 0);
         }
         put(&mut set, 4, &flows[4], 1, 10, 0);
-        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 4);
-        // A closing flow loses before an older open one.
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 4);
+        // A closing flow loses before an older open one, once it has been quiet (a FIN/RST
+        // of a flow still talking, as a forged one would be, does not make it the victim).
         put(&mut set, 2, &flows[2], 1, 49, CT_F_FIN);
-        assert_eq!(ct_insert_way(&set, &kn, tn, 50), 2);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 4);
+        put(&mut set, 2, &flows[2], 1, 50 - CT_CLOSE_QUIET, CT_F_RST);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 2);
+        // Flows on moved routes (`CT_F_KEEP`) are out of a new flow's reach: the oldest other
+        // one loses, and none when all are kept; another kept flow may evict them.
+        put(&mut set, 2, &flows[2], 1, 5, CT_F_KEEP | CT_F_FIN);
+        put(&mut set, 4, &flows[4], 1, 6, CT_F_KEEP);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false).unwrap(), 0);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, true).unwrap(), 2);
+        for (i, f) in flows.iter().enumerate() {
+            put(&mut set, i, f, 1, 20, CT_F_KEEP);
+        }
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false), None);
+        assert!(ct_insert_way(&set, &kn, tn, 50, true).is_some());
+        // Its own way, kept or not.
+        put(&mut set, 9, &new, 1, 20, CT_F_KEEP);
+        assert_eq!(ct_insert_way(&set, &kn, tn, 50, false), Some(9));
         // Ages survive the clock wrapping.
         let mut set2 = CtSet::default();
         for (i, f) in flows.iter().enumerate() {
             put(&mut set2, i, f, 1, 3, 0);
         }
         put(&mut set2, 1, &flows[1], 1, u32::MAX - 5, 0);
-        assert_eq!(ct_insert_way(&set2, &kn, tn, 5), 1);
+        assert_eq!(ct_insert_way(&set2, &kn, tn, 5, false).unwrap(), 1);
     }
 
     #[test]
@@ -486,7 +514,7 @@ mod tests {
         let mut hit = [0u32; CT_WAYS];
         for n in 0..4000 {
             let k = key(10_000 + n, FAMILY_V4);
-            hit[ct_insert_way(&set, &ct_key(&k), ct_key_tag(&k), 0)] += 1;
+            hit[ct_insert_way(&set, &ct_key(&k), ct_key_tag(SEED, &k), 0, false).unwrap()] += 1;
         }
         let even = 4000 / CT_WAYS as u32;
         for h in hit {
@@ -524,9 +552,10 @@ mod tests {
             };
             let mut k = k;
             k.src[..8].copy_from_slice(&(r >> 32).to_le_bytes());
-            let (tag, words) = (ct_key_tag(&k), ct_key(&k));
+            let (tag, words) = (ct_key_tag(SEED, &k), ct_key(&k));
             let set = &mut table[ct_set_index(tag, SETS) as usize];
-            let (w, evicts) = ct_insert_way_in(set, &words, tag, now, CT_WAYS);
+            let (w, evicts) =
+                ct_insert_way_in(set, &words, tag, now, false, CT_WAYS).expect("no flow is kept");
             set.tags[w] = tag;
             set.slots[w].key = words;
             set.slots[w].entry.last_seen = now;

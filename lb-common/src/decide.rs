@@ -1,7 +1,7 @@
 //! Node choice (docs/dataplane.md step 9) as a pure function: which node a packet goes to,
 //! what happens to its `CONNTRACK` entry, and which `Stat` events it counts. The program does
 //! the map lookups this asks for and applies the result; `lb trace` asks the same function.
-use crate::{CT_F_FIN, CT_F_RST, DropReason, NODE_ACTIVE, NODE_DRAINING, Stat};
+use crate::{CT_F_FIN, CT_F_KEEP, CT_F_RST, DropReason, NODE_ACTIVE, NODE_DRAINING, Stat};
 
 /// TCP flag bits (byte 13 of the header).
 pub mod tcp_flags {
@@ -19,8 +19,8 @@ pub enum FlowKind {
     /// UDP: always tracked.
     Udp,
     /// TCP other than a SYN, and ICMP errors about a flow. `seen` holds the `CT_F_FIN` /
-    /// `CT_F_RST` bits the packet carries; `always` forces a conntrack lookup (ICMP errors about
-    /// UDP flows).
+    /// `CT_F_RST` bits the packet carries; `always` forces a conntrack lookup and never inserts
+    /// (ICMP errors).
     Tracked { seen: u32, always: bool },
     /// IPv4 fragment: no conntrack.
     Fragment,
@@ -65,12 +65,22 @@ pub const fn needs_lookup(kind: FlowKind, route_moved: bool) -> bool {
     }
 }
 
+/// The flags a flow's entry gets from a packet (`seen`: its `CT_F_FIN`/`CT_F_RST` bits) on a
+/// route that is `moved` or not, given the entry's `old` flags (0 for a new entry): FIN/RST
+/// describe the last packet only, `CT_F_KEEP` once set stays (userspace clears it when the
+/// route settles).
+#[inline(always)]
+pub const fn ct_flags(old: u32, seen: u32, moved: bool) -> u32 {
+    let keep = if moved { CT_F_KEEP } else { 0 };
+    (old & !(CT_F_FIN | CT_F_RST)) | seen | keep
+}
+
 /// What to do with the flow's `CONNTRACK` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtAction {
     /// Nothing.
     None,
-    /// Insert (or overwrite) `{node, vip, now, 0}`.
+    /// Insert (or overwrite) `{node, vip, now, ct_flags(0, ..)}`.
     Insert,
     /// Hit on a live node: refresh `last_seen` if stale, add the `seen` flags.
     Refresh,
@@ -135,7 +145,18 @@ pub fn choose(
                 })
             }
             Some(_) => to_owner(CtAction::Rewrite, bit(Stat::CtReroute)),
-            None if kind == FlowKind::Udp => {
+            // An unknown UDP flow, or an established TCP flow on a moved route that conntrack
+            // does not know (it began elsewhere, or lost its entry): it goes to the owner from
+            // now on, recorded so that it stays there.
+            None if matches!(
+                kind,
+                FlowKind::Udp
+                    | FlowKind::Tracked {
+                        seen: 0,
+                        always: false
+                    }
+            ) =>
+            {
                 to_owner(CtAction::Insert, bit(Stat::CtMiss) | bit(Stat::CtInsert))
             }
             None => to_owner(CtAction::None, bit(Stat::CtMiss)),
@@ -256,11 +277,38 @@ mod tests {
             choose(ACK, 7, X, true, Some((3, X))),
             Err(DropReason::NoBackend)
         );
+        // Unknown on a moved route: to the owner, and recorded there.
         assert_eq!(
             choose(ACK, 7, D, true, None),
-            ok(7, CtAction::None, &[Stat::CtMiss])
+            ok(7, CtAction::Insert, &[Stat::CtMiss, Stat::CtInsert])
         );
         assert_eq!(choose(ACK, 7, X, true, None), Err(DropReason::NoBackend));
+        // A FIN/RST or an ICMP error that conntrack does not know is not recorded.
+        let fin = FlowKind::tcp(0x11);
+        assert_eq!(
+            choose(fin, 7, A, true, None),
+            ok(7, CtAction::None, &[Stat::CtMiss])
+        );
+        let icmp = FlowKind::Tracked {
+            seen: 0,
+            always: true,
+        };
+        assert_eq!(
+            choose(icmp, 7, A, true, None),
+            ok(7, CtAction::None, &[Stat::CtMiss])
+        );
+    }
+
+    #[test]
+    fn flags_describe_the_last_packet_and_keep_sticks() {
+        use crate::{CT_F_FIN, CT_F_KEEP, CT_F_RST};
+        assert_eq!(ct_flags(0, 0, false), 0);
+        assert_eq!(ct_flags(0, CT_F_RST, false), CT_F_RST);
+        // A forged RST, then the flow goes on: no longer closing.
+        assert_eq!(ct_flags(CT_F_RST, 0, false), 0);
+        assert_eq!(ct_flags(CT_F_FIN, CT_F_RST, true), CT_F_RST | CT_F_KEEP);
+        assert_eq!(ct_flags(CT_F_KEEP, 0, false), CT_F_KEEP);
+        assert_eq!(ct_flags(0, 0, true), CT_F_KEEP);
     }
 
     #[test]

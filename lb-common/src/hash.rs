@@ -1,11 +1,48 @@
 //! The flow hash, shared so userspace (`lb trace`, tests) predicts exactly what the kernel does.
 //!
-//! Murmur3-style word mixing: a handful of multiplies and rotates per 32-bit word, no tables,
-//! no loops the verifier has to bound. Inputs are raw wire bytes read as little-endian words
-//! (what a `u32` load from the packet gives on `bpfel`).
+//! Inputs are raw wire bytes read as little-endian words (what a load from the packet gives on
+//! `bpfel`), packed into 64-bit words: BPF registers are 64-bit, so a 64-bit multiply with the
+//! high half folded down mixes as well as 32-bit Murmur rounds at a fraction of the
+//! instructions (32-bit rotates and shifts in 64-bit registers each need masking). The flow hash
+//! is keyed: the seed is random per balancer and persisted with its route tables (see
+//! `docs/dataplane.md`), so a client cannot choose flows that share a conntrack set or a route.
+//! Keyed, not cryptographic: the hash is never shown to clients.
+//!
+//! Changing any function here remaps every flow to another route (the persisted tables keep
+//! route owners, not flows): the known-answer test below pins them.
 
-const SEED: u32 = 0x9e37_79b9;
+/// Multipliers: the golden ratio and SplitMix64's two (odd, dense in bits).
+const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+const K2: u64 = 0xbf58_476d_1ce4_e5b9;
+const K3: u64 = 0x94d0_49bb_1331_11eb;
 
+/// One 64-bit word into the state: xor it in, multiply (the high bits take every lower bit), and
+/// fold the high half down. Each step is a bijection of `h ^ w`.
+#[inline(always)]
+const fn absorb(h: u64, w: u64) -> u64 {
+    let x = (h ^ w).wrapping_mul(K2);
+    x ^ (x >> 32)
+}
+
+/// The 32-bit result: the high half of one more multiply.
+#[inline(always)]
+const fn finish(h: u64) -> u32 {
+    (h.wrapping_mul(K3) >> 32) as u32
+}
+
+/// The last word of a flow: ports, protocol and the address family (so a v4 and a v6 flow
+/// with equal words never hash alike by construction).
+#[inline(always)]
+const fn tail(ports: u32, proto: u8, family: u8) -> u64 {
+    (ports as u64) | ((proto as u64) << 32) | ((family as u64) << 40)
+}
+
+#[inline(always)]
+const fn pair(lo: u32, hi: u32) -> u64 {
+    (lo as u64) | ((hi as u64) << 32)
+}
+
+/// Murmur3-style 32-bit mixing, kept for [`ct_check`] (conntrack ways, off the hot path).
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
     let k = k
@@ -52,47 +89,37 @@ pub const fn addr_word(a: &[u8; 4]) -> u32 {
     u32::from_le_bytes(*a)
 }
 
-/// Hash of an IPv4 flow. For source affinity pass `ports = 0`; for fragments pass `ports = 0`.
+/// Hash of an IPv4 flow under `seed`. For source affinity pass `ports = 0`; for fragments
+/// pass `ports = 0`.
 #[inline(always)]
-pub const fn flow_hash_v4(src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
-    let mut h = SEED ^ (proto as u32);
-    h = mix(h, src);
-    h = mix(h, dst);
-    h = mix(h, ports);
-    fmix(h ^ 12)
+pub const fn flow_hash_v4(seed: u32, src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
+    let h = absorb(seed as u64, pair(src, dst));
+    finish(absorb(h, tail(ports, proto, 4)))
 }
 
 /// Hash of an IPv6 flow (same conventions as [`flow_hash_v4`]).
 #[inline(always)]
-pub const fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8) -> u32 {
-    let mut h = SEED ^ (proto as u32) ^ 0x0600;
-    h = mix(h, src[0]);
-    h = mix(h, src[1]);
-    h = mix(h, src[2]);
-    h = mix(h, src[3]);
-    h = mix(h, dst[0]);
-    h = mix(h, dst[1]);
-    h = mix(h, dst[2]);
-    h = mix(h, dst[3]);
-    h = mix(h, ports);
-    fmix(h ^ 36)
+pub const fn flow_hash_v6(seed: u32, src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8) -> u32 {
+    let mut h = absorb(seed as u64, pair(src[0], src[1]));
+    h = absorb(h, pair(src[2], src[3]));
+    h = absorb(h, pair(dst[0], dst[1]));
+    h = absorb(h, pair(dst[2], dst[3]));
+    finish(absorb(h, tail(ports, proto, 6)))
 }
 
-/// Hash of a destination address, for the `VIP_FILTER` bitmap.
+/// Hash of a destination address, for the `VIP_FILTER` bitmap and `VIP_CACHE` (not keyed:
+/// the VIP addresses are public, and a collision only costs a `VIPS` lookup). Fibonacci
+/// hashing: the high half of the product depends on every address bit.
 #[inline(always)]
 pub const fn addr_hash_v4(addr: u32) -> u32 {
-    fmix(mix(SEED, addr) ^ 4)
+    ((addr as u64 | (4 << 40)).wrapping_mul(K1) >> 32) as u32
 }
 
 /// Hash of a destination IPv6 address, for the `VIP_FILTER` bitmap.
 #[inline(always)]
 pub const fn addr_hash_v6(addr: &[u32; 4]) -> u32 {
-    let mut h = SEED ^ 0x0600;
-    h = mix(h, addr[0]);
-    h = mix(h, addr[1]);
-    h = mix(h, addr[2]);
-    h = mix(h, addr[3]);
-    fmix(h ^ 16)
+    let h = absorb(6 << 40, pair(addr[0], addr[1]));
+    finish(absorb(h, pair(addr[2], addr[3])))
 }
 
 /// `VIP_FILTER` position of an address hash: (word index, bit mask).
@@ -117,7 +144,7 @@ pub const fn vip_cache_slot(addr_hash: u32, port: u16, proto: u8) -> u32 {
 /// The kernel's hash of a tracked flow (`CONNTRACK` key), so userspace can find a flow's route.
 /// `with_ports = false` for source-affinity VIPs.
 #[inline(always)]
-pub const fn flow_key_hash(key: &crate::FlowKey, with_ports: bool) -> u32 {
+pub const fn flow_key_hash(seed: u32, key: &crate::FlowKey, with_ports: bool) -> u32 {
     let ports = if with_ports {
         ports_word(key.sport, key.dport)
     } else {
@@ -126,9 +153,10 @@ pub const fn flow_key_hash(key: &crate::FlowKey, with_ports: bool) -> u32 {
     if key.family == crate::FAMILY_V4 {
         let s = [key.src[0], key.src[1], key.src[2], key.src[3]];
         let d = [key.dst[0], key.dst[1], key.dst[2], key.dst[3]];
-        flow_hash_v4(addr_word(&s), addr_word(&d), ports, key.proto)
+        flow_hash_v4(seed, addr_word(&s), addr_word(&d), ports, key.proto)
     } else {
         flow_hash_v6(
+            seed,
             &addr_words(&key.src),
             &addr_words(&key.dst),
             ports,
@@ -141,7 +169,7 @@ pub const fn flow_key_hash(key: &crate::FlowKey, with_ports: bool) -> u32 {
 /// concurrent rewrite does not validate.
 #[inline(always)]
 pub const fn ct_check(tag: u32, node: u32, vip: u32) -> u32 {
-    fmix(mix(mix(mix(SEED ^ 0x0c7, tag), node), vip) ^ 12)
+    fmix(mix(mix(mix(0x9e37_79b9 ^ 0x0c7, tag), node), vip) ^ 12)
 }
 
 /// Route ID in `0..n` for a flow hash: Lemire's multiply-shift reduction (no division, and
@@ -160,7 +188,7 @@ mod tests {
         let n = 24u32;
         let mut buckets = [0u32; 24];
         for i in 0..240_000u32 {
-            let h = flow_hash_v4(i, 0x0a00_0001, ports_word(i as u16, 80), 6);
+            let h = flow_hash_v4(0x5eed, i, 0x0a00_0001, ports_word(i as u16, 80), 6);
             let r = route_index(h, n);
             assert!(r < n);
             buckets[r as usize] += 1;
@@ -175,17 +203,67 @@ mod tests {
 
     #[test]
     fn hash_depends_on_every_field() {
-        let base = flow_hash_v4(1, 2, 3, 6);
-        assert_ne!(base, flow_hash_v4(9, 2, 3, 6));
-        assert_ne!(base, flow_hash_v4(1, 9, 3, 6));
-        assert_ne!(base, flow_hash_v4(1, 2, 9, 6));
-        assert_ne!(base, flow_hash_v4(1, 2, 3, 17));
+        let base = flow_hash_v4(7, 1, 2, 3, 6);
+        assert_ne!(base, flow_hash_v4(8, 1, 2, 3, 6));
+        assert_ne!(base, flow_hash_v4(7, 9, 2, 3, 6));
+        assert_ne!(base, flow_hash_v4(7, 1, 9, 3, 6));
+        assert_ne!(base, flow_hash_v4(7, 1, 2, 9, 6));
+        assert_ne!(base, flow_hash_v4(7, 1, 2, 3, 17));
         let a = [1, 2, 3, 4];
         let b = [5, 6, 7, 8];
-        let h6 = flow_hash_v6(&a, &b, 3, 6);
-        assert_ne!(h6, flow_hash_v6(&b, &a, 3, 6));
-        assert_ne!(h6, flow_hash_v6(&a, &b, 4, 6));
+        let h6 = flow_hash_v6(7, &a, &b, 3, 6);
+        assert_ne!(h6, flow_hash_v6(8, &a, &b, 3, 6));
+        assert_ne!(h6, flow_hash_v6(7, &b, &a, 3, 6));
+        assert_ne!(h6, flow_hash_v6(7, &a, &b, 4, 6));
         assert_ne!(addr_hash_v4(1), addr_hash_v4(2));
+    }
+
+    /// Known answers (computed by an independent Python model of the functions above): a
+    /// changed hash silently remaps every flow of every persisted table (and
+    /// every tracked flow's conntrack set), so a change must be deliberate and show up here.
+    #[test]
+    fn known_answers() {
+        let (s, d) = (addr_word(&[198, 18, 0, 1]), addr_word(&[198, 18, 100, 1]));
+        let ports = ports_word(40000u16.to_be(), 80u16.to_be());
+        assert_eq!(flow_hash_v4(0x1234_5678, s, d, ports, 6), 0xfa91_523f);
+        assert_eq!(flow_hash_v4(0x1234_5679, s, d, ports, 6), 0x4e78_41de);
+        assert_eq!(flow_hash_v4(0x1234_5678, s, d, 0, 6), 0x6938_3eb4);
+        let s6 = addr_words(&core::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).octets());
+        let d6 =
+            addr_words(&core::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1).octets());
+        assert_eq!(flow_hash_v6(0x1234_5678, &s6, &d6, ports, 6), 0xb848_0ccd);
+        assert_eq!(addr_hash_v4(d), 0xb55c_8800);
+        assert_eq!(addr_hash_v6(&d6), 0x4eea_afa7);
+    }
+
+    /// Every input bit flips about half of the output bits, whatever the seed (what keeps
+    /// routes and conntrack sets evenly loaded for any client population).
+    #[test]
+    fn avalanche() {
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u32
+        };
+        for bit in 0..96 {
+            let mut flipped = 0u32;
+            const N: u32 = 2000;
+            for _ in 0..N {
+                let (seed, s, d, p) = (next(), next(), next(), next());
+                let a = flow_hash_v4(seed, s, d, p, 6);
+                let m = 1u32 << (bit % 32);
+                let b = match bit / 32 {
+                    0 => flow_hash_v4(seed, s ^ m, d, p, 6),
+                    1 => flow_hash_v4(seed, s, d ^ m, p, 6),
+                    _ => flow_hash_v4(seed, s, d, p ^ m, 6),
+                };
+                flipped += (a ^ b).count_ones();
+            }
+            let share = f64::from(flipped) / f64::from(N * 32);
+            assert!((0.47..0.53).contains(&share), "input bit {bit}: {share}");
+        }
     }
 
     #[test]
@@ -239,14 +317,15 @@ mod tests {
         };
         let (s, d) = (addr_word(&[10, 0, 0, 1]), addr_word(&[10, 0, 0, 2]));
         assert_eq!(
-            flow_key_hash(&k, true),
-            flow_hash_v4(s, d, ports_word(1234, 80), 6)
+            flow_key_hash(9, &k, true),
+            flow_hash_v4(9, s, d, ports_word(1234, 80), 6)
         );
-        assert_eq!(flow_key_hash(&k, false), flow_hash_v4(s, d, 0, 6));
+        assert_eq!(flow_key_hash(9, &k, false), flow_hash_v4(9, s, d, 0, 6));
         k.family = crate::FAMILY_V6;
         assert_eq!(
-            flow_key_hash(&k, true),
+            flow_key_hash(9, &k, true),
             flow_hash_v6(
+                9,
                 &addr_words(&k.src),
                 &addr_words(&k.dst),
                 ports_word(1234, 80),

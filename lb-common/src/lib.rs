@@ -135,6 +135,9 @@ pub struct VipMeta {
     pub route_base: u32,
     /// Route IDs in the table (N); never 0 for a live VIP.
     pub route_count: u32,
+    /// The balancer's flow-hash seed (`hash::flow_hash_v4/v6`): the same in every VIP, kept
+    /// here because the fast path already holds this cache line.
+    pub hash_seed: u32,
 }
 
 impl VipMeta {
@@ -247,10 +250,19 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// A TCP FIN was seen on the flow.
+/// The flow's last packet carried a TCP FIN (a later packet without one clears it: a forged
+/// FIN/RST cannot close a flow that goes on talking).
 pub const CT_F_FIN: u32 = 1;
-/// A TCP RST was seen on the flow.
+/// The flow's last packet carried a TCP RST (cleared like `CT_F_FIN`).
 pub const CT_F_RST: u32 = 2;
+/// The flow was seen on a moved route (`ROUTE_F_MOVED`), where every packet refreshes its
+/// entry: the entry is needed to keep the flow on its node, and its `last_seen` is live. A new
+/// flow's SYN never evicts such an entry (a SYN flood cannot push established flows off their
+/// nodes); only another flow on a moved route can.
+pub const CT_F_KEEP: u32 = 4;
+/// A flow whose last packet carried FIN/RST is closing once it has been quiet this long
+/// (`CtEntry::last_seen` units, ~10.7 s): then it is the first to be evicted or expired.
+pub const CT_CLOSE_QUIET: u32 = 10;
 
 /// What `CONNTRACK` records of a flow (`ct::CtSlot::entry`).
 #[repr(C)]
@@ -345,9 +357,12 @@ pub enum Stat {
     DrainKeep = 11,
     /// A new flow took the place of a tracked one in its full `CONNTRACK` set.
     CtEvict = 12,
+    /// A new flow was not recorded: its `CONNTRACK` set was full of flows on moved routes
+    /// (`CT_F_KEEP`), which a new flow does not evict. Flood pressure.
+    CtFull = 13,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 /// Index into `DROPS`: why a VIP packet was dropped.
 #[repr(u32)]
@@ -460,9 +475,10 @@ const _: () = {
     assert!(offset_of!(VipKey, port) == 16);
     assert!(offset_of!(VipKey, proto) == 18);
     assert!(offset_of!(VipKey, family) == 19);
-    assert!(size_of::<VipMeta>() == 16);
+    assert!(size_of::<VipMeta>() == 20);
     assert!(offset_of!(VipMeta, route_base) == 8);
-    assert!(size_of::<VipCacheEntry>() == 36);
+    assert!(offset_of!(VipMeta, hash_seed) == 16);
+    assert!(size_of::<VipCacheEntry>() == 40);
     assert!(offset_of!(VipCacheEntry, meta) == 20);
     assert!(VIP_CACHE_SIZE.is_power_of_two());
     assert!(size_of::<RouteEntry>() == 8);

@@ -29,12 +29,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    CONFIG_F_LOG_EVENTS, CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE, DEFAULT_ROUTE_SLOTS,
-    DROP_REASON_COUNT, DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_NODES, MAX_VIPS,
-    NODE_DOWN, NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED,
-    ROUTES_MAP_FLAGS, RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE,
-    VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey,
-    VipMeta, addr_hash_v4, addr_hash_v6,
+    CONFIG_F_LOG_EVENTS, CT_F_KEEP, CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT, DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig,
+    MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP, ROUTE_F_MOVED, ROUTES_MAP_FLAGS, RouteEntry, STAT_COUNT, Stat, TrafficCounter,
+    VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS, VIP_MODE_IPIP,
+    VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
         CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_get_in, ct_insert_way_in,
         ct_key_words, ct_set_index, ct_store, ct_tag,
@@ -432,7 +432,7 @@ fn fast_v4(f: Frame, l3: usize) -> Fast {
     } else {
         le32(t)
     };
-    let hash = flow_hash_v4(le32(h + ipv4::SRC), dst, ports, PROTO_TCP);
+    let hash = flow_hash_v4(meta.hash_seed, le32(h + ipv4::SRC), dst, ports, PROTO_TCP);
     // verifier: the index is < MAX_VIPS (the loader checks), but the lookup can return null.
     let Some(generation) = VIP_GEN.get(meta.index) else {
         return Fast::Slow;
@@ -790,10 +790,10 @@ fn icmp_flow(
         vip,
         ports: parse::reverse_ports_word(le32(ports)),
         proto,
-        // TCP as "TCP other"; UDP flows are always looked up, never inserted.
+        // Always looked up, never inserted: an ICMP error is no evidence of a flow.
         kind: FlowKind::Tracked {
             seen: 0,
-            always: proto == PROTO_UDP,
+            always: true,
         },
         icmp: true,
     };
@@ -890,16 +890,16 @@ fn route_hash(ip: &Ip, flow: &Flow, meta: &VipMeta) -> u32 {
     } else {
         flow.ports
     };
-    flow_hash(ip, flow, ports)
+    flow_hash(ip, flow, ports, meta.hash_seed)
 }
 
 /// The flow's hash with the given ports word (0 for source affinity).
 #[inline(always)]
-fn flow_hash(ip: &Ip, flow: &Flow, ports: u32) -> u32 {
+fn flow_hash(ip: &Ip, flow: &Flow, ports: u32, seed: u32) -> u32 {
     if ip.v6 {
-        flow_hash_v6(&flow.client, &flow.vip, ports, flow.proto)
+        flow_hash_v6(seed, &flow.client, &flow.vip, ports, flow.proto)
     } else {
-        flow_hash_v4(flow.client[0], flow.vip[0], ports, flow.proto)
+        flow_hash_v4(seed, flow.client[0], flow.vip[0], ports, flow.proto)
     }
 }
 
@@ -1004,7 +1004,7 @@ fn tracked(
     // The tag is the 5-tuple hash: the route hash already is one unless the VIP hashes by
     // source address only.
     let tag = ct_tag(if meta.flags & VIP_F_HASH_SRC != 0 {
-        flow_hash(ip, flow, flow.ports)
+        flow_hash(ip, flow, flow.ports, meta.hash_seed)
     } else {
         hash
     });
@@ -1030,27 +1030,36 @@ fn tracked(
             FlowKind::Tracked { seen, .. } => seen,
             _ => 0,
         };
-        let e = CtEntry {
+        // `CT_F_KEEP` only for a flow seen again on a moved route (a hit), never for an
+        // insert: a flood of new flows must not make itself unevictable.
+        let flags = match choice.ct {
+            CtAction::Insert => decide::ct_flags(0, seen, false),
+            _ => decide::ct_flags(old.flags, seen, route.flags & ROUTE_F_MOVED != 0),
+        };
+        // Written only when they change, so the hot path rarely dirties the line.
+        let stale = old.last_seen != now || old.flags != flags;
+        // The new entry goes where the old one was read to: the stack has no room for both.
+        old = CtEntry {
             node: choice.node,
             vip: meta.index,
             last_seen: now,
-            flags: old.flags | seen,
+            flags,
         };
+        let e = &old;
         match choice.ct {
-            // Written only when they change, so the hot path rarely dirties the line.
-            CtAction::Refresh if old.last_seen != now || old.flags & seen != seen => {
-                unsafe { lb_ct_touch(set, &key, tag, CT_WAYS, &e) };
+            CtAction::Refresh if stale => {
+                unsafe { lb_ct_touch(set, &key, tag, CT_WAYS, e) };
             }
             CtAction::Refresh => {}
-            _ => {
-                let put = unsafe { lb_ct_put(set, &key, tag, CT_WAYS, &e) };
-                if put >= 2 {
-                    if put == 3 {
-                        lb_log_event();
-                    }
+            _ => match unsafe { lb_ct_put(set, &key, tag, CT_WAYS, e) } {
+                CT_PUT_FULL => count(Stat::CtFull),
+                CT_PUT_EVICTED => count(Stat::CtEvict),
+                CT_PUT_EVICTED_LOGGED => {
+                    lb_log_event();
                     count(Stat::CtEvict);
                 }
-            }
+                _ => {}
+            },
         }
     }
     count_events(choice.stats);
@@ -1086,8 +1095,15 @@ pub unsafe extern "C" fn lb_ct_get(
     unsafe { ct_get_in(set, &*key, tag, ways.min(CT_WAYS), out) as u32 }
 }
 
+/// `lb_ct_put` results: stored in the flow's own or a free way; stored over a victim; over a
+/// victim noted for the event log; not stored (the set holds only `CT_F_KEEP` flows).
+const CT_PUT_STORED: u32 = 1;
+const CT_PUT_EVICTED: u32 = 2;
+const CT_PUT_EVICTED_LOGGED: u32 = 3;
+const CT_PUT_FULL: u32 = 4;
+
 /// Records `e` for the flow (`ct_store`): in its own way, else a free one, else the set's
-/// victim (then it returns 2, or 3 when the victim is noted for the event log).
+/// victim (`ct_insert_way_in`); returns a `CT_PUT_*`.
 ///
 /// # Safety
 /// Each pointer is null or valid for its type (see above).
@@ -1106,14 +1122,19 @@ pub unsafe extern "C" fn lb_ct_put(
     }
     // SAFETY: as in `lb_ct_get`.
     unsafe {
-        let (i, evicts) = ct_insert_way_in(&*set, &*key, tag, (*e).last_seen, ways.min(CT_WAYS));
-        let mut r = 1;
+        let keep = (*e).flags & CT_F_KEEP != 0;
+        let Some((i, evicts)) =
+            ct_insert_way_in(&*set, &*key, tag, (*e).last_seen, keep, ways.min(CT_WAYS))
+        else {
+            return CT_PUT_FULL;
+        };
+        let mut r = CT_PUT_STORED;
         if evicts {
             // The victim's record is written by the caller (see `note_evict`).
             r = if (*set).slots.get(i).is_some_and(note_evict) {
-                3
+                CT_PUT_EVICTED_LOGGED
             } else {
-                2
+                CT_PUT_EVICTED
             };
         }
         ct_store(set, i, &*key, tag, &*e);

@@ -5,7 +5,7 @@
 use std::{io, os::fd::OwnedFd};
 
 use lb_common::{
-    CtEntry, FlowKey,
+    CT_F_KEEP, CtEntry, FlowKey,
     ct::{
         CT_WAYS, CtSet, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key, ct_key_tag,
         ct_set_index, ct_store,
@@ -17,11 +17,14 @@ use crate::mmap::MappedArray;
 /// The mapped table.
 pub struct CtTable {
     sets: MappedArray<CtSet>,
+    /// The flow-hash seed the kernel tags flows with (a flow's set and tag depend on it).
+    seed: u32,
 }
 
 impl CtTable {
-    /// Maps the `CONNTRACK` array behind `fd`, which has `sets` entries.
-    pub fn map(fd: OwnedFd, sets: u32) -> io::Result<Self> {
+    /// Maps the `CONNTRACK` array behind `fd`, which has `sets` entries, for flows hashed
+    /// with `seed`.
+    pub fn map(fd: OwnedFd, sets: u32, seed: u32) -> io::Result<Self> {
         if sets == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -30,7 +33,18 @@ impl CtTable {
         }
         Ok(Self {
             sets: MappedArray::map(fd, sets)?,
+            seed,
         })
+    }
+
+    /// The flow-hash seed.
+    pub fn seed(&self) -> u32 {
+        self.seed
+    }
+
+    /// Flows are hashed with `seed` from now on.
+    pub fn set_seed(&mut self, seed: u32) {
+        self.seed = seed;
     }
 
     /// Sets in the table.
@@ -48,7 +62,7 @@ impl CtTable {
     }
 
     fn set_of(&self, key: &FlowKey) -> (u32, u32) {
-        let tag = ct_key_tag(key);
+        let tag = ct_key_tag(self.seed, key);
         (tag, ct_set_index(tag, self.sets.len()))
     }
 
@@ -63,7 +77,7 @@ impl CtTable {
                     continue;
                 }
                 let key = ct_flow_key(&set.slots[w].key);
-                if ct_key_tag(&key) == tag && ct_holds(&set, w, &set.slots[w].key, tag) {
+                if ct_key_tag(self.seed, &key) == tag && ct_holds(&set, w, &set.slots[w].key, tag) {
                     out.push((key, set.slots[w].entry));
                 }
             }
@@ -96,12 +110,17 @@ impl CtTable {
     }
 
     /// Records a flow where the kernel would (its own way, a free way, or the victim), in the
-    /// kernel's write order.
-    pub fn insert(&mut self, key: &FlowKey, entry: &CtEntry) {
+    /// kernel's write order; false when the set has no way it may take (see
+    /// `ct_insert_way`).
+    pub fn insert(&mut self, key: &FlowKey, entry: &CtEntry) -> bool {
         let (tag, i) = self.set_of(key);
         let words = ct_key(key);
-        let w = ct_insert_way(&self.read(i), &words, tag, entry.last_seen);
+        let keep = entry.flags & CT_F_KEEP != 0;
+        let Some(w) = ct_insert_way(&self.read(i), &words, tag, entry.last_seen, keep) else {
+            return false;
+        };
         // SAFETY: a set inside the mapping.
         unsafe { ct_store(self.set_ptr(i), w, &words, tag, entry) };
+        true
     }
 }

@@ -257,6 +257,8 @@ pub struct AdoptedVip {
 #[derive(Clone, Debug, Default)]
 pub struct Adopted {
     pub vips: BTreeMap<VipKey, AdoptedVip>,
+    /// The flow-hash seed the kernel's VIPs carry (None when it holds no VIP).
+    pub hash_seed: Option<u32>,
     /// `NODES` state bytes of slots that were not empty.
     pub nodes: BTreeMap<u32, u8>,
 }
@@ -343,6 +345,9 @@ pub struct Controller {
     reserve: Option<u32>,
     /// Last incarnation/sequence accepted per node (persisted for replay protection).
     seen: BTreeMap<u32, (u64, u64)>,
+    /// The flow-hash seed: random on a first start, then kept (state file, kernel maps) for
+    /// as long as the route tables, since another seed maps every flow to another route.
+    hash_seed: u32,
 }
 
 /// The routes of one VIP a batch touched, with their entries before it.
@@ -391,7 +396,13 @@ impl Controller {
             vips: BTreeMap::new(),
             reserve: None,
             seen: BTreeMap::new(),
+            hash_seed: rand::random(),
         }
+    }
+
+    /// The flow-hash seed every VIP of the data plane carries.
+    pub fn hash_seed(&self) -> u32 {
+        self.hash_seed
     }
 
     /// The controller for `cfg`, starting from the persisted `state` and what the kernel held
@@ -472,6 +483,7 @@ impl Controller {
     /// [`Controller::configure`] next).
     pub fn from_state(s: &State) -> Result<Self, ControllerError> {
         let mut c = Self::empty();
+        c.hash_seed = s.hash_seed;
         for (id, r) in &s.nodes {
             c.nodes.insert(
                 *id,
@@ -554,6 +566,10 @@ impl Controller {
     /// Takes node states and tables from the kernel where they differ from the file's: the
     /// daemon may have died after a push and before its save.
     fn adopt_kernel(&mut self, a: &Adopted) -> Result<(), ControllerError> {
+        // The kernel's seed is the one its tables were forwarding with.
+        if let Some(seed) = a.hash_seed {
+            self.hash_seed = seed;
+        }
         let mut changed = false;
         for (id, st) in &a.nodes {
             if let Some(n) = self.nodes.get_mut(id) {
@@ -1187,6 +1203,7 @@ impl Controller {
     /// What to persist. Cheap: tables are shared, not copied.
     pub fn snapshot(&self) -> State {
         let mut st = State::new();
+        st.hash_seed = self.hash_seed;
         for n in self.nodes.values() {
             let (inc, seq) = self.seen.get(&n.id).copied().unzip();
             st.nodes.insert(

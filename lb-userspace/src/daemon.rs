@@ -12,7 +12,7 @@
 //! delays failure detection. SIGTERM leaves the program attached and forwarding (pinned);
 //! `--detach-on-exit` removes it.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd, RawFd},
     path::{Path, PathBuf},
@@ -25,7 +25,10 @@ use aya::programs::{
     XdpMode,
     links::{FdLink, PinnedLink},
 };
-use lb_common::{CtEntry, FlowKey, GlobalConfig, MAX_NODES, NODE_NONE, NodeEntry, VipKey};
+use lb_common::{
+    CT_CLOSE_QUIET, CT_F_FIN, CT_F_KEEP, CT_F_RST, CtEntry, FlowKey, GlobalConfig, MAX_NODES,
+    NODE_NONE, NodeEntry, VipKey,
+};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{error, info, warn};
 
@@ -228,6 +231,7 @@ impl Daemon {
                 state_dir.display()
             )
         })?;
+        dp.set_hash_seed(ctl.hash_seed());
 
         let key = match &cfg.daemon.key_file {
             Some(p) => {
@@ -394,7 +398,10 @@ impl Daemon {
         };
         let (scan_tx, mut scan_rx) = mpsc::unbounded_channel::<ScanResult>();
         // The mapping the scan task works on; it travels to the task and back.
-        let mut ct_view: Option<CtTable> = Some(self.dp.conntrack_view()?);
+        let mut ct_view: Option<CtView> = Some(CtView {
+            table: self.dp.conntrack_view()?,
+            moved_since: HashMap::new(),
+        });
         let mut maintenance = tokio::time::interval(MAINTENANCE_PERIOD);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeats: Vec<Received> = Vec::new();
@@ -432,7 +439,7 @@ impl Daemon {
                 Some(call) = next_call(&mut api_rx) => calls.push(call),
                 _ = sleep_until(deadline) => {}
                 Some(res) = scan_rx.recv() => {
-                    ct_view = Some(res.table);
+                    ct_view = Some(res.view);
                     inputs.extend(res.settled);
                     self.ct = res.counts;
                     self.ct_scans += 1;
@@ -566,9 +573,9 @@ impl Daemon {
             // After a change, counts (flows per node: `drain --wait`) are taken again at once
             // (or as soon as the running scan returns the table).
             scan_now |= self.change_seq != seq;
-            if scan_now && let Some(table) = ct_view.take() {
+            if scan_now && let Some(view) = ct_view.take() {
                 scan_now = false;
-                let job = self.scan_job(table);
+                let job = self.scan_job(view);
                 let tx = scan_tx.clone();
                 tokio::task::spawn_blocking(move || {
                     let _ = tx.send(job.run());
@@ -837,7 +844,7 @@ impl Daemon {
     }
 
     /// What a conntrack scan needs.
-    fn scan_job(&self, table: CtTable) -> ScanJob {
+    fn scan_job(&self, view: CtView) -> ScanJob {
         let vips: Vec<ScanVip> = self
             .ctl
             .vips()
@@ -851,7 +858,7 @@ impl Daemon {
             })
             .collect();
         ScanJob {
-            table,
+            view,
             all: self.ctl.vips().map(|v| v.spec.key).collect(),
             seq: self.change_seq,
             vips,
@@ -1038,7 +1045,10 @@ fn sync_membership(m: &mut Membership, cfg: &Config) {
 
 /// What the kernel holds at start-up: the pinned VIPs' live tables and non-empty node slots.
 fn adopted(dp: &Dataplane) -> Result<Adopted> {
-    let mut a = Adopted::default();
+    let mut a = Adopted {
+        hash_seed: (!dp.vip_keys().is_empty()).then(|| dp.hash_seed()),
+        ..Adopted::default()
+    };
     for key in dp.vip_keys() {
         let (Some(meta), Some(routes)) = (dp.vip_meta(&key), dp.live_routes(&key)) else {
             continue;
@@ -1072,10 +1082,30 @@ struct ScanVip {
     moved: RouteSet,
 }
 
-/// A conntrack scan, run on a blocking task: expire idle flows, and find the moved routes
-/// whose previous owners no longer have tracked flows.
-struct ScanJob {
+/// `CONNTRACK` as the scan sees it, handed between scans: the mapped table, and since when (scan
+/// clock, `CtEntry::last_seen` units) each moved route has been seen moved.
+struct CtView {
     table: CtTable,
+    moved_since: HashMap<(VipKey, u32), u32>,
+}
+
+/// A conntrack scan, run on a blocking task: expire entries that no flow needs, and find the
+/// moved routes whose previous owners no longer have tracked flows.
+///
+/// Which entries expire (docs/dataplane.md, "Conntrack lifetime"): only on a moved route does
+/// every packet of a TCP flow refresh its entry (and set `CT_F_KEEP`), so only there does
+/// `last_seen` say how long the flow has been idle:
+/// - moved route, `CT_F_KEEP`: idle past `flow_idle_timeout`, or closing and quiet;
+/// - moved route, no `CT_F_KEEP` (not seen since the move): once the route has been moved for
+///   `flow_idle_timeout` (the flow has been idle at least that long), or closing and quiet;
+/// - unmoved route: TCP only when closing and quiet (an established flow never refreshes its
+///   entry there, so its age says nothing: the entry of a long-lived flow must outlive any
+///   timeout, for the day its route moves); UDP (always looked up) idle past the timeout;
+/// - a flow of no VIP: at once.
+///
+/// `CT_F_KEEP` is cleared on unmoved routes, so those entries are evictable again.
+struct ScanJob {
+    view: CtView,
     /// Every VIP (a flow belongs to the VIP of its port, else to its address's all-ports VIP).
     all: BTreeSet<VipKey>,
     /// The daemon's change sequence when the scan started.
@@ -1086,7 +1116,7 @@ struct ScanJob {
 }
 
 struct ScanResult {
-    table: CtTable,
+    view: CtView,
     settled: Vec<Input>,
     counts: ops::CtCounts,
 }
@@ -1100,27 +1130,62 @@ impl ScanJob {
             .enumerate()
             .map(|(i, v)| (v.key, i))
             .collect();
+        // Moved routes keep the time they were first seen moved; others are forgotten.
+        let mut since = HashMap::new();
+        for v in &self.vips {
+            for r in v.moved.iter() {
+                let t = self.view.moved_since.get(&(v.key, r)).copied();
+                since.insert((v.key, r), t.unwrap_or(now));
+            }
+        }
+        self.view.moved_since = since;
+        let table = &mut self.view.table;
         let mut still_needed: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.vips.len()];
         let mut counts = ops::CtCounts {
             seq: self.seq,
             ..Default::default()
         };
-        for (key, ct) in self.table.entries() {
-            if expired(&ct, now, self.idle) {
-                // Only while some route is moved: an established flow on an unmoved route
-                // does not refresh its entry, which may still be needed by a later move.
-                if !self.vips.is_empty() {
-                    self.table.remove(&key);
-                }
+        for (key, ct) in table.entries() {
+            let age = now.wrapping_sub(ct.last_seen);
+            let closing = ct.flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
+            let Some(vip) = flow_vip(&key, |k| self.all.contains(k)) else {
+                table.remove(&key);
+                continue;
+            };
+            let moved = by_key.get(&vip).and_then(|&i| {
+                let v = &self.vips[i];
+                let route = flow_route(table.seed(), v.hash, v.table.route_count(), &key);
+                v.moved.contains(route).then_some((i, route))
+            });
+            let expired = closing
+                || match moved {
+                    Some(_) if ct.flags & CT_F_KEEP != 0 => age > self.idle,
+                    Some((_, route)) => self
+                        .view
+                        .moved_since
+                        .get(&(vip, route))
+                        .is_some_and(|&t| now.wrapping_sub(t) > self.idle),
+                    None => key.proto == lb_common::PROTO_UDP && age > self.idle,
+                };
+            if expired {
+                table.remove(&key);
                 continue;
             }
+            if moved.is_none() && ct.flags & CT_F_KEEP != 0 {
+                // Its own way is rewritten in place (this cannot fail).
+                table.insert(
+                    &key,
+                    &CtEntry {
+                        flags: ct.flags & !CT_F_KEEP,
+                        ..ct
+                    },
+                );
+            }
             counts.count(&ct);
-            let Some(&i) = flow_vip(&key, |k| self.all.contains(k)).and_then(|k| by_key.get(&k))
-            else {
+            let Some((i, route)) = moved else {
                 continue;
             };
             let v = &self.vips[i];
-            let route = flow_route(v.hash, v.table.route_count(), &key);
             let owner_live = v
                 .table
                 .node(ct.node)
@@ -1143,17 +1208,11 @@ impl ScanJob {
             })
             .collect();
         ScanResult {
-            table: self.table,
+            view: self.view,
             settled,
             counts,
         }
     }
-}
-
-/// Whether a tracked flow is past its idle timeout (or closed and quiet for ~10 s).
-fn expired(ct: &CtEntry, now: u32, idle: u32) -> bool {
-    let age = now.wrapping_sub(ct.last_seen);
-    age > idle || (ct.flags & (lb_common::CT_F_FIN | lb_common::CT_F_RST) != 0 && age > 10)
 }
 
 /// The VIP a flow belongs to, as the program finds it: the VIP of its destination port, else
@@ -1169,9 +1228,9 @@ pub fn flow_vip(key: &FlowKey, has: impl Fn(&VipKey) -> bool) -> Option<VipKey> 
     [exact, any_port].into_iter().find(|k| has(k))
 }
 
-/// Route ID of a tracked flow, as the kernel computes it.
-pub fn flow_route(mode: HashMode, n: u32, key: &FlowKey) -> u32 {
-    let h = lb_common::hash::flow_key_hash(key, mode == HashMode::FiveTuple);
+/// Route ID of a tracked flow, as the kernel computes it under the hash `seed`.
+pub fn flow_route(seed: u32, mode: HashMode, n: u32, key: &FlowKey) -> u32 {
+    let h = lb_common::hash::flow_key_hash(seed, key, mode == HashMode::FiveTuple);
     lb_common::hash::route_index(h, n)
 }
 

@@ -196,6 +196,8 @@ pub struct Dataplane {
     event_logger: Option<EventLogger>,
     /// The event-log switch (`CONFIG_F_LOG_EVENTS`), which every `CONFIG` write carries.
     log_events: bool,
+    /// The flow-hash seed written into every VIP's `VipMeta` (see [`Dataplane::set_hash_seed`]).
+    hash_seed: u32,
 }
 
 /// Every map of the balancer, for pinning.
@@ -290,8 +292,13 @@ impl Dataplane {
             route_slots: opts.route_slots,
             event_logger: Some(event_logger),
             log_events: false,
+            hash_seed: 0,
         };
         dp.readopt()?;
+        // Until the caller sets one: the seed the re-adopted VIPs were forwarding with.
+        if let Some(seed) = dp.vips.values().next().map(|s| s.meta.hash_seed) {
+            dp.set_hash_seed(seed);
+        }
         // The kernel sizes its set index from CONFIG. This write also turns the event log off
         // (a pinned CONFIG may have it on from a run that crashed with a watcher).
         let cfg = dp.config()?;
@@ -587,6 +594,7 @@ impl Dataplane {
             flags: spec.flags(),
             route_base: base,
             route_count: n,
+            hash_seed: self.hash_seed,
         };
         if let Some(s) = self.vips.get_mut(&spec.key)
             && s.base == base
@@ -816,6 +824,19 @@ impl Dataplane {
         Some(&s.halves[self.gens[s.meta.index as usize] as usize])
     }
 
+    /// The flow-hash seed VIPs get from now on. Set it before writing VIPs: VIPs written
+    /// under another seed keep it until they are written again (the daemon's first plan
+    /// writes every VIP).
+    pub fn set_hash_seed(&mut self, seed: u32) {
+        self.hash_seed = seed;
+        self.conntrack.set_seed(seed);
+    }
+
+    /// The seed VIPs are written with (after a load: the re-adopted VIPs' seed, or 0).
+    pub fn hash_seed(&self) -> u32 {
+        self.hash_seed
+    }
+
     /// The live `VipMeta` of a VIP.
     pub fn vip_meta(&self, key: &VipKey) -> Option<VipMeta> {
         self.vips.get(key).map(|s| s.meta)
@@ -928,6 +949,7 @@ impl Dataplane {
                 flags: VIP_F_ADDR_MARKER,
                 route_base: 0,
                 route_count: 0,
+                hash_seed: 0,
             };
             if self.vips_map.get(&marker, 0).ok() != Some(meta) {
                 self.vips_map
@@ -998,7 +1020,11 @@ impl Dataplane {
 
     /// Records one flow where the kernel would (tests, and re-homing flows).
     pub fn conntrack_insert(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
-        self.conntrack.insert(key, entry);
+        if !self.conntrack.insert(key, entry) {
+            return Err(DataplaneError::Invalid(
+                "conntrack set full of flows on moved routes (CT_F_KEEP): not recorded".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -1080,7 +1106,7 @@ fn conntrack_table(ebpf: &Ebpf, sets: u32) -> Result<CtTable> {
         )));
     }
     let fd = dup_map_fd(ebpf, name)?;
-    CtTable::map(fd, sets).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
+    CtTable::map(fd, sets, 0).map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
 
 fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
@@ -1375,6 +1401,13 @@ impl PinnedView {
             routes: RouteSlots::new(open_map(pin_dir, lb_common::MAP_ROUTES)?)?,
             nodes: open_map(pin_dir, lb_common::MAP_NODES)?,
         })
+    }
+
+    /// The `VIPS` entry of `key` (its flow-hash seed included).
+    pub fn meta(&self, key: &VipKey) -> Result<VipMeta> {
+        self.vips
+            .get(key, 0)
+            .map_err(|_| DataplaneError::UnknownVip(vip_display(key)))
     }
 
     /// Where the live table of `key` is: (its index's `VIP_GEN`, first slot, route count).

@@ -54,6 +54,11 @@ pub struct State {
     pub nodes: BTreeMap<u32, NodeRecord>,
     /// One record per VIP.
     pub vips: Vec<VipRecord>,
+    /// The data plane's flow-hash seed (`lb_common::hash`): it decides which route every flow
+    /// takes, so it lives as long as the tables. Files written before it existed get a fresh
+    /// one (flows are re-hashed once; the route owners are kept).
+    #[serde(default = "rand::random")]
+    pub hash_seed: u32,
 }
 
 /// A node's persisted status.
@@ -118,6 +123,7 @@ impl Default for State {
             format: STATE_FORMAT,
             nodes: BTreeMap::new(),
             vips: Vec::new(),
+            hash_seed: rand::random(),
         }
     }
 }
@@ -353,6 +359,7 @@ mod v1 {
             format: STATE_FORMAT,
             nodes,
             vips,
+            hash_seed: rand::random(),
         })
     }
 }
@@ -381,6 +388,7 @@ mod tests {
 
     fn sample() -> State {
         let mut s = State::new();
+        s.hash_seed = 0x5eed;
         s.nodes.insert(
             1,
             NodeRecord {
@@ -431,6 +439,14 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&fs::read(d.join(STATE_FILE)).unwrap()).unwrap();
         assert_eq!(json["format"], 2);
+        assert_eq!(json["hash_seed"], s.hash_seed);
+        // A file from before the seed existed loads, with a seed of its own.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("hash_seed");
+        fs::write(d.join(STATE_FILE), serde_json::to_vec(&old).unwrap()).unwrap();
+        let loaded = State::load(&d).unwrap().unwrap();
+        assert_eq!(loaded.vips, s.vips);
+        fs::write(d.join(STATE_FILE), serde_json::to_vec(&json).unwrap()).unwrap();
         assert_eq!(json["nodes"]["1"]["advertised_weight"], 3);
         assert_eq!(json["nodes"]["4"]["status"], "draining");
         assert_eq!(json["vips"][0]["index"], 3);
@@ -449,8 +465,9 @@ mod tests {
         s2.save(&d).unwrap();
         assert_eq!(State::load(&d).unwrap(), Some(s2));
         let sub = d.join("a/b");
-        State::new().save(&sub).unwrap();
-        assert_eq!(State::load(&sub).unwrap(), Some(State::new()));
+        let fresh = State::new();
+        fresh.save(&sub).unwrap();
+        assert_eq!(State::load(&sub).unwrap(), Some(fresh));
         // `advertised_weight` may be absent.
         let mut v = json.clone();
         v["nodes"]["1"]

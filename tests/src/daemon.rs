@@ -345,6 +345,11 @@ impl DaemonSetup {
         Ok(PinnedView::open(self.pin_dir())?.routes(key)?)
     }
 
+    /// The flow-hash seed the kernel's copy of `key` carries.
+    pub fn hash_seed(&self, key: &VipKey) -> Result<u32> {
+        Ok(PinnedView::open(self.pin_dir())?.meta(key)?.hash_seed)
+    }
+
     /// Waits until `pred(routes)` holds, returning how long it took.
     pub fn wait_routes(
         &self,

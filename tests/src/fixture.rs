@@ -231,6 +231,9 @@ pub fn is_vip_addr(addr: IpAddr) -> bool {
     VIPS.iter().any(|v| v.addr == addr)
 }
 
+/// The flow-hash seed the fixtures' balancer runs with (the daemon draws its own at random).
+pub const HASH_SEED: u32 = 0x5eed_f1c5;
+
 /// Loads the balancer unpinned and writes the standard configuration.
 pub fn load() -> Result<Dataplane> {
     load_with(64 * 1024)
@@ -250,6 +253,7 @@ pub fn load_with(conntrack_size: u32) -> Result<Dataplane> {
 
 /// Writes config, nodes and VIPs.
 pub fn configure(dp: &mut Dataplane) -> Result<()> {
+    dp.set_hash_seed(HASH_SEED);
     dp.set_config(&config())?;
     for i in NODES {
         dp.set_node(i, &node_entry(i))?;
@@ -269,15 +273,32 @@ pub const fn wire16(p: u16) -> u16 {
     u16::from_ne_bytes(p.to_be_bytes())
 }
 
-/// The kernel's flow hash for (client, VIP, client port, VIP port, protocol). Pass ports 0 for
-/// source affinity and fragments.
+/// The fixtures' flow hash (under [`HASH_SEED`]) for (client, VIP, client port, VIP port,
+/// protocol). Pass ports 0 for source affinity and fragments.
 pub fn flow_hash(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> u32 {
+    seeded_flow_hash(HASH_SEED, src, dst, sport, dport, proto)
+}
+
+/// The kernel's flow hash under `seed` (a running daemon's: `PinnedView::meta`).
+pub fn seeded_flow_hash(
+    seed: u32,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> u32 {
     let ports = ports_word(wire16(sport), wire16(dport));
     match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            flow_hash_v4(addr_word(&s.octets()), addr_word(&d.octets()), ports, proto)
-        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => flow_hash_v4(
+            seed,
+            addr_word(&s.octets()),
+            addr_word(&d.octets()),
+            ports,
+            proto,
+        ),
         (IpAddr::V6(s), IpAddr::V6(d)) => flow_hash_v6(
+            seed,
             &addr_words(&s.octets()),
             &addr_words(&d.octets()),
             ports,

@@ -9,12 +9,15 @@
 //!   client's source addresses, each recorded with when it was due, started and ended, and the
 //!   node that answered or how it failed.
 //!
+//! IPv4 and IPv6 alike: VIPs of both families may be mixed in one load, each connection or
+//! request using the client's source addresses of its VIP's family.
+//!
 //! Cheap on purpose (the CI machine has 2 cores): a thread per connection asleep between
 //! lines, a pacer and a few HTTP workers. Deterministic apart from the kernel's port choice.
 use std::{
     collections::{BTreeMap, HashMap},
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -36,7 +39,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Long-lived echo connections to `vip:port`: `per_node` on each node of `nodes`.
 #[derive(Clone, Debug)]
 pub struct EchoSpec {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub nodes: Vec<u32>,
     pub per_node: usize,
@@ -49,13 +52,13 @@ pub struct Spec {
     pub client_ns: String,
     /// The nodes: (id, namespace), to find which node holds a connection.
     pub nodes: Vec<(u32, String)>,
-    /// Source addresses, used in turn.
-    pub sources: Vec<Ipv4Addr>,
+    /// Source addresses (either family), used in turn: for a VIP, those of its family.
+    pub sources: Vec<IpAddr>,
     pub echo: Vec<EchoSpec>,
     /// Each connection sends a line this often.
     pub line_every: Duration,
     /// VIPs of the short HTTP requests (port 80), in turn.
-    pub http_vips: Vec<Ipv4Addr>,
+    pub http_vips: Vec<IpAddr>,
     /// Requests per second over all VIPs (0: none).
     pub http_rate: f64,
     pub http_workers: usize,
@@ -74,10 +77,10 @@ pub struct Failure {
 #[derive(Clone, Debug)]
 pub struct Conn {
     pub id: usize,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// The client's end.
-    pub local: SocketAddrV4,
+    pub local: SocketAddr,
     /// The node holding the other end when it was opened.
     pub node: u32,
     pub sent: u64,
@@ -100,8 +103,8 @@ impl Conn {
 #[derive(Clone, Debug)]
 pub struct Request {
     pub seq: u64,
-    pub vip: Ipv4Addr,
-    pub src: Ipv4Addr,
+    pub vip: IpAddr,
+    pub src: IpAddr,
     /// When the pacer wanted it to start, when a worker started it, when it ended.
     pub due: Instant,
     pub start: Instant,
@@ -150,10 +153,7 @@ impl Load {
         for es in &spec.echo {
             for (stream, node) in open_spread(spec, es)? {
                 let id = conns.len();
-                let local = match stream.local_addr()? {
-                    SocketAddr::V4(a) => a,
-                    a => bail!("local address {a}?"),
-                };
+                let local = stream.local_addr()?;
                 let c = Arc::new(Mutex::new(Conn {
                     id,
                     vip: es.vip,
@@ -176,7 +176,13 @@ impl Load {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let mut http_threads = Vec::new();
         if spec.http_rate > 0.0 && !spec.http_vips.is_empty() {
-            let (tx, rx) = mpsc::channel::<(u64, Ipv4Addr, Ipv4Addr, Instant)>();
+            // Each VIP's sources, checked before anything runs.
+            let vips: Vec<(IpAddr, Vec<IpAddr>)> = spec
+                .http_vips
+                .iter()
+                .map(|&vip| Ok((vip, sources_for(&spec.sources, vip)?)))
+                .collect::<Result<_>>()?;
+            let (tx, rx) = mpsc::channel::<(u64, IpAddr, IpAddr, Instant)>();
             let rx = Arc::new(Mutex::new(rx));
             for _ in 0..spec.http_workers.max(1) {
                 let (rx, requests) = (rx.clone(), requests.clone());
@@ -200,8 +206,7 @@ impl Load {
                     }
                 }));
             }
-            let (vips, sources, rate) =
-                (spec.http_vips.clone(), spec.sources.clone(), spec.http_rate);
+            let rate = spec.http_rate;
             let stop = stop_http.clone();
             http_threads.push(std::thread::spawn(move || {
                 let t0 = Instant::now();
@@ -214,9 +219,10 @@ impl Load {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let vip = vips[seq as usize % vips.len()];
+                    let (vip, sources) = &vips[seq as usize % vips.len()];
                     // Sources change every round over the VIPs, so each VIP gets every source.
                     let src = sources[(seq as usize / vips.len()) % sources.len()];
+                    let vip = *vip;
                     if tx.send((seq, vip, src, due)).is_err() {
                         break;
                     }
@@ -301,9 +307,25 @@ impl Drop for Load {
     }
 }
 
+/// The addresses of `sources` of `vip`'s family (at least one).
+pub fn sources_for(sources: &[IpAddr], vip: IpAddr) -> Result<Vec<IpAddr>> {
+    let v: Vec<IpAddr> = sources
+        .iter()
+        .copied()
+        .filter(|s| s.is_ipv4() == vip.is_ipv4())
+        .collect();
+    ensure!(
+        !v.is_empty(),
+        "no source address of {vip}'s family among {sources:?}"
+    );
+    Ok(v)
+}
+
 /// Opens connections to `es.vip:es.port` from the sources in turn until each node of
 /// `es.nodes` holds `es.per_node` (the others are closed again).
 fn open_spread(spec: &Spec, es: &EchoSpec) -> Result<Vec<(TcpStream, u32)>> {
+    let sources = sources_for(&spec.sources, es.vip)?;
+    let remote = SocketAddr::new(es.vip, es.port);
     let mut have: BTreeMap<u32, Vec<TcpStream>> = es.nodes.iter().map(|&n| (n, vec![])).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut k = 0usize;
@@ -315,24 +337,22 @@ fn open_spread(spec: &Spec, es: &EchoSpec) -> Result<Vec<(TcpStream, u32)>> {
     while want(&have) > 0 {
         ensure!(
             Instant::now() < deadline,
-            "{}:{}: could not get {} connections on each of nodes {:?} in 30 s (have {:?})",
-            es.vip,
-            es.port,
+            "{remote}: could not get {} connections on each of nodes {:?} in 30 s (have {:?})",
             es.per_node,
             es.nodes,
             have.iter().map(|(n, v)| (*n, v.len())).collect::<Vec<_>>()
         );
         // A batch a bit larger than what is missing, then find where each went.
         let batch = want(&have) + 2;
-        let srcs: Vec<Ipv4Addr> = (0..batch)
-            .map(|i| spec.sources[(k + i) % spec.sources.len()])
+        let srcs: Vec<IpAddr> = (0..batch)
+            .map(|i| sources[(k + i) % sources.len()])
             .collect();
         k += batch;
         let (vip, port) = (es.vip, es.port);
         let opened: Vec<TcpStream> = spawn_in(&spec.client_ns, move || {
             srcs.iter()
                 .map(|&src| {
-                    let mut s = lab::connect_from(Some(src), vip, port)?;
+                    let mut s = lab::connect_ip(Some(src), vip, port)?;
                     s.set_read_timeout(Some(IO_TIMEOUT))?;
                     s.set_write_timeout(Some(IO_TIMEOUT))?;
                     s.set_nodelay(true)?;
@@ -340,7 +360,7 @@ fn open_spread(spec: &Spec, es: &EchoSpec) -> Result<Vec<(TcpStream, u32)>> {
                     s.write_all(b"hello\n")?;
                     let mut back = [0u8; 6];
                     s.read_exact(&mut back)
-                        .with_context(|| format!("first echo on a connection to {vip}:{port}"))?;
+                        .with_context(|| format!("first echo on a connection to {remote}"))?;
                     ensure!(&back == b"hello\n", "echo answered {back:?}");
                     Ok(s)
                 })
@@ -350,12 +370,10 @@ fn open_spread(spec: &Spec, es: &EchoSpec) -> Result<Vec<(TcpStream, u32)>> {
         .map_err(|_| anyhow::anyhow!("connecting thread panicked"))??;
         let locs = locate(&spec.nodes, port)?;
         for s in opened {
-            let SocketAddr::V4(local) = s.local_addr()? else {
-                bail!("not IPv4");
-            };
+            let local = s.local_addr()?;
             let node = locs
                 .get(&(local, vip))
-                .with_context(|| format!("connection {local} -> {vip}:{port} is on no node"))?;
+                .with_context(|| format!("connection {local} -> {remote} is on no node"))?;
             if let Some(v) = have.get_mut(node)
                 && v.len() < es.per_node
             {
@@ -371,11 +389,9 @@ fn open_spread(spec: &Spec, es: &EchoSpec) -> Result<Vec<(TcpStream, u32)>> {
 
 /// Established TCP sockets on local `port` in each node's namespace: (client end, VIP) ->
 /// node (`/proc/thread-self/net/tcp` and `tcp6` of a thread inside the namespace: a
-/// dual-stack server's IPv4 connections are listed in `tcp6`, v4-mapped).
-pub fn locate(
-    nodes: &[(u32, String)],
-    port: u16,
-) -> Result<HashMap<(SocketAddrV4, Ipv4Addr), u32>> {
+/// dual-stack server's IPv4 connections are listed in `tcp6`, v4-mapped, and are returned as
+/// IPv4 addresses, as the client sees them).
+pub fn locate(nodes: &[(u32, String)], port: u16) -> Result<HashMap<(SocketAddr, IpAddr), u32>> {
     let mut m = HashMap::new();
     for (id, ns) in nodes {
         let text = spawn_in(ns, || {
@@ -396,27 +412,37 @@ pub fn locate(
                 continue;
             };
             if local.port() == port {
-                m.insert((remote, *local.ip()), *id);
+                m.insert((remote, local.ip()), *id);
             }
         }
     }
     Ok(m)
 }
 
-/// `0164 12C6:0007` style: the address as the kernel prints the `__be32` (native order), the
-/// port in hex.
-fn parse_proc_addr(s: &str) -> Option<SocketAddrV4> {
+/// `016412C6:0007` style: the address as the kernel prints it, each 32-bit word of it (one
+/// in `tcp`, four in `tcp6`) as a native-order number in hex, then the port in hex. An
+/// IPv4-mapped IPv6 address (::ffff:a.b.c.d, a dual-stack socket's IPv4 peer) comes back as
+/// IPv4.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
     let (a, p) = s.split_once(':')?;
-    // `tcp6`: an IPv4-mapped address (::ffff:a.b.c.d) is 24 hex digits of prefix, then the
-    // IPv4 word as in `tcp`.
-    let a = match a.len() {
-        8 => a,
-        32 if a[..24].eq_ignore_ascii_case("0000000000000000FFFF0000") => &a[24..],
+    let port = u16::from_str_radix(p, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = a.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(w, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match a.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
         _ => return None,
     };
-    let a = u32::from_str_radix(a, 16).ok()?;
-    let p = u16::from_str_radix(p, 16).ok()?;
-    Some(SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), p))
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The line `seq` of connection `id`: 64 bytes ending in `\n`, different for every line.
@@ -513,13 +539,13 @@ fn converse(mut s: TcpStream, c: &Mutex<Conn>, stop: &AtomicBool, every: Duratio
 }
 
 /// `GET /` on `vip:80` from `src`: the node that answered.
-fn http_request(src: Ipv4Addr, vip: Ipv4Addr) -> std::result::Result<u32, Failure> {
+fn http_request(src: IpAddr, vip: IpAddr) -> std::result::Result<u32, Failure> {
     let failure = |kind: &str, msg: String| Failure {
         at: Instant::now(),
         kind: kind.into(),
         msg,
     };
-    let mut s = lab::connect_from(Some(src), vip, lab::HTTP_PORT).map_err(|e| {
+    let mut s = lab::connect_ip(Some(src), vip, lab::HTTP_PORT).map_err(|e| {
         let msg = format!("{e:#}");
         let kind = if msg.contains("reset") {
             "reset"
@@ -535,7 +561,12 @@ fn http_request(src: Ipv4Addr, vip: Ipv4Addr) -> std::result::Result<u32, Failur
         .map_err(|e| io("setsockopt", e))?;
     s.set_write_timeout(Some(IO_TIMEOUT))
         .map_err(|e| io("setsockopt", e))?;
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n").as_bytes())
+    // The Host header brackets an IPv6 address, as a URL does.
+    let host = match vip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
         .map_err(|e| io("request", e))?;
     let mut reply = Vec::with_capacity(160);
     s.read_to_end(&mut reply).map_err(|e| io("reply", e))?;
@@ -589,11 +620,10 @@ impl Report {
             .map(|c| {
                 let f = c.failure.as_ref();
                 format!(
-                    "conn {} {} -> {}:{} on node {}: {} at t={:.3}s ({}), {} bytes lost, {} lines ok",
+                    "conn {} {} -> {} on node {}: {} at t={:.3}s ({}), {} bytes lost, {} lines ok",
                     c.id,
                     c.local,
-                    c.vip,
-                    c.port,
+                    SocketAddr::new(c.vip, c.port),
                     c.node,
                     f.map_or("-", |f| f.kind.as_str()),
                     f.map_or(0.0, |f| self.t(f.at)),
@@ -630,14 +660,14 @@ impl Report {
     /// slowest round trip) and requests (ok, failed, answers per node, slowest).
     pub fn summary(&self) -> String {
         let mut s = format!("load ran {:.1} s\n", self.elapsed.as_secs_f64());
-        let mut by_node: BTreeMap<(Ipv4Addr, u32), Vec<&Conn>> = BTreeMap::new();
+        let mut by_node: BTreeMap<(IpAddr, u32), Vec<&Conn>> = BTreeMap::new();
         for c in &self.conns {
             by_node.entry((c.vip, c.node)).or_default().push(c);
         }
         for ((vip, node), cs) in &by_node {
             s += &format!(
-                "  {vip}:{} node {node}: {} conns, {} broken, {} B sent, {} B echoed, {} lost, {} lines, slowest {:.1} ms\n",
-                cs[0].port,
+                "  {} node {node}: {} conns, {} broken, {} B sent, {} B echoed, {} lost, {} lines, slowest {:.1} ms\n",
+                SocketAddr::new(*vip, cs[0].port),
                 cs.len(),
                 cs.iter().filter(|c| c.failure.is_some()).count(),
                 cs.iter().map(|c| c.sent).sum::<u64>(),
@@ -652,7 +682,7 @@ impl Report {
                     * 1e3,
             );
         }
-        let mut per: BTreeMap<Ipv4Addr, BTreeMap<u32, u64>> = BTreeMap::new();
+        let mut per: BTreeMap<IpAddr, BTreeMap<u32, u64>> = BTreeMap::new();
         for r in &self.requests {
             if let Some(n) = r.node() {
                 *per.entry(r.vip).or_default().entry(n).or_insert(0) += 1;
@@ -692,16 +722,17 @@ pub fn binomial_bound(n: u64, p: f64, z: f64) -> f64 {
     z * (n as f64 * p * (1.0 - p)).sqrt()
 }
 
-/// `count` GETs of `http://vip/` from `threads` threads in the client namespace, sources in
-/// turn (each request a new connection, so a new source port): answers per node; any
-/// failure fails.
+/// `count` GETs of `http://vip/` from `threads` threads in the client namespace, the
+/// sources of `vip`'s family in turn (each request a new connection, so a new source port):
+/// answers per node; any failure fails.
 pub fn http_burst(
     client_ns: &str,
-    vip: Ipv4Addr,
-    sources: &[Ipv4Addr],
+    vip: IpAddr,
+    sources: &[IpAddr],
     count: usize,
     threads: usize,
 ) -> Result<BTreeMap<u32, u64>> {
+    let sources = sources_for(sources, vip)?;
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let sources = sources.to_vec();
@@ -710,7 +741,8 @@ pub fn http_burst(
                 for i in (t..count).step_by(threads) {
                     let src = sources[i % sources.len()];
                     let node = http_request(src, vip).map_err(|f| {
-                        anyhow::anyhow!("GET http://{vip}/ from {src}: {}: {}", f.kind, f.msg)
+                        let url = SocketAddr::new(vip, lab::HTTP_PORT);
+                        anyhow::anyhow!("GET http://{url}/ from {src}: {}: {}", f.kind, f.msg)
                     })?;
                     *m.entry(node).or_insert(0u64) += 1;
                 }
@@ -741,24 +773,25 @@ pub struct UdpResult {
     pub unanswered: Vec<String>,
 }
 
-/// `count` datagrams to `vip:port`, each from a new socket (a new source port), sources in
-/// turn, each waiting (1 s) for its echo.
+/// `count` datagrams to `vip:port`, each from a new socket (a new source port), the sources
+/// of `vip`'s family in turn, each waiting (1 s) for its echo.
 pub fn udp_burst(
     client_ns: &str,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     port: u16,
-    sources: &[Ipv4Addr],
+    sources: &[IpAddr],
     count: usize,
 ) -> Result<UdpResult> {
-    let sources = sources.to_vec();
+    let sources = sources_for(sources, vip)?;
+    let dst = SocketAddr::new(vip, port);
     spawn_in(client_ns, move || {
         let mut r = UdpResult::default();
         for i in 0..count {
             let src = sources[i % sources.len()];
-            let msg = format!("datagram {i:06} from {src} to {vip}:{port}").into_bytes();
+            let msg = format!("datagram {i:06} from {src} to {dst}").into_bytes();
             r.sent += 1;
             let s = UdpSocket::bind((src, 0))?;
-            s.connect((vip, port))?;
+            s.connect(dst)?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
             s.send(&msg)?;
             let mut buf = [0u8; 2048];
@@ -782,8 +815,9 @@ pub fn udp_burst(
     .map_err(|_| anyhow::anyhow!("UDP thread panicked"))?
 }
 
-/// `Udp: InDatagrams` of namespace `ns` (`/proc/thread-self/net/snmp` of a thread in it):
-/// datagrams delivered to its sockets.
+/// UDP datagrams delivered to the sockets of namespace `ns`, IPv4 and IPv6: `Udp:
+/// InDatagrams` of `/proc/thread-self/net/snmp` plus `Udp6InDatagrams` of `snmp6`, read by a
+/// thread in it.
 pub fn udp_in_datagrams(ns: &str) -> Result<u64> {
     spawn_in(ns, || {
         let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
@@ -795,11 +829,22 @@ pub fn udp_in_datagrams(ns: &str) -> Result<u64> {
             .split_whitespace()
             .position(|f| f == "InDatagrams")
             .context("no InDatagrams")?;
-        vals.split_whitespace()
+        let v4: u64 = vals
+            .split_whitespace()
             .nth(i)
             .context("short Udp line")?
             .parse()
-            .context("InDatagrams")
+            .context("InDatagrams")?;
+        // Absent without IPv6: then there are no IPv6 datagrams.
+        let text6 = std::fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
+        let v6: u64 = match text6
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6InDatagrams"))
+        {
+            Some(v) => v.trim().parse().context("Udp6InDatagrams")?,
+            None => 0,
+        };
+        Ok(v4 + v6)
     })
     .join()
     .map_err(|_| anyhow::anyhow!("thread panicked"))?
@@ -814,15 +859,30 @@ mod tests {
         // 198.18.100.1:7 as x86 prints it.
         let a = parse_proc_addr("016412C6:0007").unwrap();
         if cfg!(target_endian = "little") {
-            assert_eq!(a, SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 7));
+            assert_eq!(a, "198.18.100.1:7".parse().unwrap());
         }
         assert_eq!(a.port(), 7);
         let m = parse_proc_addr("0000000000000000FFFF0000016412C6:0007").unwrap();
         assert_eq!(m, a, "v4-mapped in tcp6");
-        assert_eq!(
-            parse_proc_addr("B80D0120000000000000000011000000:0050"),
-            None
-        );
+        // [2001:db8::11]:80 as x86 prints it.
+        let v6 = parse_proc_addr("B80D0120000000000000000011000000:0050").unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(v6, "[2001:db8::11]:80".parse().unwrap());
+        }
+        assert_eq!(parse_proc_addr("B80D012000:0050"), None);
+        assert_eq!(parse_proc_addr("016412C6"), None);
+    }
+
+    #[test]
+    fn sources_are_taken_of_the_vips_family() {
+        let all: Vec<IpAddr> = ["198.18.0.1", "2001:db8::1", "198.18.0.101"]
+            .map(|a| a.parse().unwrap())
+            .to_vec();
+        let v4 = sources_for(&all, "198.18.100.1".parse().unwrap()).unwrap();
+        assert_eq!(v4, [all[0], all[2]]);
+        let v6 = sources_for(&all, "2001:db8:100::1".parse().unwrap()).unwrap();
+        assert_eq!(v6, [all[1]]);
+        assert!(sources_for(&all[..1], "2001:db8:100::1".parse().unwrap()).is_err());
     }
 
     #[test]

@@ -554,7 +554,8 @@ fn every_command_works_and_json_parses() {
         family: ip_bytes(VIP.into()).1,
         ..Default::default()
     };
-    let route = lb_userspace::daemon::flow_route(HashMode::FiveTuple, ROUTES, &flow);
+    let seed = setup.hash_seed(&bed.key).unwrap();
+    let route = lb_userspace::daemon::flow_route(seed, HashMode::FiveTuple, ROUTES, &flow);
     assert_eq!(t["vip"], VIP_NAME, "{t}");
     assert_eq!(t["route"].as_u64().unwrap(), u64::from(route), "{t}");
     assert!(route < ROUTES);

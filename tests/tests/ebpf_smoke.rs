@@ -526,7 +526,7 @@ fn cache_covers_every_slot() {
 /// `CONNTRACK` is set-associative: a SYN into a full set evicts a closing flow first, then the
 /// least recently seen one, counts `CtEvict`, and leaves the other ways alone.
 #[test]
-fn full_conntrack_set_evicts_closing_then_oldest() {
+fn full_conntrack_set_evicts_quiet_closing_then_oldest_never_kept() {
     use lb_common::{
         CT_F_FIN, PROTO_TCP, Stat,
         ct::{CT_WAYS, ct_key_tag, ct_set_index},
@@ -536,17 +536,17 @@ fn full_conntrack_set_evicts_closing_then_oldest() {
     let flow = |port: u16| {
         lb_tests::fixture::flow_key([192, 168, 1, 2].into(), VIP.into(), port, 80, PROTO_TCP)
     };
-    // CT_WAYS + 2 client ports whose flows share one set.
+    // CT_WAYS + 3 client ports whose flows share one set.
     let mut groups: std::collections::HashMap<u32, Vec<u16>> = Default::default();
     let ports = (1024..=u16::MAX)
         .find_map(|p| {
             let g = groups
-                .entry(ct_set_index(ct_key_tag(&flow(p)), sets))
+                .entry(ct_set_index(ct_key_tag(dp.hash_seed(), &flow(p)), sets))
                 .or_default();
             g.push(p);
-            (g.len() == CT_WAYS + 2).then(|| g.clone())
+            (g.len() == CT_WAYS + 3).then(|| g.clone())
         })
-        .expect("a set with CT_WAYS + 2 flows");
+        .expect("a set with CT_WAYS + 3 flows");
     let syn = |dp: &mut Dataplane, p: u16| {
         let pkt = ipv4_tcp(VIP, p, 80, 0x02);
         assert_dsr(dp, &pkt, NODE_MAC);
@@ -565,10 +565,11 @@ fn full_conntrack_set_evicts_closing_then_oldest() {
         None,
         "oldest evicted"
     );
-    // A closing flow goes before older open ones.
+    // A closing flow (FIN last, then quiet) goes before older open ones.
     let closing = ports[7];
     let mut e = dp.conntrack_get(&flow(closing)).unwrap().expect("tracked");
     e.flags = CT_F_FIN;
+    e.last_seen = e.last_seen.wrapping_sub(lb_common::CT_CLOSE_QUIET + 1);
     dp.conntrack_insert(&flow(closing), &e).unwrap();
     let mut e = dp.conntrack_get(&flow(ports[0])).unwrap().expect("tracked");
     e.last_seen = e.last_seen.wrapping_sub(50);
@@ -579,7 +580,10 @@ fn full_conntrack_set_evicts_closing_then_oldest() {
         None,
         "closing evicted"
     );
-    for &p in ports.iter().filter(|&&p| p != oldest && p != closing) {
+    for &p in ports[..CT_WAYS + 2]
+        .iter()
+        .filter(|&&p| p != oldest && p != closing)
+    {
         assert!(
             dp.conntrack_get(&flow(p)).unwrap().is_some(),
             "port {p} kept"
@@ -589,6 +593,18 @@ fn full_conntrack_set_evicts_closing_then_oldest() {
     let c = dp.counters().unwrap();
     assert_eq!(c.stats[Stat::CtEvict as usize], 2);
     assert_eq!(c.stats[Stat::CtInsert as usize], CT_WAYS as u64 + 2);
+    // Flows seen on moved routes (`CT_F_KEEP`) are out of a new flow's reach: with every way
+    // kept, a SYN is still forwarded but not recorded, and `CtFull` counts it.
+    for (key, mut e) in dp.conntrack().unwrap() {
+        e.flags |= lb_common::CT_F_KEEP;
+        dp.conntrack_insert(&key, &e).unwrap();
+    }
+    syn(&mut dp, ports[CT_WAYS + 2]);
+    assert_eq!(dp.conntrack_get(&flow(ports[CT_WAYS + 2])).unwrap(), None);
+    assert_eq!(dp.conntrack().unwrap().len(), CT_WAYS);
+    let c = dp.counters().unwrap();
+    assert_eq!(c.stats[Stat::CtFull as usize], 1);
+    assert_eq!(c.stats[Stat::CtEvict as usize], 2);
 }
 
 /// The event log (`Dataplane::set_event_log`), end to end: ring buffer, aya-log, `log`,

@@ -12,8 +12,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    CT_F_FIN, CT_F_RST, CtEntry, DROP_REASON_COUNT, DecapStat, DropReason, NODE_ACTIVE, NODE_DOWN,
-    NODE_DRAINING, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, RouteEntry, STAT_COUNT, Stat,
+    CT_F_FIN, CT_F_KEEP, CT_F_RST, CtEntry, DROP_REASON_COUNT, DecapStat, DropReason, NODE_ACTIVE,
+    NODE_DOWN, NODE_DRAINING, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, RouteEntry, STAT_COUNT, Stat,
     hash::filter_slot,
 };
 use lb_tests::{
@@ -163,6 +163,7 @@ const ALL_STATS: [Stat; STAT_COUNT as usize] = [
     Stat::Encap,
     Stat::DrainKeep,
     Stat::CtEvict,
+    Stat::CtFull,
 ];
 
 const ALL_DROPS: [DropReason; DROP_REASON_COUNT as usize] = [
@@ -1086,7 +1087,7 @@ fn icmp_rows() -> Vec<Fixture> {
         &V4_TCP_DSR,
         p,
         h(&V4_TCP_DSR, 40020),
-        &[IcmpForward],
+        &[IcmpForward, CtMiss],
     ));
     let p = icmp_about(&V4_TCP_IPIP, 40021, 3, 3, [0; 4], Some(28)).build();
     rows.push(fwd(
@@ -1094,7 +1095,7 @@ fn icmp_rows() -> Vec<Fixture> {
         &V4_TCP_IPIP,
         p,
         h(&V4_TCP_IPIP, 40021),
-        &[IcmpForward],
+        &[IcmpForward, CtMiss],
     ));
     // About the UDP flow the forwarding rows created (client port 5353).
     let p = icmp_about(&V4_UDP_DSR, 5353, 11, 0, [0; 4], None).build();
@@ -1116,7 +1117,7 @@ fn icmp_rows() -> Vec<Fixture> {
         &V4_TCP_DSR,
         p,
         h(&V4_TCP_DSR, 40022),
-        &[IcmpForward],
+        &[IcmpForward, CtMiss],
     ));
     let ptb = 1280u32.to_be_bytes();
     let p = icmp_about(&V6_TCP_DSR, 40023, 2, 0, ptb, None).build();
@@ -1125,7 +1126,7 @@ fn icmp_rows() -> Vec<Fixture> {
         &V6_TCP_DSR,
         p,
         h(&V6_TCP_DSR, 40023),
-        &[IcmpForward],
+        &[IcmpForward, CtMiss],
     ));
     let p = icmp_about(&V6_TCP_IPIP, 40024, 1, 4, [0; 4], Some(48)).build();
     rows.push(fwd(
@@ -1133,7 +1134,7 @@ fn icmp_rows() -> Vec<Fixture> {
         &V6_TCP_IPIP,
         p,
         h(&V6_TCP_IPIP, 40024),
-        &[IcmpForward],
+        &[IcmpForward, CtMiss],
     ));
     let p = icmp_about(&V6_UDP_DSR, 5353, 3, 0, [0; 4], None).build();
     rows.push(
@@ -1153,7 +1154,7 @@ fn icmp_rows() -> Vec<Fixture> {
         &V4_TCP_AFF,
         p,
         hash,
-        &[IcmpForward],
+        &[IcmpForward, CtMiss],
     ));
     // The embedded source port is not a VIP port: lookup misses.
     let q = Packet::tcp(VIP4_A, CLIENT4, 81, 40000, ACK).l3();
@@ -1358,22 +1359,58 @@ fn conntrack_across_table_change() {
             old,
             &[CtHit],
         ));
+        // Seen again on a moved route: kept (a new flow's SYN cannot evict it).
+        let flags = |r: &mut Runner| r.dp.conntrack_get(&key_f).unwrap().map(|e| e.flags);
+        let f = flags(&mut r);
+        r.check(
+            f == Some(CT_F_KEEP),
+            format!("ct/{fam}: F's flags after a hit on the moved route {f:?}"),
+        );
+        // A forged RST (any sequence number) marks F closing; F's next packet clears it, and
+        // F stays on its node throughout.
+        r.row(fwd_to(
+            &format!("ct/{fam} forged rst on F -> old node"),
+            &vip,
+            tcp(&vip, pf, TCP_RST).build(),
+            hf,
+            old,
+            &[CtHit],
+        ));
+        let f = flags(&mut r);
+        r.check(
+            f == Some(CT_F_KEEP | CT_F_RST),
+            format!("ct/{fam}: F's flags after the rst {f:?}"),
+        );
+        r.row(fwd_to(
+            &format!("ct/{fam} ack on F after the forged rst -> old node"),
+            &vip,
+            tcp(&vip, pf, ACK).build(),
+            hf,
+            old,
+            &[CtHit],
+        ));
+        let f = flags(&mut r);
+        r.check(
+            f == Some(CT_F_KEEP),
+            format!("ct/{fam}: F's flags after it went on {f:?}"),
+        );
         let pg = port_for_route(&vip, client, pf + 1, route);
         let hg = h(&vip, pg);
         r.row(fwd_to(
-            &format!("ct/{fam} ack on untracked G of the moved route -> new owner"),
+            &format!("ct/{fam} ack on untracked G of the moved route -> new owner, recorded"),
             &vip,
             tcp(&vip, pg, ACK).build(),
             hg,
             new,
-            &[CtMiss],
+            &[CtMiss, CtInsert],
         ));
+        // Recorded where it went (without CT_F_KEEP: one packet is no evidence of a flow).
         let e =
             r.dp.conntrack_get(&flow_key(client, vip.addr, pg, vip.port, PROTO_TCP))
                 .unwrap();
         r.check(
-            e.is_none(),
-            format!("ct/{fam}: untracked ack inserted {e:?}"),
+            e.is_some_and(|e| e.node == new && e.flags == 0),
+            format!("ct/{fam}: untracked ack recorded as {e:?}"),
         );
         let ph = port_for_route(&vip, client, pg + 1, route);
         let hh = h(&vip, ph);
@@ -1681,12 +1718,12 @@ fn draining() {
     ));
     let pw = port_for_route(&t, CLIENT4, pg + 1, rf);
     r.row(fwd_to(
-        "drain/untracked ack on a moved route -> new owner",
+        "drain/untracked ack on a moved route -> new owner, recorded",
         &t,
         tcp(&t, pw, ACK).build(),
         h(&t, pw),
         to,
-        &[CtMiss],
+        &[CtMiss, CtInsert],
     ));
     r.row(fwd_to(
         "drain/tracked udp U -> stays on the draining node",

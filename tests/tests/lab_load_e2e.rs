@@ -1,31 +1,56 @@
 //! The lab under load (root): real clients in the client namespace (HTTP requests at a steady
 //! rate, long-lived TCP echo connections checked byte for byte, UDP datagrams) through both
-//! forwarding modes, with the README's sizes (65536 routes per VIP), while nodes fail, join,
-//! change weight, drain, and the daemon and an agent restart. Each test brings up its own lab
-//! (`lbloadlab<N>`: namespaces `lbloadlab<N>-*`, never the default `lb-lab` nor `lab_e2e`'s
-//! `lbtlab`) in whatever XDP mode the lab chooses (native on veths that allow it) and removes
-//! it however the test ends.
+//! forwarding modes over IPv4 and IPv6 at once (dsr-l2 and ipip on 198.18.100.1 and .2,
+//! dsr-l2 and ip6ip6 on 2001:db8:100::1 and ::2), with the README's sizes (65536 routes per
+//! VIP), while nodes fail, join, change weight, drain, and the daemon and an agent restart.
+//! One lab per test carries both families (a lab costs ~5 s to bring up and remove): every
+//! assertion covers the four VIPs. Each test brings up its own lab (`lbloadlab<N>`:
+//! namespaces `lbloadlab<N>-*`, never the default `lb-lab` nor `lab_e2e`'s `lbtlab`) in
+//! whatever XDP mode the lab chooses (native on veths that allow it) and removes it however
+//! the test ends.
 //!
-//! The lab has TCP echo on 198.18.100.1:7 (dsr-l2) only; the tests add the same service on the
-//! ipip VIP at run time (`lb vip add 198.18.100.2:7/tcp --mode ipip`: the nodes' echo server
-//! listens on every address and `lb decap` already takes 198.18.100.2), so long-lived
-//! connections run through both modes.
+//! The lab's balancer has TCP and UDP echo (port 7) on the dsr-l2 VIPs only; the tests add
+//! them on the ipip VIPs at run time (`lb vip add 198.18.100.2:7/tcp --mode ipip`, and
+//! `[2001:db8:100::2]:7/tcp`, which the balancer sends IP6IP6): the nodes' TCP echo server is
+//! dual-stack on every address, their UDP echo is bound to every VIP of both families, and
+//! `lb decap` already takes both ipip VIPs. So long-lived connections run through all four.
 //!
 //! Every wait is on a condition with a deadline; the load is made to run through each event
 //! (`Load::run_through`: N more lines on every connection and M more requests started after
 //! it) before anything is asserted.
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use lb_tests::{
     daemon::log_seconds,
-    lab::{self, CLIENT_EXTRA, CLIENT_IP, DSR_VIP, ECHO_PORT, IPIP_VIP, Names, ROUTES},
+    lab::{
+        self, CLIENT_EXTRA, CLIENT_EXTRA6, CLIENT_IP, CLIENT_IP6, DSR_VIP, DSR_VIP6, ECHO_PORT,
+        IPIP_VIP, IPIP_VIP6, Names, ROUTES,
+    },
     labctl::{LabCtl, wait_for},
     load::{self, EchoSpec, Load, Report, Request},
 };
+
+/// The VIPs every test drives: (address, mode), IPv4 then IPv6.
+const VIPS: [(IpAddr, &str); 4] = [
+    (IpAddr::V4(DSR_VIP), "dsr-l2"),
+    (IpAddr::V4(IPIP_VIP), "ipip"),
+    (IpAddr::V6(DSR_VIP6), "dsr-l2"),
+    (IpAddr::V6(IPIP_VIP6), "ip6ip6"),
+];
+
+fn vips() -> Vec<IpAddr> {
+    VIPS.map(|v| v.0).to_vec()
+}
+
+/// `IPv4` or `IPv6`.
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
 
 /// The lab of one test, removed on drop.
 struct TestLab {
@@ -65,17 +90,20 @@ fn up(name: &str, nodes: usize) -> Result<TestLab> {
 }
 
 impl TestLab {
-    /// TCP echo (`proto` tcp) or UDP echo on the ipip VIP, port 7, 65536 routes.
+    /// TCP echo (`proto` tcp) or UDP echo on both ipip VIPs (IPv4 and IPv6, which the
+    /// balancer encapsulates IP6IP6), port 7, 65536 routes.
     fn add_ipip_echo(&self, proto: &str) -> Result<()> {
-        self.ctl.cli(&[
-            "vip",
-            "add",
-            &format!("{IPIP_VIP}:{ECHO_PORT}/{proto}"),
-            "--mode",
-            "ipip",
-            "--routes",
-            &ROUTES.to_string(),
-        ])?;
+        for vip in [IpAddr::V4(IPIP_VIP), IpAddr::V6(IPIP_VIP6)] {
+            self.ctl.cli(&[
+                "vip",
+                "add",
+                &format!("{}/{proto}", SocketAddr::new(vip, ECHO_PORT)),
+                "--mode",
+                "ipip",
+                "--routes",
+                &ROUTES.to_string(),
+            ])?;
+        }
         Ok(())
     }
 
@@ -85,30 +113,33 @@ impl TestLab {
             .collect()
     }
 
-    /// Load: `per_node` echo connections on each of `nodes` through each VIP, and 100 HTTP
-    /// requests per second over both VIPs.
+    /// Load: `per_node` echo connections on each of `nodes` through each of the 4 VIPs, and
+    /// 100 HTTP requests per second over the 4 VIPs.
     fn load(&self, nodes: &[u32], per_node: usize) -> Result<Load> {
         let spec = load::Spec {
             client_ns: self.ctl.names.ns("client"),
             nodes: self.node_list(),
             sources: sources(),
-            echo: [DSR_VIP, IPIP_VIP]
+            echo: vips()
+                .into_iter()
                 .map(|vip| EchoSpec {
                     vip,
                     port: ECHO_PORT,
                     nodes: nodes.to_vec(),
                     per_node,
                 })
-                .to_vec(),
+                .collect(),
             line_every: Duration::from_millis(50),
-            http_vips: vec![DSR_VIP, IPIP_VIP],
+            http_vips: vips(),
             http_rate: 100.0,
             http_workers: 6,
         };
         let l = Load::start(&spec)?;
         eprintln!(
-            "load: {} long-lived connections ({per_node} per node {nodes:?} per VIP), 100 requests/s",
-            l.conns().len()
+            "load: {} long-lived connections ({per_node} per node {nodes:?} per VIP, {} VIPs), \
+             100 requests/s",
+            l.conns().len(),
+            spec.echo.len()
         );
         Ok(l)
     }
@@ -139,8 +170,30 @@ impl TestLab {
     }
 }
 
-fn sources() -> Vec<Ipv4Addr> {
-    std::iter::once(CLIENT_IP).chain(CLIENT_EXTRA).collect()
+/// The client's source addresses, both families (the load takes those of each VIP's).
+fn sources() -> Vec<IpAddr> {
+    std::iter::once(CLIENT_IP)
+        .chain(CLIENT_EXTRA)
+        .map(IpAddr::V4)
+        .chain(
+            std::iter::once(CLIENT_IP6)
+                .chain(CLIENT_EXTRA6)
+                .map(IpAddr::V6),
+        )
+        .collect()
+}
+
+/// Answers per node among `reqs`, per family (`IPv4`, `IPv6`).
+fn per_family_node<'a>(
+    reqs: impl IntoIterator<Item = &'a Request>,
+) -> BTreeMap<&'static str, BTreeMap<u32, u64>> {
+    let mut m: BTreeMap<&str, Vec<&Request>> = BTreeMap::new();
+    for r in reqs {
+        m.entry(family(r.vip)).or_default().push(r);
+    }
+    m.into_iter()
+        .map(|(f, rs)| (f, load::per_node(rs)))
+        .collect()
 }
 
 /// Fails with every problem of these connections (a failure or lost bytes).
@@ -179,7 +232,7 @@ fn assert_no_failed_requests(r: &Report, reqs: &[&Request], what: &str) {
 /// deviations of the binomial: a node's count of `n` flows whose hashes fall on routes it
 /// owns is Binomial(n, share) (the route shares are exact to 1/65536), so a correct balancer
 /// fails this with probability < 1e-6 per node. Nodes not in `want` got none.
-fn assert_shares(counts: &std::collections::BTreeMap<u32, u64>, want: &[(u32, f64)], what: &str) {
+fn assert_shares(counts: &BTreeMap<u32, u64>, want: &[(u32, f64)], what: &str) {
     let n: u64 = counts.values().sum();
     for (node, c) in counts {
         assert!(
@@ -202,7 +255,8 @@ fn assert_shares(counts: &std::collections::BTreeMap<u32, u64>, want: &[(u32, f6
     }
 }
 
-/// 2000 requests through each VIP from 5 source addresses and the kernel's source ports: each
+/// 2000 requests through each of the 4 VIPs (dsr-l2 and ipip over IPv4, dsr-l2 and ip6ip6
+/// over IPv6) from the 5 source addresses of its family and the kernel's source ports: each
 /// of the 3 nodes answers 1/3 of them within 5 sigma of the binomial: sigma =
 /// sqrt(2000 * 1/3 * 2/3) = 21.1, so 667 +- 105 (+-15.8% of the share).
 #[test]
@@ -210,7 +264,7 @@ fn distribution_within_bound() -> Result<()> {
     let l = up("lbloadlab1", 3)?;
     let client = l.ctl.names.ns("client");
     let want: Vec<(u32, f64)> = (1..=3).map(|i| (i, 1.0 / 3.0)).collect();
-    for (vip, mode) in [(DSR_VIP, "dsr-l2"), (IPIP_VIP, "ipip")] {
+    for (vip, mode) in VIPS {
         let t = Instant::now();
         let counts = load::http_burst(&client, vip, &sources(), 2000, 4)?;
         eprintln!(
@@ -223,7 +277,8 @@ fn distribution_within_bound() -> Result<()> {
 }
 
 /// Node 2 of 4 vanishes (link down, then its agent, servers and decapsulator killed) under
-/// load: connections on the other nodes see no reset and lose no byte; node 2's own
+/// load through the 4 VIPs (both modes, both families): connections on the other nodes see
+/// no reset and lose no byte; node 2's own
 /// connections break (its sockets are gone; the balancer sends their packets to the routes'
 /// new owners, which answer with resets); new requests are disturbed (failed, or slowed by a
 /// lost SYN's 1 s retransmission) only while the failure is being detected, all starting
@@ -291,6 +346,21 @@ fn failover_under_load() -> Result<()> {
             r.requests.len()
         ),
     }
+    // Recovery per VIP (each mode and family detects and reroutes on its own tables).
+    for (vip, mode) in VIPS {
+        let d: Vec<&&Request> = disturbed.iter().filter(|q| q.vip == vip).collect();
+        let n = r.requests.iter().filter(|q| q.vip == vip).count();
+        match (d.first(), d.last()) {
+            (Some(first), Some(last)) => eprintln!(
+                "  {mode} {vip}: {} of {n} disturbed, first started {:+.0} ms from the kill, \
+                 last {:+.0} ms",
+                d.len(),
+                signed_ms(first.start, kill),
+                signed_ms(last.start, kill)
+            ),
+            _ => eprintln!("  {mode} {vip}: none of {n} disturbed"),
+        }
+    }
     let late: Vec<&Request> = disturbed
         .iter()
         .copied()
@@ -314,6 +384,14 @@ fn failover_under_load() -> Result<()> {
         !counts.contains_key(&2),
         "node 2 answered after it was down: {counts:?}"
     );
+    for vip in vips() {
+        let c = load::per_node(after.iter().copied().filter(|q| q.vip == vip));
+        eprintln!("answers through {vip} after the detection: {c:?}");
+        assert!(
+            [1, 3, 4].iter().all(|n| c.contains_key(n)),
+            "{vip}: the surviving nodes did not all answer after the detection: {c:?}"
+        );
+    }
     Ok(())
 }
 
@@ -325,10 +403,11 @@ fn signed_ms(at: Instant, base: Instant) -> f64 {
     }
 }
 
-/// Nodes 1 and 2 up, node 3's agent stopped; under load node 3's agent starts (it is a
-/// returning node: up after the 2 s hold-down): no established connection breaks, no request
-/// fails, new requests reach node 3. Then `lb node weight 1 3`: again nothing breaks, and new
-/// requests shift to node 1 (3/5, the others 1/5 each).
+/// Nodes 1 and 2 up, node 3's agent stopped; under load through the 4 VIPs node 3's agent
+/// starts (it is a returning node: up after the 2 s hold-down): no established connection
+/// breaks, no request fails, new requests through every VIP reach node 3. Then `lb node
+/// weight 1 3`: again nothing breaks, and new requests of each family shift to node 1 (3/5,
+/// the others 1/5 each).
 #[test]
 fn join_and_weight_change_under_load() -> Result<()> {
     let l = up("lbloadlab3", 3)?;
@@ -346,24 +425,26 @@ fn join_and_weight_change_under_load() -> Result<()> {
         (active_at - join).as_secs_f64() * 1e3
     );
     let reached = wait_for(
-        "a new request answered by node 3",
+        "a new request through every VIP answered by node 3",
         Duration::from_secs(10),
         || {
-            Ok(load
-                .requests()
-                .iter()
-                .any(|q| q.start >= active_at && q.node() == Some(3)))
+            let reqs = load.requests();
+            Ok(vips().iter().all(|&vip| {
+                reqs.iter()
+                    .any(|q| q.vip == vip && q.start >= active_at && q.node() == Some(3))
+            }))
         },
     )?;
     eprintln!(
-        "first request answered by node 3 within {:.0} ms of it becoming active",
+        "node 3 answered a request through every VIP within {:.0} ms of it becoming active",
         reached.as_secs_f64() * 1e3
     );
     load.run_through(5, 100, Duration::from_secs(20))?;
 
     l.ctl.cli(&["node", "weight", "1", "3"])?;
     let weighted = Instant::now();
-    load.run_through(10, 500, Duration::from_secs(20))?;
+    // 300 requests of each family.
+    load.run_through(10, 600, Duration::from_secs(20))?;
     let r = load.stop()?;
     eprintln!("{}", r.summary());
 
@@ -377,18 +458,20 @@ fn join_and_weight_change_under_load() -> Result<()> {
     let joined = load::per_node(r.requests_between(active_at, weighted));
     eprintln!("answers between node 3 active and the weight change: {joined:?}");
     assert!(joined.get(&3).is_some_and(|&c| c > 0), "{joined:?}");
-    let after = load::per_node(r.requests_between(weighted, Instant::now()));
-    assert_shares(
-        &after,
-        &[(1, 0.6), (2, 0.2), (3, 0.2)],
-        "requests after `lb node weight 1 3`",
-    );
+    // Per family, so a weight applied to one family's VIPs only cannot pass.
+    for (fam, after) in per_family_node(r.requests_between(weighted, Instant::now())) {
+        assert_shares(
+            &after,
+            &[(1, 0.6), (2, 0.2), (3, 0.2)],
+            &format!("{fam} requests after `lb node weight 1 3`"),
+        );
+    }
     Ok(())
 }
 
-/// `lb node drain 2` under load: no request started after the command returned lands on
-/// node 2, none fails, and node 2's long-lived connections keep exchanging lines (20 more
-/// each) without a reset or a lost byte.
+/// `lb node drain 2` under load through the 4 VIPs: no request started after the command
+/// returned lands on node 2, none fails, and node 2's long-lived connections (through every
+/// VIP, both families) keep exchanging lines (20 more each) without a reset or a lost byte.
 #[test]
 fn drain_under_load() -> Result<()> {
     let l = up("lbloadlab4", 3)?;
@@ -409,7 +492,12 @@ fn drain_under_load() -> Result<()> {
     eprintln!("{}", r.summary());
 
     let on2: Vec<&load::Conn> = r.conns.iter().filter(|c| c.node == 2).collect();
-    assert!(!on2.is_empty());
+    for vip in vips() {
+        assert!(
+            on2.iter().any(|c| c.vip == vip),
+            "no connection through {vip} on node 2"
+        );
+    }
     assert_conns_intact(
         &r,
         on2.iter().copied(),
@@ -432,10 +520,12 @@ fn drain_under_load() -> Result<()> {
         on_drained.len(),
         r.request_problems(&on_drained, 10).join("\n  ")
     );
-    assert!(
-        counts.contains_key(&1) && counts.contains_key(&3),
-        "{counts:?}"
-    );
+    for (fam, c) in per_family_node(after.iter().copied()) {
+        assert!(
+            c.contains_key(&1) && c.contains_key(&3),
+            "{fam} answers after the drain: {c:?}"
+        );
+    }
     Ok(())
 }
 
@@ -649,18 +739,20 @@ fn agent_restart_with_open_connections() -> Result<()> {
     Ok(())
 }
 
-/// UDP echo through both modes: 1000 datagrams to 198.18.100.1:7/udp (dsr-l2) and 1000 to
-/// 198.18.100.2:7/udp (ipip, added at run time), each from a new socket (a new source port),
-/// 5 source addresses: every one answered with its own bytes, and the datagrams the nodes'
-/// stacks received (`Udp: InDatagrams` in each node namespace) add up to them and are spread
-/// 1/3 each within 5 sigma (333 +- 75, +-22%).
+/// UDP echo through both modes and both families: 1000 datagrams to each of
+/// 198.18.100.1:7/udp (dsr-l2), 198.18.100.2:7/udp (ipip, added at run time),
+/// [2001:db8:100::1]:7/udp (dsr-l2) and [2001:db8:100::2]:7/udp (ip6ip6, added at run time),
+/// each from a new socket (a new source port), the 5 source addresses of the VIP's family:
+/// every one answered with its own bytes, and the datagrams the nodes' stacks received
+/// (`Udp: InDatagrams` plus `Udp6InDatagrams` in each node namespace) add up to them and are
+/// spread 1/3 each within 5 sigma (333 +- 75, +-22%).
 #[test]
 fn udp_echo_through_both_modes() -> Result<()> {
     let l = up("lbloadlab7", 3)?;
     l.add_ipip_echo("udp")?;
     let client = l.ctl.names.ns("client");
     let want: Vec<(u32, f64)> = (1..=3).map(|i| (i, 1.0 / 3.0)).collect();
-    for (vip, mode) in [(DSR_VIP, "dsr-l2"), (IPIP_VIP, "ipip")] {
+    for (vip, mode) in VIPS {
         let before: Vec<u64> = (1..=3)
             .map(|i| load::udp_in_datagrams(&l.ctl.node_ns(i)))
             .collect::<Result<_>>()?;
@@ -669,11 +761,12 @@ fn udp_echo_through_both_modes() -> Result<()> {
         let after: Vec<u64> = (1..=3)
             .map(|i| load::udp_in_datagrams(&l.ctl.node_ns(i)))
             .collect::<Result<_>>()?;
-        let counts: std::collections::BTreeMap<u32, u64> = (1..=3u32)
+        let counts: BTreeMap<u32, u64> = (1..=3u32)
             .map(|i| (i, after[i as usize - 1] - before[i as usize - 1]))
             .collect();
         eprintln!(
-            "{mode} {vip}:{ECHO_PORT}/udp: {} sent, {} answered, {} mismatched in {:.1} s; received per node {counts:?}",
+            "{mode} {}/udp: {} sent, {} answered, {} mismatched in {:.1} s; received per node {counts:?}",
+            SocketAddr::new(vip, ECHO_PORT),
             res.sent,
             res.answered,
             res.mismatched,

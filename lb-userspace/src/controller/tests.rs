@@ -134,6 +134,7 @@ fn apply(c: &mut Controller, k: &mut Kernel, inputs: &[Input]) -> Plan {
 /// What a restarted daemon re-adopts from `k`.
 fn adopted(k: &Kernel) -> Adopted {
     Adopted {
+        hash_seed: None,
         vips: k
             .vips
             .iter()
@@ -786,4 +787,28 @@ fn a_vip_losing_its_last_active_node_is_reported_once_per_transition() {
     // A reload that removes every node leaves both VIPs unserved; a VIP removed is not.
     let p = configure(&mut c, &mut k, &config(&[], &[(1, 64)]));
     assert_eq!((p.unserved, p.served), (vec![key(1)], vec![]));
+}
+
+/// The flow-hash seed decides every flow's route, so it lives as long as the tables: kept
+/// across restarts through the state file, and the kernel's (what it was forwarding with)
+/// wins over the file's. First starts draw distinct seeds.
+#[test]
+fn hash_seed_survives_restarts_and_the_kernels_wins() {
+    let cfg = config(&[(1, 1), (2, 1)], &[(1, 64)]);
+    let (c, mut k) = start(&cfg);
+    let (other, _) = start(&cfg);
+    assert_ne!(
+        c.hash_seed(),
+        other.hash_seed(),
+        "two first starts drew one seed"
+    );
+    let c2 = restart(&c, &mut k, &cfg);
+    assert_eq!(c2.hash_seed(), c.hash_seed());
+    let st = c.snapshot();
+    let kernel = Adopted {
+        hash_seed: Some(c.hash_seed() ^ 1),
+        ..adopted(&k)
+    };
+    let (c3, _) = Controller::start(&cfg, Some(&st), &kernel).expect("restart");
+    assert_eq!(c3.hash_seed(), c.hash_seed() ^ 1);
 }

@@ -34,6 +34,7 @@ pub const EVENT_NAMES: [&str; STAT_COUNT as usize] = [
     "encap",
     "drain_keep",
     "ct_evict",
+    "ct_full",
 ];
 
 /// Snake-case name of a drop reason (`no_backend`), as the API and metrics label it.
@@ -573,7 +574,12 @@ impl Daemon {
                 unknown_vip(&format!("{dst}/{}", q.proto))
                     .hint("a packet to it is passed to the host untouched")
             })?;
-        let route = flow_route(v.spec.hash, v.table.route_count(), &key);
+        let route = flow_route(
+            self.ctl.hash_seed(),
+            v.spec.hash,
+            v.table.route_count(),
+            &key,
+        );
         let owner = v.table.owner(route);
         let moved = v.moved.contains(route);
         let ct = self.dp.conntrack_get(&key).map_err(kernel)?;

@@ -545,12 +545,19 @@ fn pick_flow(spec: &Spec) -> Result<(u16, u32)> {
     let view = PinnedView::open(&spec.names.pin_dir())?;
     let vip = IpAddr::V4(lab::DSR_VIP);
     let key = vip_key(vip, lab::HTTP_PORT, PROTO_TCP);
+    let seed = view.meta(&key)?.hash_seed;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let routes = view.routes(&key)?;
         for sport in 40000..41000u16 {
-            let hash =
-                fixture::flow_hash(IpAddr::V4(BENCH_SRC), vip, sport, lab::HTTP_PORT, PROTO_TCP);
+            let hash = fixture::seeded_flow_hash(
+                seed,
+                IpAddr::V4(BENCH_SRC),
+                vip,
+                sport,
+                lab::HTTP_PORT,
+                PROTO_TCP,
+            );
             let r = routes[route_index(hash, routes.len() as u32) as usize];
             if r.flags & ROUTE_F_MOVED == 0 && view.node(r.node)?.state == NODE_ACTIVE {
                 return Ok((sport, r.node));
