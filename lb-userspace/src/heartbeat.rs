@@ -1118,6 +1118,15 @@ impl Receiver {
         }
     }
 
+    /// Closes the own sockets of the nodes `keep` refuses (e.g. removed from the
+    /// configuration).
+    pub fn retain_peers(&mut self, keep: impl Fn(u32) -> bool) {
+        let gone: Vec<u32> = self.peers.keys().copied().filter(|n| !keep(*n)).collect();
+        for n in gone {
+            self.unpin_peer(n);
+        }
+    }
+
     /// The address node `node`'s own socket is connected to, if it has one.
     pub fn pinned(&self, node: u32) -> Option<SocketAddr> {
         self.peers.get(&node).map(|p| p.addr)
@@ -2017,9 +2026,9 @@ mod tests {
             decode(&buf[..n], &key()),
             Ok(Message::RouteMoved(_))
         ));
-        // Unpinned (or moved: a restarted agent sends from a new port), the shared socket
-        // hears it again.
-        rx.unpin_peer(1);
+        // Unpinned (or moved: a restarted agent sends from a new port; or removed), the
+        // shared socket hears it again.
+        rx.retain_peers(|n| n != 1);
         assert_eq!(rx.pinned(1), None);
         beat(&mut seq);
         let got = rx.recv(Duration::from_secs(5)).unwrap().unwrap();

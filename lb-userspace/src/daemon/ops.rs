@@ -248,8 +248,16 @@ impl Daemon {
         self.dp.set_config(&globals).map_err(kernel)?;
         self.ctl = ctl;
         self.change_seq += 1;
+        // Agents of nodes no longer heartbeat-checked lose their address and own socket.
+        let heard = |id: u32| {
+            next.nodes
+                .iter()
+                .any(|n| n.id == id && n.check == "heartbeat")
+        };
+        self.agents.retain(|id, _| heard(*id));
         if let Some(r) = socket.as_deref_mut() {
             r.set_node_keys(keys);
+            r.retain_peers(heard);
         }
         sync_membership(&mut self.membership, &next);
         self.cfg = next;
