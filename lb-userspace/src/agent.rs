@@ -7,15 +7,28 @@
 //! SIGUSR1 = start draining, SIGUSR2 = back to up (both idempotent, and a heartbeat goes out at
 //! once), SIGTERM/SIGINT = exit. A notice for this node is verified, logged, and handed to the
 //! `--on-route-moved` hook (run by `sh -c`, one at a time, off the heartbeat thread, so a slow
-//! hook never delays a heartbeat).
+//! hook never delays a heartbeat; one still running after `--hook-timeout` is killed).
+//!
+//! Nothing arriving at the socket can stop the heartbeats: each wake-up reads at most
+//! [`NOTICE_READS`] datagrams before the agent looks at the clock (and at SIGTERM) again,
+//! datagrams that cannot be a notice for this node are refused by their header before any
+//! HMAC, and refusals are logged at most once per [`REJECT_LOG_PERIOD`], with a count.
+//!
+//! With `--check URL` the agent probes its local service (TCP connect, or an HTTP GET that
+//! must answer 2xx/3xx) and announces the node draining while the service fails, up again
+//! once it passes (see [`ServiceCheck`]).
+use crate::health::{self, HealthCfg, RiseFall};
 use crate::heartbeat::{
-    self, DEFAULT_PORT, Heartbeat, Key, MAX_DATAGRAM, Message, NodeState, Notice, format_ranges,
+    self, DEFAULT_PORT, DecodeError, HEADER_LEN, Heartbeat, KIND_ROUTE_MOVED, Key, MAGIC,
+    MAX_DATAGRAM, Message, NodeState, Notice, VERSION, format_ranges,
 };
 use anyhow::{Context, Result, bail};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -28,6 +41,12 @@ pub const MAX_INTERVAL: Duration = crate::membership::MAX_INTERVAL;
 const LOAD_PERIOD: Duration = Duration::from_secs(1);
 /// Notices waiting for the hook beyond this are dropped (and logged).
 const HOOK_QUEUE: usize = 256;
+/// Most datagrams read per wake-up before the agent looks at the clock and its signals again.
+pub const NOTICE_READS: usize = 64;
+/// Refused datagrams are logged at most this often (with how many there were).
+pub const REJECT_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Balancer incarnations whose notice sequence is remembered (oldest forgotten first).
+const NOTICE_SOURCES: usize = 64;
 
 /// `lb agent` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -58,6 +77,97 @@ pub struct AgentArgs {
     /// Local address to send from and receive notices on (default: any address, any port).
     #[arg(long, value_name = "ADDR")]
     pub bind: Option<SocketAddr>,
+    /// A route-moved hook still running after this long is killed (its whole process group).
+    #[arg(long = "hook-timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_positive)]
+    pub hook_timeout: Duration,
+    /// The local service to check: `tcp://HOST:PORT` (connect) or `http://HOST:PORT/PATH` (GET,
+    /// 2xx/3xx passes). While it fails the node is announced draining (no new flows), up again
+    /// once it passes; each change is logged.
+    #[arg(long, value_name = "URL", value_parser = parse_check)]
+    pub check: Option<CheckTarget>,
+    /// Time between service checks.
+    #[arg(long = "check-interval", value_name = "DURATION", default_value = "1s", value_parser = parse_positive)]
+    pub check_interval: Duration,
+    /// Timeout of one service check.
+    #[arg(long = "check-timeout", value_name = "DURATION", default_value = "500ms", value_parser = parse_positive)]
+    pub check_timeout: Duration,
+    /// Consecutive passing checks before a failing service counts as up again.
+    #[arg(long = "check-rise", value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub check_rise: u32,
+    /// Consecutive failing checks before a passing service counts as failing.
+    #[arg(long = "check-fall", value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub check_fall: u32,
+}
+
+/// What `--check` probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckTarget {
+    /// As given (for the log).
+    pub url: String,
+    pub addr: SocketAddr,
+    /// `Some(path)` for `http://`: GET it and require 2xx/3xx.
+    pub http_path: Option<String>,
+    /// The Host header (`HOST:PORT` as given).
+    pub host: String,
+}
+
+/// Parses `tcp://HOST:PORT` or `http://HOST[:PORT][/PATH]` (port 80, path `/` by default);
+/// a host name is resolved now.
+pub fn parse_check(s: &str) -> Result<CheckTarget, String> {
+    let s = s.trim();
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or_else(|| format!("check {s:?}: expected tcp://HOST:PORT or http://HOST:PORT/PATH"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(rest[i..].to_string())),
+        None => (rest, None),
+    };
+    let (http_path, default_port) = match scheme {
+        "tcp" if path.is_none() => (None, None),
+        "tcp" => return Err(format!("check {s:?}: a tcp:// check has no path")),
+        "http" => (Some(path.unwrap_or_else(|| "/".into())), Some(80)),
+        other => {
+            return Err(format!(
+                "check {s:?}: unknown scheme {other:?}: use tcp:// or http://"
+            ));
+        }
+    };
+    if hostport.is_empty() {
+        return Err(format!("check {s:?}: no host"));
+    }
+    let has_port = hostport.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (!h.contains(':') || h.ends_with(']'))
+    });
+    let target = match (has_port, default_port) {
+        (true, _) => hostport.to_string(),
+        (false, Some(p)) => format!("{hostport}:{p}"),
+        (false, None) => {
+            return Err(format!(
+                "check {s:?}: tcp:// needs a port (tcp://HOST:PORT)"
+            ));
+        }
+    };
+    let addr = target
+        .to_socket_addrs()
+        .map_err(|e| format!("check {s:?}: cannot resolve {target:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("check {s:?}: {target:?} resolves to nothing"))?;
+    Ok(CheckTarget {
+        url: s.to_string(),
+        addr,
+        http_path,
+        host: hostport.to_string(),
+    })
+}
+
+fn parse_positive(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be above 0"));
+    }
+    Ok(d)
 }
 
 /// Parses "100ms", "2s", "1m" (a whole number and a unit).
@@ -234,18 +344,38 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
     let hooks = args
         .on_route_moved
         .clone()
-        .map(spawn_hook_runner)
+        .map(|cmd| spawn_hook_runner(cmd, args.hook_timeout))
+        .transpose()?;
+    let service = args
+        .check
+        .clone()
+        .map(|target| {
+            ServiceCheck::spawn(
+                args.node_id,
+                target,
+                HealthCfg {
+                    interval: args.check_interval,
+                    timeout: args.check_timeout,
+                    rise: args.check_rise,
+                    fall: args.check_fall,
+                    ..HealthCfg::default()
+                },
+            )
+        })
         .transpose()?;
     let mut load = LoadSampler::default();
     let mut notices = NoticeFilter::default();
     let mut failing = vec![false; targets.len()];
     let mut sequence: u64 = 0;
-    let mut draining = ctl.draining.load(Ordering::SeqCst);
+    // Draining if the operator says so (SIGUSR1, --draining) or the local service fails.
+    let wanted =
+        || ctl.draining.load(Ordering::SeqCst) || service.as_ref().is_some_and(|s| !s.passing());
+    let mut draining = wanted();
     let mut next_send = Instant::now();
     let mut buf = [0u8; MAX_DATAGRAM + 1];
 
     while !ctl.stop.load(Ordering::SeqCst) {
-        let now_draining = ctl.draining.load(Ordering::SeqCst);
+        let now_draining = wanted();
         if now_draining != draining {
             draining = now_draining;
             tracing::info!(
@@ -295,25 +425,34 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
         }
         heartbeat::wait_readable(&sock, next_send.saturating_duration_since(Instant::now()))
             .context("waiting on the agent socket")?;
-        loop {
+        // A bounded batch: under a flood the next heartbeat (and SIGTERM) still come first.
+        for _ in 0..NOTICE_READS {
+            if ctl.stop.load(Ordering::SeqCst) {
+                break;
+            }
             match sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
-                    if let Some(notice) = notices.accept(&buf[..n], from, &key, args.node_id) {
-                        tracing::info!(
-                            "agent: routes moved off node {} for {} ({}): {} route(s) {} [part {}/{}, from {from}]",
-                            notice.node,
-                            notice.vip,
-                            notice.reason,
-                            notice.route_count(),
-                            format_ranges(&notice.ranges),
-                            notice.part + 1,
-                            notice.parts
-                        );
-                        if let Some(h) = &hooks
-                            && h.try_send((notice, from)).is_err()
-                        {
-                            tracing::warn!("agent: route-moved hook queue full; notice dropped");
+                    let notice = match notices.accept(&buf[..n], &key, args.node_id) {
+                        Ok(n) => n,
+                        Err(why) => {
+                            notices.refuse(Instant::now(), from, &why);
+                            continue;
                         }
+                    };
+                    tracing::info!(
+                        "agent: routes moved off node {} for {} ({}): {} route(s) {} [part {}/{}, from {from}]",
+                        notice.node,
+                        notice.vip,
+                        notice.reason,
+                        notice.route_count(),
+                        format_ranges(&notice.ranges),
+                        notice.part + 1,
+                        notice.parts
+                    );
+                    if let Some(h) = &hooks
+                        && h.try_send((notice, from)).is_err()
+                    {
+                        tracing::warn!("agent: route-moved hook queue full; notice dropped");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -327,46 +466,193 @@ pub fn run_with(args: AgentArgs, ctl: &AgentControl) -> Result<()> {
     Ok(())
 }
 
-/// Verifies notices and drops replays (per balancer source: incarnation, then sequence).
+/// Why a datagram at the agent's socket was not acted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refused {
+    /// Not a version-1 ROUTE_MOVED header (refused before any HMAC).
+    NotANotice,
+    /// A notice for another node (by its unauthenticated node field: no HMAC spent on it).
+    OtherNode(u32),
+    /// Did not decode or authenticate.
+    Bad(DecodeError),
+    /// A balancer incarnation's sequence not above the last one accepted from it.
+    Replay { incarnation: u64, sequence: u64 },
+    /// From a balancer incarnation older than every one remembered.
+    Stale { incarnation: u64 },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::NotANotice => f.write_str("not a route-moved notice"),
+            Refused::OtherNode(n) => write!(f, "a notice for node {n}"),
+            Refused::Bad(e) => write!(f, "{e}"),
+            Refused::Replay {
+                incarnation,
+                sequence,
+            } => write!(
+                f,
+                "replayed notice (balancer incarnation {incarnation:#x}, sequence {sequence})"
+            ),
+            Refused::Stale { incarnation } => write!(
+                f,
+                "notice from an old balancer incarnation {incarnation:#x}"
+            ),
+        }
+    }
+}
+
+/// Verifies notices and drops replays: per balancer incarnation (a field of the notice, so a
+/// replay is caught whatever address or port it is sent from), the highest sequence accepted.
 #[derive(Debug, Default)]
 struct NoticeFilter {
-    last: HashMap<SocketAddr, (u64, u64)>,
+    last: BTreeMap<u64, u64>,
+    /// Refusals since the last one logged.
+    refused: u64,
+    logged: Option<Instant>,
 }
 
 impl NoticeFilter {
-    fn accept(&mut self, bytes: &[u8], from: SocketAddr, key: &Key, node: u32) -> Option<Notice> {
+    fn accept(&mut self, bytes: &[u8], key: &Key, node: u32) -> Result<Notice, Refused> {
+        // The header and the node field first: only a ROUTE_MOVED for this node is worth an
+        // HMAC, so a flood of anything else costs a few comparisons per datagram.
+        if bytes.len() < HEADER_LEN + 4
+            || bytes[..4] != MAGIC
+            || bytes[4] != VERSION
+            || bytes[5] != KIND_ROUTE_MOVED
+        {
+            return Err(Refused::NotANotice);
+        }
+        let claimed = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        if claimed != node {
+            return Err(Refused::OtherNode(claimed));
+        }
         let n = match heartbeat::decode(bytes, key) {
             Ok(Message::RouteMoved(n)) => n,
-            Ok(Message::Heartbeat(_)) => {
-                tracing::debug!("agent: ignoring a heartbeat from {from}");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!("agent: rejected datagram from {from}: {e}");
-                return None;
-            }
+            Ok(Message::Heartbeat(_)) => return Err(Refused::NotANotice),
+            Err(e) => return Err(Refused::Bad(e)),
         };
-        if n.node != node {
-            tracing::warn!(
-                "agent: notice from {from} is for node {}, not {node}; ignored",
-                n.node
-            );
-            return None;
+        match self.last.get(&n.incarnation) {
+            Some(&seq) if n.sequence <= seq => {
+                return Err(Refused::Replay {
+                    incarnation: n.incarnation,
+                    sequence: n.sequence,
+                });
+            }
+            Some(_) => {}
+            None if self.last.len() >= NOTICE_SOURCES
+                && self.last.keys().next().is_some_and(|&o| n.incarnation < o) =>
+            {
+                return Err(Refused::Stale {
+                    incarnation: n.incarnation,
+                });
+            }
+            None => {}
         }
-        if let Some(&(inc, seq)) = self.last.get(&from)
-            && (n.incarnation < inc || (n.incarnation == inc && n.sequence <= seq))
+        self.last.insert(n.incarnation, n.sequence);
+        // Bounded: balancers are few, and a restart replaces an incarnation by a larger one.
+        while self.last.len() > NOTICE_SOURCES {
+            self.last.pop_first();
+        }
+        Ok(n)
+    }
+
+    /// Counts a refusal; logs it (with the count since the last log) at most once per
+    /// [`REJECT_LOG_PERIOD`].
+    fn refuse(&mut self, now: Instant, from: SocketAddr, why: &Refused) {
+        self.refused += 1;
+        if self
+            .logged
+            .is_some_and(|t| now.saturating_duration_since(t) < REJECT_LOG_PERIOD)
         {
-            tracing::warn!(
-                "agent: replayed or stale notice from {from} (sequence {}); ignored",
-                n.sequence
-            );
-            return None;
+            return;
         }
-        if self.last.len() >= 64 && !self.last.contains_key(&from) {
-            self.last.clear(); // bounded; authentic sources are few
-        }
-        self.last.insert(from, (n.incarnation, n.sequence));
-        Some(n)
+        tracing::warn!(
+            "agent: refused {} datagram(s) since the last report; the latest from {from}: {why}",
+            self.refused
+        );
+        self.refused = 0;
+        self.logged = Some(now);
+    }
+}
+
+/// `--check`: probes the local service on a thread of its own (so a hanging service never
+/// delays a heartbeat). The first probe decides at once; after it a change takes `rise`
+/// passing or `fall` failing probes in a row. Not passing until the first probe has passed.
+/// Each change is logged. Dropping it stops the thread.
+#[derive(Debug)]
+pub struct ServiceCheck {
+    passing: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ServiceCheck {
+    fn spawn(node: u32, target: CheckTarget, cfg: HealthCfg) -> Result<ServiceCheck> {
+        let passing = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the service check's runtime")?;
+        let cfg = HealthCfg {
+            http_path: target.http_path.clone(),
+            http_host: Some(target.host.clone()),
+            ..cfg
+        };
+        let (p, s) = (Arc::clone(&passing), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("service-check".into())
+            .spawn(move || {
+                let mut rf: Option<RiseFall> = None;
+                while !s.load(Ordering::SeqCst) {
+                    let started = Instant::now();
+                    let result = rt.block_on(health::probe(target.addr, &cfg));
+                    let ok = result.is_ok();
+                    let change = match &mut rf {
+                        None => {
+                            rf = Some(RiseFall::decided(ok, cfg.rise, cfg.fall));
+                            Some(ok)
+                        }
+                        Some(rf) => rf.record(ok),
+                    };
+                    if let Some(up) = change {
+                        p.store(up, Ordering::SeqCst);
+                        match &result {
+                            Ok(()) => tracing::info!(
+                                "agent: node {node}: local service {} passes: announcing up",
+                                target.url
+                            ),
+                            Err(e) => tracing::warn!(
+                                "agent: node {node}: local service {} fails ({e}): announcing \
+                                 draining (no new flows) until it passes",
+                                target.url
+                            ),
+                        }
+                    }
+                    // Sleep out the interval in short steps, so a stop is seen soon.
+                    let next = started + cfg.interval;
+                    while !s.load(Ordering::SeqCst) {
+                        let left = next.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        std::thread::sleep(left.min(Duration::from_millis(50)));
+                    }
+                }
+            })
+            .context("starting the service check thread")?;
+        Ok(ServiceCheck { passing, stop })
+    }
+
+    /// Whether the service passes (as rise/fall have decided).
+    pub fn passing(&self) -> bool {
+        self.passing.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ServiceCheck {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -384,27 +670,67 @@ pub fn hook_env(n: &Notice, from: SocketAddr) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn spawn_hook_runner(cmd: String) -> Result<mpsc::SyncSender<(Notice, SocketAddr)>> {
+fn spawn_hook_runner(
+    cmd: String,
+    timeout: Duration,
+) -> Result<mpsc::SyncSender<(Notice, SocketAddr)>> {
     let (tx, rx) = mpsc::sync_channel::<(Notice, SocketAddr)>(HOOK_QUEUE);
     std::thread::Builder::new()
         .name("route-moved-hook".into())
         .spawn(move || {
             for (notice, from) in rx {
-                let status = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(&cmd)
-                    .envs(hook_env(&notice, from))
-                    .stdin(std::process::Stdio::null())
-                    .status();
-                match status {
-                    Ok(s) if s.success() => {}
-                    Ok(s) => tracing::warn!("agent: route-moved hook exited with {s}"),
+                match run_hook(&cmd, hook_env(&notice, from), timeout) {
+                    Ok(HookEnd::Exited(s)) if s.success() => {}
+                    Ok(HookEnd::Exited(s)) => {
+                        tracing::warn!("agent: route-moved hook exited with {s}")
+                    }
+                    Ok(HookEnd::Killed) => tracing::warn!(
+                        "agent: route-moved hook still running after {timeout:?}: killed (its \
+                         process group); raise --hook-timeout if it needs longer"
+                    ),
                     Err(e) => tracing::warn!("agent: cannot run route-moved hook: {e}"),
                 }
             }
         })
         .context("starting the hook thread")?;
     Ok(tx)
+}
+
+/// How a hook run ended.
+#[derive(Debug)]
+enum HookEnd {
+    Exited(std::process::ExitStatus),
+    /// Still running at the timeout: its process group was killed.
+    Killed,
+}
+
+/// Runs `sh -c cmd` with `env` in a process group of its own; kills the group if it is still
+/// running after `timeout` (a hung hook must not hold up every later notice).
+fn run_hook(cmd: &str, env: Vec<(&'static str, String)>, timeout: Duration) -> io::Result<HookEnd> {
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(HookEnd::Exited(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill(2) of the process group led by a child we started (its group
+                // id is its pid, `process_group(0)`), which we have not reaped yet.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            let _ = child.wait();
+            return Ok(HookEnd::Killed);
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+    }
 }
 
 /// CPU busy (per mille, since the previous sample) and TCP sockets in use, re-read at most once
@@ -610,6 +936,22 @@ mod tests {
         p
     }
 
+    /// `lb agent --node-id NODE --balancer BALANCER --key-file KEY --bind 127.0.0.1:0`, the
+    /// rest as clap defaults it.
+    fn agent_args(node: u32, balancer: SocketAddr, key: &std::path::Path) -> AgentArgs {
+        parse(&[
+            "--node-id",
+            &node.to_string(),
+            "--balancer",
+            &balancer.to_string(),
+            "--key-file",
+            &key.display().to_string(),
+            "--bind",
+            "127.0.0.1:0",
+        ])
+        .unwrap()
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("lb-agent-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
@@ -619,16 +961,7 @@ mod tests {
     #[test]
     fn bad_key_file_is_a_clear_error() {
         let dir = temp_dir("badkey");
-        let args = AgentArgs {
-            node_id: 1,
-            balancer: vec!["127.0.0.1:9".parse().unwrap()],
-            key_file: key_file(&dir, b"short"),
-            interval: DEFAULT_INTERVAL,
-            weight: 0,
-            draining: false,
-            on_route_moved: None,
-            bind: Some("127.0.0.1:0".parse().unwrap()),
-        };
+        let args = agent_args(1, "127.0.0.1:9".parse().unwrap(), &key_file(&dir, b"short"));
         let e = format!(
             "{:#}",
             run_with(args.clone(), &AgentControl::new()).unwrap_err()
@@ -659,14 +992,10 @@ mod tests {
             out.display()
         );
         let args = AgentArgs {
-            node_id: 4,
-            balancer: vec![rx.local_addr().unwrap()],
-            key_file: kf,
             interval: Duration::from_millis(20),
             weight: 9,
-            draining: false,
             on_route_moved: Some(hook),
-            bind: Some("127.0.0.1:0".parse().unwrap()),
+            ..agent_args(4, rx.local_addr().unwrap(), &kf)
         };
         let ctl = Arc::new(AgentControl::new());
         let agent = {
@@ -752,6 +1081,257 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Starts `run_with(args)` on a thread; returns its control and handle.
+    fn spawn_agent(args: AgentArgs) -> (Arc<AgentControl>, std::thread::JoinHandle<Result<()>>) {
+        let ctl = Arc::new(AgentControl::new());
+        let c = Arc::clone(&ctl);
+        (ctl, std::thread::spawn(move || run_with(args, &c)))
+    }
+
+    /// Waits (up to 10 s) for a heartbeat `pred` accepts; returns it and its source.
+    fn wait_beat(rx: &mut Receiver, pred: impl Fn(&Heartbeat) -> bool) -> (Heartbeat, SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no such heartbeat in 10 s");
+            if let Some((hb, from)) = rx.recv(left).unwrap()
+                && pred(&hb)
+            {
+                return (hb, from);
+            }
+        }
+    }
+
+    /// Defects: the agent's replay protection was per source address, so a captured notice
+    /// replayed from another port ran the hook again; and a hook that never returned held up
+    /// every later notice for ever. Now a replay is caught whatever its source, and a hook still
+    /// running after `--hook-timeout` is killed (with its children) so the next one runs.
+    #[test]
+    fn a_replay_from_another_port_is_refused_and_a_hung_hook_is_killed() {
+        let dir = temp_dir("hung");
+        let kf = key_file(&dir, b"0123456789abcdef0123456789abcdef");
+        let key = Key::from_file(&kf).unwrap();
+        let mut rx = Receiver::bind("127.0.0.1:0".parse().unwrap(), key.clone()).unwrap();
+        let out = dir.join("hook.out");
+        let pids = dir.join("pids");
+        // The drain hook hangs (in a child of its shell); any other writes its reason.
+        let hook = format!(
+            "echo \"$LB_REASON\" >> {out}; if [ \"$LB_REASON\" = drain ]; then sleep 1000 & echo $! > {pids}; wait; fi",
+            out = out.display(),
+            pids = pids.display()
+        );
+        let args = AgentArgs {
+            interval: Duration::from_millis(20),
+            on_route_moved: Some(hook),
+            hook_timeout: Duration::from_millis(300),
+            ..agent_args(4, rx.local_addr().unwrap(), &kf)
+        };
+        let (ctl, agent) = spawn_agent(args);
+        let (_, at) = wait_beat(&mut rx, |_| true);
+        let vip = Vip {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            port: 443,
+            proto: 6,
+        };
+        let r = [heartbeat::RouteRange { first: 1, last: 1 }];
+        let mut seq = 1;
+        let drain = heartbeat::split_notices(4, vip, MoveReason::Drain, &r, 77, &mut seq).remove(0);
+        let join = heartbeat::split_notices(4, vip, MoveReason::Join, &r, 77, &mut seq).remove(0);
+        let one = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let drain = drain.encode(&key).unwrap();
+        one.send_to(&drain, at).unwrap();
+        // The same datagram from another port: a replay.
+        other.send_to(&drain, at).unwrap();
+        one.send_to(&join.encode(&key).unwrap(), at).unwrap();
+        let t = Instant::now();
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("join")
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the hook after a hung one never ran: {:?}",
+                std::fs::read_to_string(&out)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "drain\njoin\n");
+        // The hung hook's child was killed with it.
+        let child: i32 = std::fs::read_to_string(&pids)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let t = Instant::now();
+        // SAFETY: kill(2) with signal 0 only checks whether the process exists.
+        while unsafe { libc::kill(child, 0) } == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the hook's child survived"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ctl.stop.store(true, Ordering::SeqCst);
+        agent.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A flood at the agent's port (notices for this node with a forged key, which cost an
+    /// HMAC each, and junk) neither stops its heartbeats nor its shutdown.
+    #[test]
+    fn a_flood_at_the_agent_stops_neither_heartbeats_nor_stop() {
+        let dir = temp_dir("flood");
+        let kf = key_file(&dir, b"0123456789abcdef0123456789abcdef");
+        let key = Key::from_file(&kf).unwrap();
+        let mut rx = Receiver::bind("127.0.0.1:0".parse().unwrap(), key.clone()).unwrap();
+        let args = AgentArgs {
+            interval: Duration::from_millis(20),
+            ..agent_args(4, rx.local_addr().unwrap(), &kf)
+        };
+        let (ctl, agent) = spawn_agent(args);
+        let (_, at) = wait_beat(&mut rx, |_| true);
+        let forged = Key::from_bytes(b"not the shared key at all").unwrap();
+        let vip = Vip {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            port: 443,
+            proto: 6,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooders: Vec<_> = (0..2)
+            .map(|i| {
+                let stop = Arc::clone(&stop);
+                let mut seq = 1;
+                let r = [heartbeat::RouteRange { first: 0, last: 9 }];
+                let bytes = if i == 0 {
+                    heartbeat::split_notices(4, vip, MoveReason::Drain, &r, 5, &mut seq)
+                        .remove(0)
+                        .encode(&forged)
+                        .unwrap()
+                } else {
+                    vec![0u8; 64]
+                };
+                std::thread::spawn(move || {
+                    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    let mut sent = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = s.send_to(&bytes, at);
+                        sent += 1;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        // Heartbeats keep coming, none late by more than a few intervals.
+        let window = Instant::now();
+        let mut last = Instant::now();
+        let mut beats = 0;
+        let mut worst = Duration::ZERO;
+        while window.elapsed() < Duration::from_millis(1500) {
+            if let Some(r) = rx.recv_stamped(Duration::from_secs(2)).unwrap() {
+                worst = worst.max(r.at.saturating_duration_since(last));
+                last = r.at;
+                beats += 1;
+            } else {
+                worst = Duration::MAX;
+                break;
+            }
+        }
+        let (tx, done) = mpsc::channel();
+        ctl.stop.store(true, Ordering::SeqCst);
+        std::thread::spawn(move || {
+            let _ = tx.send(agent.join());
+        });
+        let stopped = done.recv_timeout(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        let sent: u64 = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+        eprintln!("{sent} datagrams flooded; {beats} heartbeats, longest gap {worst:?}");
+        assert!(beats >= 30, "{beats} heartbeats in 1.5 s");
+        assert!(worst < Duration::from_millis(300), "a gap of {worst:?}");
+        stopped
+            .expect("the agent did not stop within 2 s")
+            .unwrap()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn check_urls() {
+        let t = parse_check("tcp://127.0.0.1:80").unwrap();
+        assert_eq!(
+            (t.addr, t.http_path.as_deref()),
+            ("127.0.0.1:80".parse().unwrap(), None)
+        );
+        let t = parse_check("http://127.0.0.1:8080/healthz").unwrap();
+        assert_eq!(
+            (t.addr, t.http_path.as_deref(), t.host.as_str()),
+            (
+                "127.0.0.1:8080".parse().unwrap(),
+                Some("/healthz"),
+                "127.0.0.1:8080"
+            )
+        );
+        let t = parse_check("http://[::1]").unwrap();
+        assert_eq!(
+            (t.addr, t.http_path.as_deref()),
+            ("[::1]:80".parse().unwrap(), Some("/"))
+        );
+        for bad in [
+            "127.0.0.1:80",
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:80/x",
+            "udp://127.0.0.1:53",
+            "http://",
+        ] {
+            let e = parse_check(bad).unwrap_err();
+            assert!(e.contains("check") && !e.contains('\n'), "{bad}: {e}");
+        }
+        assert!(
+            parse(&[
+                "--node-id",
+                "1",
+                "--balancer",
+                "127.0.0.1",
+                "--key-file",
+                "/k",
+                "--check-fall",
+                "0"
+            ])
+            .is_err()
+        );
+    }
+
+    /// Defect: an agent beat "up" while its service was dead, so its traffic was
+    /// black-holed. With `--check` it announces draining while the service fails, up again
+    /// once it passes.
+    #[test]
+    fn check_announces_draining_while_the_service_fails() {
+        let dir = temp_dir("check");
+        let kf = key_file(&dir, b"0123456789abcdef0123456789abcdef");
+        let key = Key::from_file(&kf).unwrap();
+        let mut rx = Receiver::bind("127.0.0.1:0".parse().unwrap(), key.clone()).unwrap();
+        let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = service.local_addr().unwrap().port();
+        let args = AgentArgs {
+            interval: Duration::from_millis(20),
+            check: Some(parse_check(&format!("tcp://127.0.0.1:{port}")).unwrap()),
+            check_interval: Duration::from_millis(50),
+            ..agent_args(4, rx.local_addr().unwrap(), &kf)
+        };
+        let (ctl, agent) = spawn_agent(args);
+        wait_beat(&mut rx, |h| h.state == NodeState::Up);
+        drop(service);
+        wait_beat(&mut rx, |h| h.state == NodeState::Draining);
+        let _service = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        wait_beat(&mut rx, |h| h.state == NodeState::Up);
+        // The operator's drain holds whatever the check says.
+        ctl.draining.store(true, Ordering::SeqCst);
+        wait_beat(&mut rx, |h| h.state == NodeState::Draining);
+        ctl.stop.store(true, Ordering::SeqCst);
+        agent.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn notice_filter_drops_replays() {
         let key = Key::from_bytes(&[7u8; 32]).unwrap();
@@ -766,22 +1346,60 @@ mod tests {
         let b = heartbeat::split_notices(1, vip, MoveReason::Failure, &r, 10, &mut seq).remove(0);
         let from: SocketAddr = "127.0.0.1:7711".parse().unwrap();
         let mut f = NoticeFilter::default();
-        assert!(f.accept(&a.encode(&key).unwrap(), from, &key, 1).is_some());
-        assert!(f.accept(&a.encode(&key).unwrap(), from, &key, 1).is_none());
-        assert!(f.accept(&b.encode(&key).unwrap(), from, &key, 1).is_some());
+        let enc = |n: &Notice| n.encode(&key).unwrap();
+        assert!(f.accept(&enc(&a), &key, 1).is_ok());
+        assert_eq!(
+            f.accept(&enc(&a), &key, 1).unwrap_err(),
+            Refused::Replay {
+                incarnation: 10,
+                sequence: 5
+            }
+        );
+        assert!(f.accept(&enc(&b), &key, 1).is_ok());
         let mut restarted = a.clone();
         restarted.incarnation = 11;
-        assert!(
-            f.accept(&restarted.encode(&key).unwrap(), from, &key, 1)
-                .is_some()
+        assert!(f.accept(&enc(&restarted), &key, 1).is_ok());
+        assert!(matches!(
+            f.accept(&enc(&b), &key, 1),
+            Err(Refused::Replay { .. })
+        ));
+        assert_eq!(
+            f.accept(&enc(&b), &key, 2).unwrap_err(),
+            Refused::OtherNode(1)
         );
-        assert!(
-            f.accept(&b.encode(&key).unwrap(), from, &key, 1).is_none(),
-            "older incarnation"
+        // Refused by their header, before any HMAC.
+        let hb = Heartbeat {
+            node: 1,
+            incarnation: 1,
+            sequence: 1,
+            state: NodeState::Up,
+            weight: 0,
+            interval_ms: 100,
+            cpu_permille: None,
+            active_conns: None,
+        };
+        assert_eq!(
+            f.accept(&hb.encode(&key), &key, 1).unwrap_err(),
+            Refused::NotANotice
         );
-        assert!(
-            f.accept(&b.encode(&key).unwrap(), from, &key, 2).is_none(),
-            "other node"
+        assert_eq!(f.accept(b"junk", &key, 1).unwrap_err(), Refused::NotANotice);
+        let forged = Key::from_bytes(&[8u8; 32]).unwrap();
+        let mut c = b.clone();
+        c.sequence = 99;
+        assert_eq!(
+            f.accept(&c.encode(&forged).unwrap(), &key, 1).unwrap_err(),
+            Refused::Bad(DecodeError::BadHmac)
+        );
+        // Bounded: the oldest incarnations are forgotten, and anything older refused.
+        for inc in 100..(100 + NOTICE_SOURCES as u64) {
+            let mut n = a.clone();
+            n.incarnation = inc;
+            assert!(f.accept(&enc(&n), &key, 1).is_ok());
+        }
+        assert_eq!(f.last.len(), NOTICE_SOURCES);
+        assert_eq!(
+            f.accept(&enc(&restarted), &key, 1).unwrap_err(),
+            Refused::Stale { incarnation: 11 }
         );
         let env = hook_env(&b, from);
         assert!(env.contains(&("LB_ROUTES", "0".to_string())));

@@ -84,6 +84,12 @@ pub struct Status {
     pub conntrack: ConntrackStatus,
     /// Fail static is holding every node up (most went silent at once).
     pub fail_static: bool,
+    /// VIPs without an active node: their new flows are dropped (`no_backend`).
+    #[serde(default)]
+    pub unserved_vips: Vec<String>,
+    /// Times a VIP lost its last active node since the daemon started.
+    #[serde(default)]
+    pub unserved_episodes: u64,
 }
 
 /// Nodes by state.
@@ -100,12 +106,19 @@ pub struct HeartbeatCounts {
     pub accepted: u64,
     /// Rejected, by reason: `bad_hmac` (wrong key or corrupt), `malformed`, `truncated`,
     /// `oversized`, `bad_magic`, `unknown_version`, `unknown_kind`, `wrong_direction` (the
-    /// socket's), `unknown_node`, `replay`, `stale_incarnation` (the detector's).
+    /// socket's), `unknown_node`, `replay`, `stale_incarnation`, `duplicate_node` (a second
+    /// agent claiming a node; the detector's).
     pub rejected: BTreeMap<String, u64>,
     /// Dropped by the kernel before being read (socket queue full).
     pub queue_drops: u64,
     /// Heartbeats advertising an interval above `heartbeat_interval_max`.
     pub interval_clamped: u64,
+    /// Heartbeats advertising a weight above their node's `advertised_weight_max`.
+    #[serde(default)]
+    pub weight_clamped: u64,
+    /// Lower incarnations accepted (a future one replaced, or a clock that stepped back).
+    #[serde(default)]
+    pub incarnation_resets: u64,
     pub fail_static_episodes: u64,
 }
 
@@ -162,6 +175,10 @@ pub struct NodeInfo {
     /// What the agent reports.
     pub cpu_permille: Option<u16>,
     pub active_conns: Option<u32>,
+    /// A second agent claiming this node ID beat in the last 10 s (its heartbeats are
+    /// rejected as `duplicate_node`).
+    #[serde(default)]
+    pub duplicate_agent: bool,
 }
 
 /// One VIP, `GET /v1/vips`.

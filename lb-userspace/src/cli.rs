@@ -369,6 +369,7 @@ async fn node(a: NodeArgs) -> Result<()> {
                 ipv4: n.ipv4,
                 ipv6: n.ipv6,
                 weight: n.weight,
+                advertised_weight_max: None,
                 check: n.check,
                 check_addr: n.check_addr,
                 check_http_path: n.check_http_path,
@@ -854,6 +855,8 @@ fn render_status(s: &Status) -> String {
     for (count, what) in [
         (hb.queue_drops, "dropped (socket queue full)"),
         (hb.interval_clamped, "with too long an interval"),
+        (hb.weight_clamped, "with too large a weight"),
+        (hb.incarnation_resets, "incarnation resets"),
         (hb.fail_static_episodes, "fail-static episodes"),
     ] {
         if count > 0 {
@@ -914,6 +917,15 @@ fn render_status(s: &Status) -> String {
             "FAIL STATIC",
             "holding every node up: most went silent at once (judging again once heartbeats flow)"
                 .into(),
+        ));
+    }
+    if !s.unserved_vips.is_empty() {
+        pairs.push((
+            "NO ACTIVE NODE",
+            format!(
+                "{}: new flows dropped (no_backend)",
+                s.unserved_vips.join(", ")
+            ),
         ));
     }
     render_pairs(&pairs)
@@ -996,6 +1008,12 @@ fn render_nodes(nodes: &[NodeInfo]) -> String {
         out.push_str(
             "* set by the operator (undo with `lb node undrain ID`, `lb node weight ID --clear`)\n",
         );
+    }
+    for n in nodes.iter().filter(|n| n.duplicate_agent) {
+        out.push_str(&format!(
+            "! node {}: a second agent claims this node ID (its heartbeats are refused; see the log)\n",
+            n.id
+        ));
     }
     out
 }
@@ -1364,6 +1382,7 @@ mod tests {
             last_heartbeat_age: None,
             cpu_permille: None,
             active_conns: None,
+            duplicate_agent: false,
         }
     }
 

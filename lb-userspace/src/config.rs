@@ -38,6 +38,10 @@ pub struct DaemonConfig {
     pub heartbeat_group: Option<IpAddr>,
     /// Shared heartbeat key (at least 16 bytes; raw or hex).
     pub key_file: Option<PathBuf>,
+    /// Optional per-node keys: a node with a file `<id>.key` here (same format) is heard only
+    /// with that key, and its notices are signed with it; other nodes use `key_file`. The files
+    /// are read at start and at every configuration change (SIGHUP, `lb apply`, `lb node add`).
+    pub node_key_dir: Option<PathBuf>,
     /// Expected agent heartbeat interval: the grace a re-adopted node gets after a restart.
     /// An agent may advertise a shorter one (it is judged by that), never a longer one than
     /// `heartbeat_interval_max`.
@@ -55,6 +59,12 @@ pub struct DaemonConfig {
     /// A node that was down must beat continuously this long before it rejoins.
     #[serde(with = "humantime_serde_compat")]
     pub hold_down: Duration,
+    /// How far an agent's incarnation (its start time) may be from this balancer's clock and
+    /// still count as current: a lower incarnation than the accepted one is let in only when
+    /// the accepted one lies further than this in the future, or the node is silent and the
+    /// new one is current (see `docs/heartbeat.md`).
+    #[serde(with = "humantime_serde_compat")]
+    pub clock_skew_max: Duration,
     /// XDP attach mode: `auto` (native when the driver supports it), `native`, `generic`.
     pub xdp_mode: String,
     /// Entries of the ROUTES map (each VIP needs 2 x its route count).
@@ -83,11 +93,13 @@ impl Default for DaemonConfig {
             )),
             heartbeat_group: None,
             key_file: None,
+            node_key_dir: None,
             heartbeat_interval: Duration::from_millis(100),
             heartbeat_interval_max: None,
             fail_static_share: 0.5,
             miss_limit: 3,
             hold_down: Duration::from_secs(2),
+            clock_skew_max: crate::membership::DEFAULT_CLOCK_SKEW,
             xdp_mode: "auto".into(),
             route_slots: lb_common::DEFAULT_ROUTE_SLOTS,
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
@@ -156,6 +168,9 @@ fn default_routes() -> u32 {
 /// leaves the light node 65 routes).
 pub const MAX_WEIGHT: u32 = 1000;
 
+/// By default an agent may advertise at most this many times its node's configured weight.
+pub const ADVERTISED_WEIGHT_FACTOR: u32 = 4;
+
 /// `[[node]]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -170,6 +185,11 @@ pub struct NodeConfig {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default = "one")]
     pub weight: u32,
+    /// The largest weight the node's agent may advertise (1..=1000; default 4 x `weight`, at
+    /// most 1000): more is clamped to it, so one node (whoever holds the shared key) cannot
+    /// take every route by advertising a huge weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_weight_max: Option<u32>,
     /// `heartbeat` (default: an agent runs on the node) or `tcp` (active connect check).
     #[serde(default = "default_check")]
     pub check: String,
@@ -200,6 +220,17 @@ pub struct NodeConfig {
 
 fn one() -> u32 {
     1
+}
+
+impl NodeConfig {
+    /// The largest weight the node's agent may advertise.
+    pub fn max_advertised_weight(&self) -> u32 {
+        self.advertised_weight_max.unwrap_or_else(|| {
+            self.weight
+                .saturating_mul(ADVERTISED_WEIGHT_FACTOR)
+                .min(MAX_WEIGHT)
+        })
+    }
 }
 fn default_check() -> String {
     "heartbeat".into()
@@ -329,6 +360,11 @@ impl Config {
                 && (w == 0 || w > MAX_WEIGHT)
             {
                 bail!("node[{i}].admin_weight {w} out of 1..={MAX_WEIGHT}");
+            }
+            if let Some(w) = n.advertised_weight_max
+                && (w == 0 || w > MAX_WEIGHT)
+            {
+                bail!("node[{i}].advertised_weight_max {w} out of 1..={MAX_WEIGHT}");
             }
             if let Some(m) = &n.mac {
                 let mac = parse_mac(m).with_context(|| format!("node[{i}].mac"))?;
@@ -660,6 +696,14 @@ ipv6 = "2001:db8::1:1"
         assert_eq!(c.vips[1].hash, HashMode::SourceIp);
         assert_eq!(c.vips[1].routes, lb_common::DEFAULT_ROUTES_PER_VIP);
         assert_eq!(c.daemon.heartbeat_interval, Duration::from_millis(100));
+        assert_eq!(c.daemon.clock_skew_max, Duration::from_secs(300));
+        // An agent may advertise 4 x the configured weight, at most 1000, unless configured.
+        assert_eq!(c.nodes[0].max_advertised_weight(), 4);
+        let mut n = c.nodes[0].clone();
+        n.weight = 400;
+        assert_eq!(n.max_advertised_weight(), 1000);
+        n.advertised_weight_max = Some(2);
+        assert_eq!(n.max_advertised_weight(), 2);
     }
 
     #[test]
@@ -678,6 +722,10 @@ ipv6 = "2001:db8::1:1"
             (
                 GOOD.replace("[[node]]", "[[node]]\ncheck_rise = 0"),
                 "check_rise",
+            ),
+            (
+                GOOD.replace("[[node]]", "[[node]]\nadvertised_weight_max = 1001"),
+                "advertised_weight_max",
             ),
             (
                 GOOD.replace("[[node]]", "[[node]]\ncheck_interval = \"0s\""),

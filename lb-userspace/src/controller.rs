@@ -316,6 +316,11 @@ pub struct Plan {
     pub persist: bool,
     /// One line per applied change, for the log.
     pub log: Vec<String>,
+    /// VIPs that lost their last active node in this batch: from now on their new flows are
+    /// dropped (counted by the data plane as `no_backend`) until a node is active again.
+    pub unserved: Vec<VipKey>,
+    /// VIPs that had no active node before this batch and have one after it.
+    pub served: Vec<VipKey>,
 }
 
 impl Plan {
@@ -618,10 +623,12 @@ impl Controller {
         // On a copy, so a refused configuration changes nothing (configuration is rare; the
         // tables are copied only as they change).
         let before = self.shape();
+        let served = self.served();
         let mut next = self.clone();
         let mut ch = Changes::default();
         next.configure_inner(cfg, &mut ch)?;
-        let plan = next.compile(&before, ch);
+        let mut plan = next.compile(&before, ch);
+        next.report_served(&served, &mut plan);
         *self = next;
         Ok(plan)
     }
@@ -797,11 +804,35 @@ impl Controller {
     /// route and node is written once, with its final value, and one persist covers the batch.
     pub fn apply(&mut self, inputs: &[Input]) -> Plan {
         let before = self.shape();
+        let served = self.served();
         let mut ch = Changes::default();
         for input in inputs {
             self.apply_one(&mut ch, input);
         }
-        self.compile(&before, ch)
+        let mut plan = self.compile(&before, ch);
+        self.report_served(&served, &mut plan);
+        plan
+    }
+
+    /// The VIPs with an active node, which takes their new flows (a draining node finishes
+    /// its tracked flows only).
+    pub fn served(&self) -> BTreeSet<VipKey> {
+        self.vips
+            .iter()
+            .filter(|(_, v)| v.table.nodes().any(|(_, n)| n.state == NodeState::Active))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Fills in which VIPs lost or found their last active node since `before`.
+    fn report_served(&self, before: &BTreeSet<VipKey>, plan: &mut Plan) {
+        let after = self.served();
+        plan.unserved = before
+            .iter()
+            .filter(|k| self.vips.contains_key(k) && !after.contains(k))
+            .copied()
+            .collect();
+        plan.served = after.difference(before).copied().collect();
     }
 
     fn apply_one(&mut self, ch: &mut Changes, input: &Input) {

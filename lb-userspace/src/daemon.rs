@@ -58,6 +58,9 @@ const REJECT_WARN_PERIOD: Duration = Duration::from_secs(10);
 /// A batch slower than this is reported (it delays the next heartbeats' processing, though
 /// not their judgement: they are judged by their arrival time).
 const SLOW_BATCH: Duration = Duration::from_millis(50);
+/// A node shows a second agent claiming it (`duplicate_agent`) this long after its last
+/// heartbeat.
+const DUPLICATE_SHOWN: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the last state to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -139,6 +142,10 @@ pub struct Daemon {
     ct_scans: u64,
     /// Routes moved since start, by reason.
     route_moves: BTreeMap<&'static str, u64>,
+    /// VIPs warned about having no active node (until one is active again).
+    unserved: BTreeSet<VipKey>,
+    /// Times a VIP lost its last active node.
+    unserved_episodes: u64,
     /// API requests (the servers' side of the channel).
     api: Option<mpsc::Receiver<Call>>,
     /// The API and metrics servers (stopped when dropped).
@@ -254,16 +261,18 @@ impl Daemon {
         let needs_heartbeats = cfg.nodes.iter().any(|n| n.check == "heartbeat");
         let receiver = match (key, needs_heartbeats) {
             (Some(key), _) => {
-                let r = Receiver::bind(cfg.daemon.heartbeat_listen, key).with_context(|| {
-                    format!(
-                        "binding the heartbeat socket {}",
-                        cfg.daemon.heartbeat_listen
-                    )
-                })?;
+                let mut r =
+                    Receiver::bind(cfg.daemon.heartbeat_listen, key).with_context(|| {
+                        format!(
+                            "binding the heartbeat socket {}",
+                            cfg.daemon.heartbeat_listen
+                        )
+                    })?;
                 if let Some(g) = cfg.daemon.heartbeat_group {
                     r.join_multicast(g, None, 0)
                         .with_context(|| format!("joining multicast group {g}"))?;
                 }
+                r.set_node_keys(node_keys(&cfg)?);
                 Some(r)
             }
             (None, true) => bail!(
@@ -323,6 +332,8 @@ impl Daemon {
             change_seq: 0,
             ct_scans: 0,
             route_moves: BTreeMap::new(),
+            unserved: BTreeSet::new(),
+            unserved_episodes: 0,
             api: Some(api_rx),
             _servers: servers,
             _events: events,
@@ -479,7 +490,9 @@ impl Daemon {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 _ = sighup.recv() => reload = true,
-                _ = std::future::ready(()), if more => {}
+                // Not `ready()`: under a flood `more` stays set, and a loop that never
+                // returns Pending would starve the runtime (signals, timers, the API's tasks).
+                _ = tokio::task::yield_now(), if more => {}
                 r = readable(&ready) => {
                     if let Some(mut guard) = r.context("waiting for heartbeats")? {
                         // Cleared before reading: a datagram arriving during the drain sets it again.
@@ -516,19 +529,44 @@ impl Daemon {
                 let n = sock
                     .drain(&mut heartbeats)
                     .context("receiving heartbeats")?;
-                more = n >= heartbeat::DRAIN_MAX;
+                more = sock.more();
+                let _ = n;
                 for r in heartbeats.drain(..) {
                     self.on_heartbeat(r, &mut inputs);
+                }
+                // Known agents get sockets of their own: a flood at the port cannot crowd
+                // their heartbeats out of the shared queue.
+                let agents: Vec<(u32, SocketAddr)> =
+                    self.agents.iter().map(|(n, a)| (*n, *a)).collect();
+                for (node, from) in agents {
+                    if let Err(e) = sock.pin_peer(node, from) {
+                        self.warn_limited(
+                            node,
+                            "pin",
+                            &format!(
+                                "node {node}: cannot open a socket of its own for its agent at \
+                                 {from}: {e}"
+                            ),
+                        );
+                    }
                 }
                 for r in sock.take_rejects() {
                     self.on_rejected(&r);
                 }
+                // Once per period, with the count since the last warning (a flood would
+                // otherwise log a line per round).
                 let drops = sock.counters().queue_drops;
-                if drops > queue_drops {
-                    warn!(
-                        "{} heartbeats dropped by the kernel (socket receive queue full; {drops} in all)",
-                        drops - queue_drops
-                    );
+                if drops > queue_drops
+                    && self.warn_limited(
+                        u32::MAX,
+                        "queue_drops",
+                        &format!(
+                            "{} datagrams dropped by the kernel at the heartbeat port (socket \
+                             receive queue full; {drops} in all)",
+                            drops - queue_drops
+                        ),
+                    )
+                {
                     queue_drops = drops;
                 }
             }
@@ -661,8 +699,32 @@ impl Daemon {
     /// One authentic heartbeat, judged at its arrival time.
     fn on_heartbeat(&mut self, r: Received, inputs: &mut Vec<Input>) {
         let was_holding = self.membership.holding();
-        match self.membership.on_heartbeat(r.at, &r.hb) {
+        let before = *self.membership.counters();
+        match self.membership.on_heartbeat_at(r.at, Some(r.wall), &r.hb) {
             Ok(evs) => {
+                let after = *self.membership.counters();
+                if after.weight_clamped > before.weight_clamped {
+                    let max = self
+                        .membership
+                        .status(r.hb.node)
+                        .map_or(0, |s| s.cfg.max_weight);
+                    self.warn_limited(
+                        r.hb.node,
+                        "weight",
+                        &format!(
+                            "node {} advertises weight {}, above its advertised_weight_max: \
+                             clamped to {max}",
+                            r.hb.node, r.hb.weight
+                        ),
+                    );
+                }
+                if after.incarnation_reset > before.incarnation_reset {
+                    warn!(
+                        "node {}: incarnation {:#x} from {} accepted below the one before (a \
+                         start time in the future, or a clock that stepped back)",
+                        r.hb.node, r.hb.incarnation, r.from
+                    );
+                }
                 self.agents.insert(r.hb.node, r.from);
                 self.ctl
                     .set_seen(r.hb.node, r.hb.incarnation, r.hb.sequence);
@@ -687,12 +749,39 @@ impl Daemon {
                     membership::Reject::UnknownNode => "unknown",
                     membership::Reject::Replay => "replay",
                     membership::Reject::StaleIncarnation => "stale",
+                    membership::Reject::Duplicate => "duplicate",
+                };
+                let hint = match e {
+                    membership::Reject::Duplicate => format!(
+                        "; two agents claim node {}: the one at {} (incarnation {:#x}) is \
+                         ignored while the newer one{} beats; give each node its own --node-id",
+                        r.hb.node,
+                        r.from,
+                        r.hb.incarnation,
+                        self.agents
+                            .get(&r.hb.node)
+                            .map_or(String::new(), |a| format!(" at {a}"))
+                    ),
+                    membership::Reject::StaleIncarnation => {
+                        let ms = i128::from(membership::incarnation_ms(r.hb.incarnation))
+                            - i128::from(membership::unix_ms(r.wall));
+                        format!(
+                            " (incarnation {:#x}: its agent's start time is {} s {} this \
+                             balancer's clock; if no newer agent runs for node {}, check the \
+                             node's clock and restart its agent)",
+                            r.hb.incarnation,
+                            ms.unsigned_abs() / 1000,
+                            if ms < 0 { "behind" } else { "ahead of" },
+                            r.hb.node
+                        )
+                    }
+                    _ => String::new(),
                 };
                 self.warn_limited(
                     r.hb.node,
                     reason,
                     &format!(
-                        "heartbeat for node {} from {} rejected: {e}",
+                        "heartbeat for node {} from {} rejected: {e}{hint}",
                         r.hb.node, r.from
                     ),
                 );
@@ -737,16 +826,20 @@ impl Daemon {
         }
     }
 
-    fn warn_limited(&mut self, node: u32, reason: &'static str, msg: &str) {
+    /// Logs `msg` as a warning unless one for `(node, reason)` was logged in the last
+    /// [`REJECT_WARN_PERIOD`]; returns whether it was logged.
+    fn warn_limited(&mut self, node: u32, reason: &'static str, msg: &str) -> bool {
         let now = Instant::now();
-        let last = self
+        if self
             .warned
-            .entry((node, reason))
-            .or_insert(now - REJECT_WARN_PERIOD * 2);
-        if now.duration_since(*last) >= REJECT_WARN_PERIOD {
-            *last = now;
-            warn!(node, reason, "{msg}");
+            .get(&(node, reason))
+            .is_some_and(|t| now.saturating_duration_since(*t) < REJECT_WARN_PERIOD)
+        {
+            return false;
         }
+        self.warned.insert((node, reason), now);
+        warn!(node, reason, "{msg}");
+        true
     }
 
     /// Executes a plan: its log lines, the kernel writes in order, the notices, and, once the
@@ -755,6 +848,25 @@ impl Daemon {
     fn execute(&mut self, plan: &Plan, socket: Option<&mut Receiver>) -> Result<()> {
         for line in &plan.log {
             info!("{line}");
+        }
+        // Once per transition, never per packet: the data plane counts the drops.
+        for key in &plan.unserved {
+            if self.unserved.insert(*key) {
+                self.unserved_episodes += 1;
+                warn!(
+                    "VIP {} has no active node: its new flows are dropped (counted as \
+                     no_backend drops, `lb stats`) until a node is up",
+                    dataplane::vip_display(key)
+                );
+            }
+        }
+        for key in &plan.served {
+            if self.unserved.remove(key) {
+                info!(
+                    "VIP {} has an active node again: new flows are forwarded",
+                    dataplane::vip_display(key)
+                );
+            }
         }
         for n in &plan.notices {
             *self.route_moves.entry(n.reason.as_str()).or_default() += n.routes.len() as u64;
@@ -973,6 +1085,24 @@ pub fn membership_for(cfg: &Config, ctl: &Controller, now: Instant) -> Membershi
     m
 }
 
+/// The keys of the heartbeat nodes that have one of their own (`daemon.node_key_dir/<id>.key`);
+/// a file that exists but does not load is an error naming it.
+pub fn node_keys(cfg: &Config) -> Result<BTreeMap<u32, Key>> {
+    let Some(dir) = &cfg.daemon.node_key_dir else {
+        return Ok(BTreeMap::new());
+    };
+    let mut keys = BTreeMap::new();
+    for n in cfg.nodes.iter().filter(|n| n.check == "heartbeat") {
+        let path = dir.join(format!("{}.key", n.id));
+        if path.exists() {
+            let key = Key::from_file(&path)
+                .with_context(|| format!("node {}'s key file {}", n.id, path.display()))?;
+            keys.insert(n.id, key);
+        }
+    }
+    Ok(keys)
+}
+
 /// Makes the detector's nodes and settings match `cfg`; nodes it knows keep their state.
 fn sync_membership(m: &mut Membership, cfg: &Config) {
     let d = &cfg.daemon;
@@ -986,6 +1116,8 @@ fn sync_membership(m: &mut Membership, cfg: &Config) {
                 miss_limit: n.miss_limit.unwrap_or(d.miss_limit),
                 hold_down: d.hold_down,
                 max_interval: d.max_interval(),
+                max_weight: n.max_advertised_weight(),
+                clock_skew: d.clock_skew_max,
                 ..Default::default()
             };
             (n.id, nc)
@@ -1345,5 +1477,30 @@ mod tests {
                 .expect("accepted");
             assert_eq!(evs, vec![], "node {node}");
         }
+    }
+
+    /// `daemon.node_key_dir`: nodes with a file of their own get its key; a file that does
+    /// not load is an error naming it; no directory, no keys.
+    #[test]
+    fn node_keys_come_from_their_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = |extra: &str| -> Config {
+            toml::from_str(&format!(
+                "[daemon]\n{extra}\n[[node]]\nid = 1\n[[node]]\nid = 2\n[[node]]\nid = 3\n"
+            ))
+            .expect("config")
+        };
+        let with_dir = format!("node_key_dir = \"{}\"", dir.path().display());
+        assert!(node_keys(&cfg("")).expect("no dir").is_empty());
+        std::fs::write(dir.path().join("2.key"), "00112233445566778899aabbccddeeff")
+            .expect("write");
+        let keys = node_keys(&cfg(&with_dir)).expect("keys");
+        assert_eq!(keys.keys().copied().collect::<Vec<_>>(), vec![2]);
+        std::fs::write(dir.path().join("3.key"), "short").expect("write");
+        let e = format!(
+            "{:#}",
+            node_keys(&cfg(&with_dir)).expect_err("a bad key file")
+        );
+        assert!(e.contains("3.key") && e.contains("at least 16"), "{e}");
     }
 }

@@ -67,6 +67,17 @@ impl RiseFall {
         }
     }
 
+    /// Counting that starts decided (`up`, e.g. from a first probe): a change then takes
+    /// `rise` successes or `fall` failures in a row.
+    pub fn decided(up: bool, rise: u32, fall: u32) -> RiseFall {
+        RiseFall {
+            up: Some(up),
+            streak: 1,
+            last_ok: up,
+            ..RiseFall::new(rise, fall)
+        }
+    }
+
     /// `Some(true)` up, `Some(false)` down, `None` not decided yet.
     pub fn state(&self) -> Option<bool> {
         self.up

@@ -13,8 +13,10 @@
 //! queue. For the same reason the receive buffer is large (4 MiB) and the kernel's count of
 //! datagrams dropped for a full queue (`SO_RXQ_OVFL`) is kept in [`RecvCounters::queue_drops`].
 use hmac::{Hmac, Mac};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::socket::{self as nixsock, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
 use sha2::Sha256;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::io::IoSliceMut;
@@ -516,7 +518,8 @@ impl<'a> Rd<'a> {
 }
 
 /// Checks and authenticates a datagram, then parses it. Order: size, magic, version, kind,
-/// length, HMAC, body fields. Only authenticated bytes are ever parsed.
+/// length (a heartbeat's body is exactly [`HEARTBEAT_BODY_LEN`]), HMAC, body fields. Only
+/// authenticated bytes are ever parsed.
 pub fn decode(bytes: &[u8], key: &Key) -> Result<Message, DecodeError> {
     if bytes.len() > MAX_DATAGRAM {
         return Err(DecodeError::Oversized);
@@ -545,6 +548,10 @@ pub fn decode(bytes: &[u8], key: &Key) -> Result<Message, DecodeError> {
     }
     if bytes.len() > total {
         return Err(DecodeError::Malformed("trailing bytes after HMAC"));
+    }
+    // A heartbeat has one length: anything else is refused before the HMAC costs anything.
+    if kind == KIND_HEARTBEAT && body_len != HEARTBEAT_BODY_LEN {
+        return Err(DecodeError::Malformed("heartbeat length"));
     }
     if !key.verify(&bytes[..signed_len], &bytes[signed_len..]) {
         return Err(DecodeError::BadHmac);
@@ -662,9 +669,9 @@ pub fn new_incarnation() -> u64 {
 
 /// Waits until `sock` is readable or `timeout` passes (`poll`, so the wake-up is accurate to
 /// about a millisecond rather than a jiffy). EINTR counts as "not readable yet".
-pub(crate) fn wait_readable(sock: &UdpSocket, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn wait_readable(sock: &impl AsFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
+        fd: sock.as_fd().as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
@@ -741,11 +748,18 @@ pub struct Received {
     /// When the datagram reached the socket (the kernel's receive stamp on the monotonic
     /// clock), never later than when it was read; the read time if the kernel gave no stamp.
     pub at: Instant,
+    /// The same moment on the wall clock (the kernel's stamp as it is, or the read time).
+    pub wall: SystemTime,
 }
 
-/// Most datagrams one [`Receiver::drain`] call reads, so a flood cannot keep the caller in it
-/// forever. A call that returns this many may have left datagrams queued: call it again.
+/// Most datagrams one [`Receiver::drain`] call reads from the shared socket, so a flood cannot
+/// keep the caller in it forever. When a call stops at a bound, [`Receiver::more`] says so:
+/// call it again.
 pub const DRAIN_MAX: usize = 4096;
+
+/// Most datagrams one [`Receiver::drain`] call reads from one agent's own socket (an agent
+/// sends one heartbeat per interval; more is a backlog, read on the next call).
+pub const PEER_DRAIN_MAX: usize = 256;
 
 /// Receive buffer the heartbeat socket asks for (the kernel doubles it for its bookkeeping):
 /// 4096 heartbeat datagrams or more, so a daemon that stalls for a moment loses none.
@@ -755,6 +769,9 @@ pub const RECV_BUFFER: usize = 4 << 20;
 /// plus room for an unexpected one (a truncated control buffer would cost us the stamp).
 const CMSG_SPACE: usize =
     nixsock::cmsg_space::<libc::timespec>() + nixsock::cmsg_space::<u32>() + 64;
+
+/// Epoll token of the shared socket; an agent's own socket has its node ID + 1.
+const SHARED: u64 = 0;
 
 /// Maps the kernel's CLOCK_REALTIME stamps onto the monotonic clock: the two clocks read
 /// together once, and a stamp placed at the same distance from `mono` as it is from `wall`.
@@ -772,19 +789,34 @@ impl ClockMap {
         }
     }
 
-    /// The monotonic instant of a CLOCK_REALTIME stamp, `None` if it is unrepresentable.
-    fn instant(&self, stamp: &nix::sys::time::TimeSpec) -> Option<Instant> {
+    /// The wall-clock time of a CLOCK_REALTIME stamp, `None` if it is unrepresentable.
+    fn system_time(stamp: &nix::sys::time::TimeSpec) -> Option<SystemTime> {
         let secs = u64::try_from(stamp.tv_sec()).ok()?;
         let nanos = u32::try_from(stamp.tv_nsec()).ok()?;
-        let t = UNIX_EPOCH.checked_add(Duration::new(secs, nanos))?;
+        UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+    }
+
+    /// The monotonic instant of a wall-clock time, `None` if it is unrepresentable.
+    fn instant(&self, t: SystemTime) -> Option<Instant> {
         match t.duration_since(self.wall) {
             Ok(ahead) => self.mono.checked_add(ahead),
             Err(e) => self.mono.checked_sub(e.duration()),
         }
     }
+
+    /// The wall-clock time of a monotonic instant (for a datagram without a stamp).
+    fn system(&self, t: Instant) -> SystemTime {
+        match t.checked_duration_since(self.mono) {
+            Some(ahead) => self.wall.checked_add(ahead),
+            None => self
+                .wall
+                .checked_sub(self.mono.saturating_duration_since(t)),
+        }
+        .unwrap_or(self.wall)
+    }
 }
 
-/// One datagram read from the socket: its first `len` bytes are in the receiver's buffer.
+/// One datagram read from a socket: its first `len` bytes are in the receiver's buffer.
 #[derive(Clone, Copy, Debug)]
 struct Datagram {
     len: usize,
@@ -800,27 +832,78 @@ fn to_std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
 }
 
+/// Receive stamps and drop reports on a heartbeat socket.
+fn stamp_socket(sock: &impl AsFd) -> io::Result<()> {
+    let opt_err = |name: &str, e: nix::errno::Errno| {
+        let e = io::Error::from(e);
+        io::Error::new(e.kind(), format!("heartbeat socket: setting {name}: {e}"))
+    };
+    nixsock::setsockopt(sock, sockopt::ReceiveTimestampns, &true)
+        .map_err(|e| opt_err("SO_TIMESTAMPNS", e))?;
+    nixsock::setsockopt(sock, sockopt::RxqOvfl, &1).map_err(|e| opt_err("SO_RXQ_OVFL", e))
+}
+
+/// A socket of its own for one agent: bound to the heartbeat address and connected to the
+/// agent's, so the kernel queues that agent's heartbeats apart from everything else.
+#[derive(Debug)]
+struct Peer {
+    sock: UdpSocket,
+    addr: SocketAddr,
+    /// The socket's latest `SO_RXQ_OVFL` count.
+    drops: u64,
+    /// The `at` of the last heartbeat read from this socket (stamps are clamped to be no
+    /// earlier: one socket's queue is in arrival order).
+    last_at: Instant,
+}
+
+/// Which socket a datagram is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Shared,
+    Peer(u32),
+}
+
 /// The balancer's heartbeat socket: receives and authenticates heartbeats, sends notices.
 ///
-/// Reading ([`Receiver::drain`], [`Receiver::recv`]) never blocks in the kernel: the socket is
-/// non-blocking, `recv` waits with `poll`, and an async caller waits for readability on the
-/// descriptor ([`AsFd`], e.g. tokio's `AsyncFd`) and then drains.
+/// Heartbeats arrive on one shared socket. Once an agent is known (an authentic heartbeat
+/// accepted by the detector), [`Receiver::pin_peer`] gives it a socket of its own, connected to
+/// its address: the kernel then queues its heartbeats there, so a flood at the heartbeat port
+/// (from any other source) fills only the shared socket's queue and never costs a known agent
+/// a heartbeat. [`Receiver::drain`] reads the agents' sockets first, then a bounded batch from
+/// the shared one.
+///
+/// Reading ([`Receiver::drain`], [`Receiver::recv`]) never blocks in the kernel: the sockets are
+/// non-blocking, and one epoll descriptor ([`AsFd`]) is readable when any of them is: an async
+/// caller waits on it (e.g. tokio's `AsyncFd`) and then drains; `recv` polls it.
 #[derive(Debug)]
 pub struct Receiver {
     sock: UdpSocket,
+    peers: BTreeMap<u32, Peer>,
+    epoll: Epoll,
+    /// Keys of the nodes that have one of their own (the others use `key`).
+    node_keys: BTreeMap<u32, Key>,
+    /// Agents get sockets of their own (not with multicast: every matching socket gets a copy
+    /// of a multicast datagram, so a pinned agent's heartbeats would arrive twice).
+    pinning: bool,
     key: Key,
     counters: RecvCounters,
+    /// The shared socket's latest `SO_RXQ_OVFL` count, and the counts of closed peers' sockets.
+    shared_drops: u64,
+    closed_drops: u64,
     incarnation: u64,
     next_seq: u64,
     buf: Box<[u8; MAX_DATAGRAM + 1]>,
     /// `CMSG_SPACE` bytes plus slack to align the control buffer for `cmsghdr`.
     cmsg: Box<[u8]>,
-    /// The `at` of the last heartbeat returned (at first: when the socket was bound). Arrival
-    /// stamps are clamped to be no earlier, since the queue is in arrival order.
+    /// The `at` of the last heartbeat read from the shared socket (at first: when it was bound).
     last_at: Instant,
     /// Datagrams refused since the caller last took them (at most [`REJECTS_KEPT`]), so the
     /// daemon can warn about, say, a node with the wrong key by name.
     rejects: Vec<Rejected>,
+    /// The last drain stopped at a bound with datagrams left.
+    more: bool,
+    /// Heartbeats read by `recv_stamped` beyond the one it returned.
+    pending: std::collections::VecDeque<Received>,
 }
 
 /// How many refused datagrams [`Receiver`] keeps for [`Receiver::take_rejects`].
@@ -845,11 +928,24 @@ fn claimed_node(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// Whether a datagram has a valid version-1 header of kind ROUTE_MOVED (read without
+/// verifying anything: the balancer refuses notices whatever their HMAC says).
+fn is_notice(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER_LEN
+        && bytes[..4] == MAGIC
+        && bytes[4] == VERSION
+        && bytes[5] == KIND_ROUTE_MOVED
+}
+
 impl Receiver {
     /// Binds the heartbeat socket (e.g. `0.0.0.0:7711`, `[::]:7711`), turns on kernel receive
     /// timestamps and drop reports, and raises the receive buffer to [`RECV_BUFFER`]: with
     /// `SO_RCVBUFFORCE` (needs `CAP_NET_ADMIN`), else with `SO_RCVBUF` (capped by
     /// `net.core.rmem_max`). A buffer that cannot be raised is logged, not an error.
+    ///
+    /// The socket is bound without `SO_REUSEPORT`, so an address already in use is an error
+    /// as ever; the option is set afterwards, which lets the agents' own sockets (same user)
+    /// bind the same address.
     ///
     /// When no other socket on the host has receive stamps on, the kernel switches stamping on
     /// from a workqueue, shortly after this returns; datagrams queued before that are stamped
@@ -857,13 +953,7 @@ impl Receiver {
     pub fn bind(addr: SocketAddr, key: Key) -> io::Result<Receiver> {
         let sock = UdpSocket::bind(addr)?;
         sock.set_nonblocking(true)?;
-        let opt_err = |name: &str, e: nix::errno::Errno| {
-            let e = io::Error::from(e);
-            io::Error::new(e.kind(), format!("heartbeat socket: setting {name}: {e}"))
-        };
-        nixsock::setsockopt(&sock, sockopt::ReceiveTimestampns, &true)
-            .map_err(|e| opt_err("SO_TIMESTAMPNS", e))?;
-        nixsock::setsockopt(&sock, sockopt::RxqOvfl, &1).map_err(|e| opt_err("SO_RXQ_OVFL", e))?;
+        stamp_socket(&sock)?;
         // SO_RCVBUFFORCE ignores net.core.rmem_max but needs CAP_NET_ADMIN; SO_RCVBUF is capped
         // by rmem_max without an error. A small buffer loses heartbeats only under a backlog.
         if let Err(force) = nixsock::setsockopt(&sock, sockopt::RcvBufForce, &RECV_BUFFER)
@@ -883,27 +973,55 @@ impl Receiver {
                 tracing::debug!("heartbeat socket {addr}: cannot read the receive buffer: {e}")
             }
         }
+        let pinning = match nixsock::setsockopt(&sock, sockopt::ReusePort, &true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "heartbeat socket {addr}: SO_REUSEPORT: {e}; agents share one socket (a \
+                     flood at the port can cost them heartbeats)"
+                );
+                false
+            }
+        };
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        epoll
+            .add(&sock, EpollEvent::new(EpollFlags::EPOLLIN, SHARED))
+            .map_err(io::Error::from)?;
         Ok(Receiver {
             sock,
+            peers: BTreeMap::new(),
+            epoll,
+            node_keys: BTreeMap::new(),
+            pinning,
             key,
             counters: RecvCounters::default(),
+            shared_drops: 0,
+            closed_drops: 0,
             incarnation: new_incarnation(),
             next_seq: 1,
             buf: Box::new([0u8; MAX_DATAGRAM + 1]),
             cmsg: vec![0u8; CMSG_SPACE + std::mem::align_of::<libc::cmsghdr>()].into_boxed_slice(),
             last_at: Instant::now(),
             rejects: Vec::new(),
+            more: false,
+            pending: std::collections::VecDeque::new(),
         })
     }
 
     /// Joins a multicast group (v4: on `iface_v4`, or the default interface; v6: on interface
     /// index `ifindex`, 0 = default). Bind to the unspecified address and the group's port.
+    /// Agents then share the one socket (see [`Receiver::pin_peer`]).
     pub fn join_multicast(
-        &self,
+        &mut self,
         group: IpAddr,
         iface_v4: Option<std::net::Ipv4Addr>,
         ifindex: u32,
     ) -> io::Result<()> {
+        self.pinning = false;
+        let pinned: Vec<u32> = self.peers.keys().copied().collect();
+        for node in pinned {
+            self.unpin_peer(node);
+        }
         match group {
             IpAddr::V4(g) => self
                 .sock
@@ -912,28 +1030,126 @@ impl Receiver {
         }
     }
 
+    /// Per-node keys: a heartbeat claiming one of these nodes is verified with its key only
+    /// (never the shared one), and notices to it are signed with it.
+    pub fn set_node_keys(&mut self, keys: BTreeMap<u32, Key>) {
+        self.node_keys = keys;
+    }
+
+    /// The key of `node`: its own, else the shared one.
+    fn key_of(&self, node: u32) -> &Key {
+        self.node_keys.get(&node).unwrap_or(&self.key)
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock.local_addr()
     }
 
-    /// The socket's receive buffer in bytes, as the kernel reports it (twice what was set).
+    /// The shared socket's receive buffer in bytes, as the kernel reports it (twice what was
+    /// set).
     pub fn recv_buffer_size(&self) -> io::Result<usize> {
         nixsock::getsockopt(&self.sock, sockopt::RcvBuf).map_err(io::Error::from)
     }
 
-    /// Reads the next queued datagram into `self.buf` with its source, arrival stamp and the
-    /// kernel's drop count (recorded at once). `None` when the queue is empty. Retries
+    /// Gives node `node`'s agent, at `addr` (where its authentic heartbeats come from), a
+    /// socket of its own, replacing one it had at another address (a restarted agent sends
+    /// from a new port). Call only for heartbeats the detector accepted, so a forger without
+    /// the key cannot take one. Returns whether a socket was opened. No-op with multicast.
+    pub fn pin_peer(&mut self, node: u32, addr: SocketAddr) -> io::Result<bool> {
+        if !self.pinning || self.peers.get(&node).is_some_and(|p| p.addr == addr) {
+            return Ok(false);
+        }
+        self.unpin_peer(node);
+        // One socket per address: a second node ID heard from the same address takes it.
+        let other: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.addr == addr)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in other {
+            self.unpin_peer(n);
+        }
+        let local = self.sock.local_addr()?;
+        let family = if local.is_ipv4() {
+            nixsock::AddressFamily::Inet
+        } else {
+            nixsock::AddressFamily::Inet6
+        };
+        let fd = nixsock::socket(
+            family,
+            nixsock::SockType::Datagram,
+            nixsock::SockFlag::SOCK_NONBLOCK | nixsock::SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        nixsock::setsockopt(&fd, sockopt::ReusePort, &true)?;
+        if local.is_ipv6() {
+            // As the shared socket has it (a `[::]` socket hears IPv4 agents too).
+            let v6only = nixsock::getsockopt(&self.sock, sockopt::Ipv6V6Only)?;
+            nixsock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
+        }
+        stamp_socket(&fd)?;
+        nixsock::bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+        nixsock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+        let sock = UdpSocket::from(fd);
+        self.epoll.add(
+            &sock,
+            EpollEvent::new(EpollFlags::EPOLLIN, u64::from(node) + 1),
+        )?;
+        self.peers.insert(
+            node,
+            Peer {
+                sock,
+                addr,
+                drops: 0,
+                last_at: Instant::now(),
+            },
+        );
+        Ok(true)
+    }
+
+    /// Closes node `node`'s own socket, if it has one (its heartbeats arrive on the shared
+    /// socket again).
+    pub fn unpin_peer(&mut self, node: u32) {
+        if let Some(p) = self.peers.remove(&node) {
+            let _ = self.epoll.delete(&p.sock);
+            self.closed_drops = self.closed_drops.saturating_add(p.drops);
+        }
+    }
+
+    /// Closes the own sockets of the nodes `keep` refuses (e.g. removed from the
+    /// configuration).
+    pub fn retain_peers(&mut self, keep: impl Fn(u32) -> bool) {
+        let gone: Vec<u32> = self.peers.keys().copied().filter(|n| !keep(*n)).collect();
+        for n in gone {
+            self.unpin_peer(n);
+        }
+    }
+
+    /// The address node `node`'s own socket is connected to, if it has one.
+    pub fn pinned(&self, node: u32) -> Option<SocketAddr> {
+        self.peers.get(&node).map(|p| p.addr)
+    }
+
+    /// Reads the next queued datagram of `from` into `self.buf` with its source, arrival stamp
+    /// and the kernel's drop count (recorded at once). `None` when the queue is empty. Retries
     /// `Interrupted`; skips `ConnectionRefused` (ICMP errors from earlier notices surface here
     /// on some stacks; not fatal).
-    fn read_datagram(&mut self) -> io::Result<Option<Datagram>> {
+    fn read_datagram(&mut self, from: Source) -> io::Result<Option<Datagram>> {
+        let fd = match from {
+            Source::Shared => self.sock.as_raw_fd(),
+            Source::Peer(n) => match self.peers.get(&n) {
+                Some(p) => p.sock.as_raw_fd(),
+                None => return Ok(None),
+            },
+        };
         // The kernel writes `cmsghdr`s at the start of the control buffer and nix reads them by
         // reference, so it must be aligned for `cmsghdr`; the allocation has the slack for it.
         let off = self
             .cmsg
             .as_ptr()
             .align_offset(std::mem::align_of::<libc::cmsghdr>());
-        let fd = self.sock.as_raw_fd();
         loop {
             let cmsg = self.cmsg.get_mut(off..off + CMSG_SPACE);
             let mut iov = [IoSliceMut::new(&mut self.buf[..])];
@@ -953,27 +1169,39 @@ impl Receiver {
                 };
             let read_at = Instant::now();
             let mut stamp = None;
+            let mut drops = None;
             match msg.cmsgs() {
                 Ok(cmsgs) => {
                     for c in cmsgs {
                         match c {
                             ControlMessageOwned::ScmTimestampns(ts) => stamp = Some(ts),
-                            ControlMessageOwned::RxqOvfl(n) => {
-                                self.counters.queue_drops = u64::from(n);
-                            }
+                            ControlMessageOwned::RxqOvfl(n) => drops = Some(u64::from(n)),
                             _ => {}
                         }
                     }
                 }
                 Err(e) => tracing::debug!("heartbeat socket: control data lost: {e}"),
             }
-            let Some(from) = msg.address.as_ref().and_then(to_std_addr) else {
+            let address = msg.address;
+            let bytes = msg.bytes;
+            if let Some(n) = drops {
+                match from {
+                    Source::Shared => self.shared_drops = n,
+                    Source::Peer(node) => {
+                        if let Some(p) = self.peers.get_mut(&node) {
+                            p.drops = n;
+                        }
+                    }
+                }
+                self.counters.queue_drops = self.queue_drops();
+            }
+            let Some(from) = address.as_ref().and_then(to_std_addr) else {
                 // A UDP socket of an IP family always reports an IP source; be defensive.
                 tracing::debug!("heartbeat socket: datagram without an IP source ignored");
                 continue;
             };
             return Ok(Some(Datagram {
-                len: msg.bytes,
+                len: bytes,
                 from,
                 stamp,
                 read_at,
@@ -981,21 +1209,50 @@ impl Receiver {
         }
     }
 
-    /// Decodes the datagram in `self.buf` and counts it: the heartbeat, with its arrival time
-    /// mapped through `clock` and clamped between the previous arrival and the read time, or
-    /// `None` for a rejected datagram.
-    fn accept(&mut self, d: &Datagram, clock: &ClockMap) -> Option<Received> {
-        match decode(&self.buf[..d.len], &self.key) {
+    /// Every socket's drops: the shared one's, the open peers', the closed peers'.
+    fn queue_drops(&self) -> u64 {
+        self.peers.values().fold(
+            self.shared_drops.saturating_add(self.closed_drops),
+            |a, p| a.saturating_add(p.drops),
+        )
+    }
+
+    /// Decodes the datagram in `self.buf` (read from `src`) and counts it: the heartbeat, with
+    /// its arrival time mapped through `clock` and clamped between the previous arrival on the
+    /// same socket and the read time, or `None` for a rejected datagram.
+    fn accept(&mut self, d: &Datagram, src: Source, clock: &ClockMap) -> Option<Received> {
+        let bytes = &self.buf[..d.len];
+        // Cheap checks first: the balancer takes no notices, whatever their HMAC.
+        if is_notice(bytes) {
+            self.counters.wrong_direction += 1;
+            return None;
+        }
+        // The node field is read before it is authenticated, only to pick the key; the HMAC
+        // covers it, so a heartbeat verified with node N's key is node N's.
+        let key = match claimed_node(bytes) {
+            Some(n) => self.key_of(n),
+            None => &self.key,
+        };
+        match decode(bytes, key) {
             Ok(Message::Heartbeat(hb)) => {
                 self.counters.accepted += 1;
-                let arrived = d.stamp.and_then(|s| clock.instant(&s)).unwrap_or(d.read_at);
-                // `last_at` is never later than `read_at`: both come from the monotonic clock.
-                let at = arrived.min(d.read_at).max(self.last_at);
-                self.last_at = at;
+                let wall = d.stamp.as_ref().and_then(ClockMap::system_time);
+                let arrived = wall.and_then(|w| clock.instant(w)).unwrap_or(d.read_at);
+                let last = match src {
+                    Source::Shared => &mut self.last_at,
+                    Source::Peer(n) => match self.peers.get_mut(&n) {
+                        Some(p) => &mut p.last_at,
+                        None => &mut self.last_at,
+                    },
+                };
+                // `last` is never later than `read_at`: both come from the monotonic clock.
+                let at = arrived.min(d.read_at).max(*last);
+                *last = at;
                 Some(Received {
                     hb,
                     from: d.from,
                     at,
+                    wall: wall.unwrap_or_else(|| clock.system(at)),
                 })
             }
             Ok(Message::RouteMoved(_)) => {
@@ -1017,49 +1274,98 @@ impl Receiver {
         }
     }
 
-    /// Reads every datagram queued on the socket without blocking; appends authentic
-    /// heartbeats to `out` (in arrival order) and counts the rejected ones. Returns how many
-    /// datagrams were read (accepted + rejected). WouldBlock ends the drain (Ok).
-    ///
-    /// One call reads at most [`DRAIN_MAX`] datagrams; when it returns `DRAIN_MAX` more may be
-    /// queued (with tokio's `AsyncFd`, keep the readiness and call again). On an error, the
-    /// heartbeats read before it are already in `out`.
-    pub fn drain(&mut self, out: &mut Vec<Received>) -> io::Result<usize> {
-        let clock = ClockMap::now();
+    /// Reads up to `max` datagrams of `src`, appending its heartbeats to `out`; returns how
+    /// many were read.
+    fn drain_one(
+        &mut self,
+        src: Source,
+        max: usize,
+        clock: &ClockMap,
+        out: &mut Vec<Received>,
+    ) -> io::Result<usize> {
         let mut read = 0;
-        while read < DRAIN_MAX {
-            let Some(d) = self.read_datagram()? else {
+        while read < max {
+            let Some(d) = self.read_datagram(src)? else {
                 break;
             };
             read += 1;
-            if let Some(r) = self.accept(&d, &clock) {
+            if let Some(r) = self.accept(&d, src, clock) {
                 out.push(r);
             }
         }
+        if read == max {
+            self.more = true;
+        }
         Ok(read)
+    }
+
+    /// Reads the queued datagrams without blocking: those of every agent's own socket that
+    /// has any (up to [`PEER_DRAIN_MAX`] each), then up to [`DRAIN_MAX`] from the shared socket.
+    /// Appends the authentic heartbeats to `out` in arrival order (the kernel's stamps order
+    /// the sockets' datagrams among themselves) and counts the rejected ones. Returns how many
+    /// datagrams were read (accepted + rejected); [`Receiver::more`] says whether a bound left
+    /// some queued. On an error, the heartbeats read before it are already in `out`.
+    pub fn drain(&mut self, out: &mut Vec<Received>) -> io::Result<usize> {
+        let clock = ClockMap::now();
+        let start = out.len();
+        self.more = false;
+        let mut read = 0;
+        // Which agents' sockets have something (the shared one is read whatever it says).
+        let mut ready: Vec<u32> = Vec::new();
+        let mut events = [EpollEvent::empty(); 64];
+        loop {
+            let n = match self.epoll.wait(&mut events, 0u8) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            ready.extend(
+                events[..n]
+                    .iter()
+                    .map(EpollEvent::data)
+                    .filter(|&t| t != SHARED)
+                    .filter_map(|t| u32::try_from(t - 1).ok()),
+            );
+            // epoll hands out ready descriptors round-robin: a full batch may hide more.
+            if n < events.len() || ready.len() > self.peers.len() {
+                break;
+            }
+        }
+        ready.sort_unstable();
+        ready.dedup();
+        for node in ready {
+            read += self.drain_one(Source::Peer(node), PEER_DRAIN_MAX, &clock, out)?;
+        }
+        read += self.drain_one(Source::Shared, DRAIN_MAX, &clock, out)?;
+        out[start..].sort_by_key(|r| r.at);
+        Ok(read)
+    }
+
+    /// Whether the last [`Receiver::drain`] stopped at a bound with datagrams left: drain again
+    /// without waiting for readiness.
+    pub fn more(&self) -> bool {
+        self.more
     }
 
     /// The next authentic heartbeat with its arrival time, or `None` when `timeout` passes
     /// first. Rejected datagrams are counted (see [`Receiver::counters`]) and skipped.
     pub fn recv_stamped(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
         let deadline = Instant::now() + timeout;
-        let mut clock = ClockMap::now();
         loop {
-            match self.read_datagram()? {
-                Some(d) => {
-                    if let Some(r) = self.accept(&d, &clock) {
-                        return Ok(Some(r));
-                    }
-                }
-                None => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Ok(None);
-                    }
-                    wait_readable(&self.sock, deadline - now)?;
-                    clock = ClockMap::now();
-                }
+            if let Some(r) = self.pending.pop_front() {
+                return Ok(Some(r));
             }
+            let mut got = Vec::new();
+            let read = self.drain(&mut got)?;
+            self.pending.extend(got);
+            if read > 0 || self.more {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            wait_readable(&self.epoll.0, deadline - now)?;
         }
     }
 
@@ -1069,12 +1375,12 @@ impl Receiver {
         Ok(self.recv_stamped(timeout)?.map(|r| (r.hb, r.from)))
     }
 
-    /// Counters: heartbeats accepted, datagrams rejected by reason, kernel queue drops.
     /// The datagrams refused since the last call.
     pub fn take_rejects(&mut self) -> Vec<Rejected> {
         std::mem::take(&mut self.rejects)
     }
 
+    /// Counters: heartbeats accepted, datagrams rejected by reason, kernel queue drops.
     pub fn counters(&self) -> &RecvCounters {
         &self.counters
     }
@@ -1087,7 +1393,7 @@ impl Receiver {
     /// Sends one prepared notice (its incarnation and sequence are sent as given).
     pub fn send_notice(&self, to: SocketAddr, notice: &Notice) -> io::Result<()> {
         let bytes = notice
-            .encode(&self.key)
+            .encode(self.key_of(notice.node))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.sock.send_to(&bytes, to)?;
         Ok(())
@@ -1121,9 +1427,10 @@ impl Receiver {
 }
 
 impl AsFd for Receiver {
-    /// The socket, e.g. for tokio's `AsyncFd` to wait for readability before [`Receiver::drain`].
+    /// The epoll descriptor over all of the receiver's sockets, readable when any of them is:
+    /// e.g. for tokio's `AsyncFd` to wait on before [`Receiver::drain`].
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.epoll.0.as_fd()
     }
 }
 
@@ -1610,6 +1917,7 @@ mod tests {
             hb: hb(),
             from: "127.0.0.1:1".parse().unwrap(),
             at: Instant::now(),
+            wall: SystemTime::now(),
         }];
         let t = Instant::now();
         assert_eq!(rx.drain(&mut out).unwrap(), 0);
@@ -1618,8 +1926,8 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(2));
         assert_eq!(out.len(), 1, "drain appends, never clears");
         assert_eq!(*rx.counters(), RecvCounters::default());
-        // The descriptor is the socket's (what an `AsyncFd` waits on).
-        assert_eq!(rx.as_fd().as_raw_fd(), rx.sock.as_raw_fd());
+        // The descriptor is the epoll over the sockets (what an `AsyncFd` waits on).
+        assert_eq!(rx.as_fd().as_raw_fd(), rx.epoll.0.as_raw_fd());
     }
 
     #[test]
@@ -1640,6 +1948,199 @@ mod tests {
         let c = *rx.counters();
         assert_eq!(c.queue_drops, 201 - (first.len() as u64 + 1));
         assert_eq!((c.accepted, c.rejected()), (first.len() as u64 + 1, 0));
+    }
+
+    /// Defect: one socket queue held every datagram sent to the heartbeat port, so a flood
+    /// over the rate the daemon reads made the kernel drop real heartbeats with it. Now a
+    /// known agent's heartbeats go to a socket of its own: with the shared queue overflowing,
+    /// none of them is lost, and they come out first.
+    #[test]
+    fn a_pinned_agent_is_read_apart_from_a_flood() {
+        let (mut rx, to) = loopback_receiver();
+        // The kernel's smallest buffer, so a short burst overflows the shared queue.
+        nixsock::setsockopt(&rx.sock, sockopt::RcvBuf, &1).unwrap();
+        let agent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let forged = Key::from_bytes(b"forged key forged key").unwrap();
+        let junk = hb_of(1, 1).encode(&forged);
+        let mut seq = 0;
+        let beat = |rx_seq: &mut u64| {
+            *rx_seq += 1;
+            agent
+                .send_to(&hb_of(1, *rx_seq).encode(&key()), to)
+                .unwrap();
+        };
+        // Unpinned, the agent's heartbeats share the queue with the flood.
+        for _ in 0..10 {
+            for _ in 0..100 {
+                flood.send_to(&junk, to).unwrap();
+            }
+            beat(&mut seq);
+        }
+        let (got, _) = drain_all(&mut rx);
+        assert!(got.len() < 10, "the flood cost no heartbeat: {}", got.len());
+        // The kernel reports drops with the next datagram it queues.
+        flood.send_to(&junk, to).unwrap();
+        drain_all(&mut rx);
+        let drops = rx.counters().queue_drops;
+        assert!(drops > 0);
+        // Pinned: every heartbeat arrives, first, while the flood goes on being dropped.
+        assert!(rx.pin_peer(1, agent.local_addr().unwrap()).unwrap());
+        assert!(
+            !rx.pin_peer(1, agent.local_addr().unwrap()).unwrap(),
+            "once"
+        );
+        assert_eq!(rx.pinned(1), Some(agent.local_addr().unwrap()));
+        let first = seq + 1;
+        for _ in 0..10 {
+            for _ in 0..100 {
+                flood.send_to(&junk, to).unwrap();
+            }
+            beat(&mut seq);
+        }
+        let mut out = vec![];
+        rx.drain(&mut out).unwrap();
+        assert_eq!(
+            out.iter().map(|r| r.hb.sequence).collect::<Vec<_>>(),
+            (first..=seq).collect::<Vec<_>>()
+        );
+        assert!(out.iter().all(|r| r.from == agent.local_addr().unwrap()));
+        let (rest, _) = drain_all(&mut rx);
+        assert!(rest.is_empty());
+        // Notices still go out (from the shared socket) and reach the agent.
+        rx.send_route_moved(
+            agent.local_addr().unwrap(),
+            1,
+            notice().vip,
+            MoveReason::Join,
+            &[3],
+        )
+        .unwrap();
+        let mut buf = [0u8; 2048];
+        agent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (n, from) = agent.recv_from(&mut buf).unwrap();
+        assert_eq!(from, to);
+        assert!(matches!(
+            decode(&buf[..n], &key()),
+            Ok(Message::RouteMoved(_))
+        ));
+        // Unpinned (or moved: a restarted agent sends from a new port; or removed), the
+        // shared socket hears it again.
+        rx.retain_peers(|n| n != 1);
+        assert_eq!(rx.pinned(1), None);
+        beat(&mut seq);
+        let got = rx.recv(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(got.0.sequence, seq);
+        assert!(
+            rx.counters().queue_drops > drops,
+            "the flood overflowed again"
+        );
+    }
+
+    /// The balancer hashes nothing it would refuse anyway: a long heartbeat-kind datagram or a
+    /// notice-kind one is refused by its header (a flood of 1232-byte datagrams would
+    /// otherwise cost an HMAC over each).
+    #[test]
+    fn refused_kinds_and_lengths_cost_no_hmac() {
+        let forged = Key::from_bytes(b"forged key forged key").unwrap();
+        let mut long = vec![];
+        long.extend_from_slice(&MAGIC);
+        long.extend_from_slice(&[VERSION, KIND_HEARTBEAT]);
+        let body = MAX_DATAGRAM - HEADER_LEN - MAC_LEN;
+        long.extend_from_slice(&(body as u16).to_be_bytes());
+        long.resize(MAX_DATAGRAM, 0);
+        assert_eq!(
+            decode(&long, &key()),
+            Err(DecodeError::Malformed("heartbeat length"))
+        );
+        let (mut rx, to) = loopback_receiver();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&long, to).unwrap();
+        tx.send_to(&notice().encode(&forged).unwrap(), to).unwrap();
+        let (got, _) = drain_all(&mut rx);
+        assert!(got.is_empty());
+        let c = *rx.counters();
+        assert_eq!((c.malformed, c.wrong_direction, c.bad_hmac), (1, 1, 0));
+    }
+
+    /// How many datagrams a second the receiver reads and verifies (forged heartbeats that
+    /// pass every check before the HMAC), one drain after another. Run by hand:
+    /// `cargo test --release -p lb-userspace --lib measure_verify_rate -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_verify_rate() {
+        let (mut rx, to) = loopback_receiver();
+        let forged = Key::from_bytes(b"forged key forged key").unwrap();
+        let junk = hb_of(1, 1).encode(&forged);
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut total = 0;
+        let mut spent = Duration::ZERO;
+        for _ in 0..20 {
+            for _ in 0..4000 {
+                tx.send_to(&junk, to).unwrap();
+            }
+            let t = Instant::now();
+            let (_, _) = drain_all(&mut rx);
+            spent += t.elapsed();
+            total += 4000;
+        }
+        let started = Instant::now();
+        for _ in 0..200_000 {
+            std::hint::black_box(decode(&junk, &key()).is_err());
+        }
+        let hmac = started.elapsed() / 200_000;
+        eprintln!(
+            "receiver: {total} forged heartbeats in {spent:?}: {:.0}/s read and verified; \
+             decode alone {hmac:?} each; bad_hmac {}",
+            total as f64 / spent.as_secs_f64(),
+            rx.counters().bad_hmac
+        );
+    }
+
+    /// Per-node keys: a node with a key of its own is heard only with it (a node holding the
+    /// shared key cannot speak for it), and its notices are signed with it.
+    #[test]
+    fn per_node_keys() {
+        let (mut rx, to) = loopback_receiver();
+        let own = Key::from_bytes(b"node two's very own key").unwrap();
+        rx.set_node_keys([(2, own.clone())].into());
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for d in [
+            hb_of(1, 1).encode(&key()),
+            hb_of(2, 1).encode(&key()),
+            hb_of(2, 2).encode(&own),
+            hb_of(1, 2).encode(&own),
+        ] {
+            tx.send_to(&d, to).unwrap();
+        }
+        let (got, _) = drain_all(&mut rx);
+        assert_eq!(
+            got.iter().map(|r| r.hb).collect::<Vec<_>>(),
+            vec![hb_of(1, 1), hb_of(2, 2)]
+        );
+        assert_eq!(rx.counters().bad_hmac, 2);
+        let mut buf = [0u8; 2048];
+        tx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for node in [1, 2] {
+            rx.send_route_moved(
+                tx.local_addr().unwrap(),
+                node,
+                notice().vip,
+                MoveReason::Join,
+                &[1],
+            )
+            .unwrap();
+            let n = tx.recv(&mut buf).unwrap();
+            let (right, wrong) = if node == 2 {
+                (&own, &key())
+            } else {
+                (&key(), &own)
+            };
+            assert!(decode(&buf[..n], right).is_ok(), "node {node}");
+            assert_eq!(decode(&buf[..n], wrong), Err(DecodeError::BadHmac));
+        }
     }
 
     fn valid_messages() -> impl Strategy<Value = Vec<u8>> {

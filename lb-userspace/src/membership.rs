@@ -16,7 +16,23 @@
 //!   heartbeats with no gap of k intervals and no further restart. So a flapping node gives one
 //!   `NodeDown` and no `NodeUp` until it has been stable for the whole hold-down.
 //! - Replays (sequence not above the last one of the same incarnation) and older incarnations
-//!   are rejected and counted; they never refresh liveness.
+//!   are rejected and counted; they never refresh liveness. Two exceptions let a node back in
+//!   whose accepted incarnation cannot be beaten (an incarnation is its agent's start time in
+//!   ms, `heartbeat::new_incarnation`; "the clock" is the balancer's, passed in):
+//!   - the accepted incarnation claims a start more than `clock_skew` in the future (a forged
+//!     one, or a node whose clock was ahead) and has been silent for an interval: a lower one
+//!     is accepted as a restart;
+//!   - the node is silent (k intervals without a valid heartbeat: whatever sent the accepted
+//!     incarnation stopped) and the lower incarnation is *current*, its start within
+//!     `clock_skew` of the clock (an agent restarted on a node whose clock stepped back).
+//!
+//!   Anything else lower stays rejected, so captured heartbeats cannot be replayed except,
+//!   for a silent node, those of an agent started within the last `clock_skew`.
+//! - Two agents claiming one node: the newer incarnation is accepted; an older one that keeps
+//!   beating (rising sequence) while the accepted one is live is rejected as
+//!   [`Reject::Duplicate`], counted, and shown on the node ([`NodeStatus::duplicate_seen`]).
+//! - The advertised weight is clamped to the node's `max_weight` (counted), so one node cannot
+//!   take every route by advertising a huge weight.
 //! - The interval is the one the node advertises, but never more than the configured maximum
 //!   (`heartbeat_interval_max`, by default the expected `heartbeat_interval`): an agent may
 //!   beat faster than expected, never slower.
@@ -29,7 +45,7 @@
 //!   so a daemon that was busy does not mistake its own backlog for silence.
 use crate::heartbeat::{Heartbeat, NodeState};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Default k: intervals missed before a node is down.
 pub const DEFAULT_MISS_LIMIT: u32 = 3;
@@ -39,6 +55,21 @@ pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(2);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
 /// Advertised intervals below this are raised to it.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+/// Default for how far an incarnation's start time may be from the balancer's clock and still
+/// count as current (Kerberos allows the same skew).
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// The start time an incarnation claims, in ms since the Unix epoch (its high 44 bits, see
+/// `heartbeat::new_incarnation`).
+pub fn incarnation_ms(incarnation: u64) -> u64 {
+    incarnation >> 20
+}
+
+/// `t` in ms since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// What to do when a node that is up announces a new incarnation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -68,6 +99,10 @@ pub struct NodeCfg {
     /// The longest advertised interval honoured (a slower agent is judged at this one).
     pub max_interval: Duration,
     pub on_restart: RestartPolicy,
+    /// The largest advertised weight honoured; a larger one is clamped to it (and counted).
+    pub max_weight: u32,
+    /// How far an incarnation's start may be from the balancer's clock and count as current.
+    pub clock_skew: Duration,
 }
 
 impl Default for NodeCfg {
@@ -78,6 +113,8 @@ impl Default for NodeCfg {
             interval: None,
             max_interval: MAX_INTERVAL,
             on_restart: RestartPolicy::HoldDown,
+            max_weight: u32::MAX,
+            clock_skew: DEFAULT_CLOCK_SKEW,
         }
     }
 }
@@ -151,6 +188,11 @@ pub enum Reject {
     Replay,
     #[error("heartbeat from an older incarnation")]
     StaleIncarnation,
+    #[error(
+        "heartbeat from a second agent claiming the node (an older incarnation that keeps \
+         beating beside the accepted one)"
+    )]
+    Duplicate,
 }
 
 /// Heartbeats accepted and rejected, by reason.
@@ -164,6 +206,12 @@ pub struct MembershipCounters {
     pub fail_static: u64,
     /// Heartbeats advertising an interval above the node's maximum (judged at the maximum).
     pub interval_clamped: u64,
+    /// Heartbeats of a second agent claiming a node ([`Reject::Duplicate`]).
+    pub duplicate: u64,
+    /// Heartbeats advertising a weight above the node's maximum (clamped to it).
+    pub weight_clamped: u64,
+    /// Lower incarnations accepted (a future one replaced, or a stepped-back clock).
+    pub incarnation_reset: u64,
 }
 
 /// Where a node stands.
@@ -200,6 +248,67 @@ pub struct NodeStatus {
     /// Joining after a restart while up: the controller holds it drained, so going silent
     /// now is reported (`NodeDown`), unlike a joiner that was down.
     pub held_after_restart: bool,
+    /// The latest heartbeat of an older incarnation that was rejected (a second agent, a
+    /// stepped-back clock, or a delayed datagram of an agent that restarted).
+    pub rival: Option<Rival>,
+    /// When a second agent claiming this node last beat (see [`Reject::Duplicate`]).
+    pub duplicate_seen: Option<Instant>,
+}
+
+/// A rejected older incarnation of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rival {
+    pub incarnation: u64,
+    pub sequence: u64,
+    pub at: Instant,
+}
+
+/// What to make of a heartbeat whose incarnation is below the accepted one.
+enum Lower {
+    /// Accept it as a restart (see the module docs).
+    Reset,
+    /// A second agent that keeps beating beside the accepted one.
+    Duplicate,
+    Stale,
+}
+
+/// Judges a heartbeat `hb` of `n` whose incarnation is below the accepted `accepted`, at `now`
+/// (`wall`: the balancer's clock, `None` if unknown) and records it as the node's rival.
+fn lower(
+    n: &mut NodeStatus,
+    now: Instant,
+    wall: Option<SystemTime>,
+    accepted: u64,
+    hb: &Heartbeat,
+) -> Lower {
+    let silent = n.expires.is_none_or(|t| now >= t);
+    let quiet_for_an_interval = n
+        .last_seen
+        .is_none_or(|t| now.saturating_duration_since(t) >= n.interval.unwrap_or(MIN_INTERVAL));
+    if let Some(wall) = wall {
+        let clock = unix_ms(wall);
+        let skew = u64::try_from(n.cfg.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        let accepted_in_future = incarnation_ms(accepted) > clock.saturating_add(skew);
+        let current = incarnation_ms(hb.incarnation).abs_diff(clock) <= skew;
+        if (accepted_in_future && quiet_for_an_interval) || (silent && current) {
+            n.rival = None;
+            return Lower::Reset;
+        }
+    }
+    let again = n
+        .rival
+        .is_some_and(|r| r.incarnation == hb.incarnation && hb.sequence > r.sequence);
+    n.rival = Some(Rival {
+        incarnation: hb.incarnation,
+        sequence: hb.sequence,
+        at: now,
+    });
+    if again && !silent {
+        n.duplicate_seen = Some(now);
+        Lower::Duplicate
+    } else {
+        Lower::Stale
+    }
 }
 
 /// The failure detector.
@@ -371,6 +480,8 @@ impl Membership {
                 cpu_permille: None,
                 active_conns: None,
                 held_after_restart: false,
+                rival: None,
+                duplicate_seen: None,
             });
     }
 
@@ -431,8 +542,20 @@ impl Membership {
         &self.counters
     }
 
-    /// Processes an authentic heartbeat received at `now`.
+    /// Processes an authentic heartbeat received at `now`, without the balancer's wall clock
+    /// (so no lower incarnation is ever accepted; see [`Membership::on_heartbeat_at`]).
     pub fn on_heartbeat(&mut self, now: Instant, hb: &Heartbeat) -> Result<Vec<Event>, Reject> {
+        self.on_heartbeat_at(now, None, hb)
+    }
+
+    /// Processes an authentic heartbeat received at `now` (monotonic) and `wall` (the
+    /// balancer's clock at the same moment, which judges incarnations; see the module docs).
+    pub fn on_heartbeat_at(
+        &mut self,
+        now: Instant,
+        wall: Option<SystemTime>,
+        hb: &Heartbeat,
+    ) -> Result<Vec<Event>, Reject> {
         let Some(n) = self.nodes.get_mut(&hb.node) else {
             self.counters.unknown_node += 1;
             return Err(Reject::UnknownNode);
@@ -440,14 +563,27 @@ impl Membership {
         let mut restarted = false;
         if let Some(inc) = n.incarnation {
             if hb.incarnation < inc {
-                self.counters.stale_incarnation += 1;
-                return Err(Reject::StaleIncarnation);
+                match lower(n, now, wall, inc, hb) {
+                    Lower::Reset => self.counters.incarnation_reset += 1,
+                    Lower::Duplicate => {
+                        self.counters.duplicate += 1;
+                        return Err(Reject::Duplicate);
+                    }
+                    Lower::Stale => {
+                        self.counters.stale_incarnation += 1;
+                        return Err(Reject::StaleIncarnation);
+                    }
+                }
             }
             if hb.incarnation == inc && hb.sequence <= n.sequence {
                 self.counters.replay += 1;
                 return Err(Reject::Replay);
             }
-            restarted = hb.incarnation > inc;
+            restarted = hb.incarnation != inc;
+        }
+        let weight = hb.weight.min(n.cfg.max_weight);
+        if weight < hb.weight {
+            self.counters.weight_clamped += 1;
         }
         self.counters.accepted += 1;
         let node = hb.node;
@@ -501,7 +637,7 @@ impl Membership {
             Phase::New => {
                 n.phase = Phase::Up;
                 n.draining = draining;
-                n.weight = hb.weight;
+                n.weight = weight;
                 events.push(Event::NodeUp {
                     node,
                     weight: n.weight,
@@ -525,11 +661,11 @@ impl Membership {
                         Event::NodeUndrained { node }
                     });
                 }
-                if hb.weight != n.weight {
+                if weight != n.weight {
                     events.push(Event::WeightChanged {
                         node,
                         old: n.weight,
-                        new: hb.weight,
+                        new: weight,
                     });
                 }
             }
@@ -538,7 +674,7 @@ impl Membership {
             Phase::Joining { .. } => {}
         }
         n.draining = draining;
-        n.weight = hb.weight;
+        n.weight = weight;
         if let Phase::Joining { since } = n.phase
             && now.saturating_duration_since(since) >= n.cfg.hold_down
         {
@@ -1253,5 +1389,220 @@ mod tests {
         assert_eq!(m.tick(t0 + 700 * MS).len(), 3);
         assert!(!m.holding());
         assert_eq!(m.counters().fail_static, 1);
+    }
+
+    /// An incarnation as `heartbeat::new_incarnation` makes it, for a start at `ms`.
+    fn inc_at(ms: u64) -> u64 {
+        (ms << 20) | 0x1234
+    }
+
+    const HOUR_MS: u64 = 3_600_000;
+
+    /// Defect: a node advertising a huge weight took every route. Now the weight is clamped to
+    /// the node's maximum and counted.
+    #[test]
+    fn advertised_weight_is_clamped_to_the_maximum() {
+        let mut m = Membership::new(NodeCfg {
+            max_weight: 10,
+            ..NodeCfg::default()
+        });
+        m.add_node_default(1);
+        let t0 = Instant::now();
+        let mut a = Agent::new(1, 1);
+        a.weight = u32::MAX;
+        assert_eq!(
+            m.on_heartbeat(t0, &a.beat()),
+            Ok(vec![Event::NodeUp {
+                node: 1,
+                weight: 10,
+                draining: false
+            }])
+        );
+        a.weight = 4;
+        assert_eq!(
+            m.on_heartbeat(t0 + MS, &a.beat()),
+            Ok(vec![Event::WeightChanged {
+                node: 1,
+                old: 10,
+                new: 4
+            }])
+        );
+        a.weight = 11;
+        assert_eq!(
+            m.on_heartbeat(t0 + 2 * MS, &a.beat()),
+            Ok(vec![Event::WeightChanged {
+                node: 1,
+                old: 4,
+                new: 10
+            }])
+        );
+        assert_eq!(m.status(1).unwrap().weight, 10);
+        assert_eq!(m.counters().weight_clamped, 2);
+    }
+
+    /// Defect: one heartbeat with an incarnation far in the future (a forged one, or a node
+    /// whose clock was years ahead) made every later heartbeat of the real agent stale, for
+    /// ever (and it was persisted). Now a lower incarnation replaces a future one as soon as
+    /// the future one has gone quiet for an interval.
+    #[test]
+    fn a_future_incarnation_does_not_lock_the_node_out() {
+        let (mut m, t0) = setup();
+        let clock = 1_700_000_000_000u64;
+        let wall = |t: Instant| {
+            UNIX_EPOCH + Duration::from_millis(clock) + t.saturating_duration_since(t0)
+        };
+        let mut real = Agent::new(1, inc_at(clock - HOUR_MS));
+        m.on_heartbeat_at(t0, Some(wall(t0)), &real.beat()).unwrap();
+        // The forged beat is a restart, as any new incarnation is.
+        let mut forged = Agent::new(1, u64::MAX);
+        let t1 = t0 + 50 * MS;
+        assert_eq!(
+            m.on_heartbeat_at(t1, Some(wall(t1)), &forged.beat())
+                .unwrap()
+                .len(),
+            2
+        );
+        // The real agent's next beat, under an interval later: still stale.
+        let t2 = t0 + 100 * MS;
+        assert_eq!(
+            m.on_heartbeat_at(t2, Some(wall(t2)), &real.beat()),
+            Err(Reject::StaleIncarnation)
+        );
+        // An interval after the forged beat: the real agent is back (a restart: held down).
+        let t3 = t0 + 200 * MS;
+        assert_eq!(
+            m.on_heartbeat_at(t3, Some(wall(t3)), &real.beat()),
+            Ok(vec![Event::NodeRestarted {
+                node: 1,
+                incarnation: real.inc
+            }])
+        );
+        assert_eq!(m.counters().incarnation_reset, 1);
+        let mut t = t3;
+        let mut ups = vec![];
+        while t < t3 + DEFAULT_HOLD_DOWN + 200 * MS {
+            t += 100 * MS;
+            ups.extend(m.on_heartbeat_at(t, Some(wall(t)), &real.beat()).unwrap());
+            ups.extend(m.tick(t));
+        }
+        assert_eq!(ups, vec![up(1)]);
+        // Persisted: a daemon restarted with the forged incarnation on record lets it in too.
+        let (mut m, t0) = setup();
+        m.assume_up(2, t0, Duration::from_secs(1), false, 0);
+        m.restore_seen(2, u64::MAX, 5);
+        let mut b = Agent::new(2, inc_at(clock - HOUR_MS));
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(m.on_heartbeat_at(t1, Some(wall(t1)), &b.beat()).is_ok());
+        assert_eq!(m.status(2).unwrap().incarnation, Some(b.inc));
+        // Without the balancer's clock nothing lower is ever accepted.
+        let (mut m, t0) = setup();
+        m.on_heartbeat(t0, &forged.beat()).unwrap();
+        assert_eq!(
+            m.on_heartbeat(t0 + Duration::from_secs(5), &real.beat()),
+            Err(Reject::StaleIncarnation)
+        );
+    }
+
+    /// Defect: an agent restarted after its node's clock stepped back has a lower incarnation
+    /// than the one before, and was rejected as stale until the clock caught up. Now, once the
+    /// old incarnation is silent, a current lower one (its start within the skew of the
+    /// balancer's clock) is accepted; a captured heartbeat of an old agent is not.
+    #[test]
+    fn a_node_whose_clock_stepped_back_rejoins() {
+        let (mut m, t0) = setup();
+        let clock = 1_700_000_000_000u64;
+        let wall = |t: Instant| {
+            UNIX_EPOCH + Duration::from_millis(clock) + t.saturating_duration_since(t0)
+        };
+        // Node 1's clock was 2 minutes ahead when its agent started; node 2's was right, and
+        // an agent of node 2 from an hour ago was captured.
+        let mut ahead = Agent::new(1, inc_at(clock + 120_000));
+        let mut two = Agent::new(2, inc_at(clock - 1000));
+        let mut captured = Agent::new(2, inc_at(clock - HOUR_MS));
+        m.on_heartbeat_at(t0, Some(wall(t0)), &ahead.beat())
+            .unwrap();
+        m.on_heartbeat_at(t0, Some(wall(t0)), &two.beat()).unwrap();
+        let _ = ahead.beat();
+        // NTP steps node 1's clock back; its agent restarts: a lower incarnation, current.
+        let mut stepped = Agent::new(1, inc_at(clock + 100));
+        let t1 = t0 + 100 * MS;
+        m.on_heartbeat_at(t1, Some(wall(t1)), &two.beat()).unwrap();
+        assert_eq!(
+            m.on_heartbeat_at(t1, Some(wall(t1)), &stepped.beat()),
+            Err(Reject::StaleIncarnation),
+            "not while the old incarnation may still beat"
+        );
+        // Once node 1 is down (silent k intervals), the current incarnation rejoins.
+        let t2 = t0 + 300 * MS;
+        m.on_heartbeat_at(t2, Some(wall(t2)), &two.beat()).unwrap();
+        assert_eq!(
+            m.tick(t2),
+            vec![Event::NodeDown {
+                node: 1,
+                reason: DownReason::MissedHeartbeats
+            }]
+        );
+        let t3 = t0 + 350 * MS;
+        assert_eq!(
+            m.on_heartbeat_at(t3, Some(wall(t3)), &stepped.beat()),
+            Ok(vec![Event::NodeRestarted {
+                node: 1,
+                incarnation: stepped.inc
+            }])
+        );
+        assert!(matches!(m.status(1).unwrap().phase, Phase::Joining { .. }));
+        // Node 2 goes silent; the captured hour-old incarnation is not current: still stale.
+        let t4 = t0 + Duration::from_secs(2);
+        assert_eq!(m.tick(t4).len(), 1);
+        assert_eq!(
+            m.on_heartbeat_at(t4, Some(wall(t4)), &captured.beat()),
+            Err(Reject::StaleIncarnation)
+        );
+        // A clock an hour behind is not current either (the operator is warned to fix it).
+        let mut behind = Agent::new(2, inc_at(clock - HOUR_MS + 5000));
+        assert_eq!(
+            m.on_heartbeat_at(t4, Some(wall(t4)), &behind.beat()),
+            Err(Reject::StaleIncarnation)
+        );
+        assert_eq!(m.counters().incarnation_reset, 1);
+    }
+
+    /// Defect: two agents claiming one node ID were not noticed (the older one's heartbeats
+    /// were quietly stale). Now an older incarnation that keeps beating beside a live accepted
+    /// one is rejected as a duplicate, counted, and shown on the node; a single late datagram
+    /// of a restarted agent is only stale.
+    #[test]
+    fn two_agents_claiming_one_node_are_reported() {
+        let (mut m, t0) = setup();
+        let mut a = Agent::new(1, 10);
+        let mut b = Agent::new(1, 11);
+        m.on_heartbeat(t0, &a.beat()).unwrap();
+        assert_eq!(m.on_heartbeat(t0 + 10 * MS, &b.beat()).unwrap().len(), 2);
+        assert_eq!(
+            m.on_heartbeat(t0 + 100 * MS, &a.beat()),
+            Err(Reject::StaleIncarnation),
+            "one late beat could be the restarted agent's last"
+        );
+        assert_eq!(m.status(1).unwrap().duplicate_seen, None);
+        m.on_heartbeat(t0 + 110 * MS, &b.beat()).unwrap();
+        assert_eq!(
+            m.on_heartbeat(t0 + 200 * MS, &a.beat()),
+            Err(Reject::Duplicate)
+        );
+        assert_eq!(m.status(1).unwrap().duplicate_seen, Some(t0 + 200 * MS));
+        assert_eq!(m.on_heartbeat(t0 + 210 * MS, &b.beat()), Ok(vec![]));
+        assert_eq!(
+            m.on_heartbeat(t0 + 300 * MS, &a.beat()),
+            Err(Reject::Duplicate)
+        );
+        let c = m.counters();
+        assert_eq!((c.duplicate, c.stale_incarnation), (2, 1));
+        // A replayed beat of the older one (same sequence) is no proof of a second agent.
+        let mut again = Agent::new(1, 10);
+        again.seq = a.seq - 1;
+        assert_eq!(
+            m.on_heartbeat(t0 + 310 * MS, &again.beat()),
+            Err(Reject::StaleIncarnation)
+        );
     }
 }

@@ -326,6 +326,15 @@ fn registry(o: &Observation) -> Registry {
         ),
     );
     r.register(
+        "node_duplicate_agent",
+        "1 while a second agent claims the node's ID (its heartbeats are refused)",
+        gauges(
+            nodes
+                .iter()
+                .map(|n| (node_labels(n), u64::from(n.duplicate_agent))),
+        ),
+    );
+    r.register(
         "node_routes",
         "Routes the node owns, summed over VIPs",
         gauges(nodes.iter().map(|n| (node_labels(n), n.routes))),
@@ -413,6 +422,16 @@ fn registry(o: &Observation) -> Registry {
         ConstCounter::new(hb.interval_clamped),
     );
     r.register(
+        "heartbeat_weights_clamped",
+        "Heartbeats advertising a weight above their node's advertised_weight_max",
+        ConstCounter::new(hb.weight_clamped),
+    );
+    r.register(
+        "heartbeat_incarnation_resets",
+        "Lower incarnations accepted (a future one replaced, or a clock that stepped back)",
+        ConstCounter::new(hb.incarnation_resets),
+    );
+    r.register(
         "fail_static_episodes",
         "Times fail static started holding every node up",
         ConstCounter::new(hb.fail_static_episodes),
@@ -421,6 +440,16 @@ fn registry(o: &Observation) -> Registry {
         "fail_static",
         "1 while fail static holds every node up",
         ConstGauge::new(u64::from(s.fail_static)),
+    );
+    r.register(
+        "vips_unserved",
+        "VIPs without an active node (their new flows are dropped as no_backend)",
+        ConstGauge::new(s.unserved_vips.len() as u64),
+    );
+    r.register(
+        "vip_unserved_episodes",
+        "Times a VIP lost its last active node",
+        ConstCounter::new(s.unserved_episodes),
     );
     r.register(
         "route_moves",
@@ -1165,6 +1194,7 @@ mod tests {
             last_heartbeat_age: None,
             cpu_permille: None,
             active_conns: None,
+            duplicate_agent: false,
         }
     }
 
@@ -1218,6 +1248,8 @@ mod tests {
                 rejected: [("bad_hmac".to_owned(), 3), ("replay".to_owned(), 0)].into(),
                 queue_drops: 2,
                 interval_clamped: 1,
+                weight_clamped: 0,
+                incarnation_resets: 0,
                 fail_static_episodes: 4,
             },
             conntrack: ConntrackStatus {
@@ -1229,6 +1261,8 @@ mod tests {
                 inserts: 90_000,
             },
             fail_static: true,
+            unserved_vips: vec![],
+            unserved_episodes: 0,
         }
     }
 

@@ -300,6 +300,46 @@ impl DaemonSetup {
         Ok(ChildGuard(Some(child)))
     }
 
+    /// An agent claiming node `id` run in namespace `ns` (any lab host), with its log (info
+    /// and up) captured into the returned lines and echoed prefixed `[agent ID]`.
+    pub fn agent_captured(
+        &self,
+        lab: &Lab,
+        ns: &Netns,
+        id: u32,
+        extra: &[&str],
+    ) -> Result<(ChildGuard, LogLines)> {
+        let lb = lb_binary()?;
+        let mut child = ns
+            .command(&lb.to_string_lossy())
+            .args(["agent", "--node-id", &id.to_string(), "--balancer"])
+            .arg(format!("{}:{HB_PORT}", lab.lb.ip))
+            .arg("--key-file")
+            .arg(&self.key)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting lb agent")?;
+        let log = LogLines::default();
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                eprintln!("[agent {id}] {line}");
+                l2.push(line);
+            }
+        });
+        Ok((ChildGuard(Some(child)), log))
+    }
+
+    /// `lb status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        self.cli_json(&["status"])
+    }
+
     /// The live route table of a VIP as the kernel sees it.
     pub fn routes(&self, key: &VipKey) -> Result<Vec<RouteEntry>> {
         Ok(PinnedView::open(self.pin_dir())?.routes(key)?)
@@ -593,4 +633,106 @@ pub fn assert_delivered(mut got: Vec<(u32, u32)>, mut sent: Vec<(u32, u32)>, wha
         sent.len(),
         &missing[..missing.len().min(5)]
     );
+}
+
+/// Datagrams sent as fast as a few threads can from a namespace (`sendmmsg`, 64 a call), round
+/// robin over `payloads`, until stopped: a flood.
+pub struct Flood {
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Flood {
+    /// `threads` senders in namespace `ns` to `to`, from one socket each.
+    pub fn start(ns: &str, to: SocketAddr, payloads: Vec<Vec<u8>>, threads: usize) -> Self {
+        let mut f = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            handles: Vec::new(),
+        };
+        f.add(ns, to, payloads, threads);
+        f
+    }
+
+    /// `threads` more senders.
+    pub fn add(&mut self, ns: &str, to: SocketAddr, payloads: Vec<Vec<u8>>, threads: usize) {
+        for _ in 0..threads {
+            let (stop, sent, payloads) = (self.stop.clone(), self.sent.clone(), payloads.clone());
+            self.handles.push(crate::netns::spawn_in(ns, move || {
+                flood(to, &payloads, &stop, &sent)
+            }));
+        }
+    }
+
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops the senders; returns the datagrams sent.
+    pub fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+        }
+        Ok(self.sent())
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn flood(
+    to: SocketAddr,
+    payloads: &[Vec<u8>],
+    stop: &AtomicBool,
+    sent: &std::sync::atomic::AtomicU64,
+) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BATCH: usize = 64;
+    let sock = UdpSocket::bind(if to.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    })?;
+    sock.connect(to)?;
+    let mut iovs: Vec<libc::iovec> = (0..BATCH)
+        .map(|i| {
+            let p = &payloads[i % payloads.len()];
+            libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            }
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain data; every field is set below.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `msgs` points at `BATCH` headers whose iovecs point into `payloads`, all
+        // alive for the call; the socket is connected, so no addresses are needed.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                0,
+            )
+        };
+        if n > 0 {
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+        } else {
+            // ECONNREFUSED from an ICMP error, ENOBUFS: keep flooding.
+            std::thread::yield_now();
+        }
+    }
+    Ok(())
 }

@@ -2,18 +2,20 @@
 //! failover timing, restart under traffic without loss, and refusal of bad state/config.
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 use std::{
-    net::Ipv4Addr,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     daemon::{
-        DaemonSetup, LogLines, UdpSender, UdpSink, assert_delivered, lb_binary, received, send_udp,
-        udp_vip, wait_received,
+        DaemonSetup, Flood, HB_PORT, LogLines, UdpSender, UdpSink, assert_delivered, lb_binary,
+        received, send_udp, udp_vip, wait_received,
     },
     netns::{Lab, Netns},
     scale::TcpServers,
 };
+use lb_userspace::heartbeat::{self, Heartbeat, Key, MoveReason, NodeState};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const PORT: u16 = 5000;
@@ -538,5 +540,436 @@ fn bad_config_and_arguments_fail_with_one_line_errors() {
     assert!(
         !std::path::Path::new("/sys/fs/bpf/lbtbadif").exists(),
         "a failed start pinned nothing"
+    );
+}
+
+/// Heartbeats the daemon read (accepted and rejected) and the datagrams the kernel dropped at
+/// its heartbeat port for a full queue, from `lb status --json`.
+fn heartbeat_counts(status: &serde_json::Value) -> (u64, u64) {
+    let hb = &status["heartbeats"];
+    let rejected: u64 = hb["rejected"].as_object().map_or(0, |m| {
+        m.values().filter_map(serde_json::Value::as_u64).sum()
+    });
+    (
+        hb["accepted"].as_u64().unwrap_or(0) + rejected,
+        hb["queue_drops"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Whether the daemon's log from `from` on says node `id` went down.
+fn went_down(log: &LogLines, from: usize, id: u32) -> Option<String> {
+    let needle = format!("NodeDown {{ node: {id},");
+    log.since(from).into_iter().find(|l| l.contains(&needle))
+}
+
+/// Item 8: a flood at the heartbeat port, at twice the rate the daemon can read and verify
+/// (measured here, from its own counters: the kernel drops at least as many datagrams as the
+/// daemon reads), and one at an agent's notice port, stop nothing. An agent killed during the
+/// flood is down within the usual bound; the other nodes stay up all along, the flooded agent
+/// keeps beating, the API answers, and SIGTERM ends the daemon at once.
+#[test]
+fn a_flood_at_the_heartbeat_and_notice_ports_stops_nothing() {
+    let lab = Lab::new(3).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let (mut daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let mut agent1 = setup.agent(&lab, 1, "100ms").unwrap();
+    let _agent2 = setup.agent(&lab, 2, "100ms").unwrap();
+    // Node 3's agent takes notices on a port the test knows, to flood it.
+    let notice_port = SocketAddr::from((lab.nodes[2].ip, 7799));
+    let _agent3 = setup
+        .agent_with(&lab, 3, "100ms", &["--bind", &notice_port.to_string()])
+        .unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            (1..=3).all(|n| r.iter().any(|e| e.node == n))
+        })
+        .unwrap();
+    // Forged heartbeats for the configured nodes (another key): each passes every check the
+    // daemon makes before the HMAC, so each costs it a read and an HMAC.
+    let forged = Key::from_bytes(b"not the lab key, not the lab key").unwrap();
+    let beats: Vec<Vec<u8>> = (1..=3u32)
+        .map(|node| {
+            Heartbeat {
+                node,
+                incarnation: u64::MAX,
+                sequence: 1,
+                state: NodeState::Up,
+                weight: 1,
+                interval_ms: 100,
+                cpu_permille: None,
+                active_conns: None,
+            }
+            .encode(&forged)
+        })
+        .collect();
+    // At node 3's agent: forged notices for node 3 (an HMAC each) and junk.
+    let vip = heartbeat::Vip {
+        addr: VIP.into(),
+        port: PORT,
+        proto: lb_common::PROTO_UDP,
+    };
+    let mut seq = 1;
+    let ranges = [heartbeat::RouteRange { first: 0, last: 63 }];
+    let notices = vec![
+        heartbeat::split_notices(3, vip, MoveReason::Drain, &ranges, 9, &mut seq)
+            .remove(0)
+            .encode(&forged)
+            .unwrap(),
+        vec![0u8; 100],
+    ];
+    let from = log.len();
+    let hb_port = SocketAddr::from((lab.lb.ip, HB_PORT));
+    let mut flood = Flood::start(&lab.client.ns.name, hb_port, beats.clone(), 2);
+    let agent_flood = Flood::start(&lab.client.ns.name, notice_port, notices, 1);
+    // Twice the verify rate: over a second, the kernel drops at least as many datagrams at
+    // the heartbeat port as the daemon reads. More senders until it does.
+    let mut threads = 2;
+    let (read, drops, secs) = loop {
+        let (r0, d0) = heartbeat_counts(&setup.status().unwrap());
+        let t = Instant::now();
+        let s0 = flood.sent();
+        std::thread::sleep(Duration::from_secs(1));
+        let (r1, d1) = heartbeat_counts(&setup.status().unwrap());
+        let secs = t.elapsed().as_secs_f64();
+        let (read, drops) = (r1 - r0, d1 - d0);
+        eprintln!(
+            "flood with {threads} senders: {:.0}/s sent, the daemon read and verified {:.0}/s, \
+             the kernel dropped {:.0}/s",
+            (flood.sent() - s0) as f64 / secs,
+            read as f64 / secs,
+            drops as f64 / secs
+        );
+        if drops >= read || threads >= 8 {
+            break (read, drops, secs);
+        }
+        flood.add(&lab.client.ns.name, hb_port, beats.clone(), 2);
+        threads += 2;
+    };
+    assert!(
+        drops >= read,
+        "the flood never reached twice the daemon's verify rate ({:.0}/s read, {:.0}/s dropped)",
+        read as f64 / secs,
+        drops as f64 / secs
+    );
+    // An agent killed under the flood is down within the usual bound.
+    agent1.signal_and_wait(libc::SIGKILL).unwrap();
+    let took = setup
+        .wait_routes(&key, Duration::from_secs(3), |r| {
+            r.iter().all(|e| e.node != 1)
+        })
+        .unwrap();
+    eprintln!("failover under the flood took {took:?}");
+    assert!(took < Duration::from_millis(800), "failover took {took:?}");
+    // An observation window of 2 s more flood (over six detection windows): nodes 2 and 3
+    // stay up (a node whose heartbeats stop for 300 ms goes down), and node 3's agent,
+    // flooded too, still beats at the end of it.
+    std::thread::sleep(Duration::from_secs(2));
+    for id in [2, 3] {
+        assert_eq!(went_down(&log, from, id), None, "node {id} went down");
+        let n = setup.node_json(id).unwrap();
+        assert_eq!(n["state"], "active", "{n}");
+    }
+    let n3 = setup.node_json(3).unwrap();
+    let age = n3["last_heartbeat_age"].as_f64().unwrap_or(f64::MAX);
+    assert!(age < 0.5, "node 3's last heartbeat is {age} s old: {n3}");
+    let owners = setup.routes(&key).unwrap();
+    assert!((2..=3).all(|n| owners.iter().filter(|e| e.node == n).count() == 32));
+    // SIGTERM under the flood.
+    let t = Instant::now();
+    let status = daemon.signal_and_wait(libc::SIGTERM).unwrap();
+    eprintln!("SIGTERM under the flood: exited in {:?}", t.elapsed());
+    assert!(status.success(), "daemon exit status {status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let sent = flood.stop().unwrap();
+    let at_agent = agent_flood.stop().unwrap();
+    eprintln!("flooded {sent} datagrams at the daemon, {at_agent} at node 3's agent");
+}
+
+/// Item 9: one shared key no longer lets a node steer membership. An agent advertising a huge
+/// weight is held to 4 x its configured weight; a heartbeat forged with an incarnation far in
+/// the future locks the real agent out only for a moment; a second agent claiming a node ID is
+/// reported (log, `lb node list`, `lb status`).
+#[test]
+fn one_shared_key_does_not_steer_membership() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "").unwrap();
+    let (_daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let _agent1 = setup
+        .agent_with(&lab, 1, "100ms", &["--weight", "1000"])
+        .unwrap();
+    let _agent2 = setup.agent(&lab, 2, "100ms").unwrap();
+    // Weights 4 (clamped from 1000) and 1: 64 routes split 51 or 52 to 12 or 13.
+    let split = |r: &[lb_common::RouteEntry]| {
+        let one = r.iter().filter(|e| e.node == 1).count();
+        (51..=52).contains(&one) && r.iter().all(|e| e.node == 1 || e.node == 2)
+    };
+    setup
+        .wait_routes(&key, Duration::from_secs(10), split)
+        .unwrap();
+    let st = setup.status().unwrap();
+    assert!(
+        st["heartbeats"]["weight_clamped"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    wait_log(&log, 0, "advertises weight 1000", Duration::from_secs(5));
+
+    // A heartbeat for node 1 with the largest incarnation there is, signed with the real key.
+    let real = Key::from_file(&setup.key).unwrap();
+    let forged = Heartbeat {
+        node: 1,
+        incarnation: u64::MAX,
+        sequence: 1,
+        state: NodeState::Up,
+        weight: 1,
+        interval_ms: 100,
+        cpu_permille: None,
+        active_conns: None,
+    }
+    .encode(&real);
+    let to = SocketAddr::from((lab.lb.ip, HB_PORT));
+    let from = log.len();
+    lab.client
+        .ns
+        .spawn(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(&forged, to)?;
+            Ok(())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    // Node 1 restarts (held drained), then its real agent is let back in: up again after
+    // the hold-down, with its share.
+    setup
+        .wait_routes(&key, Duration::from_secs(5), |r| {
+            r.iter().all(|e| e.node == 2)
+        })
+        .unwrap();
+    let back = setup
+        .wait_routes(&key, Duration::from_secs(10), split)
+        .unwrap();
+    eprintln!("the real agent of node 1 was back {back:?} after the forged incarnation");
+    wait_log(
+        &log,
+        from,
+        "accepted below the one before",
+        Duration::from_secs(5),
+    );
+    let st = setup.status().unwrap();
+    assert!(
+        st["heartbeats"]["incarnation_resets"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+
+    // A second agent claiming node 2 (run on node 1's host): the newer one is taken, the
+    // older one keeps beating and is reported.
+    let from = log.len();
+    let (_impostor, _) = setup
+        .agent_captured(&lab, &lab.nodes[0].ns, 2, &["--interval", "100ms"])
+        .unwrap();
+    wait_log(
+        &log,
+        from,
+        "two agents claim node 2",
+        Duration::from_secs(10),
+    );
+    let n2 = setup.node_json(2).unwrap();
+    assert_eq!(n2["duplicate_agent"], true, "{n2}");
+    let st = setup.status().unwrap();
+    assert!(
+        st["heartbeats"]["rejected"]["duplicate_node"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{st}"
+    );
+    let human = setup.cli_ok(&["node", "list"]).unwrap();
+    assert!(human.contains("node 2: a second agent claims"), "{human}");
+}
+
+/// Connects to `vip:port` from the client namespace `n` times, one request each; returns the
+/// node that answered each (`None`: refused or failed).
+fn ask(lab: &Lab, vip: Ipv4Addr, port: u16, n: usize) -> Vec<Option<u32>> {
+    lab.client
+        .ns
+        .spawn(move || {
+            Ok((0..n)
+                .map(|_| {
+                    let mut s = TcpStream::connect_timeout(
+                        &SocketAddr::from((vip, port)),
+                        Duration::from_secs(2),
+                    )
+                    .ok()?;
+                    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                    s.write_all(b"hello\n").ok()?;
+                    let mut line = String::new();
+                    BufReader::new(s).read_line(&mut line).ok()?;
+                    line.trim().parse().ok()
+                })
+                .collect())
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+}
+
+/// Item 11: `lb agent --check tcp://127.0.0.1:PORT` announces its node draining while the
+/// local service is stopped, so new connections all go to the other node (none is refused),
+/// and up again once the service is back, when the node takes new connections again; the
+/// agent says so in its log.
+#[test]
+fn an_agent_check_keeps_new_connections_off_a_dead_service() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    let port = 8081;
+    let setup = DaemonSetup::dsr(&lab, VIP, port, "tcp", 64, "").unwrap();
+    let _daemon = setup.start(&lab, &[]).unwrap();
+    let key = lb_userspace::dataplane::vip_key(VIP.into(), port, lb_common::PROTO_TCP);
+    let server1 = TcpServers::start(&[(&lab.nodes[0].ns, 1)], port).unwrap();
+    let _server2 = TcpServers::start(&[(&lab.nodes[1].ns, 2)], port).unwrap();
+    let check = format!("tcp://127.0.0.1:{port}");
+    let args = [
+        "--interval",
+        "100ms",
+        "--check",
+        check.as_str(),
+        "--check-interval",
+        "100ms",
+    ];
+    let (_agent1, alog) = setup
+        .agent_captured(&lab, &lab.nodes[0].ns, 1, &args)
+        .unwrap();
+    let _agent2 = setup.agent_with(&lab, 2, "100ms", &args[2..]).unwrap();
+    let halves = |r: &[lb_common::RouteEntry]| {
+        (1..=2).all(|n| r.iter().filter(|e| e.node == n).count() == 32)
+    };
+    setup
+        .wait_routes(&key, Duration::from_secs(10), halves)
+        .unwrap();
+    let answers = ask(&lab, VIP, port, 64);
+    assert!(
+        answers.contains(&Some(1)) && answers.contains(&Some(2)),
+        "{answers:?}"
+    );
+
+    // Node 1's service stops: its agent announces draining, node 1 owns no route.
+    let from = alog.len();
+    server1.finish().unwrap();
+    let took = setup
+        .wait_routes(&key, Duration::from_secs(5), |r| {
+            r.iter().all(|e| e.node == 2)
+        })
+        .unwrap();
+    eprintln!("node 1 out of the table {took:?} after its service stopped");
+    wait_log(&alog, from, "fails", Duration::from_secs(5));
+    assert!(
+        alog.since(from)
+            .iter()
+            .any(|l| l.contains("announcing draining"))
+    );
+    assert_eq!(setup.node_json(1).unwrap()["state"], "draining");
+    let answers = ask(&lab, VIP, port, 64);
+    assert!(answers.iter().all(|a| *a == Some(2)), "{answers:?}");
+
+    // The service is back: so is node 1, and it takes new connections again.
+    let from = alog.len();
+    let _server1 = TcpServers::start(&[(&lab.nodes[0].ns, 1)], port).unwrap();
+    setup
+        .wait_routes(&key, Duration::from_secs(5), halves)
+        .unwrap();
+    wait_log(&alog, from, "passes: announcing up", Duration::from_secs(5));
+    let answers = ask(&lab, VIP, port, 64);
+    assert!(answers.contains(&Some(1)), "{answers:?}");
+    assert!(answers.iter().all(Option::is_some), "{answers:?}");
+}
+
+/// Item 12: every node of a VIP down: its packets are dropped and counted (`no_backend`), and
+/// the daemon warns once for the transition, not per packet; it says so again when a node is
+/// back. `lb status` lists the VIP meanwhile.
+#[test]
+fn a_vip_without_nodes_drops_with_a_count_and_one_warning() {
+    let lab = Lab::new(2).unwrap();
+    lab.add_dsr_vip(VIP).unwrap();
+    // Fail static off: with it, the last nodes to go silent together are held up (the
+    // likelier fault is the balancer's own), and the VIP never loses them.
+    let setup = DaemonSetup::dsr(&lab, VIP, PORT, "udp", 64, "fail_static_share = 0").unwrap();
+    let (_daemon, log) = setup.start_captured(&lab, &[]).unwrap();
+    let key = udp_vip(VIP, PORT);
+    let mut agents: Vec<_> = (1..=2)
+        .map(|id| setup.agent(&lab, id, "100ms").unwrap())
+        .collect();
+    setup
+        .wait_routes(&key, Duration::from_secs(10), |r| {
+            (1..=2).all(|n| r.iter().any(|e| e.node == n))
+        })
+        .unwrap();
+    let from = log.len();
+    for a in &mut agents {
+        a.signal_and_wait(libc::SIGKILL).unwrap();
+    }
+    let warning = "has no active node";
+    wait_log(&log, from, warning, Duration::from_secs(5));
+    let no_backend = || {
+        setup.cli_json(&["stats"]).unwrap()["drops"]["no_backend"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = no_backend();
+    let sink: Vec<UdpSink> = lab
+        .nodes
+        .iter()
+        .map(|n| UdpSink::start(&n.ns, PORT).unwrap())
+        .collect();
+    let sent = send_udp(
+        &lab.client.ns.name,
+        VIP,
+        PORT,
+        16,
+        20,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    let deadline = Instant::now() + DELIVERY;
+    while no_backend() < before + sent.len() as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        no_backend() - before,
+        sent.len() as u64,
+        "every datagram dropped and counted"
+    );
+    assert_eq!(received(&sink.iter().collect::<Vec<_>>()), 0);
+    let st = setup.status().unwrap();
+    assert_eq!(
+        st["unserved_vips"],
+        serde_json::json!([format!("{VIP}:{PORT}/udp")]),
+        "{st}"
+    );
+    assert_eq!(st["unserved_episodes"], 1, "{st}");
+    let warned = log
+        .since(from)
+        .iter()
+        .filter(|l| l.contains(warning))
+        .count();
+    assert_eq!(warned, 1, "{:#?}", log.since(from));
+    // A node back: said once, and the VIP forwards again.
+    let _agent1 = setup.agent(&lab, 1, "100ms").unwrap();
+    wait_log(
+        &log,
+        from,
+        "has an active node again",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        setup.status().unwrap()["unserved_vips"],
+        serde_json::json!([])
     );
 }

@@ -749,6 +749,46 @@ proptest! {
     }
 }
 
+/// A VIP left without an active node drops its new flows: the plan that takes its last
+/// active node away says so once (`unserved`), the one that brings a node back says so
+/// (`served`), and batches in between say nothing.
+#[test]
+fn a_vip_losing_its_last_active_node_is_reported_once_per_transition() {
+    let cfg = config(&[(1, 1), (2, 1)], &[(1, 64), (2, 64)]);
+    let (mut c, mut k) = start(&cfg);
+    let both = vec![key(1), key(2)];
+    assert!(c.served().is_empty(), "nodes start down");
+    let p = apply(&mut c, &mut k, &[up(1)]);
+    assert_eq!(
+        (p.unserved.clone(), p.served.clone()),
+        (vec![], both.clone())
+    );
+    let p = apply(&mut c, &mut k, &[up(2)]);
+    assert!(p.unserved.is_empty() && p.served.is_empty());
+    let p = apply(&mut c, &mut k, &[down(1)]);
+    assert!(p.unserved.is_empty(), "node 2 still takes new flows");
+    // The last one drains: nothing takes new flows any more (tracked ones finish on it).
+    let p = apply(&mut c, &mut k, &[ev(Event::NodeDraining { node: 2 })]);
+    assert_eq!(
+        (p.unserved.clone(), p.served.clone()),
+        (both.clone(), vec![])
+    );
+    let p = apply(&mut c, &mut k, &[down(2)]);
+    assert!(
+        p.unserved.is_empty(),
+        "reported once, not again as it fails"
+    );
+    // Back: reported once.
+    let p = apply(&mut c, &mut k, &[up(2), up(1)]);
+    assert_eq!(
+        (p.unserved.clone(), p.served.clone()),
+        (vec![], both.clone())
+    );
+    // A reload that removes every node leaves both VIPs unserved; a VIP removed is not.
+    let p = configure(&mut c, &mut k, &config(&[], &[(1, 64)]));
+    assert_eq!((p.unserved, p.served), (vec![key(1)], vec![]));
+}
+
 /// The flow-hash seed decides every flow's route, so it lives as long as the tables: kept
 /// across restarts through the state file, and the kernel's (what it was forwarding with)
 /// wins over the file's. First starts draw distinct seeds.

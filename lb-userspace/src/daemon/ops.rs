@@ -218,7 +218,7 @@ impl Daemon {
     pub(super) fn change(
         &mut self,
         next: Config,
-        socket: Option<&mut Receiver>,
+        mut socket: Option<&mut Receiver>,
         dry_run: bool,
     ) -> Result<Diff, Fail> {
         let start = Instant::now();
@@ -231,6 +231,7 @@ impl Daemon {
             next.check_own_mac(mac)
                 .map_err(|e| Fail::bad(format!("{e:#}")))?;
         }
+        let keys = super::node_keys(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
         let mut changes = config_diff(&self.cfg, &next);
         let mut ctl = self.ctl.clone();
         let plan = ctl
@@ -252,6 +253,17 @@ impl Daemon {
         self.dp.set_config(&globals).map_err(kernel)?;
         self.ctl = ctl;
         self.change_seq += 1;
+        // Agents of nodes no longer heartbeat-checked lose their address and own socket.
+        let heard = |id: u32| {
+            next.nodes
+                .iter()
+                .any(|n| n.id == id && n.check == "heartbeat")
+        };
+        self.agents.retain(|id, _| heard(*id));
+        if let Some(r) = socket.as_deref_mut() {
+            r.set_node_keys(keys);
+            r.retain_peers(heard);
+        }
         sync_membership(&mut self.membership, &next);
         self.cfg = next;
         self.sync_checks();
@@ -314,6 +326,8 @@ impl Daemon {
         let mut hb = HeartbeatCounts {
             accepted: m.accepted,
             interval_clamped: m.interval_clamped,
+            weight_clamped: m.weight_clamped,
+            incarnation_resets: m.incarnation_reset,
             fail_static_episodes: m.fail_static,
             ..Default::default()
         };
@@ -321,6 +335,7 @@ impl Daemon {
             ("unknown_node", m.unknown_node),
             ("replay", m.replay),
             ("stale_incarnation", m.stale_incarnation),
+            ("duplicate_node", m.duplicate),
         ];
         if let Some(r) = socket {
             let c = r.counters();
@@ -342,6 +357,7 @@ impl Daemon {
             .collect();
         let ev = self.dp.counters().map(|c| c.stats).unwrap_or_default();
         let stat = |s: lb_common::Stat| ev.get(s as usize).copied().unwrap_or(0);
+        let served = self.ctl.served();
         api::Status {
             version: env!("CARGO_PKG_VERSION").into(),
             instance: self.cfg.daemon.instance.clone(),
@@ -364,6 +380,13 @@ impl Daemon {
                 inserts: stat(lb_common::Stat::CtInsert),
             },
             fail_static: self.membership.holding(),
+            unserved_vips: self
+                .ctl
+                .vips()
+                .filter(|v| !served.contains(&v.spec.key))
+                .map(|v| dataplane::vip_display(&v.spec.key))
+                .collect(),
+            unserved_episodes: self.unserved_episodes,
         }
     }
 
@@ -419,6 +442,9 @@ impl Daemon {
                     .map(|t| now.saturating_duration_since(t).as_secs_f64()),
                 cpu_permille: st.and_then(|s| s.cpu_permille),
                 active_conns: st.and_then(|s| s.active_conns),
+                duplicate_agent: st
+                    .and_then(|s| s.duplicate_seen)
+                    .is_some_and(|t| now.saturating_duration_since(t) < super::DUPLICATE_SHOWN),
             });
         }
         Ok(out)
@@ -694,6 +720,7 @@ pub fn keep_restart_only(
         heartbeat_listen,
         heartbeat_group,
         key_file,
+        node_key_dir,
         xdp_mode,
         route_slots,
         conntrack_size,
