@@ -66,13 +66,15 @@ pub const fn needs_lookup(kind: FlowKind, route_moved: bool) -> bool {
 }
 
 /// The flags a flow's entry gets from a packet (`seen`: its `CT_F_FIN`/`CT_F_RST` bits) on a
-/// route that is `moved` or not, given the entry's `old` flags (0 for a new entry): FIN/RST
-/// describe the last packet only, `CT_F_KEEP` once set stays (userspace clears it when the
-/// route settles).
+/// route that is `moved` or not, given the entry's `old` flags (0 for a new entry). All stay
+/// set (userspace clears `CT_F_KEEP` when the route settles): a FIN or RST only ends the entry
+/// once the flow has been quiet since (`CT_CLOSE_QUIET`), and every packet of a flow on a moved
+/// route refreshes `last_seen`, so a forged FIN/RST cannot end a flow that goes on talking,
+/// while a real close (FIN, then the last ACK) is quiet soon after.
 #[inline(always)]
 pub const fn ct_flags(old: u32, seen: u32, moved: bool) -> u32 {
     let keep = if moved { CT_F_KEEP } else { 0 };
-    (old & !(CT_F_FIN | CT_F_RST)) | seen | keep
+    old | seen | keep
 }
 
 /// What to do with the flow's `CONNTRACK` entry.
@@ -300,13 +302,16 @@ mod tests {
     }
 
     #[test]
-    fn flags_describe_the_last_packet_and_keep_sticks() {
+    fn flags_accumulate() {
         use crate::{CT_F_FIN, CT_F_KEEP, CT_F_RST};
         assert_eq!(ct_flags(0, 0, false), 0);
         assert_eq!(ct_flags(0, CT_F_RST, false), CT_F_RST);
-        // A forged RST, then the flow goes on: no longer closing.
-        assert_eq!(ct_flags(CT_F_RST, 0, false), 0);
-        assert_eq!(ct_flags(CT_F_FIN, CT_F_RST, true), CT_F_RST | CT_F_KEEP);
+        // The last ACK after a FIN keeps it: the close ends the entry once quiet.
+        assert_eq!(ct_flags(CT_F_FIN, 0, false), CT_F_FIN);
+        assert_eq!(
+            ct_flags(CT_F_FIN, CT_F_RST, true),
+            CT_F_FIN | CT_F_RST | CT_F_KEEP
+        );
         assert_eq!(ct_flags(CT_F_KEEP, 0, false), CT_F_KEEP);
         assert_eq!(ct_flags(0, 0, true), CT_F_KEEP);
     }

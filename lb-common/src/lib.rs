@@ -261,18 +261,19 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// The flow's last packet carried a TCP FIN (a later packet without one clears it: a forged
-/// FIN/RST cannot close a flow that goes on talking).
+/// A TCP FIN was seen on the flow (it ends the entry only once the flow is quiet:
+/// `CT_CLOSE_QUIET`).
 pub const CT_F_FIN: u32 = 1;
-/// The flow's last packet carried a TCP RST (cleared like `CT_F_FIN`).
+/// A TCP RST was seen on the flow (as `CT_F_FIN`).
 pub const CT_F_RST: u32 = 2;
 /// The flow was seen on a moved route (`ROUTE_F_MOVED`), where every packet refreshes its
 /// entry: the entry is needed to keep the flow on its node, and its `last_seen` is live. A new
 /// flow's SYN never evicts such an entry (a SYN flood cannot push established flows off their
 /// nodes); only another flow on a moved route can.
 pub const CT_F_KEEP: u32 = 4;
-/// A flow whose last packet carried FIN/RST is closing once it has been quiet this long
-/// (`CtEntry::last_seen` units, ~10.7 s): then it is the first to be evicted or expired.
+/// A flow that sent a FIN or RST is closed once it has been quiet this long (`CtEntry::last_seen`
+/// units, ~10.7 s): then it is the first to be evicted or expired. Until then (a forged FIN/RST
+/// on a flow that goes on talking, whose packets refresh `last_seen`) it is an open flow.
 pub const CT_CLOSE_QUIET: u32 = 10;
 
 /// What `CONNTRACK` records of a flow (`ct::CtSlot::entry`).
