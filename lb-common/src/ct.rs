@@ -149,6 +149,15 @@ pub fn ct_find(set: &CtSet, key: &CtKey, tag: u32) -> Option<usize> {
     ct_find_in(set, key, tag, CT_WAYS)
 }
 
+/// How long ago `last_seen` was at `now` (both `CtEntry::last_seen` units), 0 for a stamp
+/// ahead of `now`: another CPU (or the kernel, for a userspace reader) may have written a later
+/// tick than the caller read, and a wrapped difference would make that fresh entry the oldest.
+#[inline(always)]
+pub const fn ct_age(now: u32, last_seen: u32) -> u32 {
+    let d = now.wrapping_sub(last_seen);
+    if (d as i32) < 0 { 0 } else { d }
+}
+
 /// The way a new entry for the flow goes to: the flow's own way (a retransmitted SYN re-records
 /// rather than duplicates), else a free way, else the victim: a closing flow (FIN/RST last,
 /// quiet for `CT_CLOSE_QUIET`) first, then the least recently seen (`now` in
@@ -278,7 +287,7 @@ pub fn ct_insert_way_in(
         let w = (start + j) % CT_WAYS;
         let e = &set.slots[w].entry;
         if keep || e.flags & CT_F_KEEP == 0 {
-            let age = now.wrapping_sub(e.last_seen);
+            let age = ct_age(now, e.last_seen);
             let closing = e.flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
             let score = ((closing as u64) << 32) | age as u64;
             if best == CT_WAYS || score > best_score {
@@ -503,6 +512,23 @@ mod tests {
         }
         put(&mut set2, 1, &flows[1], 1, u32::MAX - 5, 0);
         assert_eq!(ct_insert_way(&set2, &kn, tn, 5, false).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_stamp_ahead_of_now_is_fresh() {
+        assert_eq!(ct_age(10, 7), 3);
+        assert_eq!(ct_age(10, 11), 0);
+        assert_eq!(ct_age(2, u32::MAX - 1), 4);
+        // Full set: the way stamped one tick ahead (by another CPU) is not the oldest.
+        let mut set = CtSet::default();
+        for i in 0..CT_WAYS {
+            put(&mut set, i, &key(300 + i as u32, FAMILY_V4), 1, 100, 0);
+        }
+        put(&mut set, 5, &key(305, FAMILY_V4), 1, 101, 0);
+        put(&mut set, 9, &key(309, FAMILY_V4), 1, 90, 0);
+        let k = key(7, FAMILY_V4);
+        let w = ct_insert_way(&set, &ct_key(&k), ct_key_tag(SEED, &k), 100, false);
+        assert_eq!(w, Some(9));
     }
 
     #[test]

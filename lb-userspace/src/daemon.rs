@@ -1239,7 +1239,7 @@ impl ScanJob {
             ..Default::default()
         };
         for (key, ct) in table.entries() {
-            let age = now.wrapping_sub(ct.last_seen);
+            let age = lb_common::ct::ct_age(now, ct.last_seen);
             let closing = ct.flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
             let Some(vip) = flow_vip(&key, |k| self.all.contains(k)) else {
                 table.remove(&key);

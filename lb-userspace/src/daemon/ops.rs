@@ -610,7 +610,8 @@ impl Daemon {
         let coarse = coarse_now();
         let tracked = ct.map(|e| api::TrackedFlow {
             node: e.node,
-            idle_seconds: (u64::from(coarse.wrapping_sub(e.last_seen)) << lb_common::CT_TIME_SHIFT)
+            idle_seconds: (u64::from(lb_common::ct::ct_age(coarse, e.last_seen))
+                << lb_common::CT_TIME_SHIFT)
                 / 1_000_000_000,
             closing: e.flags & (CT_F_FIN | CT_F_RST) != 0,
         });
