@@ -472,7 +472,7 @@ pub fn run(args: &[String]) -> Result<()> {
         cases: BTreeMap::new(),
     };
     println!(
-        "{:<22} {:<7} {:>10} {:>10} {:>8}  {:<18} {:>10}  verdict",
+        "{:<28} {:<7} {:>10} {:>10} {:>8}  {:<18} {:>10}  verdict",
         "case", "method", "ns median", "ns min", "ratio", "baseline", "wall ns"
     );
     for m in &results {
@@ -489,7 +489,7 @@ pub fn run(args: &[String]) -> Result<()> {
             )
         };
         println!(
-            "{:<22} {:<7} {:>10.1} {:>10.1} {:>8.2}  {:<18} {:>10}  {}",
+            "{:<28} {:<7} {:>10.1} {:>10.1} {:>8.2}  {:<18} {:>10}  {}",
             m.name,
             m.method.name(),
             med,
