@@ -648,56 +648,9 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'st
         .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
 }
 
-/// `ethtool -K IF tx off`: ETHTOOL_STXCSUM through SIOCETHTOOL, then read back.
+/// `ethtool -K IF tx off`, read back (`lb_userspace::offload`).
 fn tx_csum_off(ifname: &str) -> Result<()> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_GTXCSUM: u32 = 0x16;
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    #[repr(C)]
-    struct Ifreq {
-        name: [libc::c_char; libc::IFNAMSIZ],
-        data: *mut EthtoolValue,
-        _pad: [u8; 16],
-    }
-    // SAFETY: a plain datagram socket, closed by OwnedFd.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor we own.
-    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let ioctl = |cmd: u32, data: u32| -> Result<u32> {
-        let mut v = EthtoolValue { cmd, data };
-        let mut ifr = Ifreq {
-            name: [0; libc::IFNAMSIZ],
-            data: &mut v,
-            _pad: [0; 16],
-        };
-        for (d, s) in ifr
-            .name
-            .iter_mut()
-            .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
-        {
-            *d = s as libc::c_char;
-        }
-        // SAFETY: SIOCETHTOOL with an ifreq whose data points at a live ethtool_value.
-        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut ifr) };
-        ensure!(
-            rc == 0,
-            "ethtool ioctl {cmd:#x} on {ifname}: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(v.data)
-    };
-    ioctl(ETHTOOL_STXCSUM, 0)?;
-    ensure!(
-        ioctl(ETHTOOL_GTXCSUM, 0)? == 0,
-        "TX checksum offload still on for {ifname}"
-    );
-    Ok(())
+    lb_userspace::offload::set(ifname, lb_userspace::offload::Feature::TxCsum, false)
 }
 
 /// Native XDP needs the bridge-side peer of the gateway's veth to run an XDP program (frames
