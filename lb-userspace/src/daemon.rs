@@ -149,7 +149,7 @@ pub struct Daemon {
     /// API requests (the servers' side of the channel).
     api: Option<mpsc::Receiver<Call>>,
     /// The API and metrics servers (stopped when dropped).
-    _servers: Vec<Server>,
+    servers: Vec<Server>,
     /// The task moving the program's event records into the log.
     _events: Option<Server>,
 }
@@ -335,7 +335,7 @@ impl Daemon {
             unserved: BTreeSet::new(),
             unserved_episodes: 0,
             api: Some(api_rx),
-            _servers: servers,
+            servers,
             _events: events,
         };
         d.sync_checks();
@@ -931,6 +931,9 @@ impl Daemon {
     }
 
     fn shutdown(&mut self) -> Result<()> {
+        // The API first: its socket goes while the instance lock is still held, so it can
+        // never be a newer daemon's.
+        self.servers.clear();
         self.persister.submit(self.ctl.snapshot());
         let saved = self
             .persister

@@ -375,11 +375,14 @@ pub fn bind_api(path: &Path) -> Result<tokio::net::UnixListener> {
 
 /// Serves the API on `listener` until the task is aborted.
 pub fn spawn_api(listener: tokio::net::UnixListener, tx: Calls, path: PathBuf) -> Server {
-    Server::spawn(async move {
+    let shown = path.clone();
+    let mut s = Server::spawn(async move {
         if let Err(e) = axum::serve(listener, api_router(tx)).await {
-            tracing::error!("API socket {}: {e}", path.display());
+            tracing::error!("API socket {}: {e}", shown.display());
         }
-    })
+    });
+    s.socket = Some(path);
+    s
 }
 
 /// Binds the metrics address.
@@ -401,9 +404,11 @@ pub fn spawn_metrics(listener: tokio::net::TcpListener, tx: Calls) -> Server {
     })
 }
 
-/// A running server task, stopped when dropped.
+/// A running server task, stopped when dropped (its Unix socket file removed then, so a
+/// stopped daemon leaves no socket for `lb` to find and be refused by).
 pub struct Server {
     task: tokio::task::JoinHandle<()>,
+    socket: Option<PathBuf>,
 }
 
 impl Server {
@@ -411,6 +416,7 @@ impl Server {
     pub fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
         Self {
             task: tokio::spawn(f),
+            socket: None,
         }
     }
 }
@@ -418,5 +424,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }

@@ -186,6 +186,11 @@ fn runtime_changes_survive_a_restart_unless_the_file_changed() {
     let before = counts(&setup.routes(&key).unwrap());
 
     daemon.signal_and_wait(libc::SIGTERM).unwrap();
+    assert!(
+        !setup.socket().exists(),
+        "a stopped daemon left its API socket {}",
+        setup.socket().display()
+    );
     let _daemon = setup.start(&lab, &[]).unwrap();
     let nodes = setup.cli_json(&["node", "list"]).unwrap();
     let ids: Vec<u64> = nodes
