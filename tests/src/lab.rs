@@ -434,18 +434,7 @@ fn build_and_start(spec: &Spec, foreground: bool, banner: bool) -> Result<Option
         .map(OsString::from)
         .to_vec();
         spawn(n, &format!("decap-{i}"), &ns, lb, &decap, false)?;
-        let mut agent: Vec<OsString> = [
-            "agent",
-            "--node-id",
-            &i.to_string(),
-            "--balancer",
-            &format!("{GW_IP}:{HB_PORT}"),
-            "--key-file",
-        ]
-        .map(OsString::from)
-        .to_vec();
-        agent.push(n.key().into());
-        spawn(n, &format!("agent-{i}"), &ns, lb, &agent, false)?;
+        spawn(n, &format!("agent-{i}"), &ns, lb, &agent_args(n, i), false)?;
     }
     check_stop()?;
     let mut run: Vec<OsString> = ["run", "--iface", "eth0", "--config"]
@@ -651,6 +640,22 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'st
 /// `ethtool -K IF tx off`, read back (`lb_userspace::offload`).
 fn tx_csum_off(ifname: &str) -> Result<()> {
     lb_userspace::offload::set(ifname, lb_userspace::offload::Feature::TxCsum, false)
+}
+
+/// `lb agent` arguments of node `i` of lab `n` (also for restarting it: `LabCtl::start_agent`).
+pub fn agent_args(n: &Names, i: usize) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "agent",
+        "--node-id",
+        &i.to_string(),
+        "--balancer",
+        &format!("{GW_IP}:{HB_PORT}"),
+        "--key-file",
+    ]
+    .map(OsString::from)
+    .to_vec();
+    args.push(n.key().into());
+    args
 }
 
 /// Native XDP needs the bridge-side peer of the gateway's veth to run an XDP program (frames

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 pub use crate::lab::alive;
-use crate::lab::{self, GW_IP, HB_PORT, Names, reap, start_time};
+use crate::lab::{self, Names, reap, start_time};
 
 /// A lab that `lab::up` started, and the `lb` binary it runs.
 pub struct LabCtl {
@@ -73,17 +73,7 @@ impl LabCtl {
 
     /// Starts node `i`'s agent with the lab's arguments (a new incarnation).
     pub fn start_agent(&self, i: usize) -> Result<u32> {
-        let mut args: Vec<OsString> = [
-            "agent",
-            "--node-id",
-            &i.to_string(),
-            "--balancer",
-            &format!("{GW_IP}:{HB_PORT}"),
-            "--key-file",
-        ]
-        .map(OsString::from)
-        .to_vec();
-        args.push(self.names.key().into());
+        let args = lab::agent_args(&self.names, i);
         self.spawn(&format!("agent-{i}"), &self.node_ns(i), &self.lb, &args)
     }
 

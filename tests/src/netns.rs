@@ -207,6 +207,31 @@ pub struct Host {
     pub ifname: String,
 }
 
+impl Host {
+    /// A new namespace `ns_name` on the bridge `br0` of `bridge` through a veth (`peer` on the
+    /// bridge side, `eth0` inside): MAC `02:00:00:00:00:<last>`, address `198.18.0.<last>/24`,
+    /// reverse-path filtering off (the balancer's forwarded frames keep the client's source).
+    pub fn attach(bridge: &Netns, ns_name: &str, peer: &str, last: u8) -> Result<Self> {
+        let ns = Netns::new(ns_name)?;
+        let mac = [0x02, 0x00, 0x00, 0x00, 0x00, last];
+        bridge.ip(&[
+            "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        bridge.ip(&["link", "set", peer, "master", "br0", "up"])?;
+        ns.ip(&["link", "set", "eth0", "address", &mac_str(&mac), "up"])?;
+        let ip: std::net::Ipv4Addr = format!("{LAB_NET}.{last}").parse()?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0")?;
+        Ok(Self {
+            ns,
+            ip,
+            mac,
+            ifname: "eth0".into(),
+        })
+    }
+}
+
 /// One L2 segment (a bridge in its own namespace) with a client, a balancer and `n` nodes.
 /// Addresses: 198.18.0.1 client, .2 balancer, .11.. nodes (198.18.0.0/15 is the benchmarking
 /// range; it only exists inside these namespaces).
@@ -227,26 +252,13 @@ impl Lab {
         let bridge = Netns::new(&format!("{prefix}br"))?;
         bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
         bridge.ip(&["link", "set", "br0", "up"])?;
-        let mk = |name: &str, last: u8| -> Result<Host> {
-            let ns = Netns::new(&format!("{prefix}{name}"))?;
-            let peer = format!("{prefix}{name}p");
-            let mac = [0x02, 0x00, 0x00, 0x00, 0x00, last];
-            let mac_s = mac_str(&mac);
-            bridge.ip(&[
-                "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ])?;
-            bridge.ip(&["link", "set", &peer, "master", "br0", "up"])?;
-            ns.ip(&["link", "set", "eth0", "address", &mac_s, "up"])?;
-            let ip: std::net::Ipv4Addr = format!("{LAB_NET}.{last}").parse()?;
-            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-            ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0")?;
-            Ok(Host {
-                ns,
-                ip,
-                mac,
-                ifname: "eth0".into(),
-            })
+        let mk = |name: &str, last: u8| {
+            Host::attach(
+                &bridge,
+                &format!("{prefix}{name}"),
+                &format!("{prefix}{name}p"),
+                last,
+            )
         };
         let client = mk("c", 1)?;
         let lb = mk("l", 2)?;

@@ -62,25 +62,13 @@ fn edge_lab() -> Result<Lab> {
     ] {
         bridge.sysctl(k, v)?;
     }
-    let host = |name: &str, last: u8| -> Result<Host> {
-        let ns = Netns::new(&format!("{prefix}-{name}"))?;
-        let peer = format!("{name}p");
-        let mac = [0x02, 0, 0, 0, 0, last];
-        bridge.ip(&[
-            "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        bridge.ip(&["link", "set", &peer, "master", "br0", "up"])?;
-        ns.ip(&["link", "set", "eth0", "address", &mac_str(&mac), "up"])?;
-        let ip: Ipv4Addr = format!("198.18.0.{last}").parse()?;
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0")?;
-        Ok(Host {
-            ns,
-            ip,
-            mac,
-            ifname: "eth0".into(),
-        })
+    let host = |name: &str, last: u8| {
+        Host::attach(
+            &bridge,
+            &format!("{prefix}-{name}"),
+            &format!("{name}p"),
+            last,
+        )
     };
     let client = host("c", 1)?;
     let lb = host("l", 2)?;
