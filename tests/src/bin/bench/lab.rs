@@ -448,23 +448,19 @@ pub fn run(args: &[String]) -> Result<()> {
         "{:<44} {:>10} {:>10} {:>10} {:>7}",
         "case", "median", "min", "max", "ratio"
     );
+    // One table row: the median, the rounds' range and the ratio, `digits` after the point.
+    let row = |case: &str, median: f64, rounds: &[f64], ratio: f64, digits: usize| {
+        println!(
+            "{case:<44} {median:>10.digits$} {:>10.digits$} {:>10.digits$} {ratio:>7.3}",
+            min(rounds),
+            max(rounds),
+        );
+    };
     if let Some(m) = &mpps {
-        println!(
-            "{:<44} {:>10.3} {:>10.3} {:>10.3} {:>7.3}",
-            "mpps.lb (dsr-l2 established, live frames)",
-            m.lb,
-            min(&m.lb_rounds),
-            max(&m.lb_rounds),
-            m.ratio
-        );
-        println!(
-            "{:<44} {:>10.3} {:>10.3} {:>10.3} {:>7.3}",
-            "mpps.baseline (baseline_tx, same link)",
-            m.baseline,
-            min(&m.baseline_rounds),
-            max(&m.baseline_rounds),
-            1.0
-        );
+        let lb = "mpps.lb (dsr-l2 established, live frames)";
+        row(lb, m.lb, &m.lb_rounds, m.ratio, 3);
+        let base = "mpps.baseline (baseline_tx, same link)";
+        row(base, m.baseline, &m.baseline_rounds, 1.0, 3);
         println!(
             "  ({:.1} vs {:.1} ns per frame; by the kernel's duration: lb {:.3}, baseline {:.3} \
              Mpps, ratio {:.3}; {} rounds of {} frames each, batch {}, CPU {}{}; {} of {} frames \
@@ -485,22 +481,10 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
     if let Some(r) = &rps {
-        println!(
-            "{:<44} {:>10.0} {:>10.0} {:>10.0} {:>7.3}",
-            format!("rps.vip ({})", r.vip_target),
-            r.vip,
-            min(&r.vip_rounds),
-            max(&r.vip_rounds),
-            r.ratio
-        );
-        println!(
-            "{:<44} {:>10.0} {:>10.0} {:>10.0} {:>7.3}",
-            format!("rps.direct ({})", r.direct_target),
-            r.direct,
-            min(&r.direct_rounds),
-            max(&r.direct_rounds),
-            1.0
-        );
+        let vip = format!("rps.vip ({})", r.vip_target);
+        row(&vip, r.vip, &r.vip_rounds, r.ratio, 0);
+        let direct = format!("rps.direct ({})", r.direct_target);
+        row(&direct, r.direct, &r.direct_rounds, 1.0, 0);
         println!(
             "  ({} connections, one request each, {} s per round, {} rounds each; errors: vip {}, direct {})",
             r.conns,
