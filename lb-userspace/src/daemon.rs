@@ -1141,14 +1141,12 @@ fn sync_membership(m: &mut Membership, cfg: &Config) {
 
 /// What the kernel holds at start-up: the pinned VIPs' live tables and non-empty node slots.
 fn adopted(dp: &Dataplane) -> Result<Adopted> {
-    let mut a = Adopted {
-        hash_seed: (!dp.vip_keys().is_empty()).then(|| dp.hash_seed()),
-        ..Adopted::default()
-    };
+    let mut a = Adopted::default();
     for key in dp.vip_keys() {
         let (Some(meta), Some(routes)) = (dp.vip_meta(&key), dp.live_routes(&key)) else {
             continue;
         };
+        a.hash_seed.get_or_insert(meta.hash_seed);
         a.vips.insert(
             key,
             AdoptedVip {
