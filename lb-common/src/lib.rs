@@ -53,7 +53,7 @@ pub const MAP_DECAP_SRC6: &str = "DECAP_SRC6";
 // ---------------------------------------------------------------------------------------------
 
 /// Most VIPs (entries of `VIPS`, and the bound of a VIP index).
-pub const MAX_VIPS: u32 = 1024;
+pub const MAX_VIPS: u32 = 16384;
 /// Entries of `VIP_CACHE` (a power of two): the direct-mapped cache of `VIPS` that the hot
 /// path reads instead of the hash map.
 pub const VIP_CACHE_SIZE: u32 = 4096;

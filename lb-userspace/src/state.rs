@@ -612,7 +612,7 @@ mod tests {
             (v2(&vip(0, 1, "[3]")), "invalid type"),
             (v2(&format!("{},{}", vip(0, 1, "[]"), vip(0, 2, "[]"))), "index 0 is used twice"),
             (v2(&format!("{},{}", vip(0, 1, "[]"), vip(1, 1, "[]"))), "listed twice"),
-            (v2(&vip(MAX_VIPS, 1, "[]")), "index 1024 is out of range"),
+            (v2(&vip(MAX_VIPS, 1, "[]")), "index 16384 is out of range"),
             (v2(&vip(0, 1, "[]").replace(r#","index":0"#, "")), "missing field `index`"),
         ];
         for (content, needle) in cases {

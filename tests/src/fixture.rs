@@ -421,6 +421,20 @@ impl Decap {
 }
 
 /// The benchmark baselines (`baseline_pass`, `baseline_tx`).
+/// What `bench_wrapper` does to each run's input before the program under test sees it.
+#[derive(Clone, Debug, Default)]
+pub struct WrapperCfg {
+    /// A never-seen flow every run (the counter steps), else the same flow.
+    pub new_flows: bool,
+    /// Write the counter into the IPv4 source address's low half and the source port.
+    pub rewrite_src: bool,
+    /// Non-zero: IPv4 destination low half = counter % `vips`.
+    pub vips: u32,
+    /// The input frame: each run's output is cut back to its length and gets its Ethernet
+    /// header back (for programs that rewrite or encapsulate).
+    pub restore: Option<Vec<u8>>,
+}
+
 pub struct Baseline {
     ebpf: Ebpf,
 }
@@ -430,7 +444,7 @@ impl Baseline {
         let mut ebpf = EbpfLoader::new().load(objects::get(objects::BASELINE, "baseline")?)?;
         load_xdp(&mut ebpf, "baseline_pass")?;
         load_xdp(&mut ebpf, "baseline_tx")?;
-        load_xdp(&mut ebpf, "bench_new_flow")?;
+        load_xdp(&mut ebpf, "bench_wrapper")?;
         Ok(Self { ebpf })
     }
 
@@ -438,7 +452,7 @@ impl Baseline {
         xdp_prog(&mut self.ebpf, name)
     }
 
-    /// Makes `bench_new_flow` tail-call `target`.
+    /// Makes `bench_wrapper` tail-call `target`.
     pub fn set_wrapper_target(&mut self, target: &aya::programs::ProgramFd) -> Result<()> {
         let map = self
             .ebpf
@@ -449,18 +463,33 @@ impl Baseline {
         Ok(())
     }
 
-    /// `bench_new_flow`'s step: true = a never-seen flow each run, false = the same flow.
-    pub fn set_wrapper_new_flows(&mut self, new_flows: bool) -> Result<()> {
+    /// `bench_wrapper`'s settings (its `BENCH_CFG`).
+    pub fn set_wrapper(&mut self, cfg: &WrapperCfg) -> Result<()> {
+        let mut words = [0u32; 8];
+        words[0] = u32::from(cfg.new_flows);
+        words[1] = u32::from(cfg.rewrite_src);
+        words[2] = cfg.vips;
+        if let Some(input) = &cfg.restore {
+            let eth = input
+                .get(..14)
+                .ok_or_else(|| anyhow!("a restored input needs an Ethernet header"))?;
+            words[3] = u32::try_from(input.len())?;
+            let mut b = [0u8; 16];
+            b[..14].copy_from_slice(eth);
+            for (w, c) in words[4..].iter_mut().zip(b.chunks_exact(4)) {
+                *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
         let map = self
             .ebpf
-            .map_mut("BENCH_STEP")
-            .ok_or_else(|| anyhow!("BENCH_STEP missing"))?;
-        let mut arr = aya::maps::Array::<_, u32>::try_from(map)?;
-        arr.set(0, u32::from(new_flows), 0)?;
+            .map_mut("BENCH_CFG")
+            .ok_or_else(|| anyhow!("BENCH_CFG missing"))?;
+        let mut arr = aya::maps::Array::<_, [u32; 8]>::try_from(map)?;
+        arr.set(0, words, 0)?;
         Ok(())
     }
 
-    /// Points `bench_new_flow` at this object's `baseline_tx` (to measure the wrapper itself).
+    /// Points `bench_wrapper` at this object's `baseline_tx` (to measure the wrapper itself).
     pub fn wrap_baseline_tx(&mut self) -> Result<()> {
         let fd = self.program_mut("baseline_tx")?.fd()?.try_clone()?;
         self.set_wrapper_target(&fd)
