@@ -546,5 +546,10 @@ pub fn run(args: &[String]) -> Result<()> {
             wrong.join(", ")
         );
     }
+    let dir = lb_tests::bench_dir();
+    println!(
+        "wrote {}",
+        lb_tests::charts::dataplane_from(&dir, &dir)?.display()
+    );
     Ok(())
 }
