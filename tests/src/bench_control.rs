@@ -489,5 +489,10 @@ pub fn run(args: &[String]) -> Result<()> {
     });
     let path = crate::write_bench_json("control.json", &doc)?;
     println!("\nwrote {}", path.display());
+    let dir = crate::bench_dir();
+    println!(
+        "wrote {}",
+        crate::charts::failover_from(&dir, &dir)?.display()
+    );
     Ok(())
 }

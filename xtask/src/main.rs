@@ -57,12 +57,14 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
-    /// Benchmarks that print a table and write JSON under target/bench/.
+    /// Benchmarks that print a table and write JSON under target/bench/ (`dataplane` and
+    /// `control` also their SVG chart); `charts [--out DIR]` re-renders the charts from that JSON.
     Bench {
         #[command(flatten)]
         setup: SetupArgs,
         /// `dataplane`, `control` or `lab` (the balancer in the lab: Mpps on a veth in native
-        /// mode beside a trivial XDP_TX program, HTTP requests/s through the VIP vs direct).
+        /// mode beside a trivial XDP_TX program, HTTP requests/s through the VIP vs direct), or
+        /// `charts` (no benchmark runs, no root needed; `--out DIR` relative to the workspace).
         which: String,
         /// Extra arguments for the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -168,20 +170,23 @@ fn real_main() -> Result<()> {
             which,
             args,
         } => {
+            if !matches!(which.as_str(), "dataplane" | "control" | "lab" | "charts") {
+                bail!("unknown benchmark {which:?}: use `dataplane`, `control`, `lab` or `charts`");
+            }
+            // `lb-bench` links the balancer's objects, so even `charts` needs the eBPF build.
             setup(&root, &s)?;
-            require_root("cargo xtask bench")?;
-            ensure_bpffs()?;
-            if !matches!(which.as_str(), "dataplane" | "control" | "lab") {
-                bail!("unknown benchmark {which:?}: use `dataplane`, `control` or `lab`");
+            if which != "charts" {
+                require_root("cargo xtask bench")?;
+                ensure_bpffs()?;
             }
             // The control benchmark runs the real daemon and agents; the lab benchmark the lab
             // (`lb-lab`, next to `lb-bench`).
-            if which == "lab" {
-                build_lab(&root)?;
-            } else {
-                cargo(&root)
+            match which.as_str() {
+                "charts" => {}
+                "lab" => build_lab(&root)?,
+                _ => cargo(&root)
                     .args(["build", "--release", "-p", "lb-userspace", "--bins"])
-                    .status_ok("building lb")?;
+                    .status_ok("building lb")?,
             }
             cargo(&root)
                 .args([

@@ -712,5 +712,10 @@ pub fn run(args: &[String]) -> Result<()> {
         path.display()
     );
     warn_wrong(results.iter());
+    let dir = lb_tests::bench_dir();
+    println!(
+        "wrote {}",
+        lb_tests::charts::dataplane_from(&dir, &dir)?.display()
+    );
     Ok(())
 }
