@@ -5,7 +5,9 @@
 //! inserts cost one inlined array lookup, a scan of one cache line of tags and one slot line,
 //! where the kernel's LRU hash costs ~250 ns per insert (its free-list and bucket locking).
 //! Eviction is LRU within the set: a full set gives up a closing flow (FIN/RST seen) first,
-//! then the least recently seen one.
+//! then the least recently seen one. What the victim choice reads (each way's last-seen time
+//! and flags) is packed in the set's second cache line, so choosing a victim in a full set reads
+//! two lines, not one per way.
 //!
 //! Concurrency without locks: a writer clears the way's tag, writes the slot, then sets the
 //! tag. A reader accepts a slot only if its tag, its key and its check word (a hash of the
@@ -27,18 +29,20 @@ pub const CT_KEY_WORDS: usize = 5;
 /// ports word in the low half and `proto | family << 8` in the high half of the last.
 pub type CtKey = [u64; CT_KEY_WORDS];
 
-/// One way of a set: a tracked flow.
+/// One way of a set: a tracked flow (its `last_seen` and flags are in [`CtSet::seen`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtSlot {
     /// The flow ([`ct_key`]).
     pub key: CtKey,
-    /// Where it goes.
-    pub entry: CtEntry,
-    /// [`hash::ct_check`] of the way's tag, `entry.node` and `entry.vip`.
+    /// `CtEntry::node`: where it goes.
+    pub node: u32,
+    /// `CtEntry::vip`.
+    pub vip: u32,
+    /// [`hash::ct_check`] of the way's tag, `node` and `vip`.
     pub check: u32,
-    /// Explicit padding; always zero.
-    pub _pad: u32,
+    /// Explicit padding to one cache line; always zero.
+    pub _pad: [u32; 3],
 }
 
 /// Value of `CONNTRACK`: one set.
@@ -48,8 +52,41 @@ pub struct CtSet {
     /// Per way: the flow's [`ct_tag`], 0 when the way is free. One cache line, so a lookup
     /// reads a slot line only on a tag match.
     pub tags: [u32; CT_WAYS],
+    /// Per way: [`ct_seen`] of the flow's `last_seen` and flags. One cache line: all a full
+    /// set's victim choice reads besides the tags (it was one slot line per way).
+    pub seen: [u32; CT_WAYS],
     /// The ways.
     pub slots: [CtSlot; CT_WAYS],
+}
+
+/// Low bits of a [`CtSet::seen`] word: the `CT_F_*` flags; the time is above them.
+pub const CT_FLAG_BITS: u32 = 3;
+/// `CtEntry::last_seen` as stored: its low 29 bits, which wrap every ~18 years; [`ct_age`]
+/// works modulo this.
+pub const CT_TIME_MASK: u32 = u32::MAX >> CT_FLAG_BITS;
+
+/// A way's `seen` word: `last_seen` (low 29 bits) above the flags.
+#[inline(always)]
+pub const fn ct_seen(last_seen: u32, flags: u32) -> u32 {
+    last_seen << CT_FLAG_BITS | (flags & !(u32::MAX << CT_FLAG_BITS))
+}
+
+/// `(last_seen, flags)` of a `seen` word.
+#[inline(always)]
+pub const fn ct_seen_parts(seen: u32) -> (u32, u32) {
+    (seen >> CT_FLAG_BITS, seen & !(u32::MAX << CT_FLAG_BITS))
+}
+
+/// Way `i`'s entry as stored (not checked: see [`ct_holds`]).
+#[inline(always)]
+pub fn ct_entry(set: &CtSet, i: usize) -> CtEntry {
+    let (last_seen, flags) = ct_seen_parts(set.seen[i]);
+    CtEntry {
+        node: set.slots[i].node,
+        vip: set.slots[i].vip,
+        last_seen,
+        flags,
+    }
 }
 
 /// Words of a flow from the kernel's view: addresses as little-endian words (IPv4 in word 0),
@@ -138,9 +175,7 @@ pub const fn same_key(a: &CtKey, b: &CtKey) -> bool {
 #[inline(always)]
 pub fn ct_holds(set: &CtSet, i: usize, key: &CtKey, tag: u32) -> bool {
     let s = &set.slots[i];
-    set.tags[i] == tag
-        && same_key(&s.key, key)
-        && s.check == hash::ct_check(tag, s.entry.node, s.entry.vip)
+    set.tags[i] == tag && same_key(&s.key, key) && s.check == hash::ct_check(tag, s.node, s.vip)
 }
 
 /// The way holding the flow, if any.
@@ -149,13 +184,14 @@ pub fn ct_find(set: &CtSet, key: &CtKey, tag: u32) -> Option<usize> {
     ct_find_in(set, key, tag, CT_WAYS)
 }
 
-/// How long ago `last_seen` was at `now` (both `CtEntry::last_seen` units), 0 for a stamp
-/// ahead of `now`: another CPU (or the kernel, for a userspace reader) may have written a later
-/// tick than the caller read, and a wrapped difference would make that fresh entry the oldest.
+/// How long ago `last_seen` was at `now` (both `CtEntry::last_seen` units, compared modulo
+/// [`CT_TIME_MASK`] as stored), 0 for a stamp ahead of `now`: another CPU (or the kernel, for a
+/// userspace reader) may have written a later tick than the caller read, and a wrapped
+/// difference would make that fresh entry the oldest.
 #[inline(always)]
 pub const fn ct_age(now: u32, last_seen: u32) -> u32 {
-    let d = now.wrapping_sub(last_seen);
-    if (d as i32) < 0 { 0 } else { d }
+    let d = now.wrapping_sub(last_seen) & CT_TIME_MASK;
+    if d > CT_TIME_MASK / 2 { 0 } else { d }
 }
 
 /// The way a new entry for the flow goes to: the flow's own way (a retransmitted SYN re-records
@@ -230,10 +266,11 @@ pub unsafe fn ct_get_with(
             let t = &raw const (*set).tags[w];
             if t.read_volatile() == tag {
                 let s = &raw const (*set).slots[w];
-                (*out).node = (&raw const (*s).entry.node).read_volatile();
-                (*out).vip = (&raw const (*s).entry.vip).read_volatile();
-                (*out).last_seen = (&raw const (*s).entry.last_seen).read_volatile();
-                (*out).flags = (&raw const (*s).entry.flags).read_volatile();
+                (*out).node = (&raw const (*s).node).read_volatile();
+                (*out).vip = (&raw const (*s).vip).read_volatile();
+                let (last_seen, flags) = ct_seen_parts((&raw const (*set).seen[w]).read_volatile());
+                (*out).last_seen = last_seen;
+                (*out).flags = flags;
                 let check = (&raw const (*s).check).read_volatile();
                 between(w);
                 if t.read_volatile() == tag
@@ -277,18 +314,18 @@ pub fn ct_insert_way_in(
         }
         i += 1;
     }
-    // Full set: reads every slot line, which only a full set costs. Ties are broken from a
-    // start that depends on the tag, so same-age sets do not always evict the same way.
+    // Full set: reads the `seen` line. Ties are broken from a start that depends on the tag,
+    // so same-age sets do not always evict the same way.
     let start = tag as usize % CT_WAYS;
     let mut best = CT_WAYS;
     let mut best_score = 0u64;
     let mut j = 0;
     while j < ways {
         let w = (start + j) % CT_WAYS;
-        let e = &set.slots[w].entry;
-        if keep || e.flags & CT_F_KEEP == 0 {
-            let age = ct_age(now, e.last_seen);
-            let closing = e.flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
+        let (last_seen, flags) = ct_seen_parts(set.seen[w]);
+        if keep || flags & CT_F_KEEP == 0 {
+            let age = ct_age(now, last_seen);
+            let closing = flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
             let score = ((closing as u64) << 32) | age as u64;
             if best == CT_WAYS || score > best_score {
                 best = w;
@@ -322,11 +359,10 @@ pub unsafe fn ct_store(set: *mut CtSet, i: usize, key: &CtKey, tag: u32, e: &CtE
             (&raw mut (*s).key[j]).write_volatile(key[j]);
             j += 1;
         }
-        (&raw mut (*s).entry.node).write_volatile(e.node);
-        (&raw mut (*s).entry.vip).write_volatile(e.vip);
-        (&raw mut (*s).entry.last_seen).write_volatile(e.last_seen);
-        (&raw mut (*s).entry.flags).write_volatile(e.flags);
+        (&raw mut (*s).node).write_volatile(e.node);
+        (&raw mut (*s).vip).write_volatile(e.vip);
         (&raw mut (*s).check).write_volatile(hash::ct_check(tag, e.node, e.vip));
+        (&raw mut (*set).seen[i]).write_volatile(ct_seen(e.last_seen, e.flags));
         t.write_volatile(tag);
     }
 }
@@ -406,15 +442,12 @@ mod tests {
         set.tags[i] = tag;
         set.slots[i] = CtSlot {
             key: ct_key(k),
-            entry: CtEntry {
-                node,
-                vip: 3,
-                last_seen,
-                flags,
-            },
+            node,
+            vip: 3,
             check: hash::ct_check(tag, node, 3),
-            _pad: 0,
+            _pad: [0; 3],
         };
+        set.seen[i] = ct_seen(last_seen, flags);
     }
 
     #[test]
@@ -450,7 +483,7 @@ mod tests {
         assert_eq!(ct_find(&set, &ka, ta), Some(5));
         assert_eq!(ct_find(&set, &ct_key(&b), ct_key_tag(SEED, &b)), None);
         // A torn slot: node rewritten, check not (yet).
-        set.slots[5].entry.node = 4;
+        set.slots[5].node = 4;
         assert_eq!(ct_find(&set, &ka, ta), None);
         set.slots[5].check = hash::ct_check(ta, 4, 3);
         assert_eq!(ct_find(&set, &ka, ta), Some(5));
@@ -519,6 +552,14 @@ mod tests {
         assert_eq!(ct_age(10, 7), 3);
         assert_eq!(ct_age(10, 11), 0);
         assert_eq!(ct_age(2, u32::MAX - 1), 4);
+        // Stored stamps keep 29 bits: ages still come out right across that wrap.
+        let (stored, _) = ct_seen_parts(ct_seen(u32::MAX - 1, CT_F_KEEP));
+        assert_eq!(ct_age(2, stored), 4);
+        assert_eq!(ct_age(u32::MAX - 1, stored), 0);
+        assert_eq!(
+            ct_seen_parts(ct_seen(77, CT_F_FIN | CT_F_KEEP)),
+            (77, CT_F_FIN | CT_F_KEEP)
+        );
         // Full set: the way stamped one tick ahead (by another CPU) is not the oldest.
         let mut set = CtSet::default();
         for i in 0..CT_WAYS {
@@ -584,7 +625,7 @@ mod tests {
                 ct_insert_way_in(set, &words, tag, now, false, CT_WAYS).expect("no flow is kept");
             set.tags[w] = tag;
             set.slots[w].key = words;
-            set.slots[w].entry.last_seen = now;
+            set.seen[w] = ct_seen(now, 0);
             if now as usize >= target {
                 inserts += 1;
                 evictions += u32::from(evicts);

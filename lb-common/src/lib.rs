@@ -276,7 +276,7 @@ pub const CT_F_KEEP: u32 = 4;
 /// on a flow that goes on talking, whose packets refresh `last_seen`) it is an open flow.
 pub const CT_CLOSE_QUIET: u32 = 10;
 
-/// What `CONNTRACK` records of a flow (`ct::CtSlot::entry`).
+/// What `CONNTRACK` records of a flow (a `ct::CtSlot` and its `ct::CtSet::seen` word).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -514,11 +514,14 @@ const _: () = {
     assert!(offset_of!(FlowKey, proto) == 36);
     assert!(size_of::<CtEntry>() == 16);
     assert!(size_of::<ct::CtSlot>() == 64);
-    assert!(offset_of!(ct::CtSlot, entry) == 40);
-    assert!(offset_of!(ct::CtSlot, check) == 56);
-    assert!(size_of::<ct::CtSet>() == 64 + 64 * ct::CT_WAYS);
+    assert!(offset_of!(ct::CtSlot, node) == 40);
+    assert!(offset_of!(ct::CtSlot, check) == 48);
+    assert!(size_of::<ct::CtSet>() == 128 + 64 * ct::CT_WAYS);
     assert!(size_of::<[u32; ct::CT_WAYS]>() == 64);
-    assert!(offset_of!(ct::CtSet, slots) == 64);
+    assert!(offset_of!(ct::CtSet, seen) == 64);
+    assert!(offset_of!(ct::CtSet, slots) == 128);
+    // The flags fit below a `seen` word's time.
+    assert!(CT_F_KEEP | CT_F_FIN | CT_F_RST < 1 << ct::CT_FLAG_BITS);
     assert!(DEFAULT_CONNTRACK_SIZE.is_multiple_of(ct::CT_WAYS as u32));
     assert!(size_of::<GlobalConfig>() == 40);
     assert!(offset_of!(GlobalConfig, ct_sets) == 32);

@@ -39,8 +39,8 @@ use lb_common::{
     Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS,
     VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
-        CT_MAP_FLAGS, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_get_in, ct_insert_way_in,
-        ct_key_words, ct_set_index, ct_store, ct_tag,
+        CT_MAP_FLAGS, CT_TIME_MASK, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_get_in,
+        ct_insert_way_in, ct_key_words, ct_seen, ct_set_index, ct_store, ct_tag,
     },
     flow_hash_v4, flow_hash_v6,
     hash::filter_slot,
@@ -1034,7 +1034,7 @@ fn tracked(
     let choice = decide::choose(flow.kind, route.node, owner_state, looked_up, hit)?;
     if choice.ct != CtAction::None {
         // SAFETY: no arguments; cannot fail.
-        let now = (unsafe { bpf_ktime_get_coarse_ns() } >> CT_TIME_SHIFT) as u32;
+        let now = (unsafe { bpf_ktime_get_coarse_ns() } >> CT_TIME_SHIFT) as u32 & CT_TIME_MASK;
         let seen = match flow.kind {
             FlowKind::Tracked { seen, .. } => seen,
             _ => 0,
@@ -1174,9 +1174,7 @@ pub unsafe extern "C" fn lb_ct_touch(
         let Some(i) = ct_find_in(&*set, &*key, tag, ways.min(CT_WAYS)) else {
             return 0;
         };
-        let p = &raw mut (*set).slots[i].entry;
-        (&raw mut (*p).last_seen).write_volatile((*e).last_seen);
-        (&raw mut (*p).flags).write_volatile((*e).flags);
+        (&raw mut (*set).seen[i]).write_volatile(ct_seen((*e).last_seen, (*e).flags));
     }
     1
 }
@@ -1737,8 +1735,8 @@ fn note_evict(victim: &CtSlot) -> bool {
         (w[4] >> 32) as u8,
         v6,
     );
-    s.ev.vip = victim.entry.vip as i32;
-    s.ev.node = victim.entry.node as i32;
+    s.ev.vip = victim.vip as i32;
+    s.ev.node = victim.node as i32;
     true
 }
 

@@ -7,8 +7,8 @@ use std::{io, os::fd::OwnedFd};
 use lb_common::{
     CT_F_KEEP, CtEntry, FlowKey,
     ct::{
-        CT_WAYS, CtSet, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key, ct_key_tag,
-        ct_set_index, ct_store,
+        CT_WAYS, CtSet, ct_entry, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key,
+        ct_key_tag, ct_set_index, ct_store,
     },
 };
 
@@ -78,7 +78,7 @@ impl CtTable {
                 }
                 let key = ct_flow_key(&set.slots[w].key);
                 if ct_key_tag(self.seed, &key) == tag && ct_holds(&set, w, &set.slots[w].key, tag) {
-                    out.push((key, set.slots[w].entry));
+                    out.push((key, ct_entry(&set, w)));
                 }
             }
         }
