@@ -521,7 +521,7 @@ const _: () = {
     assert!(offset_of!(ct::CtSet, seen) == 64);
     assert!(offset_of!(ct::CtSet, slots) == 128);
     // The flags fit below a `seen` word's time.
-    assert!(CT_F_KEEP | CT_F_FIN | CT_F_RST < 1 << ct::CT_FLAG_BITS);
+    assert!((CT_F_KEEP | CT_F_FIN | CT_F_RST) >> ct::CT_FLAG_BITS == 0);
     assert!(DEFAULT_CONNTRACK_SIZE.is_multiple_of(ct::CT_WAYS as u32));
     assert!(size_of::<GlobalConfig>() == 40);
     assert!(offset_of!(GlobalConfig, ct_sets) == 32);

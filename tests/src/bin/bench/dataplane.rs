@@ -56,6 +56,8 @@ struct Opts {
     runs: usize,
     repeat: u32,
     scaling: bool,
+    /// `--scaling` only: the dimensions to measure (all when empty).
+    only: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -63,6 +65,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         runs: 7,
         repeat: 1_000_000,
         scaling: false,
+        only: vec![],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -76,8 +79,20 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--runs" => o.runs = usize::try_from(val()?)?,
             "--repeat" => o.repeat = u32::try_from(val()?)?,
             "--scaling" => o.scaling = true,
-            other => bail!("unknown argument {other:?} (--runs N, --repeat N, --scaling)"),
+            "--only" => {
+                let d = it.next().context("--only needs a dimension")?;
+                if !DIMENSIONS.contains(&d.as_str()) {
+                    bail!("--only {d:?}: the dimensions are {}", DIMENSIONS.join(", "));
+                }
+                o.only.push(d.clone());
+            }
+            other => bail!(
+                "unknown argument {other:?} (--runs N, --repeat N, --scaling [--only DIMENSION]...)"
+            ),
         }
+    }
+    if !o.only.is_empty() && !o.scaling {
+        bail!("--only needs --scaling");
     }
     if o.runs < 5 {
         bail!("--runs must be at least 5");
@@ -531,6 +546,9 @@ struct ScalingRow {
     result: CaseResult,
 }
 
+/// The scaling table's dimensions.
+const DIMENSIONS: [&str; 4] = ["flows", "vips", "ct_fill", "nodes"];
+
 /// Routes per VIP in the VIP-count rows (10,000 VIPs of 65536 routes would not fit one box).
 const SCALED_ROUTES: u32 = 256;
 
@@ -539,6 +557,7 @@ fn scaling_cases(o: &Opts, base: &mut Baseline) -> Result<Vec<Row>> {
     let est = || to_scaled(TCP_PSH | TCP_ACK);
     let syn = || to_scaled(TCP_SYN);
     let mut rows = vec![];
+    let want = |d: &str| o.only.is_empty() || o.only.iter().any(|x| x == d);
     let mut row = |rows: &mut Vec<Row>,
                    dimension: &'static str,
                    value: String,
@@ -556,30 +575,26 @@ fn scaling_cases(o: &Opts, base: &mut Baseline) -> Result<Vec<Row>> {
     };
 
     // Flows: one flow again and again, against 1M flows in turn (65536 routes, 20 nodes).
-    let mut dp = scaled(1, lb_common::DEFAULT_ROUTES_PER_VIP, 20)?;
-    for (value, cfg) in [
-        (
-            "1",
-            WrapperCfg {
-                rewrite_src: true,
-                ..Default::default()
-            },
-        ),
-        ("1M", new_flows(1)),
-    ] {
-        let c = Wrapped {
-            name: "v4_established_dsr".into(),
-            pkt: est(),
-            cfg,
-            repeat: o.repeat,
-            expect: Expect::NoInserts,
+    if want("flows") {
+        let mut dp = scaled(1, lb_common::DEFAULT_ROUTES_PER_VIP, 20)?;
+        let one = WrapperCfg {
+            rewrite_src: true,
+            ..Default::default()
         };
-        row(&mut rows, "flows", value.into(), &mut dp, c)?;
+        for (value, cfg) in [("1", one), ("1M", new_flows(1))] {
+            let c = Wrapped {
+                name: "v4_established_dsr".into(),
+                pkt: est(),
+                cfg,
+                repeat: o.repeat,
+                expect: Expect::NoInserts,
+            };
+            row(&mut rows, "flows", value.into(), &mut dp, c)?;
+        }
     }
-    drop(dp);
 
     // VIPs: traffic spread over all of them (1M flows), established and new flows (25% fill).
-    for vips in [1, 100, 10_000] {
+    for vips in [1, 100, 10_000].into_iter().filter(|_| want("vips")) {
         let mut dp = scaled(vips, SCALED_ROUTES, 20)?;
         let c = Wrapped {
             name: "v4_established_dsr_1m_flows".into(),
@@ -601,7 +616,7 @@ fn scaling_cases(o: &Opts, base: &mut Baseline) -> Result<Vec<Row>> {
     }
 
     // Conntrack fill: a never-seen flow into a 1M-flow table at that fill.
-    for pct in [0u32, 25, 50, 90] {
+    for pct in [0u32, 25, 50, 90].into_iter().filter(|_| want("ct_fill")) {
         let mut dp = scaled(1, lb_common::DEFAULT_ROUTES_PER_VIP, 20)?;
         prefill(&mut dp, IpAddr::V4(SCALED_VIP), f64::from(pct) / 100.0)?;
         let c = Wrapped {
@@ -615,7 +630,7 @@ fn scaling_cases(o: &Opts, base: &mut Baseline) -> Result<Vec<Row>> {
     }
 
     // Nodes: 1M flows over a 65536-route VIP owned by that many nodes.
-    for nodes in [2, 100, 1000] {
+    for nodes in [2, 100, 1000].into_iter().filter(|_| want("nodes")) {
         let mut dp = scaled(1, lb_common::DEFAULT_ROUTES_PER_VIP, nodes)?;
         let c = Wrapped {
             name: "v4_established_dsr_1m_flows".into(),
