@@ -35,9 +35,9 @@ use lb_common::{
     CONFIG_F_LOG_EVENTS, CT_F_KEEP, CT_TIME_SHIFT, CtEntry, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_ROUTE_SLOTS, DROP_REASON_COUNT, DropReason, FAMILY_V4, FAMILY_V6, GlobalConfig,
     MAX_NODES, MAX_VIPS, NODE_DOWN, NodeEntry, PMTU_BURST, PMTU_PER_SEC, PROTO_ANY, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, ROUTES_MAP_FLAGS, RouteEntry, STAT_COUNT,
-    Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC, VIP_FILTER_WORDS,
-    VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, ROUTE_STATS_SAMPLE, ROUTES_MAP_FLAGS,
+    RouteEntry, STAT_COUNT, Stat, TrafficCounter, VIP_CACHE_SIZE, VIP_F_FRAG_ONLY, VIP_F_HASH_SRC,
+    VIP_FILTER_WORDS, VIP_MODE_IPIP, VipCacheEntry, VipKey, VipMeta, addr_hash_v4, addr_hash_v6,
     ct::{
         CT_MAP_FLAGS, CT_TIME_MASK, CT_WAYS, CtKey, CtSet, CtSlot, ct_find_in, ct_get_in,
         ct_insert_way_in, ct_key_words, ct_seen, ct_set_index, ct_store, ct_tag,
@@ -97,7 +97,7 @@ static VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MA
 /// Forwarded packets and bytes by node index.
 #[map]
 static NODE_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_NODES, 0);
-/// Forwarded packets by `ROUTES` slot.
+/// Forwarded packets by `ROUTES` slot, sampled: one in `ROUTE_STATS_SAMPLE` per VIP and CPU.
 #[map]
 static ROUTE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_ROUTE_SLOTS, 0);
 /// Event records (aya-log's wire format) for userspace: `aya_log::EbpfLogger` finds the ring
@@ -268,14 +268,17 @@ fn count_index(stat: u32) {
     }
 }
 
+/// Adds a packet of `bytes`; returns the slot's new packet count (1 if the slot is missing).
 #[inline(always)]
-fn count_traffic(map: &PerCpuArray<TrafficCounter>, index: u32, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
+fn count_traffic(map: &PerCpuArray<TrafficCounter>, index: u32, bytes: u64) -> u64 {
+    let Some(c) = map.get_ptr_mut(index) else {
+        return 1;
+    };
+    // SAFETY: per-CPU slot, only this CPU writes it.
+    unsafe {
+        (*c).packets += 1;
+        (*c).bytes += bytes;
+        (*c).packets
     }
 }
 
@@ -940,9 +943,12 @@ fn route_of(
 #[inline(always)]
 fn count_forwarded(vip: u32, node: u32, slot: u32, bytes: u64) {
     count(Stat::Tx);
-    count_traffic(&VIP_STATS, vip, bytes);
+    let vip_packets = count_traffic(&VIP_STATS, vip, bytes);
     count_traffic(&NODE_STATS, node, bytes);
-    if let Some(c) = ROUTE_STATS.get_ptr_mut(slot) {
+    // Sampled: a write per packet to a random slot of a table this large is a cache miss.
+    if vip_packets % ROUTE_STATS_SAMPLE == 0
+        && let Some(c) = ROUTE_STATS.get_ptr_mut(slot)
+    {
         // SAFETY: per-CPU slot, only this CPU writes it.
         unsafe { *c += 1 };
     }

@@ -1055,7 +1055,8 @@ impl Dataplane {
         sum_traffic(&self.node_stats_map, lb_common::MAP_NODE_STATS, index)
     }
 
-    /// Packets forwarded through each route of a VIP (both generations summed).
+    /// Packets forwarded through each route of a VIP (both generations summed), estimated from
+    /// the kernel's samples: each counts as `ROUTE_STATS_SAMPLE` packets.
     pub fn route_packets(&self, key: &VipKey) -> Result<Vec<u64>> {
         let s = self
             .vips
@@ -1072,7 +1073,7 @@ impl Dataplane {
                         .map_err(map_err(lb_common::MAP_ROUTE_STATS))?;
                     total += v.iter().sum::<u64>();
                 }
-                Ok(total)
+                Ok(total * lb_common::ROUTE_STATS_SAMPLE)
             })
             .collect()
     }

@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
     CT_F_FIN, CT_F_KEEP, CT_F_RST, CtEntry, DROP_REASON_COUNT, DecapStat, DropReason, NODE_ACTIVE,
-    NODE_DOWN, NODE_DRAINING, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, RouteEntry, STAT_COUNT, Stat,
-    hash::filter_slot,
+    NODE_DOWN, NODE_DRAINING, PROTO_TCP, PROTO_UDP, ROUTE_F_MOVED, ROUTE_STATS_SAMPLE, RouteEntry,
+    STAT_COUNT, Stat, hash::filter_slot,
 };
 use lb_tests::{
     fixture::{self as fx, *},
@@ -245,7 +245,10 @@ struct Runner {
     ignored: Vec<Stat>,
     vip_traffic: BTreeMap<u32, (u64, u64)>,
     node_traffic: BTreeMap<u32, (u64, u64)>,
+    /// `ROUTE_STATS` as the kernel samples it: every `ROUTE_STATS_SAMPLE`-th packet of a VIP
+    /// counts that many for its route (per CPU: the runner keeps to one).
     route_packets: BTreeMap<(u32, u32), u64>,
+    _cpu: OneCpu,
 }
 
 impl Runner {
@@ -264,6 +267,7 @@ impl Runner {
             vip_traffic: BTreeMap::new(),
             node_traffic: BTreeMap::new(),
             route_packets: BTreeMap::new(),
+            _cpu: OneCpu::pin(),
         }
     }
 
@@ -379,9 +383,12 @@ impl Runner {
         if let Some(t) = f.to {
             let e = self.vip_traffic.entry(t.vip).or_default();
             *e = (e.0 + 1, e.1 + len);
+            let sampled = e.0.is_multiple_of(ROUTE_STATS_SAMPLE);
             let e = self.node_traffic.entry(t.node).or_default();
             *e = (e.0 + 1, e.1 + len);
-            *self.route_packets.entry((t.vip, t.route)).or_default() += 1;
+            if sampled {
+                *self.route_packets.entry((t.vip, t.route)).or_default() += ROUTE_STATS_SAMPLE;
+            }
         }
         if !errs.is_empty() {
             self.failures.push(format!(
@@ -1517,6 +1524,39 @@ fn fixture_table() {
         format!("an established tcp packet inserted conntrack: {e:?}"),
     );
     r.finish("fixture_table");
+}
+
+/// `ROUTE_STATS` samples one packet in `ROUTE_STATS_SAMPLE` per VIP: 3.5 x that many packets
+/// of distinct flows to one VIP give exactly 3 samples, each on the route of the packet that
+/// took it (the runner's totals check), while `VIP_STATS` counts every packet.
+#[test]
+fn route_stats_are_sampled() {
+    let mut r = Runner::new();
+    let n = ROUTE_STATS_SAMPLE * 7 / 2;
+    let rows = (0..n as u16)
+        .map(|i| {
+            let sport = 20000 + i;
+            let input = tcp(&V4_TCP_DSR, sport, TCP_ACK).build();
+            fwd(
+                "established",
+                &V4_TCP_DSR,
+                input,
+                h(&V4_TCP_DSR, sport),
+                &[],
+            )
+        })
+        .collect();
+    r.run_all(rows);
+    let sampled: u64 = r.dp.route_packets(&V4_TCP_DSR.key()).unwrap().iter().sum();
+    r.check(
+        sampled == 3 * ROUTE_STATS_SAMPLE,
+        format!("ROUTE_STATS of {n} packets: {sampled}, want 3 samples"),
+    );
+    r.check(
+        r.dp.vip_traffic(V4_TCP_DSR.index).unwrap().packets == n,
+        "VIP_STATS counts every packet",
+    );
+    r.finish("route_stats_are_sampled");
 }
 
 // ---------------------------------------------------------------------------------------------
