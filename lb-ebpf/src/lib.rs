@@ -8,3 +8,4 @@ pub use lb_common::decide;
 pub mod encap;
 pub mod evlog;
 pub mod parse;
+pub mod pkt;

@@ -16,8 +16,6 @@
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
-
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -50,9 +48,10 @@ use lb_ebpf::{
     decide::{self, CtAction, FlowKind},
     encap, evlog,
     parse::{
-        self, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, ICMP_HLEN, IPV4_HLEN,
-        IPV6_HLEN, PROTO_IPIP, PROTO_IPV6_IN, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ipv4, ipv6, tcp,
+        self, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
+        PROTO_IPV6_IN, TCP_HLEN, UDP_HLEN, ipv4, ipv6, tcp,
     },
+    pkt::{Frame, Mac, be16, be32, bytes16, ld, le32, port, put, st32, words16},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -144,109 +143,6 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
             log_drop(unsafe { core::ptr::read_volatile(&ctx.ctx) }, reason);
             XDP_DROP
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Packet access.
-// ---------------------------------------------------------------------------------------------
-
-/// The frame's bounds, read from the context (again after every head/tail adjustment).
-#[derive(Clone, Copy)]
-struct Frame {
-    start: usize,
-    end: usize,
-}
-
-impl Frame {
-    #[inline(always)]
-    fn of(ctx: &XdpContext) -> Self {
-        Self {
-            start: ctx.data(),
-            end: ctx.data_end(),
-        }
-    }
-
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    /// The one bounds check: a `T` at byte `off` lies inside the frame.
-    #[inline(always)]
-    fn ptr_at<T>(&self, off: usize) -> Option<*mut T> {
-        let p = self.start + off;
-        if p + size_of::<T>() > self.end {
-            return None;
-        }
-        Some(p as *mut T)
-    }
-
-    /// `ptr_at` for an `N`-byte header, as its address (read it with `ld` and friends).
-    #[inline(always)]
-    fn at<const N: usize>(&self, off: usize) -> Option<usize> {
-        self.ptr_at::<[u8; N]>(off).map(|p| p as usize)
-    }
-}
-
-/// A `T` from packet (or map) memory at `p`, bounds already checked by the caller.
-///
-/// Packet fields are only 2-byte aligned behind a 14-byte Ethernet header. A plain typed load
-/// makes LLVM emit one BPF load instead of a byte-by-byte sequence (which also spills heavily);
-/// the kernel permits unaligned packet loads on the architectures XDP runs on.
-#[inline(always)]
-fn ld<T: Copy>(p: usize) -> T {
-    // SAFETY: every caller passes an address inside a bounds-checked header.
-    unsafe { (p as *const T).read() }
-}
-
-#[inline(always)]
-fn be16(p: usize) -> u16 {
-    u16::from_be(ld::<u16>(p))
-}
-
-/// A port as stored in keys: the wire bytes read as a native `u16`.
-#[inline(always)]
-fn port(p: usize) -> u16 {
-    ld::<u16>(p)
-}
-
-/// Wire bytes read as a little-endian word (the hash and key convention of `lb-common`).
-#[inline(always)]
-fn le32(p: usize) -> u32 {
-    u32::from_le(ld::<u32>(p))
-}
-
-#[inline(always)]
-fn words16(p: usize) -> [u32; 4] {
-    [le32(p), le32(p + 4), le32(p + 8), le32(p + 12)]
-}
-
-/// Address words back to wire bytes (the words were read little-endian).
-#[inline(always)]
-fn bytes16(w: &[u32; 4]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let x = w[i].to_le_bytes();
-        b[i * 4] = x[0];
-        b[i * 4 + 1] = x[1];
-        b[i * 4 + 2] = x[2];
-        b[i * 4 + 3] = x[3];
-        i += 1;
-    }
-    b
-}
-
-/// Copies `N` (even) bytes into the packet at `p` (2-byte aligned, bounds already checked) as
-/// 16-bit stores.
-#[inline(always)]
-unsafe fn put<const N: usize>(p: usize, bytes: &[u8; N]) {
-    let mut i = 0;
-    while i + 1 < N {
-        // SAFETY: the caller checked `p .. p + N` against the frame end.
-        unsafe { ((p + i) as *mut u16).write(u16::from_ne_bytes([bytes[i], bytes[i + 1]])) };
-        i += 2;
     }
 }
 
@@ -346,18 +242,9 @@ struct Flow {
 fn try_balance(ctx: &XdpContext) -> Result<Verdict, DropReason> {
     let f = Frame::of(ctx);
     // Frames too short for Ethernet (or the tag) carry nothing that marks them as VIP traffic.
-    let Some(eth) = f.at::<ETH_HLEN>(0) else {
+    let Some((ethertype, l3)) = f.l3() else {
         return Ok(Verdict::Pass);
     };
-    let mut ethertype = be16(eth + 12);
-    let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q {
-        let Some(tag) = f.at::<VLAN_HLEN>(ETH_HLEN) else {
-            return Ok(Verdict::Pass);
-        };
-        ethertype = be16(tag + 2);
-        l3 = ETH_VLAN_HLEN;
-    }
     match ethertype {
         ETH_P_IPV4 => match fast_v4(f, l3) {
             Fast::Tx => Ok(Verdict::Tx),
@@ -1214,38 +1101,6 @@ fn dsr(f: Frame, node: &NodeEntry) -> Result<Sent, DropReason> {
     Ok(Sent::Forwarded)
 }
 
-/// A MAC address as a 16-bit and a 32-bit word (two loads/stores instead of six).
-#[derive(Clone, Copy)]
-struct Mac {
-    hi: u16,
-    lo: u32,
-}
-
-impl Mac {
-    #[inline(always)]
-    fn load(p: usize) -> Self {
-        Self {
-            hi: ld(p),
-            lo: ld(p + 2),
-        }
-    }
-
-    /// SAFETY: `p .. p + 6` must be bounds-checked packet memory.
-    #[inline(always)]
-    unsafe fn store(self, p: usize) {
-        unsafe {
-            (p as *mut u16).write(self.hi);
-            ((p + 2) as *mut u32).write(self.lo);
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn st32(p: usize, v: u32) {
-    // SAFETY: the caller checked `p .. p + 4`.
-    unsafe { (p as *mut u32).write(v) }
-}
-
 /// The Ethernet fields a rewrite keeps: old destination, old source, the VLAN tag.
 struct EthSave {
     dst: Mac,
@@ -1438,12 +1293,6 @@ fn cut_to(ctx: &XdpContext, f: Frame, len: usize) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// Big-endian word at `p` (bounds checked by the caller).
-#[inline(always)]
-fn load_be32(p: usize) -> u32 {
-    u32::from_be(ld::<u32>(p))
-}
-
 /// ICMP frag-needed back to the client, quoting the IPv4 header and 8 bytes. The original
 /// header stays where it is: the new headers go in front of it, then the tail is cut.
 #[inline(never)]
@@ -1468,7 +1317,7 @@ fn pmtu4(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropReason> {
         if i * 4 >= quote_len {
             break;
         }
-        sum += load_be32(quote + i * 4) as u64;
+        sum += be32(quote + i * 4) as u64;
         // One load per step: keeps LLVM from hoisting every load (and spilling them all).
         sum = core::hint::black_box(sum);
         i += 1;
@@ -1509,7 +1358,7 @@ fn pmtu6(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropReason> {
     let mut sum = 0u64;
     let mut i = 0;
     while i < encap::PTB_QUOTE / 4 {
-        sum += load_be32(quote + i * 4) as u64;
+        sum += be32(quote + i * 4) as u64;
         // One load per step: keeps LLVM from hoisting every load (and spilling them all).
         sum = core::hint::black_box(sum);
         i += 1;
@@ -1620,18 +1469,9 @@ fn log_drop(ctx: *mut xdp_md, reason: DropReason) {
 #[inline(always)]
 fn drop_flow(ctx: &XdpContext, ev: &mut evlog::Event) {
     let f = Frame::of(ctx);
-    let Some(eth) = f.at::<ETH_HLEN>(0) else {
+    let Some((ethertype, l3)) = f.l3() else {
         return;
     };
-    let mut ethertype = be16(eth + 12);
-    let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q {
-        let Some(tag) = f.at::<VLAN_HLEN>(ETH_HLEN) else {
-            return;
-        };
-        ethertype = be16(tag + 2);
-        l3 = ETH_VLAN_HLEN;
-    }
     // Addresses, protocol, the L4 offset (None: no L4 header here), and whether ports route.
     let (src, dst, v6, proto, l4, whole) = match ethertype {
         ETH_P_IPV4 => {

@@ -19,6 +19,18 @@ pub const ICMP_HLEN: usize = 8;
 /// Bytes of the transport header an ICMP error must quote after the embedded IP header.
 pub const ICMP_QUOTE_L4: usize = 8;
 
+/// Ethernet header field offsets.
+pub mod eth {
+    pub const DST: usize = 0;
+    pub const SRC: usize = 6;
+    pub const ETHER_TYPE: usize = 12;
+}
+
+/// 802.1Q tag field offsets (from the tag, which follows the source MAC).
+pub mod vlan {
+    pub const ETHER_TYPE: usize = 2;
+}
+
 /// IPv4 header field offsets.
 pub mod ipv4 {
     pub const VER_IHL: usize = 0;
