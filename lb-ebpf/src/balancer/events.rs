@@ -9,7 +9,7 @@ use lb_common::{
 use lb_ebpf::{
     decide::FlowKind,
     evlog,
-    parse::{self, ETH_P_IPV4, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, ipv4, ipv6},
+    parse::{self, ETH_P_IPV4, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, PORTS_LEN, ipv4, ipv6},
     pkt::{Frame, be16, bytes16, ld, le32, words16},
 };
 
@@ -109,7 +109,7 @@ fn drop_flow(ctx: &XdpContext, ev: &mut evlog::Event) {
             let ihl = ((ld::<u8>(h + ipv4::VER_IHL) & 0xf) as usize) * 4;
             let frag = be16(h + ipv4::FRAG_OFF);
             // Only the first fragment holds the ports; no fragment routes by them.
-            let l4 = (ihl >= IPV4_HLEN && frag & 0x1fff == 0).then_some(l3 + ihl);
+            let l4 = (ihl >= IPV4_HLEN && frag & ipv4::OFFSET == 0).then_some(l3 + ihl);
             let src = [le32(h + ipv4::SRC), 0, 0, 0];
             let dst = [le32(h + ipv4::DST), 0, 0, 0];
             let whole = !parse::is_fragment(frag);
@@ -127,7 +127,7 @@ fn drop_flow(ctx: &XdpContext, ev: &mut evlog::Event) {
         _ => return,
     };
     let tcp_udp = proto == PROTO_TCP || proto == PROTO_UDP;
-    let ports = match l4.and_then(|o| f.at::<4>(o)) {
+    let ports = match l4.and_then(|o| f.at::<PORTS_LEN>(o)) {
         Some(p) if tcp_udp => le32(p),
         _ => 0,
     };

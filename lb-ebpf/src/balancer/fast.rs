@@ -14,7 +14,7 @@ use super::{
     counters::count_forwarded,
     forward::dsr,
     maps::{NODES, ROUTES, VIP_CACHE, VIP_GEN},
-    vip::in_filter,
+    vip::{CACHE_ADDR, CACHE_TAIL, cache_tail, in_filter},
 };
 
 /// What the IPv4 fast path made of a packet.
@@ -63,16 +63,18 @@ pub(crate) fn fast_v4(f: Frame, l3: usize) -> Fast {
         return Fast::Slow;
     }
     // Step 7 from the cache only.
-    let dport = port(t + 2);
+    let dport = port(t + tcp::DST_PORT);
     // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
     let Some(e) = VIP_CACHE.get(vip_cache_slot(dst_hash, dport, PROTO_TCP)) else {
         return Fast::Slow;
     };
     let k = e as *const VipCacheEntry as usize;
-    let tail = (dport as u32) | ((PROTO_TCP as u32) << 16) | ((FAMILY_V4 as u32) << 24);
-    if ld::<u32>(k + 16) != tail
-        || ld::<u32>(k) != dst
-        || ld::<u32>(k + 4) | ld::<u32>(k + 8) | ld::<u32>(k + 12) != 0
+    if ld::<u32>(k + CACHE_TAIL) != cache_tail(dport, PROTO_TCP, FAMILY_V4)
+        || ld::<u32>(k + CACHE_ADDR) != dst
+        || ld::<u32>(k + CACHE_ADDR + 4)
+            | ld::<u32>(k + CACHE_ADDR + 8)
+            | ld::<u32>(k + CACHE_ADDR + 12)
+            != 0
     {
         return Fast::Slow;
     }
@@ -84,7 +86,7 @@ pub(crate) fn fast_v4(f: Frame, l3: usize) -> Fast {
     let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
         0
     } else {
-        le32(t)
+        le32(t + tcp::PORTS)
     };
     let hash = flow_hash_v4(meta.hash_seed, le32(h + ipv4::SRC), dst, ports, PROTO_TCP);
     // verifier: the index is < MAX_VIPS (the loader checks), but the lookup can return null.

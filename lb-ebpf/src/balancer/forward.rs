@@ -8,9 +8,10 @@ use lb_common::{DropReason, GlobalConfig, NodeEntry, Stat, VIP_MODE_IPIP, VipMet
 use lb_ebpf::{
     encap,
     parse::{
-        ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP, PROTO_IPV6_IN,
+        ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
+        PROTO_IPV6_IN, eth, ipv6, vlan,
     },
-    pkt::{Frame, Mac, ld, put, st32},
+    pkt::{Frame, Mac, ld, put, st16, st32},
 };
 
 use super::{
@@ -80,19 +81,16 @@ pub(crate) enum Sent {
 /// dsr-l2: Ethernet destination = node, source = the frame's old destination.
 #[inline(always)]
 pub(crate) fn dsr(f: Frame, node: &NodeEntry) -> Result<Sent, DropReason> {
-    // verifier: re-derive the Ethernet pointer (it was checked at parse time).
-    let Some(eth) = f.at::<12>(0) else {
+    // verifier: re-derive the Ethernet pointer (it was checked at parse time); the two MACs.
+    let Some(e) = f.at::<{ eth::ETHER_TYPE }>(0) else {
         return Err(DropReason::HelperFailed);
     };
-    // As 16+32-bit words: the old destination (bytes 0..6) becomes the source (6..12).
-    let (d0, d1) = (ld::<u16>(eth), ld::<u32>(eth + 2));
+    let old_dst = Mac::load(e + eth::DST);
     let mac = node.mac.as_ptr() as usize;
-    // SAFETY: 12 bytes bounds-checked above.
+    // SAFETY: both MACs bounds-checked above.
     unsafe {
-        ((eth + 6) as *mut u16).write(d0);
-        ((eth + 8) as *mut u32).write(d1);
-        (eth as *mut u16).write(ld::<u16>(mac));
-        ((eth + 2) as *mut u32).write(ld::<u32>(mac + 2));
+        old_dst.store(e + eth::SRC);
+        Mac::load(mac).store(e + eth::DST);
     }
     Ok(Sent::Forwarded)
 }
@@ -111,9 +109,10 @@ pub(crate) fn save_eth(f: Frame) -> Result<EthSave, DropReason> {
         return Err(DropReason::HelperFailed);
     };
     Ok(EthSave {
-        dst: Mac::load(e),
-        src: Mac::load(e + 6),
-        tag: ld(e + 12),
+        dst: Mac::load(e + eth::DST),
+        src: Mac::load(e + eth::SRC),
+        // The 802.1Q tag (TPID and TCI), if `l3` says there is one.
+        tag: ld(e + eth::ETHER_TYPE),
     })
 }
 
@@ -143,13 +142,13 @@ pub(crate) fn write_eth(
     };
     // SAFETY: 18 bytes bounds-checked above.
     unsafe {
-        dst.store(e);
-        src.store(e + 6);
+        dst.store(e + eth::DST);
+        src.store(e + eth::SRC);
         if l3 == ETH_VLAN_HLEN {
-            st32(e + 12, tag);
-            ((e + 16) as *mut u16).write(ethertype.to_be());
+            st32(e + eth::ETHER_TYPE, tag);
+            st16(e + ETH_HLEN + vlan::ETHER_TYPE, ethertype.to_be());
         } else {
-            ((e + 12) as *mut u16).write(ethertype.to_be());
+            st16(e + eth::ETHER_TYPE, ethertype.to_be());
         }
     }
     Ok(())
@@ -212,14 +211,15 @@ fn encap(
         // SAFETY: 40 bytes bounds-checked above; map values stay valid across adjust_head.
         unsafe {
             put(p, &first);
-            st32(p + 8, ld(src));
-            st32(p + 12, ld(src + 4));
-            st32(p + 16, ld(src + 8));
-            st32(p + 20, hash.to_be());
-            st32(p + 24, ld(dst));
-            st32(p + 28, ld(dst + 4));
-            st32(p + 32, ld(dst + 8));
-            st32(p + 36, ld(dst + 12));
+            // The source: the configured /96, then the flow hash (`encap::outer_src6`).
+            st32(p + ipv6::SRC, ld(src));
+            st32(p + ipv6::SRC + 4, ld(src + 4));
+            st32(p + ipv6::SRC + 8, ld(src + 8));
+            st32(p + ipv6::SRC + 12, hash.to_be());
+            st32(p + ipv6::DST, ld(dst));
+            st32(p + ipv6::DST + 4, ld(dst + 4));
+            st32(p + ipv6::DST + 8, ld(dst + 8));
+            st32(p + ipv6::DST + 12, ld(dst + 12));
         }
     } else {
         write_eth(f, l3, gw, eth.dst, eth.tag, ETH_P_IPV4)?;

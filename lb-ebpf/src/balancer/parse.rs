@@ -10,8 +10,8 @@ use lb_common::{
 use lb_ebpf::{
     decide::FlowKind,
     parse::{
-        self, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, TCP_HLEN, UDP_HLEN, ipv4,
-        ipv6, tcp,
+        self, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, ICMP_TYPE_CODE_CSUM, IPV4_HLEN, IPV6_HLEN,
+        PORTS_LEN, TCP_HLEN, UDP_HLEN, ipv4, ipv6, tcp, udp,
     },
     pkt::{Frame, be16, bytes16, ld, le32, port, words16},
 };
@@ -147,7 +147,7 @@ fn ipv6(ctx: &XdpContext, f: Frame, l3: usize) -> Result<Verdict, DropReason> {
         v6: true,
         ihl_len: IPV6_HLEN,
         len: plen,
-        tc: [ld(h), ld(h + 1)],
+        tc: [ld(h + ipv6::VCF), ld(h + ipv6::VCF + 1)],
         df: false,
         src: words16(h + ipv6::SRC),
         dst,
@@ -200,13 +200,13 @@ fn tcp_packet(
     if let Err(r) = parse::tcp_header(l4_len, ld(t + tcp::DOFF)) {
         return malformed(&ip.dst, ip.family(), r);
     }
-    let Some(meta) = packet_vip(ip, port(t + 2), PROTO_TCP) else {
+    let Some(meta) = packet_vip(ip, port(t + tcp::DST_PORT), PROTO_TCP) else {
         return Ok(Verdict::Pass);
     };
     let flow = Flow {
         client: ip.src,
         vip: ip.dst,
-        ports: le32(t),
+        ports: le32(t + tcp::PORTS),
         proto: PROTO_TCP,
         kind: FlowKind::tcp(ld(t + tcp::FLAGS)),
         icmp: false,
@@ -232,16 +232,16 @@ fn udp_packet(
     let Some(u) = f.at::<UDP_HLEN>(l4) else {
         return malformed(&ip.dst, ip.family(), DropReason::BadUdpHeader);
     };
-    if let Err(r) = parse::udp_header(l4_len, be16(u + 4)) {
+    if let Err(r) = parse::udp_header(l4_len, be16(u + udp::LEN)) {
         return malformed(&ip.dst, ip.family(), r);
     }
-    let Some(meta) = packet_vip(ip, port(u + 2), PROTO_UDP) else {
+    let Some(meta) = packet_vip(ip, port(u + udp::DST_PORT), PROTO_UDP) else {
         return Ok(Verdict::Pass);
     };
     let flow = Flow {
         client: ip.src,
         vip: ip.dst,
-        ports: le32(u),
+        ports: le32(u + udp::PORTS),
         proto: PROTO_UDP,
         kind: FlowKind::Udp,
         icmp: false,
@@ -253,10 +253,10 @@ fn udp_packet(
 /// shorter is not an ICMP message we could act on).
 #[inline(always)]
 fn icmp_type_at(f: &Frame, l4: usize, l4_len: usize) -> Option<u8> {
-    if l4_len < 4 {
+    if l4_len < ICMP_TYPE_CODE_CSUM {
         return None;
     }
-    f.at::<4>(l4).map(ld)
+    f.at::<ICMP_TYPE_CODE_CSUM>(l4).map(ld)
 }
 
 /// Step 11 for IPv4: an ICMP error quoting a packet the node sent from the VIP.
@@ -275,7 +275,7 @@ fn icmp4(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict,
         Ok(n) => n,
         Err(r) => return malformed(&ip.dst, FAMILY_V4, r),
     };
-    let Some(p) = f.at::<4>(emb + emb_ihl) else {
+    let Some(p) = f.at::<PORTS_LEN>(emb + emb_ihl) else {
         return malformed(&ip.dst, FAMILY_V4, DropReason::BadIcmp);
     };
     let proto: u8 = ld(e + ipv4::PROTO);
@@ -298,7 +298,7 @@ fn icmp6(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Result<Verdict,
         return malformed(&ip.dst, FAMILY_V6, r);
     }
     let emb = l4 + ICMP_HLEN;
-    let Some(e) = f.at::<{ IPV6_HLEN + 4 }>(emb) else {
+    let Some(e) = f.at::<{ IPV6_HLEN + PORTS_LEN }>(emb) else {
         return malformed(&ip.dst, FAMILY_V6, DropReason::BadIcmp);
     };
     let proto: u8 = ld(e + ipv6::NEXT_HDR);

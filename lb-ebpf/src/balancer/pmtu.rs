@@ -7,7 +7,10 @@ use aya_ebpf::{
 use lb_common::{DropReason, PMTU_BURST, PMTU_PER_SEC, PROTO_ICMP, PROTO_ICMPV6};
 use lb_ebpf::{
     encap,
-    parse::{ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN},
+    parse::{
+        ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, ICMP_HLEN, ICMP_QUOTE_L4, IPV4_HLEN, IPV4_MAX_HLEN,
+        IPV6_HLEN, ipv6,
+    },
     pkt::{Frame, be32, put, st32},
 };
 
@@ -57,10 +60,10 @@ fn cut_to(ctx: &XdpContext, f: Frame, len: usize) -> Result<(), DropReason> {
 #[inline(never)]
 pub(crate) fn pmtu4(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropReason> {
     const GROW: usize = IPV4_HLEN + ICMP_HLEN;
-    const MAX_QUOTE: usize = 60 + 8;
+    const MAX_QUOTE: usize = IPV4_MAX_HLEN + ICMP_QUOTE_L4;
     let eth = save_eth(Frame::of(ctx))?;
     let l3 = ip.l3;
-    let quote_len = ip.ihl_len + 8;
+    let quote_len = ip.ihl_len + ICMP_QUOTE_L4;
     let f = grow_head(ctx, GROW as i32)?;
     // verifier: one constant bound covering every write and the quote read below (the packet
     // is over mtu - 20 >= 1260 bytes, so this always holds).
@@ -134,8 +137,8 @@ pub(crate) fn pmtu6(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Result<Sent, DropRea
         put(p, &first);
         let mut i = 0;
         while i < 4 {
-            st32(p + 8 + i * 4, ip.dst[i].to_le());
-            st32(p + 24 + i * 4, ip.src[i].to_le());
+            st32(p + ipv6::SRC + i * 4, ip.dst[i].to_le());
+            st32(p + ipv6::DST + i * 4, ip.src[i].to_le());
             i += 1;
         }
         put(p + IPV6_HLEN, &icmp);

@@ -1,6 +1,8 @@
 //! Which VIP a packet is for: the `VIP_FILTER` bit (step 3), the address marker that makes a
 //! malformed packet a counted drop (step 4), and the VIP lookup (step 7): `VIP_CACHE` first,
 //! then `VIPS`.
+use core::mem::offset_of;
+
 use lb_common::{
     DropReason, PROTO_ANY, VIP_F_FRAG_ONLY, VipCacheEntry, VipKey, VipMeta, hash::filter_slot,
     vip_cache_slot,
@@ -68,6 +70,21 @@ pub(crate) fn lookup_vip(addr: &[u32; 4], family: u8, port: u16, proto: u8) -> O
     vip_get(&key).filter(|m| m.flags & VIP_F_FRAG_ONLY == 0)
 }
 
+/// A `VIP_CACHE` entry's key is compared as five words loaded from the map value: the address
+/// (four words, IPv4 in the first) at `CACHE_ADDR`, then `cache_tail` at `CACHE_TAIL`.
+pub(crate) const CACHE_ADDR: usize = offset_of!(VipCacheEntry, key) + offset_of!(VipKey, addr);
+pub(crate) const CACHE_TAIL: usize = offset_of!(VipCacheEntry, key) + offset_of!(VipKey, port);
+const _: () = assert!(
+    offset_of!(VipKey, proto) == offset_of!(VipKey, port) + 2
+        && offset_of!(VipKey, family) == offset_of!(VipKey, port) + 3
+);
+
+/// The key's last word: port, protocol and family as `VipKey` lays them out.
+#[inline(always)]
+pub(crate) const fn cache_tail(port: u16, proto: u8, family: u8) -> u32 {
+    (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24)
+}
+
 /// Step 7 for a packet's own destination: the `VIP_CACHE` slot first (array lookup and key
 /// compare), then `VIPS`.
 #[inline(always)]
@@ -76,13 +93,11 @@ pub(crate) fn packet_vip(ip: &Ip, port: u16, proto: u8) -> Option<VipMeta> {
     // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
     if let Some(e) = VIP_CACHE.get(vip_cache_slot(ip.dst_hash, port, proto)) {
         let k = e as *const VipCacheEntry as usize;
-        // The key as five words: the address, then port | proto << 16 | family << 24.
-        let tail = (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24);
-        if ld::<u32>(k + 16) == tail
-            && ld::<u32>(k) == ip.dst[0]
-            && ld::<u32>(k + 4) == ip.dst[1]
-            && ld::<u32>(k + 8) == ip.dst[2]
-            && ld::<u32>(k + 12) == ip.dst[3]
+        if ld::<u32>(k + CACHE_TAIL) == cache_tail(port, proto, family)
+            && ld::<u32>(k + CACHE_ADDR) == ip.dst[0]
+            && ld::<u32>(k + CACHE_ADDR + 4) == ip.dst[1]
+            && ld::<u32>(k + CACHE_ADDR + 8) == ip.dst[2]
+            && ld::<u32>(k + CACHE_ADDR + 12) == ip.dst[3]
         {
             return Some(e.meta);
         }

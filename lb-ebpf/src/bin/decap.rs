@@ -20,7 +20,7 @@ use lb_common::{
 use lb_ebpf::{
     parse::{
         ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
-        PROTO_IPV6_IN,
+        PROTO_IPV6_IN, eth, ipv4, ipv6, vlan,
     },
     pkt::{Frame, ld, st16, st32},
 };
@@ -63,10 +63,10 @@ fn try_decap(ctx: &XdpContext) -> DecapStat {
             let Some(h) = f.at::<IPV4_HLEN>(l3) else {
                 return DecapStat::Pass;
             };
-            if ld::<u8>(h + 9) != PROTO_IPIP {
+            if ld::<u8>(h + ipv4::PROTO) != PROTO_IPIP {
                 return DecapStat::Pass;
             }
-            let ver_ihl: u8 = ld(h);
+            let ver_ihl: u8 = ld(h + ipv4::VER_IHL);
             let ihl_len = ((ver_ihl & 0x0f) as usize) * 4;
             if ver_ihl >> 4 != 4 || ihl_len < IPV4_HLEN {
                 return DecapStat::Malformed;
@@ -74,24 +74,24 @@ fn try_decap(ctx: &XdpContext) -> DecapStat {
             let Some(inner) = f.at::<IPV4_HLEN>(l3 + ihl_len) else {
                 return DecapStat::Malformed;
             };
-            key.addr[..4].copy_from_slice(&ld::<[u8; 4]>(inner + 16));
+            key.addr[..4].copy_from_slice(&ld::<[u8; 4]>(inner + ipv4::DST));
             key.family = FAMILY_V4;
-            let src = DECAP_SRC4.get(Key::new(32, ld::<[u8; 4]>(h + 12)));
+            let src = DECAP_SRC4.get(Key::new(32, ld::<[u8; 4]>(h + ipv4::SRC)));
             (ihl_len, src.is_some())
         }
         ETH_P_IPV6 => {
             let Some(h) = f.at::<IPV6_HLEN>(l3) else {
                 return DecapStat::Pass;
             };
-            if ld::<u8>(h + 6) != PROTO_IPV6_IN {
+            if ld::<u8>(h + ipv6::NEXT_HDR) != PROTO_IPV6_IN {
                 return DecapStat::Pass;
             }
             let Some(inner) = f.at::<IPV6_HLEN>(l3 + IPV6_HLEN) else {
                 return DecapStat::Malformed;
             };
-            key.addr = ld(inner + 24);
+            key.addr = ld(inner + ipv6::DST);
             key.family = FAMILY_V6;
-            let src = DECAP_SRC6.get(Key::new(128, ld::<[u8; 16]>(h + 8)));
+            let src = DECAP_SRC6.get(Key::new(128, ld::<[u8; 16]>(h + ipv6::SRC)));
             (IPV6_HLEN, src.is_some())
         }
         _ => return DecapStat::Pass,
@@ -114,13 +114,10 @@ fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> DecapStat {
     let Some(e) = Frame::of(ctx).at::<ETH_VLAN_HLEN>(0) else {
         return DecapStat::Malformed;
     };
-    let (w0, w1, w2, w3) = (
-        ld::<u32>(e),
-        ld::<u32>(e + 4),
-        ld::<u32>(e + 8),
-        ld::<u32>(e + 12),
-    );
-    let w4: u16 = ld(e + 16);
+    // The two MACs as three words, then the ethertype, or the 802.1Q tag and the inner one.
+    let (w0, w1, w2) = (ld::<u32>(e), ld::<u32>(e + 4), ld::<u32>(e + 8));
+    let w3: u32 = ld(e + eth::ETHER_TYPE);
+    let w4: u16 = ld(e + ETH_HLEN + vlan::ETHER_TYPE);
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
         return DecapStat::Malformed;
@@ -135,10 +132,10 @@ fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> DecapStat {
         st32(e + 4, w1);
         st32(e + 8, w2);
         if l3 == ETH_HLEN {
-            st16(e + 12, w3 as u16);
+            st16(e + eth::ETHER_TYPE, w3 as u16);
         } else {
-            st32(e + 12, w3);
-            st16(e + 16, w4);
+            st32(e + eth::ETHER_TYPE, w3);
+            st16(e + ETH_HLEN + vlan::ETHER_TYPE, w4);
         }
     }
     DecapStat::Decapsulated
