@@ -1,6 +1,9 @@
 //! Headers the balancer writes: ipip outer headers and PMTU replies (docs/dataplane.md step 10
 //! and "PMTU replies"), built as byte arrays so the host tests check them byte for byte.
-use crate::csum;
+use crate::{
+    csum,
+    parse::{ICMP_CHECK, ipv4},
+};
 use lb_common::GlobalConfig;
 
 pub const TTL: u8 = 64;
@@ -42,8 +45,8 @@ pub fn ipv4_header(tos: u8, total: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) -
         dst[0], dst[1], dst[2], dst[3],
     ];
     let c = csum::ipv4_header(&h).to_be_bytes();
-    h[10] = c[0];
-    h[11] = c[1];
+    h[ipv4::CHECK] = c[0];
+    h[ipv4::CHECK + 1] = c[1];
     h
 }
 
@@ -70,8 +73,8 @@ pub fn icmp4_frag_needed(next_hop_mtu: u16, quote_sum: u64) -> [u8; 8] {
     let m = next_hop_mtu.to_be_bytes();
     let mut h = [3, 4, 0, 0, 0, 0, m[0], m[1]];
     let c = csum::finish(csum::sum_bytes(&h) + quote_sum).to_be_bytes();
-    h[2] = c[0];
-    h[3] = c[1];
+    h[ICMP_CHECK] = c[0];
+    h[ICMP_CHECK + 1] = c[1];
     h
 }
 
@@ -82,8 +85,8 @@ pub fn icmp6_packet_too_big(mtu: u32, sum: u64) -> [u8; 8] {
     let m = mtu.to_be_bytes();
     let mut h = [2, 0, 0, 0, m[0], m[1], m[2], m[3]];
     let c = csum::finish(sum + csum::sum_bytes(&h)).to_be_bytes();
-    h[2] = c[0];
-    h[3] = c[1];
+    h[ICMP_CHECK] = c[0];
+    h[ICMP_CHECK + 1] = c[1];
     h
 }
 

@@ -1,9 +1,24 @@
 //! Header layouts (offsets on the wire) and the validity rules of docs/dataplane.md steps 1-6
 //! and 11, as functions over plain values read from the packet.
-use lb_common::DropReason;
+use core::mem::offset_of;
 
-pub const ETH_HLEN: usize = 14;
-pub const VLAN_HLEN: usize = 4;
+use lb_common::DropReason;
+use network_types::{
+    eth::EthHdr,
+    icmp::Icmpv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+// Lengths and field offsets come from network-types' `repr(C)` header structs, as constants;
+// the programs read fields with `pkt::ld` at `header + OFFSET`, not through the structs: their
+// fields are byte arrays (alignment 1), so LLVM loads them a byte at a time (measured: the
+// fast path's `Ipv4Hdr::tot_len()` costs 3 instructions more than `be16`).
+
+pub const ETH_HLEN: usize = EthHdr::LEN;
+pub const VLAN_HLEN: usize = VlanHdr::LEN;
 /// Ethernet header plus one 802.1Q tag: the most we put in front of L3.
 pub const ETH_VLAN_HLEN: usize = ETH_HLEN + VLAN_HLEN;
 
@@ -11,42 +26,90 @@ pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
-pub const IPV4_HLEN: usize = 20;
-pub const IPV6_HLEN: usize = 40;
-pub const TCP_HLEN: usize = 20;
-pub const UDP_HLEN: usize = 8;
-pub const ICMP_HLEN: usize = 8;
+pub const IPV4_HLEN: usize = Ipv4Hdr::LEN;
+/// The longest IPv4 header: IHL 15.
+pub const IPV4_MAX_HLEN: usize = 15 * 4;
+pub const IPV6_HLEN: usize = Ipv6Hdr::LEN;
+pub const TCP_HLEN: usize = TcpHdr::LEN;
+pub const UDP_HLEN: usize = UdpHdr::LEN;
+/// ICMP and ICMPv6 headers are the same 8 bytes: type, code, checksum, 4 type-specific.
+pub const ICMP_HLEN: usize = Icmpv4Hdr::LEN;
+/// Type, code and checksum: the part of an ICMP header every message has.
+pub const ICMP_TYPE_CODE_CSUM: usize = offset_of!(Icmpv4Hdr, data);
+/// The ICMP / ICMPv6 checksum.
+pub const ICMP_CHECK: usize = offset_of!(Icmpv4Hdr, check);
+/// The source and destination ports, the first 4 bytes of a TCP or UDP header (as one word:
+/// `lb_common::hash::ports_word`).
+pub const PORTS_LEN: usize = 4;
 /// Bytes of the transport header an ICMP error must quote after the embedded IP header.
 pub const ICMP_QUOTE_L4: usize = 8;
 
+/// Ethernet header field offsets.
+pub mod eth {
+    use super::*;
+    pub const DST: usize = offset_of!(EthHdr, dst_addr);
+    pub const SRC: usize = offset_of!(EthHdr, src_addr);
+    /// The ethertype; behind a source MAC, an 802.1Q tag (TPID 0x8100 and TCI) starts here.
+    pub const ETHER_TYPE: usize = offset_of!(EthHdr, ether_type);
+}
+
+/// 802.1Q tag field offsets, from the end of the Ethernet header (whose ethertype field held
+/// the TPID 0x8100): the TCI, then the inner ethertype.
+pub mod vlan {
+    use super::*;
+    pub const ETHER_TYPE: usize = offset_of!(VlanHdr, ether_type);
+}
+
 /// IPv4 header field offsets.
 pub mod ipv4 {
-    pub const VER_IHL: usize = 0;
-    pub const TOS: usize = 1;
-    pub const TOT_LEN: usize = 2;
-    pub const FRAG_OFF: usize = 6;
-    pub const PROTO: usize = 9;
-    pub const SRC: usize = 12;
-    pub const DST: usize = 16;
+    use super::*;
+    pub const VER_IHL: usize = offset_of!(Ipv4Hdr, vihl);
+    pub const TOS: usize = offset_of!(Ipv4Hdr, tos);
+    pub const TOT_LEN: usize = offset_of!(Ipv4Hdr, tot_len);
+    pub const FRAG_OFF: usize = offset_of!(Ipv4Hdr, frags);
+    pub const PROTO: usize = offset_of!(Ipv4Hdr, proto);
+    pub const CHECK: usize = offset_of!(Ipv4Hdr, check);
+    pub const SRC: usize = offset_of!(Ipv4Hdr, src_addr);
+    pub const DST: usize = offset_of!(Ipv4Hdr, dst_addr);
     /// "Don't fragment" in the host-order frag_off word.
     pub const DF: u16 = 0x4000;
     /// "More fragments" and the fragment offset.
     pub const MF_OFFSET: u16 = 0x3fff;
+    /// The fragment offset alone (non-zero: not the first fragment).
+    pub const OFFSET: u16 = 0x1fff;
 }
 
 /// IPv6 header field offsets.
 pub mod ipv6 {
-    pub const PAYLOAD_LEN: usize = 4;
-    pub const NEXT_HDR: usize = 6;
-    pub const SRC: usize = 8;
-    pub const DST: usize = 24;
+    use super::*;
+    /// Version, traffic class and flow label (the traffic class straddles bytes 0 and 1).
+    pub const VCF: usize = offset_of!(Ipv6Hdr, vcf);
+    pub const PAYLOAD_LEN: usize = offset_of!(Ipv6Hdr, payload_len);
+    pub const NEXT_HDR: usize = offset_of!(Ipv6Hdr, next_hdr);
+    pub const SRC: usize = offset_of!(Ipv6Hdr, src_addr);
+    pub const DST: usize = offset_of!(Ipv6Hdr, dst_addr);
 }
 
-/// TCP flag bits (byte 13 of the header).
+/// TCP header field offsets and flag bits.
 pub mod tcp {
-    pub const DOFF: usize = 12;
-    pub const FLAGS: usize = 13;
+    use super::*;
+    /// The ports word: source port, then destination port.
+    pub const PORTS: usize = offset_of!(TcpHdr, source);
+    pub const DST_PORT: usize = offset_of!(TcpHdr, dest);
+    /// Data offset (high nibble) and the flags byte after it, as plain bytes: `decide` takes
+    /// the flags byte whole (`TcpHdr`'s per-flag accessors compile to the same code, measured).
+    pub const DOFF: usize = offset_of!(TcpHdr, _bitfield_1);
+    pub const FLAGS: usize = DOFF + 1;
     pub use lb_common::decide::tcp_flags::{ACK, FIN, RST, SYN};
+}
+
+/// UDP header field offsets.
+pub mod udp {
+    use super::*;
+    /// The ports word: source port, then destination port.
+    pub const PORTS: usize = offset_of!(UdpHdr, src);
+    pub const DST_PORT: usize = offset_of!(UdpHdr, dst);
+    pub const LEN: usize = offset_of!(UdpHdr, len);
 }
 
 pub const PROTO_IPIP: u8 = 4;
@@ -154,6 +217,42 @@ pub const fn reverse_ports_word(embedded: u32) -> u32 {
 mod tests {
     use super::*;
     use lb_common::hash::ports_word;
+
+    /// network-types' layouts are the wire's (RFC 791, 8200, 793, 768, 802.1Q).
+    #[test]
+    fn layouts_are_the_wire_offsets() {
+        assert_eq!((ETH_HLEN, VLAN_HLEN, ETH_VLAN_HLEN), (14, 4, 18));
+        assert_eq!(
+            (eth::DST, eth::SRC, eth::ETHER_TYPE, vlan::ETHER_TYPE),
+            (0, 6, 12, 2)
+        );
+        assert_eq!((IPV4_HLEN, IPV6_HLEN, TCP_HLEN, UDP_HLEN), (20, 40, 20, 8));
+        assert_eq!((ICMP_HLEN, ICMP_TYPE_CODE_CSUM, ICMP_CHECK), (8, 4, 2));
+        let v4 = [
+            ipv4::VER_IHL,
+            ipv4::TOS,
+            ipv4::TOT_LEN,
+            ipv4::FRAG_OFF,
+            ipv4::PROTO,
+            ipv4::CHECK,
+            ipv4::SRC,
+            ipv4::DST,
+        ];
+        assert_eq!(v4, [0, 1, 2, 6, 9, 10, 12, 16]);
+        let v6 = [
+            ipv6::VCF,
+            ipv6::PAYLOAD_LEN,
+            ipv6::NEXT_HDR,
+            ipv6::SRC,
+            ipv6::DST,
+        ];
+        assert_eq!(v6, [0, 4, 6, 8, 24]);
+        assert_eq!(
+            (tcp::PORTS, tcp::DST_PORT, tcp::DOFF, tcp::FLAGS),
+            (0, 2, 12, 13)
+        );
+        assert_eq!((udp::PORTS, udp::DST_PORT, udp::LEN), (0, 2, 4));
+    }
 
     #[test]
     fn ipv4_header_rules() {

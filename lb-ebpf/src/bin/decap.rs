@@ -7,8 +7,6 @@
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
-
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::bpf_xdp_adjust_head,
@@ -19,9 +17,12 @@ use aya_ebpf::{
 use lb_common::{
     DECAP_STAT_COUNT, DecapKey, DecapStat, FAMILY_V4, FAMILY_V6, MAX_DECAP_SOURCES, MAX_DECAP_VIPS,
 };
-use lb_ebpf::parse::{
-    ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
-    PROTO_IPV6_IN, VLAN_HLEN,
+use lb_ebpf::{
+    parse::{
+        ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, ETH_VLAN_HLEN, IPV4_HLEN, IPV6_HLEN, PROTO_IPIP,
+        PROTO_IPV6_IN, eth, ipv4, ipv6, vlan,
+    },
+    pkt::{Frame, ld, st16, st32},
 };
 
 /// VIP addresses this node accepts inside IPIP / IP6IP6 (value unused).
@@ -50,72 +51,47 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The one bounds check: `N` bytes at `off` lie inside the frame; returns their address.
-#[inline(always)]
-fn at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<usize> {
-    let p = ctx.data() + off;
-    if p + size_of::<[u8; N]>() > ctx.data_end() {
-        return None;
-    }
-    Some(p)
-}
-
-#[inline(always)]
-fn ld<T: Copy>(p: usize) -> T {
-    // SAFETY: callers pass addresses inside bounds-checked headers (unaligned packet loads are
-    // fine on the architectures XDP runs on).
-    unsafe { (p as *const T).read() }
-}
-
 #[inline(always)]
 fn try_decap(ctx: &XdpContext) -> DecapStat {
-    let Some(eth) = at::<ETH_HLEN>(ctx, 0) else {
+    let f = Frame::of(ctx);
+    let Some((ethertype, l3)) = f.l3() else {
         return DecapStat::Pass;
     };
-    let mut ethertype = u16::from_be(ld(eth + 12));
-    let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q {
-        let Some(tag) = at::<VLAN_HLEN>(ctx, ETH_HLEN) else {
-            return DecapStat::Pass;
-        };
-        ethertype = u16::from_be(ld(tag + 2));
-        l3 = ETH_VLAN_HLEN;
-    }
     let mut key = DecapKey::default();
     let (outer_len, src_ok) = match ethertype {
         ETH_P_IPV4 => {
-            let Some(h) = at::<IPV4_HLEN>(ctx, l3) else {
+            let Some(h) = f.at::<IPV4_HLEN>(l3) else {
                 return DecapStat::Pass;
             };
-            if ld::<u8>(h + 9) != PROTO_IPIP {
+            if ld::<u8>(h + ipv4::PROTO) != PROTO_IPIP {
                 return DecapStat::Pass;
             }
-            let ver_ihl: u8 = ld(h);
+            let ver_ihl: u8 = ld(h + ipv4::VER_IHL);
             let ihl_len = ((ver_ihl & 0x0f) as usize) * 4;
             if ver_ihl >> 4 != 4 || ihl_len < IPV4_HLEN {
                 return DecapStat::Malformed;
             }
-            let Some(inner) = at::<IPV4_HLEN>(ctx, l3 + ihl_len) else {
+            let Some(inner) = f.at::<IPV4_HLEN>(l3 + ihl_len) else {
                 return DecapStat::Malformed;
             };
-            key.addr[..4].copy_from_slice(&ld::<[u8; 4]>(inner + 16));
+            key.addr[..4].copy_from_slice(&ld::<[u8; 4]>(inner + ipv4::DST));
             key.family = FAMILY_V4;
-            let src = DECAP_SRC4.get(Key::new(32, ld::<[u8; 4]>(h + 12)));
+            let src = DECAP_SRC4.get(Key::new(32, ld::<[u8; 4]>(h + ipv4::SRC)));
             (ihl_len, src.is_some())
         }
         ETH_P_IPV6 => {
-            let Some(h) = at::<IPV6_HLEN>(ctx, l3) else {
+            let Some(h) = f.at::<IPV6_HLEN>(l3) else {
                 return DecapStat::Pass;
             };
-            if ld::<u8>(h + 6) != PROTO_IPV6_IN {
+            if ld::<u8>(h + ipv6::NEXT_HDR) != PROTO_IPV6_IN {
                 return DecapStat::Pass;
             }
-            let Some(inner) = at::<IPV6_HLEN>(ctx, l3 + IPV6_HLEN) else {
+            let Some(inner) = f.at::<IPV6_HLEN>(l3 + IPV6_HLEN) else {
                 return DecapStat::Malformed;
             };
-            key.addr = ld(inner + 24);
+            key.addr = ld(inner + ipv6::DST);
             key.family = FAMILY_V6;
-            let src = DECAP_SRC6.get(Key::new(128, ld::<[u8; 16]>(h + 8)));
+            let src = DECAP_SRC6.get(Key::new(128, ld::<[u8; 16]>(h + ipv6::SRC)));
             (IPV6_HLEN, src.is_some())
         }
         _ => return DecapStat::Pass,
@@ -135,34 +111,31 @@ fn try_decap(ctx: &XdpContext) -> DecapStat {
 #[inline(always)]
 fn strip(ctx: &XdpContext, l3: usize, outer_len: usize) -> DecapStat {
     // verifier: re-derive the Ethernet pointer after the map lookup.
-    let Some(e) = at::<ETH_VLAN_HLEN>(ctx, 0) else {
+    let Some(e) = Frame::of(ctx).at::<ETH_VLAN_HLEN>(0) else {
         return DecapStat::Malformed;
     };
-    let (w0, w1, w2, w3) = (
-        ld::<u32>(e),
-        ld::<u32>(e + 4),
-        ld::<u32>(e + 8),
-        ld::<u32>(e + 12),
-    );
-    let w4: u16 = ld(e + 16);
+    // The two MACs as three words, then the ethertype, or the 802.1Q tag and the inner one.
+    let (w0, w1, w2) = (ld::<u32>(e), ld::<u32>(e + 4), ld::<u32>(e + 8));
+    let w3: u32 = ld(e + eth::ETHER_TYPE);
+    let w4: u16 = ld(e + ETH_HLEN + vlan::ETHER_TYPE);
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
         return DecapStat::Malformed;
     }
     // verifier: fresh bound after the head moved (the inner header is still there).
-    let Some(e) = at::<ETH_VLAN_HLEN>(ctx, 0) else {
+    let Some(e) = Frame::of(ctx).at::<ETH_VLAN_HLEN>(0) else {
         return DecapStat::Malformed;
     };
     // SAFETY: 18 bytes bounds-checked above; only the first `l3` are written.
     unsafe {
-        (e as *mut u32).write(w0);
-        ((e + 4) as *mut u32).write(w1);
-        ((e + 8) as *mut u32).write(w2);
+        st32(e, w0);
+        st32(e + 4, w1);
+        st32(e + 8, w2);
         if l3 == ETH_HLEN {
-            ((e + 12) as *mut u16).write(w3 as u16);
+            st16(e + eth::ETHER_TYPE, w3 as u16);
         } else {
-            ((e + 12) as *mut u32).write(w3);
-            ((e + 16) as *mut u16).write(w4);
+            st32(e + eth::ETHER_TYPE, w3);
+            st16(e + ETH_HLEN + vlan::ETHER_TYPE, w4);
         }
     }
     DecapStat::Decapsulated
