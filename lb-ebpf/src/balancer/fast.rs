@@ -1,25 +1,28 @@
-//! The IPv4 fast path: steps 2-10 for the commonest packet (established TCP to a dsr-l2 VIP,
-//! IPv4 without options), in registers, falling back to the general path for anything else.
+//! The fast paths: steps 2-10 for the commonest packets (established TCP over IPv4 without
+//! options or over IPv6 without extension headers, to a VIP found in `VIP_CACHE`, dsr-l2 or
+//! ipip), in registers, falling back to the general path for anything else.
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, ROUTE_F_MOVED, VIP_F_HASH_SRC, VIP_MODE_IPIP, VipCacheEntry,
-    addr_hash_v4, flow_hash_v4, route_index, vip_cache_slot,
+    FAMILY_V4, FAMILY_V6, NodeEntry, PROTO_TCP, ROUTE_F_MOVED, VIP_F_HASH_SRC, VIP_MODE_IPIP,
+    VipCacheEntry, VipMeta, addr_hash_v4, addr_hash_v6, flow_hash_v4, flow_hash_v6, route_index,
+    vip_cache_slot,
 };
 use lb_ebpf::{
     decide,
-    parse::{self, IPV4_HLEN, TCP_HLEN, ipv4, tcp},
-    pkt::{Frame, be16, ld, le32, port},
+    parse::{self, IPV4_HLEN, IPV6_HLEN, TCP_HLEN, ipv4, ipv6, tcp},
+    pkt::{Frame, be16, ld, le32, port, words16},
 };
 
 use super::{
     counters::count_forwarded,
-    forward::dsr,
+    forward::{Inner, Sent, dsr, encap},
     maps::{NODES, ROUTES, VIP_CACHE, VIP_GEN},
     vip::{CACHE_ADDR, CACHE_TAIL, cache_tail, in_filter},
 };
 
-/// What the IPv4 fast path made of a packet.
+/// What a fast path made of a packet.
 pub(crate) enum Fast {
-    /// Forwarded (dsr-l2) and counted.
+    /// Forwarded and counted.
     Tx,
     /// Not for a VIP address (`VIP_FILTER` bit clear).
     Pass,
@@ -27,14 +30,13 @@ pub(crate) enum Fast {
     Slow,
 }
 
-/// The hot path, in registers: established TCP (no SYN, FIN or RST) over IPv4 without options
-/// or fragmentation, to a dsr-l2 VIP found in `VIP_CACHE`, on a route that has not moved, whose
-/// owner is live. For these packets it does exactly what the general path would (same checks,
-/// hash, route, rewrite and counters); every other packet to a VIP address goes to the general
-/// path untouched, and non-VIP packets stop at the `VIP_FILTER` bit as there.
+/// The IPv4 hot path: established TCP (no SYN, FIN or RST) over IPv4 without options or
+/// fragmentation, to a VIP found in `VIP_CACHE`, on a route that has not moved, whose owner is
+/// live. For these packets it does exactly what the general path would (same checks, hash,
+/// route, rewrite or encapsulation, and counters); every other packet to a VIP address goes to
+/// the general path untouched, and non-VIP packets stop at the `VIP_FILTER` bit as there.
 #[inline(always)]
-pub(crate) fn fast_v4(f: Frame, l3: usize) -> Fast {
-    use parse::tcp::{ACK, FIN, RST, SYN};
+pub(crate) fn fast_v4(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
     // The IPv4 header without options and the TCP header, in one bound.
     let Some(h) = f.at::<{ IPV4_HLEN + TCP_HLEN }>(l3) else {
         return Fast::Slow;
@@ -53,13 +55,9 @@ pub(crate) fn fast_v4(f: Frame, l3: usize) -> Fast {
     }
     // Steps 4 and 6: total length inside the frame, holding the TCP header (data offset).
     let t = h + IPV4_HLEN;
-    let tot = be16(h + ipv4::TOT_LEN) as usize;
-    let doff = (ld::<u8>(t + tcp::DOFF) >> 4) as usize;
-    if tot > f.len() - l3 || doff < 5 || IPV4_HLEN + doff * 4 > tot {
-        return Fast::Slow;
-    }
-    let flags: u8 = ld(t + tcp::FLAGS);
-    if flags & (SYN | ACK) == SYN || flags & (FIN | RST) != 0 {
+    let tot = be16(h + ipv4::TOT_LEN);
+    let tot_len = tot as usize;
+    if tot_len < IPV4_HLEN || tot_len > f.len() - l3 || !plain_tcp(t, tot_len - IPV4_HLEN) {
         return Fast::Slow;
     }
     // Step 7 from the cache only.
@@ -78,17 +76,101 @@ pub(crate) fn fast_v4(f: Frame, l3: usize) -> Fast {
     {
         return Fast::Slow;
     }
-    let meta = e.meta;
-    if meta.mode() == VIP_MODE_IPIP || meta.route_count == 0 {
+    let meta = &e.meta;
+    // Step 8.
+    let hash = flow_hash_v4(
+        meta.hash_seed,
+        le32(h + ipv4::SRC),
+        dst,
+        ports(meta, t),
+        PROTO_TCP,
+    );
+    let tos = ld(h + ipv4::TOS);
+    let inner = Inner::new(l3, false, frag & ipv4::DF != 0, false, tot, [tos, 0]);
+    if meta.mode() == VIP_MODE_IPIP {
+        return fast_ipip(ctx, meta, hash, inner);
+    }
+    route_and_send(ctx, f, meta, hash, inner)
+}
+
+/// `fast_v4`'s ipip tail as a subprogram: inline, the encapsulation's call would grow the
+/// entry's frame past the combined stack limit.
+#[inline(never)]
+fn fast_ipip(ctx: &XdpContext, meta: &VipMeta, hash: u32, inner: Inner) -> Fast {
+    route_and_send(ctx, Frame::of(ctx), meta, hash, inner)
+}
+
+/// The IPv6 hot path: as `fast_v4`, for IPv6 whose next header is TCP. A subprogram: inline,
+/// its address words would grow the entry's frame past the combined stack limit.
+#[inline(never)]
+pub(crate) fn fast_v6(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
+    let Some(h) = f.at::<{ IPV6_HLEN + TCP_HLEN }>(l3) else {
+        return Fast::Slow;
+    };
+    let dst = words16(h + ipv6::DST);
+    let dst_hash = addr_hash_v6(&dst);
+    if !in_filter(dst_hash) {
+        return Fast::Pass;
+    }
+    // Extension headers (and every other protocol) take the general path.
+    if ld::<u8>(h + ipv6::NEXT_HDR) != PROTO_TCP {
         return Fast::Slow;
     }
-    // Step 8.
-    let ports = if meta.flags & VIP_F_HASH_SRC != 0 {
+    // Steps 4 and 6: payload inside the frame, holding the TCP header (data offset).
+    let t = h + IPV6_HLEN;
+    let plen = be16(h + ipv6::PAYLOAD_LEN);
+    if IPV6_HLEN + plen as usize > f.len() - l3 || !plain_tcp(t, plen as usize) {
+        return Fast::Slow;
+    }
+    let dport = port(t + tcp::DST_PORT);
+    // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
+    let Some(e) = VIP_CACHE.get(vip_cache_slot(dst_hash, dport, PROTO_TCP)) else {
+        return Fast::Slow;
+    };
+    let k = e as *const VipCacheEntry as usize;
+    if ld::<u32>(k + CACHE_TAIL) != cache_tail(dport, PROTO_TCP, FAMILY_V6)
+        || ld::<u32>(k + CACHE_ADDR) != dst[0]
+        || ld::<u32>(k + CACHE_ADDR + 4) != dst[1]
+        || ld::<u32>(k + CACHE_ADDR + 8) != dst[2]
+        || ld::<u32>(k + CACHE_ADDR + 12) != dst[3]
+    {
+        return Fast::Slow;
+    }
+    let meta = &e.meta;
+    let src = words16(h + ipv6::SRC);
+    let hash = flow_hash_v6(meta.hash_seed, &src, &dst, ports(meta, t), PROTO_TCP);
+    let tc = [ld(h + ipv6::VCF), ld(h + ipv6::VCF + 1)];
+    let inner = Inner::new(l3, true, false, false, plen, tc);
+    route_and_send(ctx, f, meta, hash, inner)
+}
+
+/// Step 6 for the fast paths: a TCP header at `t` whose data offset fits `l4_len`, and a
+/// packet of an established flow (no SYN, FIN or RST), which needs no conntrack.
+#[inline(always)]
+fn plain_tcp(t: usize, l4_len: usize) -> bool {
+    use parse::tcp::{ACK, FIN, RST, SYN};
+    let doff = (ld::<u8>(t + tcp::DOFF) >> 4) as usize;
+    let flags: u8 = ld(t + tcp::FLAGS);
+    doff >= 5 && doff * 4 <= l4_len && flags & (SYN | ACK) != SYN && flags & (FIN | RST) == 0
+}
+
+/// The ports word the route hash takes: 0 for source-affinity VIPs.
+#[inline(always)]
+fn ports(meta: &VipMeta, t: usize) -> u32 {
+    if meta.flags & VIP_F_HASH_SRC != 0 {
         0
     } else {
         le32(t + tcp::PORTS)
-    };
-    let hash = flow_hash_v4(meta.hash_seed, le32(h + ipv4::SRC), dst, ports, PROTO_TCP);
+    }
+}
+
+/// Steps 8-10 once the VIP and the flow hash are known: the live route, which must not have
+/// moved, its live owner, then dsr-l2 or ipip.
+#[inline(always)]
+fn route_and_send(ctx: &XdpContext, f: Frame, meta: &VipMeta, hash: u32, inner: Inner) -> Fast {
+    if meta.route_count == 0 {
+        return Fast::Slow;
+    }
     // verifier: the index is < MAX_VIPS (the loader checks), but the lookup can return null.
     let Some(generation) = VIP_GEN.get(meta.index) else {
         return Fast::Slow;
@@ -107,10 +189,27 @@ pub(crate) fn fast_v4(f: Frame, l3: usize) -> Fast {
     let Some(node) = NODES.get(node_idx).filter(|n| decide::is_live(n.state)) else {
         return Fast::Slow;
     };
-    // Step 10 (`dsr` fails only on its verifier re-check of the Ethernet header).
-    if dsr(f, node).is_err() {
+    if !send(ctx, f, meta, hash, node, inner) {
         return Fast::Slow;
     }
     count_forwarded(meta.index, node_idx, slot, f.len() as u64);
     Fast::Tx
+}
+
+/// Step 10. False (the packet unchanged) when the general path must handle it: a PMTU reply,
+/// an ipip node without an address, or `dsr`'s verifier re-check of the Ethernet header.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    f: Frame,
+    meta: &VipMeta,
+    hash: u32,
+    node: &NodeEntry,
+    inner: Inner,
+) -> bool {
+    if meta.mode() == VIP_MODE_IPIP {
+        matches!(encap(ctx, inner, hash, node), Ok(Sent::Forwarded))
+    } else {
+        dsr(f, node).is_ok()
+    }
 }

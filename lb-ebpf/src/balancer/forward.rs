@@ -41,7 +41,8 @@ pub(crate) fn forward(
     let f = Frame::of(ctx);
     let bytes = f.len() as u64;
     let mut sent = if meta.mode() == VIP_MODE_IPIP {
-        encap(ctx, ip, route_hash(ip, flow, meta), node, flow.icmp)?
+        let inner = Inner::new(ip.l3, ip.v6, ip.df, flow.icmp, ip.len, ip.tc);
+        encap(ctx, inner, route_hash(ip, flow, meta), node)?
     } else {
         dsr(f, node)?
     };
@@ -160,25 +161,72 @@ pub(crate) fn config() -> Result<&'static GlobalConfig, DropReason> {
     CONFIG.get(0).ok_or(DropReason::HelperFailed)
 }
 
+/// What `encap` needs of the packet, in one register (a subprogram takes five): the IP header's
+/// offset (bits 0..8), IPv6, DF and "an ICMP error" (bits 8, 9, 10), the IPv4 total or IPv6
+/// payload length (16..32) and `Ip::tc` (32..48).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub(crate) struct Inner(u64);
+
+impl Inner {
+    #[inline(always)]
+    pub(crate) fn new(l3: usize, v6: bool, df: bool, icmp: bool, len: u16, tc: [u8; 2]) -> Self {
+        Self(
+            (l3 as u64 & 0xff)
+                | (v6 as u64) << 8
+                | (df as u64) << 9
+                | (icmp as u64) << 10
+                | (len as u64) << 16
+                | (u16::from_ne_bytes(tc) as u64) << 32,
+        )
+    }
+    #[inline(always)]
+    fn l3(self) -> usize {
+        (self.0 & 0xff) as usize
+    }
+    #[inline(always)]
+    fn v6(self) -> bool {
+        self.0 & 1 << 8 != 0
+    }
+    #[inline(always)]
+    fn df(self) -> bool {
+        self.0 & 1 << 9 != 0
+    }
+    #[inline(always)]
+    fn icmp(self) -> bool {
+        self.0 & 1 << 10 != 0
+    }
+    #[inline(always)]
+    fn len(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+    #[inline(always)]
+    fn tc(self) -> [u8; 2] {
+        ((self.0 >> 32) as u16).to_ne_bytes()
+    }
+}
+
 /// ipip: checks the MTU, then prepends the outer header to the node (step 10). Its own
-/// subprogram: its locals stay off `balance`'s stack.
+/// subprogram: its locals stay off its callers' stacks. Every outcome but `Forwarded` leaves
+/// the packet as it was (the fast paths rely on it), except a failed re-check of the bytes the
+/// head just grew by, which cannot fail.
 #[inline(never)]
-fn encap(
+pub(crate) fn encap(
     ctx: &XdpContext,
-    ip: &Ip,
+    ip: Inner,
     hash: u32,
     node: &NodeEntry,
-    icmp: bool,
 ) -> Result<Sent, DropReason> {
-    if (ip.v6 && node.addr6 == [0; 16]) || (!ip.v6 && node.addr4 == [0; 4]) {
+    let v6 = ip.v6();
+    if (v6 && node.addr6 == [0; 16]) || (!v6 && node.addr4 == [0; 4]) {
         return Err(DropReason::NoBackend);
     }
     let cfg = config()?;
-    let grow = if ip.v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let grow = if v6 { IPV6_HLEN } else { IPV4_HLEN };
     // IPv4: outer total length; IPv6: outer payload length.
-    let outer_len = ip.len as u32 + grow as u32;
+    let outer_len = ip.len() as u32 + grow as u32;
     // The L3 size on the path: IPv4 total, or IPv6 header plus payload.
-    let l3_size = if ip.v6 {
+    let l3_size = if v6 {
         outer_len + IPV6_HLEN as u32
     } else {
         outer_len
@@ -186,7 +234,7 @@ fn encap(
     if (cfg.mtu != 0 && l3_size > cfg.mtu as u32) || outer_len > u16::MAX as u32 {
         if outer_len > u16::MAX as u32 || !aggregated(ctx, l3_size - grow as u32) {
             // No ICMP error about an ICMP error; IPv4 without DF has no frag-needed either.
-            if cfg.mtu != 0 && !icmp && (ip.v6 || ip.df) {
+            if cfg.mtu != 0 && !ip.icmp() && (v6 || ip.df()) {
                 return Ok(Sent::NeedPmtu(cfg.mtu));
             }
             return Err(DropReason::TooBig);
@@ -197,15 +245,15 @@ fn encap(
     }
     let eth = save_eth(Frame::of(ctx))?;
     let f = grow_head(ctx, grow as i32)?;
-    let l3 = ip.l3;
+    let l3 = ip.l3();
     let gw = Mac::load(cfg.gw_mac.as_ptr() as usize);
-    if ip.v6 {
+    if v6 {
         write_eth(f, l3, gw, eth.dst, eth.tag, ETH_P_IPV6)?;
         // verifier: fresh bound after the head moved.
         let Some(p) = f.at::<IPV6_HLEN>(l3) else {
             return Err(DropReason::HelperFailed);
         };
-        let first = encap::ipv6_first8(ip.tc, hash & 0xf_ffff, outer_len as u16, PROTO_IPV6_IN);
+        let first = encap::ipv6_first8(ip.tc(), hash & 0xf_ffff, outer_len as u16, PROTO_IPV6_IN);
         let src = cfg.ipip_src6.as_ptr() as usize;
         let dst = node.addr6.as_ptr() as usize;
         // SAFETY: 40 bytes bounds-checked above; map values stay valid across adjust_head.
@@ -228,7 +276,7 @@ fn encap(
             return Err(DropReason::HelperFailed);
         };
         let hdr = encap::ipv4_header(
-            ip.tc[0],
+            ip.tc()[0],
             outer_len as u16,
             PROTO_IPIP,
             encap::outer_src4(cfg, hash),

@@ -17,7 +17,7 @@ use lb_ebpf::{
 };
 
 use super::{
-    fast::{Fast, fast_v4},
+    fast::{Fast, fast_v4, fast_v6},
     route::{balance, established},
     vip::{in_filter, lookup_vip, malformed, packet_vip, vip_get},
 };
@@ -71,12 +71,19 @@ pub(crate) fn try_balance(ctx: &XdpContext) -> Result<Verdict, DropReason> {
         return Ok(Verdict::Pass);
     };
     match ethertype {
-        ETH_P_IPV4 => match fast_v4(f, l3) {
+        // After a fast path's `Slow`, the frame is read from the context again: an ipip
+        // attempt called a helper that may move packet data, which (to the verifier) ends
+        // every packet pointer taken before (the packet itself is unchanged).
+        ETH_P_IPV4 => match fast_v4(ctx, f, l3) {
             Fast::Tx => Ok(Verdict::Tx),
             Fast::Pass => Ok(Verdict::Pass),
-            Fast::Slow => ipv4(ctx, f, l3),
+            Fast::Slow => ipv4(ctx, Frame::of(ctx), l3),
         },
-        ETH_P_IPV6 => ipv6(ctx, f, l3),
+        ETH_P_IPV6 => match fast_v6(ctx, f, l3) {
+            Fast::Tx => Ok(Verdict::Tx),
+            Fast::Pass => Ok(Verdict::Pass),
+            Fast::Slow => ipv6(ctx, Frame::of(ctx), l3),
+        },
         _ => Ok(Verdict::Pass),
     }
 }
