@@ -1,5 +1,7 @@
 //! Step 10: the packet sent on to its node, dsr-l2 (MAC rewrite) or ipip (outer header, or a
 //! PMTU reply when it would not fit), and counted.
+use core::mem::offset_of;
+
 use aya_ebpf::{
     helpers::generated::{bpf_check_mtu, bpf_xdp_adjust_head},
     programs::XdpContext,
@@ -218,7 +220,15 @@ pub(crate) fn encap(
     node: &NodeEntry,
 ) -> Result<Sent, DropReason> {
     let v6 = ip.v6();
-    if (v6 && node.addr6 == [0; 16]) || (!v6 && node.addr4 == [0; 4]) {
+    // Word loads: compared as byte arrays, the addresses were read a byte at a time.
+    let n = node as *const NodeEntry as usize;
+    let no_addr = if v6 {
+        let a = n + offset_of!(NodeEntry, addr6);
+        ld::<u64>(a) | ld::<u64>(a + 8) == 0
+    } else {
+        ld::<u32>(n + offset_of!(NodeEntry, addr4)) == 0
+    };
+    if no_addr {
         return Err(DropReason::NoBackend);
     }
     let cfg = config()?;
