@@ -15,7 +15,7 @@ use lb_ebpf::{
 
 use super::{
     counters::count_forwarded,
-    forward::{Inner, Sent, dsr, encap},
+    forward::{Inner, Sent, dsr, encap_inline},
     maps::{NODES, ROUTES, VIP_CACHE, VIP_GEN},
     vip::{CACHE_ADDR, CACHE_TAIL, cache_tail, in_filter},
 };
@@ -90,19 +90,18 @@ pub(crate) fn fast_v4(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
     if meta.mode() == VIP_MODE_IPIP {
         return fast_ipip(ctx, meta, hash, inner);
     }
-    route_and_send(ctx, f, meta, hash, inner)
+    route_and_send::<false>(ctx, f, meta, hash, inner)
 }
 
-/// `fast_v4`'s ipip tail as a subprogram: inline, the encapsulation's call would grow the
-/// entry's frame past the combined stack limit.
+/// The fast paths' ipip tail (steps 8-10 with the encapsulation inline) as a subprogram:
+/// inline in the entry, it would grow the entry's frame past the combined stack limit.
 #[inline(never)]
 fn fast_ipip(ctx: &XdpContext, meta: &VipMeta, hash: u32, inner: Inner) -> Fast {
-    route_and_send(ctx, Frame::of(ctx), meta, hash, inner)
+    route_and_send::<true>(ctx, Frame::of(ctx), meta, hash, inner)
 }
 
-/// The IPv6 hot path: as `fast_v4`, for IPv6 whose next header is TCP. A subprogram: inline,
-/// its address words would grow the entry's frame past the combined stack limit.
-#[inline(never)]
+/// The IPv6 hot path: as `fast_v4`, for IPv6 whose next header is TCP.
+#[inline(always)]
 pub(crate) fn fast_v6(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
     let Some(h) = f.at::<{ IPV6_HLEN + TCP_HLEN }>(l3) else {
         return Fast::Slow;
@@ -141,7 +140,10 @@ pub(crate) fn fast_v6(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
     let hash = flow_hash_v6(meta.hash_seed, &src, &dst, ports(meta, t), PROTO_TCP);
     let tc = [ld(h + ipv6::VCF), ld(h + ipv6::VCF + 1)];
     let inner = Inner::new(l3, true, false, false, plen, tc);
-    route_and_send(ctx, f, meta, hash, inner)
+    if meta.mode() == VIP_MODE_IPIP {
+        return fast_ipip(ctx, meta, hash, inner);
+    }
+    route_and_send::<false>(ctx, f, meta, hash, inner)
 }
 
 /// Step 6 for the fast paths: a TCP header at `t` whose data offset fits `l4_len`, and a
@@ -167,7 +169,13 @@ fn ports(meta: &VipMeta, t: usize) -> u32 {
 /// Steps 8-10 once the VIP and the flow hash are known: the live route, which must not have
 /// moved, its live owner, then dsr-l2 or ipip.
 #[inline(always)]
-fn route_and_send(ctx: &XdpContext, f: Frame, meta: &VipMeta, hash: u32, inner: Inner) -> Fast {
+fn route_and_send<const IPIP: bool>(
+    ctx: &XdpContext,
+    f: Frame,
+    meta: &VipMeta,
+    hash: u32,
+    inner: Inner,
+) -> Fast {
     if meta.route_count == 0 {
         return Fast::Slow;
     }
@@ -189,26 +197,26 @@ fn route_and_send(ctx: &XdpContext, f: Frame, meta: &VipMeta, hash: u32, inner: 
     let Some(node) = NODES.get(node_idx).filter(|n| decide::is_live(n.state)) else {
         return Fast::Slow;
     };
-    if !send(ctx, f, meta, hash, node, inner) {
+    if !send::<IPIP>(ctx, f, hash, node, inner) {
         return Fast::Slow;
     }
     count_forwarded(meta.index, node_idx, slot, f.len() as u64);
     Fast::Tx
 }
 
-/// Step 10. False (the packet unchanged) when the general path must handle it: a PMTU reply,
-/// an ipip node without an address, or `dsr`'s verifier re-check of the Ethernet header.
+/// Step 10 (`IPIP`: the VIP's mode, known to the caller). False (the packet unchanged) when the
+/// general path must handle it: a PMTU reply, an ipip node without an address, or `dsr`'s
+/// verifier re-check of the Ethernet header.
 #[inline(always)]
-fn send(
+fn send<const IPIP: bool>(
     ctx: &XdpContext,
     f: Frame,
-    meta: &VipMeta,
     hash: u32,
     node: &NodeEntry,
     inner: Inner,
 ) -> bool {
-    if meta.mode() == VIP_MODE_IPIP {
-        matches!(encap(ctx, inner, hash, node), Ok(Sent::Forwarded))
+    if IPIP {
+        matches!(encap_inline(ctx, inner, hash, node), Ok(Sent::Forwarded))
     } else {
         dsr(f, node).is_ok()
     }
