@@ -6,9 +6,10 @@
 //! (`VIP_FILTER`); established TCP on a route that has not moved does only array lookups
 //! (`VIP_CACHE`, `VIP_GEN`, `ROUTES`, `NODES` and the counters); `VIPS` (hash) is read only when
 //! the VIP is not in its cache slot; `CONNTRACK` and `CONFIG` are touched only on the paths
-//! that need them. The commonest case (IPv4 without options, established TCP, dsr-l2) has a
-//! fast path of its own (`fast_v4`) that keeps everything in registers and falls back to the
-//! general path for anything else; cold paths (conntrack, encap, PMTU, malformed) are
+//! that need them. The commonest case (established TCP over IPv4 without options or IPv6
+//! without extension headers, dsr-l2 or ipip) has fast paths of their own (`fast_v4`,
+//! `fast_v6`, the ipip tail `fast_ipip`) that keep everything in registers and fall back to
+//! the general path for anything else; cold paths (conntrack, encap, PMTU, malformed) are
 //! subprograms. `#[inline(always)]` / `#[inline(never)]` decide which functions are BPF
 //! subprograms, and so the 512-byte combined stack: change none without measuring.
 //!
@@ -39,7 +40,7 @@ mod balancer {
     /// Steps 3, 4 and 7: `VIP_FILTER`, the address marker, `VIP_CACHE` then `VIPS`.
     pub(crate) mod vip;
 
-    /// Steps 2-10 for established TCP to a dsr-l2 VIP over IPv4, in registers.
+    /// Steps 2-10 for established TCP over IPv4 or IPv6 (dsr-l2 or ipip), in registers.
     pub(crate) mod fast;
 
     /// Steps 8-9: flow hash, route slot, node choice with conntrack.
