@@ -27,6 +27,10 @@ pub struct Case {
     /// The case the ratio is against; a baseline names itself.
     pub baseline: String,
     pub ratio: f64,
+    /// The baseline's ns in the runs paired with this case's (a case run at another repeat
+    /// than its baseline's own row has its own); absent for a baseline.
+    #[serde(default)]
+    pub baseline_ns_median: Option<f64>,
 }
 
 /// The fields of `control.json` the chart uses.
@@ -45,7 +49,7 @@ const CASE_COLOR: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const BASE_COLOR: RGBColor = RGBColor(0xaa, 0xaa, 0xaa);
 
 /// Horizontal bars, one pair per non-baseline case: its median ns/packet (labelled with its
-/// ratio) above its baseline's median (labelled with the baseline's name).
+/// ratio) above its baseline's median in the same pairs (labelled with the baseline's name).
 pub fn dataplane(doc: &Dataplane, out: &Path) -> Result<()> {
     let mut rows = vec![];
     for (name, case) in doc.cases.iter().filter(|(n, c)| **n != c.baseline) {
@@ -55,7 +59,11 @@ pub fn dataplane(doc: &Dataplane, out: &Path) -> Result<()> {
                 case.baseline
             )
         })?;
-        rows.push((name.as_str(), case, base.ns_median));
+        rows.push((
+            name.as_str(),
+            case,
+            case.baseline_ns_median.unwrap_or(base.ns_median),
+        ));
     }
     ensure!(!rows.is_empty(), "no case with a baseline to chart");
     let n = rows.len();
@@ -271,6 +279,7 @@ mod tests {
             ns_median: ns,
             baseline: baseline.into(),
             ratio,
+            baseline_ns_median: None,
         }
     }
 
@@ -305,6 +314,14 @@ mod tests {
                 ("baseline_pass".into(), case(28.0, "baseline_pass", 1.0)),
                 ("v4_established_dsr".into(), case(53.0, "baseline_tx", 1.71)),
                 ("non_vip".into(), case(33.0, "baseline_pass", 1.18)),
+                // Paired with baseline runs of its own (another repeat): those are its bar.
+                (
+                    "v4_syn_newflow".into(),
+                    Case {
+                        baseline_ns_median: Some(38.0),
+                        ..case(400.0, "baseline_tx", 10.5)
+                    },
+                ),
             ]),
         };
         let out = dir.path().join("dataplane.svg");
@@ -317,6 +334,8 @@ mod tests {
                 "53 ns (1.71x)",
                 "baseline_tx 31 ns",
                 "baseline_pass 28 ns",
+                "400 ns (10.50x)",
+                "baseline_tx 38 ns",
             ],
         );
     }
