@@ -59,7 +59,7 @@ pub(crate) fn count_forwarded(vip: u32, node: u32, slot: u32, bytes: u64) {
     let vip_packets = count_traffic(&VIP_STATS, vip, bytes);
     count_traffic(&NODE_STATS, node, bytes);
     // Sampled: a write per packet to a random slot of a table this large is a cache miss.
-    if vip_packets % ROUTE_STATS_SAMPLE == 0
+    if vip_packets.is_multiple_of(ROUTE_STATS_SAMPLE)
         && let Some(c) = ROUTE_STATS.get_ptr_mut(slot)
     {
         // SAFETY: per-CPU slot, only this CPU writes it.
