@@ -4,8 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FAMILY_V4, FAMILY_V6, NodeEntry, PROTO_TCP, ROUTE_F_MOVED, VIP_F_HASH_SRC, VIP_MODE_IPIP,
-    VipCacheEntry, VipMeta, addr_hash_v4, addr_hash_v6, flow_hash_v4, flow_hash_v6, route_index,
-    vip_cache_slot,
+    VipMeta, addr_hash_v4, addr_hash_v6, flow_hash_v4, flow_hash_v6, route_index,
 };
 use lb_ebpf::{
     decide,
@@ -16,8 +15,8 @@ use lb_ebpf::{
 use super::{
     counters::count_forwarded,
     forward::{Inner, Sent, dsr, encap_inline},
-    maps::{NODES, ROUTES, VIP_CACHE, VIP_GEN},
-    vip::{CACHE_ADDR, CACHE_TAIL, cache_tail, in_filter},
+    maps::{NODES, ROUTES, VIP_GEN},
+    vip::{cached_vip, in_filter},
 };
 
 /// What a fast path made of a packet.
@@ -61,22 +60,15 @@ pub(crate) fn fast_v4(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
         return Fast::Slow;
     }
     // Step 7 from the cache only.
-    let dport = port(t + tcp::DST_PORT);
-    // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
-    let Some(e) = VIP_CACHE.get(vip_cache_slot(dst_hash, dport, PROTO_TCP)) else {
+    let Some(meta) = cached_vip(
+        &[dst, 0, 0, 0],
+        dst_hash,
+        port(t + tcp::DST_PORT),
+        PROTO_TCP,
+        FAMILY_V4,
+    ) else {
         return Fast::Slow;
     };
-    let k = e as *const VipCacheEntry as usize;
-    if ld::<u32>(k + CACHE_TAIL) != cache_tail(dport, PROTO_TCP, FAMILY_V4)
-        || ld::<u32>(k + CACHE_ADDR) != dst
-        || ld::<u32>(k + CACHE_ADDR + 4)
-            | ld::<u32>(k + CACHE_ADDR + 8)
-            | ld::<u32>(k + CACHE_ADDR + 12)
-            != 0
-    {
-        return Fast::Slow;
-    }
-    let meta = &e.meta;
     // Step 8.
     let hash = flow_hash_v4(
         meta.hash_seed,
@@ -121,21 +113,15 @@ pub(crate) fn fast_v6(ctx: &XdpContext, f: Frame, l3: usize) -> Fast {
     if IPV6_HLEN + plen as usize > f.len() - l3 || !plain_tcp(t, plen as usize) {
         return Fast::Slow;
     }
-    let dport = port(t + tcp::DST_PORT);
-    // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
-    let Some(e) = VIP_CACHE.get(vip_cache_slot(dst_hash, dport, PROTO_TCP)) else {
+    let Some(meta) = cached_vip(
+        &dst,
+        dst_hash,
+        port(t + tcp::DST_PORT),
+        PROTO_TCP,
+        FAMILY_V6,
+    ) else {
         return Fast::Slow;
     };
-    let k = e as *const VipCacheEntry as usize;
-    if ld::<u32>(k + CACHE_TAIL) != cache_tail(dport, PROTO_TCP, FAMILY_V6)
-        || ld::<u32>(k + CACHE_ADDR) != dst[0]
-        || ld::<u32>(k + CACHE_ADDR + 4) != dst[1]
-        || ld::<u32>(k + CACHE_ADDR + 8) != dst[2]
-        || ld::<u32>(k + CACHE_ADDR + 12) != dst[3]
-    {
-        return Fast::Slow;
-    }
-    let meta = &e.meta;
     let src = words16(h + ipv6::SRC);
     let hash = flow_hash_v6(meta.hash_seed, &src, &dst, ports(meta, t), PROTO_TCP);
     let tc = [ld(h + ipv6::VCF), ld(h + ipv6::VCF + 1)];

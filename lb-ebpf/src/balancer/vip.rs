@@ -72,8 +72,8 @@ pub(crate) fn lookup_vip(addr: &[u32; 4], family: u8, port: u16, proto: u8) -> O
 
 /// A `VIP_CACHE` entry's key is compared as five words loaded from the map value: the address
 /// (four words, IPv4 in the first) at `CACHE_ADDR`, then `cache_tail` at `CACHE_TAIL`.
-pub(crate) const CACHE_ADDR: usize = offset_of!(VipCacheEntry, key) + offset_of!(VipKey, addr);
-pub(crate) const CACHE_TAIL: usize = offset_of!(VipCacheEntry, key) + offset_of!(VipKey, port);
+const CACHE_ADDR: usize = offset_of!(VipCacheEntry, key) + offset_of!(VipKey, addr);
+const CACHE_TAIL: usize = offset_of!(VipCacheEntry, key) + offset_of!(VipKey, port);
 const _: () = assert!(
     offset_of!(VipKey, proto) == offset_of!(VipKey, port) + 2
         && offset_of!(VipKey, family) == offset_of!(VipKey, port) + 3
@@ -81,26 +81,37 @@ const _: () = assert!(
 
 /// The key's last word: port, protocol and family as `VipKey` lays them out.
 #[inline(always)]
-pub(crate) const fn cache_tail(port: u16, proto: u8, family: u8) -> u32 {
+const fn cache_tail(port: u16, proto: u8, family: u8) -> u32 {
     (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24)
 }
 
-/// Step 7 for a packet's own destination: the `VIP_CACHE` slot first (array lookup and key
-/// compare), then `VIPS`.
+/// Step 7 from `VIP_CACHE` alone (array lookup and key compare): the VIP `(dst, port, proto)`
+/// if its slot holds it. `dst_hash` is `dst`'s address hash.
+#[inline(always)]
+pub(crate) fn cached_vip(
+    dst: &[u32; 4],
+    dst_hash: u32,
+    port: u16,
+    proto: u8,
+    family: u8,
+) -> Option<&'static VipMeta> {
+    // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
+    let e = VIP_CACHE.get(vip_cache_slot(dst_hash, port, proto))?;
+    let k = e as *const VipCacheEntry as usize;
+    (ld::<u32>(k + CACHE_TAIL) == cache_tail(port, proto, family)
+        && ld::<u32>(k + CACHE_ADDR) == dst[0]
+        && ld::<u32>(k + CACHE_ADDR + 4) == dst[1]
+        && ld::<u32>(k + CACHE_ADDR + 8) == dst[2]
+        && ld::<u32>(k + CACHE_ADDR + 12) == dst[3])
+        .then_some(&e.meta)
+}
+
+/// Step 7 for a packet's own destination: the `VIP_CACHE` slot first, then `VIPS`.
 #[inline(always)]
 pub(crate) fn packet_vip(ip: &Ip, port: u16, proto: u8) -> Option<VipMeta> {
     let family = ip.family();
-    // verifier: the slot is < VIP_CACHE_SIZE, but the lookup can return null.
-    if let Some(e) = VIP_CACHE.get(vip_cache_slot(ip.dst_hash, port, proto)) {
-        let k = e as *const VipCacheEntry as usize;
-        if ld::<u32>(k + CACHE_TAIL) == cache_tail(port, proto, family)
-            && ld::<u32>(k + CACHE_ADDR) == ip.dst[0]
-            && ld::<u32>(k + CACHE_ADDR + 4) == ip.dst[1]
-            && ld::<u32>(k + CACHE_ADDR + 8) == ip.dst[2]
-            && ld::<u32>(k + CACHE_ADDR + 12) == ip.dst[3]
-        {
-            return Some(e.meta);
-        }
+    if let Some(m) = cached_vip(&ip.dst, ip.dst_hash, port, proto, family) {
+        return Some(*m);
     }
     lookup_vip_slow(&ip.dst, family, port, proto)
 }
