@@ -262,6 +262,7 @@ impl Dataplane {
             what: "balancer",
             source: Box::new(e),
         })?;
+        check_build_sizes(&ebpf)?;
         // Takes the log ring buffer out of `ebpf`: it must stay open until the program loads.
         let event_logger =
             EventLogger::new(&mut ebpf).map_err(|e| DataplaneError::EventLog(Box::new(e)))?;
@@ -315,20 +316,14 @@ impl Dataplane {
                 self.route_slots
             )));
         }
-        for (i, g) in self.gens.iter_mut().enumerate() {
+        // Whole arrays in a few syscalls each: one lookup per entry was ~80k syscalls for
+        // VIP_GEN and VIP_CACHE at this build's sizes, on every daemon start.
+        self.gens = read_array(&self.vip_gen_map, lb_common::MAP_VIP_GEN)?;
+        for g in &mut self.gens {
             // The kernel reads only bit 0.
-            *g = self
-                .vip_gen_map
-                .get(&(i as u32), 0)
-                .map_err(map_err(lb_common::MAP_VIP_GEN))?
-                & 1;
+            *g &= 1;
         }
-        for (i, e) in self.cache.iter_mut().enumerate() {
-            *e = self
-                .vip_cache_map
-                .get(&(i as u32), 0)
-                .map_err(map_err(lb_common::MAP_VIP_CACHE))?;
-        }
+        self.cache = read_array(&self.vip_cache_map, lb_common::MAP_VIP_CACHE)?;
         let entries: Vec<(VipKey, VipMeta)> = self
             .vips_map
             .iter()
@@ -363,12 +358,7 @@ impl Dataplane {
                 },
             );
         }
-        for (i, w) in self.filter.iter_mut().enumerate() {
-            *w = self
-                .filter_map
-                .get(&(i as u32), 0)
-                .map_err(map_err(lb_common::MAP_VIP_FILTER))?;
-        }
+        self.filter = read_array(&self.filter_map, lb_common::MAP_VIP_FILTER)?;
         for key in legacy {
             self.convert_legacy(&key)?;
         }
@@ -1111,6 +1101,34 @@ fn conntrack_table(ebpf: &Ebpf, sets: u32, seed: u32) -> Result<CtTable> {
         .map_err(|e| DataplaneError::Invalid(format!("mmap of {name}: {e}")))
 }
 
+/// Maps sized by this build's limits: a pinned one made by a build with other limits (before an
+/// upgrade) is refused by name here, rather than failing later at an index past its end.
+fn check_build_sizes(ebpf: &Ebpf) -> Result<()> {
+    use aya::maps::Map;
+    for (name, want) in [
+        (lb_common::MAP_VIPS, MAX_VIPS * 4),
+        (lb_common::MAP_VIP_CACHE, VIP_CACHE_SIZE),
+        (lb_common::MAP_VIP_GEN, MAX_VIPS),
+        (lb_common::MAP_VIP_STATS, MAX_VIPS),
+        (lb_common::MAP_VIP_FILTER, VIP_FILTER_WORDS),
+        (lb_common::MAP_NODES, lb_common::MAX_NODES),
+        (lb_common::MAP_NODE_STATS, lb_common::MAX_NODES),
+    ] {
+        let data = match ebpf.map(name) {
+            Some(Map::Array(d) | Map::HashMap(d) | Map::PerCpuArray(d)) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        let have = data.info().map_err(map_err(name))?.max_entries();
+        if have != want {
+            return Err(DataplaneError::Invalid(format!(
+                "pinned {name} has {have} entries but this build uses {want} (pinned by another \
+                 version?); remove the pins to start this one"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A second fd of a map, before it is taken.
 fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd> {
     match ebpf.map(name) {
@@ -1199,21 +1217,87 @@ impl RouteSlots {
     }
 }
 
+/// Every entry of an array map, in order, by `BPF_MAP_LOOKUP_BATCH`.
+fn read_array<V: aya::Pod + Default>(
+    map: &Array<MapData, V>,
+    name: &'static str,
+) -> Result<Vec<V>> {
+    let data = aya::maps::IterableMap::<u32, V>::map(map);
+    batch_lookup(data.fd().as_fd(), map.len()).map_err(|e| {
+        map_err(name)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        }))
+    })
+}
+
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` over a whole array map of `len` entries: a few syscalls, not one per
+/// entry. Values come back in key order (arrays return keys `0..len`, checked).
+fn batch_lookup<V: Copy + Default>(fd: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let n = len as usize;
+    let mut keys = vec![0u32; n];
+    let mut values = vec![V::default(); n];
+    let (mut done, mut cursor) = (0usize, None::<u32>);
+    while done < n {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: cursor.as_ref().map_or(0, |c| c as *const u32 as u64),
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: (n - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points at live key/value buffers with room for `count` entries of the
+        // map's key and value sizes, and at `cursor`/`next`; the kernel writes back `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        done += attr.count as usize;
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOENT: no entries after this batch.
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(e);
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("batch lookup made no progress"));
+        }
+        cursor = Some(next);
+    }
+    if done != n || keys.iter().enumerate().any(|(i, k)| *k as usize != i) {
+        return Err(std::io::Error::other(format!(
+            "batch lookup returned {done} of {n} entries, or out of order"
+        )));
+    }
+    Ok(values)
+}
+
 /// `BPF_MAP_UPDATE_BATCH` on an array map: one syscall for many entries.
 fn batch_update<V: Copy>(fd: BorrowedFd<'_>, keys: &[u32], values: &[V]) -> std::io::Result<()> {
-    /// `union bpf_attr`'s `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     debug_assert_eq!(keys.len(), values.len());
     let mut done = 0;

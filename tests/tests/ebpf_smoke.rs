@@ -437,6 +437,30 @@ fn readopt_pinned() {
     assert_dsr(&mut dp, &ack(VIP, 81), NODE1_MAC);
 }
 
+/// A map pinned by a build with other limits (here `VIP_GEN` of the old 1024 VIPs) is refused
+/// by name when the balancer loads over the pins.
+#[test]
+fn pins_of_another_build_are_refused() {
+    let pins = Pins::new("oldsize");
+    std::fs::create_dir_all(&pins.0).unwrap();
+    Array::<MapData, u32>::create(1024, 0)
+        .unwrap()
+        .pin(pins.0.join(lb_common::MAP_VIP_GEN))
+        .unwrap();
+    let err = Dataplane::load(&DataplaneOptions {
+        route_slots: 4096,
+        conntrack_size: 16384,
+        pin_dir: Some(pins.0.clone()),
+    })
+    .err()
+    .expect("a VIP_GEN of 1024 entries must be refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("VIP_GEN") && msg.contains("1024") && msg.contains("remove the pins"),
+        "{msg}"
+    );
+}
+
 /// `repeat` runs of `pkt`: (verdict, output) of the last. With `repeat > 1` the kernel feeds
 /// each run's output to the next.
 fn run(prog: &mut Xdp, pkt: &[u8], repeat: u32) -> (u32, Vec<u8>) {
