@@ -374,8 +374,15 @@ fn ensure_bpffs() -> Result<()> {
 }
 
 /// Debian packages the build needs: `protoc` for the etcd client's gRPC code (`etcd-client`'s
-/// build script runs it).
-const BUILD_PACKAGES: [(&str, &str); 1] = [("protoc", "protobuf-compiler")];
+/// build script runs it) and the well-known types its protos import (`libprotobuf-dev`).
+/// An entry's first element is a binary on the PATH, or an absolute path to a file.
+const BUILD_PACKAGES: [(&str, &str); 2] = [
+    ("protoc", "protobuf-compiler"),
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
+];
 
 /// Debian packages the namespace suites use, installed only when missing: `ip` and `nsenter`
 /// for the labs, headless `chromium` for the status page test (`cli_e2e`), `etcd` for the
@@ -391,7 +398,7 @@ fn ensure_build_packages() -> Result<()> {
     ensure_packages(
         "build packages",
         &BUILD_PACKAGES,
-        "the build needs them (protoc: etcd-client's gRPC code)",
+        "the build needs them (protoc and the well-known protos: etcd-client's gRPC code)",
     )
 }
 
@@ -404,12 +411,18 @@ fn ensure_test_packages() -> Result<()> {
     )
 }
 
-/// Installs the Debian packages of `list` (`(binary, package)`) whose binary is not on the
-/// PATH; after the install every binary must be there.
+/// Installs the Debian packages of `list` (`(binary or absolute file, package)`) whose binary
+/// or file is missing; after the install every one must be there.
 fn ensure_packages(what: &str, list: &[(&str, &str)], why: &str) -> Result<()> {
     let missing = || -> Vec<&str> {
         list.iter()
-            .filter(|(bin, _)| !on_path(bin))
+            .filter(|(bin, _)| {
+                if bin.starts_with('/') {
+                    !Path::new(bin).is_file()
+                } else {
+                    !on_path(bin)
+                }
+            })
             .map(|(_, pkg)| *pkg)
             .collect()
     };
