@@ -52,6 +52,8 @@ const RETRY: Duration = Duration::from_millis(250);
 /// What went wrong talking to the cluster store.
 #[derive(Debug, Error)]
 pub enum Error {
+    #[error("invalid [cluster] section: {0}")]
+    Config(String),
     #[error("cannot reach etcd at {endpoints}: {reason}")]
     Connect { endpoints: String, reason: String },
     #[error("etcd {what}: no answer within {after:?} (is etcd reachable?)")]
@@ -175,10 +177,8 @@ impl Cluster {
     /// for leadership and following who leads. Fails within about [`OP_TIMEOUT`] when etcd
     /// does not answer.
     pub async fn connect(cfg: &ClusterConfig) -> Result<Self> {
-        cfg.validate().map_err(|e| Error::Connect {
-            endpoints: cfg.endpoints.join(","),
-            reason: format!("{e:#}"),
-        })?;
+        cfg.validate()
+            .map_err(|e| Error::Config(format!("{e:#}")))?;
         let connect_err = |reason: String| Error::Connect {
             endpoints: cfg.endpoints.join(","),
             reason,

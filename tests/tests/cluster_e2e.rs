@@ -422,6 +422,12 @@ async fn etcd_down_fails_in_bounded_time_and_back_works() {
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(t0.elapsed() < bound);
 
+    // A bad section is refused before any request.
+    let mut bad = cfg(&etcd, "t1", "n");
+    bad.name = "a/b".into();
+    let err = Cluster::connect(&bad).await.err().unwrap();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+
     // etcd back on the same data: a new member connects and sees the tables written before;
     // exactly one of the two leads (the old one renews its lease if etcd kept it).
     etcd.run().await;
