@@ -24,6 +24,139 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeConfig>,
+    /// Several balancers sharing one store; absent: single-box on the state file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this balancer is one of several sharing a store (etcd), under the key prefix
+/// `/lb/<name>/` (the layout: `docs/control-plane.md`, "Cluster mode"). In progress: the
+/// `cluster` module speaks to the store; the daemon does not use it yet.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs, `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Cluster name: every key lives under `/lb/<name>/`.
+    pub name: String,
+    /// This balancer's ID, unique in the cluster (a short string or a number).
+    #[serde(deserialize_with = "string_or_number")]
+    pub id: String,
+    /// This balancer's lease: its liveness reports and its leadership end this long after it
+    /// stops renewing it (dies, or loses etcd). Whole seconds (etcd leases are).
+    #[serde(default = "default_lease_ttl", with = "humantime_serde_compat")]
+    pub lease_ttl: Duration,
+}
+
+/// The default lease: a new leader within 2 s of the old one's death (issue 12's bound).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+/// Longest lease accepted: longer only delays failover (the leader's death is noticed this late).
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(60);
+
+fn default_lease_ttl() -> Duration {
+    DEFAULT_LEASE_TTL
+}
+
+/// `id = "a"` or `id = 3`, kept as text (it is part of etcd keys).
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::Text(s) => s,
+        Id::Number(n) => n.to_string(),
+    })
+}
+
+/// Letters, digits, '-', '_' and '.', 1..=64 of them: safe inside an etcd key and a log line.
+fn key_safe(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl ClusterConfig {
+    /// Every field checked; each problem is one line naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.endpoints.is_empty() {
+            bail!(
+                "cluster.endpoints is empty: list the etcd client URLs, e.g. [\"http://10.0.0.1:2379\"]"
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            check_endpoint(e).with_context(|| format!("cluster.endpoints[{i}] {e:?}"))?;
+            if !seen.insert(e.trim_end_matches('/')) {
+                bail!("cluster.endpoints[{i}] {e:?} is listed twice");
+            }
+        }
+        if self.name.contains('/') {
+            bail!(
+                "cluster.name {:?}: '/' would split the key prefix /lb/<name>/; use letters, \
+                 digits, '-', '_' and '.'",
+                self.name
+            );
+        }
+        if !key_safe(&self.name) {
+            bail!(
+                "cluster.name {:?}: use 1 to 64 letters, digits, '-', '_' and '.'",
+                self.name
+            );
+        }
+        if !key_safe(&self.id) {
+            bail!(
+                "cluster.id {:?}: use 1 to 64 letters, digits, '-', '_' and '.' (unique per \
+                 cluster)",
+                self.id
+            );
+        }
+        let ttl = self.lease_ttl;
+        if ttl.subsec_nanos() != 0 || ttl < Duration::from_secs(1) || ttl > MAX_LEASE_TTL {
+            bail!(
+                "cluster.lease_ttl {ttl:?}: use whole seconds within 1s..={}s (etcd leases are \
+                 whole seconds; longer only delays failover)",
+                MAX_LEASE_TTL.as_secs()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `http://host:port` and nothing more (TLS is not supported yet).
+fn check_endpoint(e: &str) -> Result<()> {
+    let uri: hyper::Uri = e
+        .parse()
+        .map_err(|err| anyhow::anyhow!("not a URL ({err}): use http://host:port"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => bail!("scheme {other:?}: use http://host:port (TLS is not supported yet)"),
+        None => bail!("no scheme: use http://host:port"),
+    }
+    let auth = uri.authority().context("no host: use http://host:port")?;
+    if auth.host().is_empty() {
+        bail!("no host: use http://host:port");
+    }
+    // The text after the host's last ':' (not inside an IPv6 address's brackets).
+    let port = auth
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.contains(']'));
+    match (port, auth.port_u16()) {
+        (None, _) => bail!("no port: use http://host:port, e.g. port 2379"),
+        (Some(_), Some(p)) if p != 0 => {}
+        (Some(p), _) => bail!("port {p} out of 1..=65535"),
+    }
+    if auth.as_str().contains('@') {
+        bail!("user info is not supported: use http://host:port");
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        bail!("a path or query is not allowed: use http://host:port");
+    }
+    Ok(())
 }
 
 /// `[daemon]`
@@ -412,6 +545,9 @@ impl Config {
             && !ids.contains(&r)
         {
             bail!("daemon.reserve_node {r} is not a configured node");
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
         }
         Ok(())
     }
@@ -838,5 +974,91 @@ ipv6 = "2001:db8::1:1"
             parse_mac("0a:0b:0c:0d:0e:0f").unwrap(),
             [10, 11, 12, 13, 14, 15]
         );
+    }
+
+    const CLUSTER: &str = r#"
+[cluster]
+endpoints = ["http://127.0.0.1:2379", "http://[::1]:2379"]
+name = "edge-1"
+id = "a"
+"#;
+
+    #[test]
+    fn cluster_section_parses_and_is_optional() {
+        assert_eq!(parse(GOOD).unwrap().cluster, None, "absent = single box");
+        let c = parse(&format!("{GOOD}{CLUSTER}")).unwrap().cluster.unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!((c.name.as_str(), c.id.as_str()), ("edge-1", "a"));
+        assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
+        // A numeric id is kept as text; lease_ttl is a duration.
+        let text = format!("{GOOD}{CLUSTER}").replace("id = \"a\"", "id = 7\nlease_ttl = \"5s\"");
+        let c = parse(&text).unwrap().cluster.unwrap();
+        assert_eq!((c.id.as_str(), c.lease_ttl), ("7", Duration::from_secs(5)));
+        // It survives running.json (serialize, parse back).
+        let cfg = parse(&text).unwrap();
+        let back = Config::parse(&toml::to_string(&cfg).unwrap(), "back").unwrap();
+        assert_eq!(back.cluster, cfg.cluster);
+    }
+
+    #[test]
+    fn bad_cluster_sections_say_what_is_wrong() {
+        let with = |from: &str, to: &str| {
+            let text = format!("{GOOD}{CLUSTER}");
+            assert!(text.contains(from), "{from}");
+            text.replace(from, to)
+        };
+        let eps = "endpoints = [\"http://127.0.0.1:2379\", \"http://[::1]:2379\"]";
+        let cases = [
+            (with(eps, "endpoints = []"), "cluster.endpoints is empty"),
+            (
+                with(eps, "endpoints = [\"127.0.0.1:2379\"]"),
+                "cluster.endpoints[0]",
+            ),
+            (
+                with(eps, "endpoints = [\"http://h:2379\", \"http://h:2379\"]"),
+                "twice",
+            ),
+            (with(eps, "endpoints = [\"https://h:2379\"]"), "TLS"),
+            (with(eps, "endpoints = [\"http://h\"]"), "no port"),
+            (with(eps, "endpoints = [\"http://h:0\"]"), "port 0 out of"),
+            (with(eps, "endpoints = [\"http://h:2379/v3\"]"), "path"),
+            (with(eps, "endpoints = [\"http://u@h:2379\"]"), "user info"),
+            (
+                with(eps, "endpoints = [\"http://h:99999\"]"),
+                "port 99999 out of",
+            ),
+            (with(eps, "endpoints = [\"http://h :1\"]"), "not a URL"),
+            (with("name = \"edge-1\"", "name = \"\""), "cluster.name"),
+            (with("name = \"edge-1\"", "name = \"a/b\""), "'/'"),
+            (with("name = \"edge-1\"", "name = \"a b\""), "cluster.name"),
+            (with("id = \"a\"", "id = \"\""), "cluster.id"),
+            (with("id = \"a\"", "id = \"x/y\""), "cluster.id"),
+            (
+                with("id = \"a\"", "id = \"a\"\nlease_ttl = \"0s\""),
+                "lease_ttl",
+            ),
+            (
+                with("id = \"a\"", "id = \"a\"\nlease_ttl = \"1500ms\""),
+                "whole seconds",
+            ),
+            (
+                with("id = \"a\"", "id = \"a\"\nlease_ttl = \"1h\""),
+                "lease_ttl",
+            ),
+            (
+                with("id = \"a\"", "id = \"a\"\nlease_ttl = \"61s\""),
+                "lease_ttl",
+            ),
+            (with("id = \"a\"", "id = \"a\"\nbogus = 1"), "bogus"),
+            (with("name = \"edge-1\"\n", ""), "name"),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", Config::parse(&text, "t").unwrap_err());
+            assert!(err.contains(want), "want {want:?} in: {err}");
+            // One line each (toml's own errors add an excerpt below their first line).
+            if !err.starts_with("parsing config") {
+                assert!(!err.contains('\n'), "one line: {err}");
+            }
+        }
     }
 }

@@ -223,6 +223,7 @@ fn setup(root: &Path, args: &SetupArgs) -> Result<()> {
     ensure_nightly()?;
     ensure_rust_src(root, args)?;
     ensure_bpf_linker(root)?;
+    ensure_build_packages()?;
     Ok(())
 }
 
@@ -372,38 +373,79 @@ fn ensure_bpffs() -> Result<()> {
         .status_ok("mount -t bpf bpf /sys/fs/bpf (is BPF enabled in this kernel?)")
 }
 
+/// Debian packages the build needs: `protoc` for the etcd client's gRPC code (`etcd-client`'s
+/// build script runs it) and the well-known types its protos import (`libprotobuf-dev`).
+/// An entry's first element is a binary on the PATH, or an absolute path to a file.
+const BUILD_PACKAGES: [(&str, &str); 2] = [
+    ("protoc", "protobuf-compiler"),
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
+];
+
 /// Debian packages the namespace suites use, installed only when missing: `ip` and `nsenter`
-/// for the labs, headless `chromium` for the status page test (`cli_e2e`).
-const TEST_PACKAGES: [(&str, &str); 3] = [
+/// for the labs, headless `chromium` for the status page test (`cli_e2e`), `etcd` for the
+/// cluster store (`cluster_e2e`).
+const TEST_PACKAGES: [(&str, &str); 4] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("chromium", "chromium"),
+    ("etcd", "etcd-server"),
 ];
 
+fn ensure_build_packages() -> Result<()> {
+    ensure_packages(
+        "build packages",
+        &BUILD_PACKAGES,
+        "the build needs them (protoc and the well-known protos: etcd-client's gRPC code)",
+    )
+}
+
 fn ensure_test_packages() -> Result<()> {
+    ensure_packages(
+        "test packages",
+        &TEST_PACKAGES,
+        "the namespace suites need them (chromium: the status page test of cli_e2e; \
+         etcd: cluster_e2e)",
+    )
+}
+
+/// Installs the Debian packages of `list` (`(binary or absolute file, package)`) whose binary
+/// or file is missing; after the install every one must be there.
+fn ensure_packages(what: &str, list: &[(&str, &str)], why: &str) -> Result<()> {
     let missing = || -> Vec<&str> {
-        TEST_PACKAGES
-            .iter()
-            .filter(|(bin, _)| !on_path(bin))
+        list.iter()
+            .filter(|(bin, _)| {
+                if bin.starts_with('/') {
+                    !Path::new(bin).is_file()
+                } else {
+                    !on_path(bin)
+                }
+            })
             .map(|(_, pkg)| *pkg)
             .collect()
     };
-    let names = TEST_PACKAGES.map(|(_, pkg)| pkg).join(", ");
+    let names = list
+        .iter()
+        .map(|(_, pkg)| *pkg)
+        .collect::<Vec<_>>()
+        .join(", ");
     let wanted = missing();
     if wanted.is_empty() {
-        say(&format!("test packages ({names}): present"));
+        say(&format!("{what} ({names}): present"));
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "the test packages {} are missing and installing them needs root: run \
+            "the {what} {} are missing and installing them needs root: run \
              `cargo xtask setup` as root, or `apt-get install --no-install-recommends {}`",
             wanted.join(" "),
             wanted.join(" ")
         );
     }
-    say(&format!("test packages: installing {}", wanted.join(" ")));
+    say(&format!("{what}: installing {}", wanted.join(" ")));
     Command::new("apt-get")
         .args(["update", "-qq"])
         .status_ok("apt-get update")?;
@@ -415,8 +457,7 @@ fn ensure_test_packages() -> Result<()> {
     let still = missing();
     if !still.is_empty() {
         bail!(
-            "{} still missing after apt-get install: the namespace suites need them \
-             (chromium: the status page test of cli_e2e)",
+            "{} still missing after apt-get install: {why}",
             still.join(" ")
         );
     }

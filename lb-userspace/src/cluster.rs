@@ -1,0 +1,614 @@
+//! The cluster store (issue 12, in progress): several balancers share one etcd. This module is
+//! the typed API over it; the daemon does not use it yet.
+//!
+//! Every key lives under `/lb/<name>/` (`<name>`: `[cluster] name`):
+//!
+//! | key | value | lease | written by |
+//! | --- | --- | --- | --- |
+//! | `election/<lease hex>` | the balancer's id | its own | etcd's election API (`campaign`) |
+//! | `liveness/<id>` | [`Liveness`] as JSON | its own | each balancer ([`Cluster::publish_liveness`]) |
+//! | `tables` | a table revision (bytes) | none | the leader only ([`Cluster::write_revision`]) |
+//!
+//! - **Lease**: each balancer holds one lease of `lease_ttl`, renewed every third of it by a
+//!   background task. Its election key and liveness report are attached to it, so they vanish
+//!   when the balancer dies or loses etcd for longer than the TTL.
+//! - **Leader**: the balancer whose election key has the lowest create revision (etcd's
+//!   election rule: `campaign` returns once every older key is gone). A leader's term is its
+//!   key and that key's create revision; a table write is a transaction that succeeds only
+//!   while that key still exists with that revision, so a deposed leader cannot write, whatever
+//!   it believes. [`Cluster::is_leader`] is also false once the lease may have expired as seen
+//!   from here (the last renewal's send time + TTL), so a leader cut off from etcd stops
+//!   leading before etcd lets another one lead.
+//! - **Tables**: one key; its etcd revision (`mod_revision`) names the table revision.
+//!   [`Cluster::watch_revisions`] yields the current one first, then every later write.
+//! - **Faults**: every request is bounded by [`OP_TIMEOUT`] and fails with a typed [`Error`];
+//!   a lease that etcd reports ended is final ([`Error::LeaseLost`]): connect again.
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaderKey, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
+};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::config::ClusterConfig;
+
+/// Longest wait for one etcd request (and for the connection at start): past it the
+/// operation fails with [`Error::Timeout`].
+pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before a background task tries again after a failed request.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// What went wrong talking to the cluster store.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid [cluster] section: {0}")]
+    Config(String),
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
+    Connect { endpoints: String, reason: String },
+    #[error("etcd {what}: no answer within {after:?} (is etcd reachable?)")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("etcd {what}: {source}")]
+    Etcd {
+        what: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("balancer {id} is not the leader of cluster {cluster}: only the leader writes tables")]
+    NotLeader { cluster: String, id: String },
+    #[error(
+        "balancer {id}'s etcd lease ended (etcd unreachable for longer than lease_ttl, or \
+         revoked): connect again"
+    )]
+    LeaseLost { id: String },
+    #[error("etcd key {key}: {reason}")]
+    Decode { key: String, reason: String },
+    #[error("etcd watch on {key} ended: {reason}")]
+    WatchEnded { key: String, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What one balancer reports about the nodes it hears.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    /// The publisher's clock when it published (Unix ms).
+    pub published_unix_ms: u64,
+    /// Node id -> milliseconds since the publisher last heard the node, at publication.
+    pub heard_ms_ago: BTreeMap<u32, u64>,
+}
+
+/// One table revision as written by the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableRevision {
+    /// etcd's revision of the write (the `tables` key's `mod_revision`).
+    pub revision: i64,
+    pub bytes: Vec<u8>,
+}
+
+/// [`Cluster::watch_revisions`]'s stream (`futures_util::StreamExt::next` reads it).
+pub type RevisionStream = Pin<Box<dyn Stream<Item = Result<TableRevision>> + Send>>;
+
+/// Who leads, as last read from etcd.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// The leader's balancer id; `None` while nobody leads (or before the first read).
+    pub leader: Option<String>,
+    /// The etcd revision this view was read at.
+    pub revision: i64,
+    /// The leader's election key: its term.
+    key: Option<Vec<u8>>,
+}
+
+/// State the background tasks share with the handle.
+struct Shared {
+    /// Until when the lease surely lives, as seen from here; `None` once etcd said it ended.
+    lease_valid_until: Mutex<Option<Instant>>,
+    /// This balancer's term while it leads.
+    term: Mutex<Option<LeaderKey>>,
+    /// Set (true) once the lease ended: the tasks stop.
+    lost: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn lease_alive(&self) -> bool {
+        lock(&self.lease_valid_until).is_some_and(|t| Instant::now() < t)
+    }
+    fn lease_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+}
+
+/// A poisoned lock only means a task panicked mid-update of a plain value: use it as is.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// This balancer's membership in a cluster. Dropping it stops the background tasks without
+/// revoking the lease (like a crash: its keys vanish after `lease_ttl`); [`Cluster::close`]
+/// revokes it (at once).
+pub struct Cluster {
+    client: Client,
+    name: String,
+    id: String,
+    prefix: String,
+    lease: i64,
+    ttl: Duration,
+    shared: Arc<Shared>,
+    leadership: watch::Receiver<Leadership>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One etcd request, bounded by [`OP_TIMEOUT`].
+async fn op<T>(
+    what: &'static str,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Etcd { what, source }),
+        Err(_) => Err(Error::Timeout {
+            what,
+            after: OP_TIMEOUT,
+        }),
+    }
+}
+
+impl Cluster {
+    /// Connects to etcd, grants this balancer's lease and starts keeping it alive, campaigning
+    /// for leadership and following who leads. Fails within about [`OP_TIMEOUT`] when etcd
+    /// does not answer.
+    pub async fn connect(cfg: &ClusterConfig) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| Error::Config(format!("{e:#}")))?;
+        let connect_err = |reason: String| Error::Connect {
+            endpoints: cfg.endpoints.join(","),
+            reason,
+        };
+        // HTTP/2 keep-alives notice a dead etcd on idle streams (campaign, watches).
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), OP_TIMEOUT)
+            .with_keep_alive_while_idle(true);
+        let client = op("connect", Client::connect(&cfg.endpoints, Some(opts)))
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let ttl_s = i64::try_from(cfg.lease_ttl.as_secs()).unwrap_or(i64::MAX);
+        let sent = Instant::now();
+        let grant = op("lease grant", client.lease_client().grant(ttl_s, None))
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        // etcd raises a TTL below its minimum (1.5 x its election timeout): go by what it gave.
+        let ttl = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0).max(1));
+        if ttl != cfg.lease_ttl {
+            warn!(
+                "cluster {}: etcd granted a lease of {ttl:?}, not the configured {:?} (its \
+                 minimum is 1.5 x its election timeout)",
+                cfg.name, cfg.lease_ttl
+            );
+        }
+        let (lost, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            lease_valid_until: Mutex::new(Some(sent + ttl)),
+            term: Mutex::new(None),
+            lost,
+        });
+        let prefix = format!("/lb/{}/", cfg.name);
+        let (lead_tx, leadership) = watch::channel(Leadership::default());
+        let mut c = Self {
+            client,
+            name: cfg.name.clone(),
+            id: cfg.id.clone(),
+            prefix,
+            lease: grant.id(),
+            ttl,
+            shared,
+            leadership,
+            tasks: Vec::new(),
+        };
+        c.tasks = vec![
+            tokio::spawn(keep_alive(
+                c.client.clone(),
+                c.lease,
+                ttl,
+                c.shared.clone(),
+                c.id.clone(),
+            )),
+            tokio::spawn(observe(c.client.clone(), c.election_prefix(), lead_tx)),
+            tokio::spawn(campaign(
+                c.client.clone(),
+                c.election_name(),
+                c.id.clone(),
+                c.lease,
+                c.shared.clone(),
+                c.leadership.clone(),
+            )),
+        ];
+        info!(
+            "cluster {}: balancer {} joined (lease {:x}, ttl {ttl:?})",
+            c.name, c.id, c.lease
+        );
+        Ok(c)
+    }
+
+    /// The election's name: etcd's campaign puts `<name>/<lease hex>`.
+    fn election_name(&self) -> String {
+        format!("{}election", self.prefix)
+    }
+    fn election_prefix(&self) -> String {
+        format!("{}election/", self.prefix)
+    }
+    fn liveness_prefix(&self) -> String {
+        format!("{}liveness/", self.prefix)
+    }
+    /// The key of the table revisions.
+    pub fn tables_key(&self) -> String {
+        format!("{}tables", self.prefix)
+    }
+    /// This balancer's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The lease TTL etcd granted.
+    pub fn lease_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Whether this balancer leads now: it won the election, etcd has not shown its key gone,
+    /// and its lease surely still lives.
+    pub fn is_leader(&self) -> bool {
+        lock(&self.shared.term).is_some() && self.shared.lease_alive()
+    }
+
+    /// Who leads, as last read from etcd; `changed()` on it wakes at every change.
+    pub fn watch_leader(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    fn alive(&self) -> Result<()> {
+        if self.shared.lease_lost() {
+            return Err(Error::LeaseLost {
+                id: self.id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes what this balancer hears (node id -> time since its last heartbeat) under
+    /// `liveness/<id>`, attached to its lease.
+    pub async fn publish_liveness(&self, heard: &BTreeMap<u32, Duration>) -> Result<()> {
+        self.alive()?;
+        let report = Liveness {
+            published_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            heard_ms_ago: heard
+                .iter()
+                .map(|(n, d)| (*n, u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+                .collect(),
+        };
+        let value = serde_json::to_vec(&report).map_err(|e| Error::Decode {
+            key: self.liveness_prefix(),
+            reason: e.to_string(),
+        })?;
+        let key = format!("{}{}", self.liveness_prefix(), self.id);
+        let opts = PutOptions::new().with_lease(self.lease);
+        op(
+            "put liveness",
+            self.client.kv_client().put(key, value, Some(opts)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every live balancer's last liveness report, by balancer id.
+    pub async fn liveness(&self) -> Result<BTreeMap<String, Liveness>> {
+        let prefix = self.liveness_prefix();
+        let resp = op(
+            "get liveness",
+            self.client
+                .kv_client()
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let report: Liveness =
+                serde_json::from_slice(kv.value()).map_err(|e| Error::Decode {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            out.insert(key[prefix.len()..].to_string(), report);
+        }
+        Ok(out)
+    }
+
+    /// Writes a table revision; only the leader can, and only while its term lasts (a
+    /// transaction on its election key). Returns the etcd revision of the write.
+    pub async fn write_revision(&self, bytes: &[u8]) -> Result<i64> {
+        self.alive()?;
+        let not_leader = || Error::NotLeader {
+            cluster: self.name.clone(),
+            id: self.id.clone(),
+        };
+        let term = lock(&self.shared.term).clone();
+        let Some(term) = term.filter(|_| self.shared.lease_alive()) else {
+            return Err(not_leader());
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                term.key(),
+                CompareOp::Equal,
+                term.rev(),
+            )])
+            .and_then([TxnOp::put(self.tables_key(), bytes, None)]);
+        let resp = op("write tables", self.client.kv_client().txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(not_leader());
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// The table revisions: the current one (if any) first, then every later write, until
+    /// the watch fails ([`Error::WatchEnded`], or an etcd error: watch again to re-sync).
+    pub async fn watch_revisions(&self) -> Result<RevisionStream> {
+        let key = self.tables_key();
+        let current = op("get tables", self.client.kv_client().get(key.clone(), None)).await?;
+        let from = current.header().map_or(0, |h| h.revision()) + 1;
+        let first = current.kvs().first().map(|kv| TableRevision {
+            revision: kv.mod_revision(),
+            bytes: kv.value().to_vec(),
+        });
+        let stream = op(
+            "watch tables",
+            self.client.watch_client().watch(
+                key.clone(),
+                Some(WatchOptions::new().with_start_revision(from)),
+            ),
+        )
+        .await?;
+        let pending: std::collections::VecDeque<_> = first.into_iter().collect();
+        Ok(Box::pin(futures_util::stream::unfold(
+            (pending, Some(stream), key),
+            |(mut pending, mut stream, key)| async move {
+                loop {
+                    if let Some(r) = pending.pop_front() {
+                        return Some((Ok(r), (pending, stream, key)));
+                    }
+                    let s = stream.as_mut()?;
+                    let ended = |reason: String| Error::WatchEnded {
+                        key: key.clone(),
+                        reason,
+                    };
+                    let err = match s.message().await {
+                        Ok(Some(resp)) if resp.canceled() => {
+                            ended(format!("cancelled by etcd: {}", resp.cancel_reason()))
+                        }
+                        Ok(Some(resp)) => {
+                            pending.extend(
+                                resp.events()
+                                    .iter()
+                                    .filter(|e| e.event_type() == EventType::Put)
+                                    .filter_map(|e| e.kv())
+                                    .map(|kv| TableRevision {
+                                        revision: kv.mod_revision(),
+                                        bytes: kv.value().to_vec(),
+                                    }),
+                            );
+                            continue;
+                        }
+                        Ok(None) => ended("the stream closed".into()),
+                        Err(source) => Error::Etcd {
+                            what: "watch tables",
+                            source,
+                        },
+                    };
+                    // One error, then the stream ends.
+                    return Some((Err(err), (pending, None, key)));
+                }
+            },
+        )))
+    }
+
+    /// Leaves the cluster: revokes the lease, so this balancer's election key and liveness
+    /// report go at once (the next leader need not wait for the TTL).
+    pub async fn close(mut self) -> Result<()> {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        *lock(&self.shared.term) = None;
+        op(
+            "lease revoke",
+            self.client.lease_client().revoke(self.lease),
+        )
+        .await?;
+        info!("cluster {}: balancer {} left", self.name, self.id);
+        Ok(())
+    }
+}
+
+/// Renews the lease every third of its TTL; on a failure, retries (a new keep-alive stream)
+/// every [`RETRY`]. Stops for good once etcd says the lease is gone.
+async fn keep_alive(client: Client, lease: i64, ttl: Duration, shared: Arc<Shared>, id: String) {
+    let period = ttl / 3;
+    let mut failing = false;
+    loop {
+        let (mut keeper, mut stream) =
+            match op("lease keep-alive", client.lease_client().keep_alive(lease)).await {
+                Ok(v) => v,
+                Err(e) => {
+                    if !failing {
+                        warn!("balancer {id}: cannot renew its etcd lease: {e}; retrying");
+                        failing = true;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+        loop {
+            let sent = Instant::now();
+            let reply = match keeper.keep_alive().await {
+                Ok(()) => op("lease keep-alive", stream.message()).await,
+                Err(source) => Err(Error::Etcd {
+                    what: "lease keep-alive",
+                    source,
+                }),
+            };
+            match reply {
+                Ok(Some(r)) if r.ttl() > 0 => {
+                    let granted = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+                    *lock(&shared.lease_valid_until) = Some(sent + granted);
+                    if failing {
+                        info!("balancer {id}: etcd lease renewed again");
+                        failing = false;
+                    }
+                }
+                Ok(Some(_)) => {
+                    warn!("balancer {id}: its etcd lease ended; it no longer leads or reports");
+                    *lock(&shared.lease_valid_until) = None;
+                    *lock(&shared.term) = None;
+                    shared.lost.send_replace(true);
+                    return;
+                }
+                Ok(None) | Err(_) => {
+                    if !failing {
+                        let why = match reply {
+                            Err(e) => e.to_string(),
+                            _ => "the stream closed".into(),
+                        };
+                        warn!("balancer {id}: cannot renew its etcd lease: {why}; retrying");
+                        failing = true;
+                    }
+                    break;
+                }
+            }
+            tokio::time::sleep(period).await;
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Follows who leads: the election key with the lowest create revision, read again at every
+/// change under the election prefix. Runs until the handle goes (also after the lease ended:
+/// who leads is still worth knowing).
+async fn observe(client: Client, prefix: String, tx: watch::Sender<Leadership>) {
+    let read = |client: Client, prefix: String| async move {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let resp = op("get election", client.kv_client().get(prefix, Some(opts))).await?;
+        let first = resp.kvs().first();
+        Ok::<_, Error>(Leadership {
+            leader: first.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            revision: resp.header().map_or(0, |h| h.revision()),
+            key: first.map(|kv| kv.key().to_vec()),
+        })
+    };
+    loop {
+        let result = async {
+            let view = read(client.clone(), prefix.clone()).await?;
+            let from = view.revision + 1;
+            tx.send_replace(view);
+            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+            let mut stream = op(
+                "watch election",
+                client.watch_client().watch(prefix.clone(), Some(opts)),
+            )
+            .await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(r)) if r.canceled() => return Ok::<_, Error>(()),
+                    Ok(Some(r)) if !r.events().is_empty() => {
+                        tx.send_replace(read(client.clone(), prefix.clone()).await?);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(source) => {
+                        return Err(Error::Etcd {
+                            what: "watch election",
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!("cluster election watch: {e}; again");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Campaigns until this balancer leads, holds the term until etcd shows its key gone (or the
+/// lease ends), then campaigns again.
+async fn campaign(
+    client: Client,
+    name: String,
+    id: String,
+    lease: i64,
+    shared: Arc<Shared>,
+    mut leadership: watch::Receiver<Leadership>,
+) {
+    let mut lost = shared.lost.subscribe();
+    while !shared.lease_lost() {
+        // No timeout: the call returns when every older candidate is gone.
+        let won = client
+            .election_client()
+            .campaign(name.clone(), id.clone(), lease)
+            .await;
+        let term = match won {
+            Ok(r) => match r.leader() {
+                Some(k) => k.clone(),
+                None => {
+                    warn!("balancer {id}: etcd answered the campaign without a leader key");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::debug!("balancer {id}: campaign: {e}; again");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        info!("balancer {id} leads (term {})", term.rev());
+        *lock(&shared.term) = Some(term.clone());
+        // The term ends when a view read after it began shows another key first (or none).
+        loop {
+            let ended = {
+                let v = leadership.borrow_and_update();
+                v.revision >= term.rev() && v.key.as_deref() != Some(term.key())
+            };
+            if ended || shared.lease_lost() {
+                break;
+            }
+            tokio::select! {
+                r = leadership.changed() => if r.is_err() { break },
+                _ = lost.changed() => {}
+            }
+        }
+        *lock(&shared.term) = None;
+        info!("balancer {id} no longer leads");
+    }
+}

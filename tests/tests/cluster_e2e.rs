@@ -1,0 +1,440 @@
+//! The cluster store API (`lb_userspace::cluster`) against a real etcd (Debian's `etcd-server`,
+//! which `cargo xtask setup` installs) on 127.0.0.1 with free ports and a temporary data dir:
+//! one leader, failover within the lease TTL, liveness reports tied to the lease, table
+//! revisions written by the leader only and seen by the others, and etcd going away and back.
+//! No kernel, no namespaces; a missing etcd binary fails the tests.
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use lb_userspace::{
+    cluster::{Cluster, Error, OP_TIMEOUT},
+    config::ClusterConfig,
+};
+
+const TTL: Duration = Duration::from_secs(2);
+
+/// One etcd server; killed (and its data dir removed) when dropped.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn etcd_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).find(|d| d.join("etcd").is_file()))
+        .map(|d| d.join("etcd"));
+    on_path
+        .or_else(|| Some(PathBuf::from("/usr/bin/etcd")).filter(|p| p.is_file()))
+        .expect("etcd is not installed: run `cargo xtask setup` (it installs etcd-server)")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    async fn start() -> Self {
+        let mut e = Self {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.run().await;
+        e
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    /// Starts etcd on the data dir (again, after `kill`) and waits until it answers.
+    async fn run(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        let child = Command::new(etcd_binary())
+            .arg("--name=lbtest")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={}", self.endpoint()))
+            .arg(format!("--advertise-client-urls={}", self.endpoint()))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=lbtest={peer}"))
+            .arg("--initial-cluster-state=new")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("etcd exited ({st}) at start: {}", tail(&self.log()));
+            }
+            if ready(&self.endpoint()).await {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd not ready within 20 s: {}",
+                tail(&self.log())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "etcd on {} ready in {} ms",
+            self.endpoint(),
+            started.elapsed().as_millis()
+        );
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn ready(endpoint: &str) -> bool {
+    let get = async {
+        let mut c = etcd_client::Client::connect([endpoint], None).await?;
+        c.get("/ready", None).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), get).await,
+        Ok(Ok(_))
+    )
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn cfg(etcd: &Etcd, name: &str, id: &str) -> ClusterConfig {
+    ClusterConfig {
+        endpoints: vec![etcd.endpoint()],
+        name: name.into(),
+        id: id.into(),
+        lease_ttl: TTL,
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after `limit`. Returns the time it took.
+async fn wait_for<F: Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until exactly one of `cs` leads and every one sees it; returns its index.
+async fn one_leader(cs: &[&Cluster]) -> usize {
+    wait_for("exactly one leader, seen by all", TTL * 3, || async {
+        let leaders: Vec<&str> = cs
+            .iter()
+            .filter(|c| c.is_leader())
+            .map(|c| c.id())
+            .collect();
+        leaders.len() == 1
+            && cs
+                .iter()
+                .all(|c| c.watch_leader().borrow().leader.as_deref() == Some(leaders[0]))
+    })
+    .await;
+    let leaders: Vec<usize> = (0..cs.len()).filter(|i| cs[*i].is_leader()).collect();
+    assert_eq!(leaders.len(), 1, "exactly one leads");
+    leaders[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_and_failover_within_the_lease() {
+    let etcd = Etcd::start().await;
+    let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
+    let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
+    assert_eq!(a.lease_ttl(), TTL);
+    let lead = one_leader(&[&a, &b]).await;
+    // It stays that way: still exactly one a while later.
+    tokio::time::sleep(TTL).await;
+    assert_eq!(one_leader(&[&a, &b]).await, lead, "leadership is stable");
+    let (leader, other) = if lead == 0 { (a, b) } else { (b, a) };
+    println!("leader: {}", leader.id());
+
+    // The leader dies (dropped: its lease is not revoked, it expires).
+    let t0 = Instant::now();
+    drop(leader);
+    wait_for(
+        "the other leads after a crash",
+        TTL + Duration::from_secs(1),
+        || async { other.is_leader() },
+    )
+    .await;
+    let crash = t0.elapsed();
+    println!(
+        "failover after the leader died (lease expiry): {} ms (lease_ttl {} ms)",
+        crash.as_millis(),
+        TTL.as_millis()
+    );
+
+    // A third joins; the leader leaves cleanly (lease revoked): the third leads at once.
+    let c = Cluster::connect(&cfg(&etcd, "t1", "c")).await.unwrap();
+    assert_eq!(
+        one_leader(&[&other, &c]).await,
+        0,
+        "the older candidate keeps leading"
+    );
+    let t0 = Instant::now();
+    other.close().await.unwrap();
+    let clean = wait_for("the third leads after a clean leave", TTL, || async {
+        c.is_leader()
+    })
+    .await;
+    println!(
+        "failover after the leader left (lease revoked): {} ms",
+        clean.as_millis()
+    );
+    assert!(t0.elapsed() < TTL, "a clean leave needs no lease expiry");
+    // Another cluster name is another election.
+    let other_cluster = Cluster::connect(&cfg(&etcd, "t2", "x")).await.unwrap();
+    one_leader(&[&other_cluster]).await;
+    assert!(c.is_leader());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_is_shared_and_ends_with_the_lease() {
+    let etcd = Etcd::start().await;
+    let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
+    let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
+    let ms = Duration::from_millis;
+    a.publish_liveness(&BTreeMap::from([(1, ms(10)), (2, ms(300))]))
+        .await
+        .unwrap();
+    b.publish_liveness(&BTreeMap::from([(1, ms(20))]))
+        .await
+        .unwrap();
+    for c in [&a, &b] {
+        let seen = c.liveness().await.unwrap();
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{}", c.id());
+        assert_eq!(seen["a"].heard_ms_ago, BTreeMap::from([(1, 10), (2, 300)]));
+        assert_eq!(seen["b"].heard_ms_ago, BTreeMap::from([(1, 20)]));
+        assert!(seen["a"].published_unix_ms > 0);
+    }
+    // A new report replaces the old one.
+    b.publish_liveness(&BTreeMap::from([(1, ms(5)), (3, ms(7))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.liveness().await.unwrap()["b"].heard_ms_ago,
+        BTreeMap::from([(1, 5), (3, 7)])
+    );
+    // b dies: its report goes when its lease expires, a's stays.
+    let t0 = Instant::now();
+    drop(b);
+    wait_for("b's report gone", TTL + Duration::from_secs(1), || async {
+        !a.liveness().await.unwrap().contains_key("b")
+    })
+    .await;
+    println!(
+        "a dead balancer's liveness report gone after {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert!(a.liveness().await.unwrap().contains_key("a"));
+    // A report that is not ours is an error naming the key, not a silent skip.
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    raw.put("/lb/t1/liveness/z", "not json", None)
+        .await
+        .unwrap();
+    let err = a.liveness().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Decode { key, .. } if key == "/lb/t1/liveness/z"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_tables_and_everyone_sees_them() {
+    let etcd = Etcd::start().await;
+    let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
+    let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
+    let lead = one_leader(&[&a, &b]).await;
+    let (leader, other) = if lead == 0 { (&a, &b) } else { (&b, &a) };
+    let mut watch = other.watch_revisions().await.unwrap();
+
+    let t0 = Instant::now();
+    let r1 = leader.write_revision(b"tables v1").await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(2), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    println!(
+        "a table revision written by the leader seen by the other's watch in {} us",
+        t0.elapsed().as_micros()
+    );
+    assert_eq!(
+        (seen.revision, seen.bytes.as_slice()),
+        (r1, &b"tables v1"[..])
+    );
+
+    // The other may not write, and nothing reaches the watch.
+    let err = other.write_revision(b"rogue").await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    println!("a non-leader's write: {err}");
+    let r2 = leader.write_revision(b"tables v2").await.unwrap();
+    assert!(r2 > r1);
+    let seen = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        (seen.revision, seen.bytes.as_slice()),
+        (r2, &b"tables v2"[..])
+    );
+
+    // A watch started later begins with the current revision.
+    let mut late = leader.watch_revisions().await.unwrap();
+    let seen = late.next().await.unwrap().unwrap();
+    assert_eq!(
+        (seen.revision, seen.bytes.as_slice()),
+        (r2, &b"tables v2"[..])
+    );
+
+    // The leader's term ends in etcd (its election key deleted, as if its lease had ended
+    // unseen): its writes are refused, and the other one leads.
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let key = raw
+        .get(
+            "/lb/t1/election/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .find(|kv| kv.value() == leader.id().as_bytes())
+        .unwrap()
+        .key()
+        .to_vec();
+    raw.delete(key, None).await.unwrap();
+    let err = leader.write_revision(b"stale").await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    wait_for("the other leads", TTL, || async { other.is_leader() }).await;
+    let r3 = other.write_revision(b"tables v3").await.unwrap();
+    let seen = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        (seen.revision, seen.bytes.as_slice()),
+        (r3, &b"tables v3"[..])
+    );
+    assert!(!leader.is_leader());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_fails_in_bounded_time_and_back_works() {
+    let mut etcd = Etcd::start().await;
+    let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
+    one_leader(&[&a]).await;
+    let r1 = a.write_revision(b"before").await.unwrap();
+
+    etcd.kill();
+    let bound = OP_TIMEOUT + Duration::from_secs(1);
+    let t0 = Instant::now();
+    let err = a
+        .publish_liveness(&BTreeMap::from([(1, Duration::from_millis(1))]))
+        .await
+        .unwrap_err();
+    println!(
+        "etcd down: publish_liveness failed in {} ms: {err}",
+        t0.elapsed().as_millis()
+    );
+    assert!(t0.elapsed() < bound);
+    let t0 = Instant::now();
+    let err = a.liveness().await.unwrap_err();
+    println!(
+        "etcd down: liveness failed in {} ms: {err}",
+        t0.elapsed().as_millis()
+    );
+    assert!(t0.elapsed() < bound);
+    assert!(err.to_string().starts_with("etcd "), "{err}");
+    // The leader cut off from etcd stops leading once its lease may have ended.
+    let gone = wait_for("a stops leading", TTL + Duration::from_secs(1), || async {
+        !a.is_leader()
+    })
+    .await;
+    println!(
+        "etcd down: the leader stopped leading after {} ms",
+        gone.as_millis()
+    );
+    let err = a.write_revision(b"cut off").await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    let t0 = Instant::now();
+    let err = Cluster::connect(&cfg(&etcd, "t1", "n"))
+        .await
+        .err()
+        .unwrap();
+    println!(
+        "etcd down: connect failed in {} ms: {err}",
+        t0.elapsed().as_millis()
+    );
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(t0.elapsed() < bound);
+
+    // A bad section is refused before any request.
+    let mut bad = cfg(&etcd, "t1", "n");
+    bad.name = "a/b".into();
+    let err = Cluster::connect(&bad).await.err().unwrap();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+
+    // etcd back on the same data: a new member connects and sees the tables written before;
+    // exactly one of the two leads (the old one renews its lease if etcd kept it).
+    etcd.run().await;
+    let n = Cluster::connect(&cfg(&etcd, "t1", "n")).await.unwrap();
+    let mut watch = n.watch_revisions().await.unwrap();
+    let seen = watch.next().await.unwrap().unwrap();
+    assert_eq!((seen.revision, seen.bytes.as_slice()), (r1, &b"before"[..]));
+    let lead = one_leader(&[&a, &n]).await;
+    println!("after etcd restarted: {} leads", [&a, &n][lead].id());
+}
