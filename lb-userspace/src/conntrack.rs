@@ -7,8 +7,8 @@ use std::{io, os::fd::OwnedFd};
 use lb_common::{
     CT_F_KEEP, CtEntry, FlowKey,
     ct::{
-        CT_WAYS, CtSet, ct_entry, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key,
-        ct_key_tag, ct_set_index, ct_store,
+        CT_WAYS, CtSet, ct_entry, ct_find, ct_flow_key, ct_get_in, ct_holds, ct_insert_way, ct_key,
+        ct_key_tag, ct_seen, ct_seen_parts, ct_set_index, ct_store,
     },
 };
 
@@ -107,6 +107,24 @@ impl CtTable {
             }
         }
         found
+    }
+
+    /// Rewrites a tracked flow's flags in place (its `seen` word, one 32-bit store, as the
+    /// kernel's `lb_ct_touch` does): unlike `insert`, the way never reads as free meanwhile, so
+    /// a packet racing the rewrite still finds its flow. False if the flow is not tracked.
+    pub fn set_flags(&mut self, key: &FlowKey, flags: u32) -> bool {
+        let (tag, i) = self.set_of(key);
+        let words = ct_key(key);
+        let Some(w) = ct_find(&self.read(i), &words, tag) else {
+            return false;
+        };
+        // SAFETY: way `w` of a set inside the mapping.
+        unsafe {
+            let seen = &raw mut (*self.set_ptr(i)).seen[w];
+            let (last_seen, _) = ct_seen_parts(seen.read_volatile());
+            seen.write_volatile(ct_seen(last_seen, flags));
+        }
+        true
     }
 
     /// Records a flow where the kernel would (its own way, a free way, or the victim), in the

@@ -26,8 +26,8 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 use lb_common::{
-    CT_CLOSE_QUIET, CT_F_FIN, CT_F_KEEP, CT_F_RST, CtEntry, FlowKey, GlobalConfig, MAX_NODES,
-    NODE_NONE, NodeEntry, VipKey,
+    CT_CLOSE_QUIET, CT_F_FIN, CT_F_KEEP, CT_F_RST, FlowKey, GlobalConfig, MAX_NODES, NODE_NONE,
+    NodeEntry, VipKey,
 };
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{error, info, warn};
@@ -923,6 +923,7 @@ impl Daemon {
             .collect();
         ScanJob {
             view,
+            taken: coarse_now(),
             all: self.ctl.vips().map(|v| v.spec.key).collect(),
             seq: self.change_seq,
             vips,
@@ -1195,13 +1196,16 @@ struct CtView {
 /// - unmoved route: TCP only when closing and quiet (an established flow never refreshes its
 ///   entry there, so its age says nothing: the entry of a long-lived flow must outlive any
 ///   timeout, for the day its route moves); UDP (always looked up) idle past the timeout;
-/// - a flow of no VIP: at once.
+/// - a flow of no VIP: at once, if it was recorded before the scan's snapshot.
 ///
 /// `CT_F_KEEP` is cleared on unmoved routes, so those entries are evictable again.
 struct ScanJob {
     view: CtView,
     /// Every VIP (a flow belongs to the VIP of its port, else to its address's all-ports VIP).
     all: BTreeSet<VipKey>,
+    /// When `all` and `vips` were taken (`CtEntry::last_seen` units): the scan runs on its own
+    /// thread while the daemon goes on, so a VIP added since then has flows it does not know.
+    taken: u32,
     /// The daemon's change sequence when the scan started.
     seq: u64,
     vips: Vec<ScanVip>,
@@ -1243,7 +1247,11 @@ impl ScanJob {
             let age = lb_common::ct::ct_age(now, ct.last_seen);
             let closing = ct.flags & (CT_F_FIN | CT_F_RST) != 0 && age >= CT_CLOSE_QUIET;
             let Some(vip) = flow_vip(&key, |k| self.all.contains(k)) else {
-                table.remove(&key);
+                // Only flows recorded before the snapshot's tick: a newer one may belong to a
+                // VIP added since (its entry goes at a later scan if its VIP is really gone).
+                if lb_common::ct::ct_age(self.taken, ct.last_seen) > 0 {
+                    table.remove(&key);
+                }
                 continue;
             };
             let moved = by_key.get(&vip).and_then(|&i| {
@@ -1266,14 +1274,10 @@ impl ScanJob {
                 continue;
             }
             if moved.is_none() && ct.flags & CT_F_KEEP != 0 {
-                // Its own way is rewritten in place (this cannot fail).
-                table.insert(
-                    &key,
-                    &CtEntry {
-                        flags: ct.flags & !CT_F_KEEP,
-                        ..ct
-                    },
-                );
+                // Only the flags word: a rewrite of the whole way would make the flow read as
+                // untracked for a moment, and if its route has moved since this scan's view,
+                // a packet in that moment would be recorded on the route's new owner.
+                table.set_flags(&key, ct.flags & !CT_F_KEEP);
             }
             counts.count(&ct);
             let Some((i, route)) = moved else {

@@ -629,6 +629,21 @@ fn full_conntrack_set_evicts_quiet_closing_then_oldest_never_kept() {
     let c = dp.counters().unwrap();
     assert_eq!(c.stats[Stat::CtFull as usize], 1);
     assert_eq!(c.stats[Stat::CtEvict as usize], 2);
+    // The daemon's scan clears `CT_F_KEEP` in place: only the flags change, in the flow's
+    // own way; an untracked flow is left alone.
+    let mut view = dp.conntrack_view().unwrap();
+    let (key, before) = dp.conntrack().unwrap()[0];
+    assert!(view.set_flags(&key, before.flags & !lb_common::CT_F_KEEP));
+    let after = dp.conntrack_get(&key).unwrap().unwrap();
+    assert_eq!(
+        after,
+        lb_common::CtEntry {
+            flags: before.flags & !lb_common::CT_F_KEEP,
+            ..before
+        }
+    );
+    assert!(!view.set_flags(&flow(ports[CT_WAYS + 2]), 0));
+    assert_eq!(dp.conntrack().unwrap().len(), CT_WAYS);
 }
 
 /// The event log (`Dataplane::set_event_log`), end to end: ring buffer, aya-log, `log`,
