@@ -50,6 +50,21 @@ impl Drop for PinGuard {
     }
 }
 
+/// A test daemon instance's API socket and lock file (`/run/lb/<instance>.{sock,lock}`),
+/// removed on drop: a daemon stopped with SIGKILL cannot remove them itself, and test
+/// instances have unique names, so they would pile up.
+pub struct RunFiles(pub String);
+
+impl Drop for RunFiles {
+    fn drop(&mut self) {
+        let sock = lb_userspace::api::default_socket(&self.0);
+        if let Some(dir) = sock.parent() {
+            let _ = std::fs::remove_file(dir.join(format!("{}.lock", self.0)));
+        }
+        let _ = std::fs::remove_file(&sock);
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -79,6 +94,7 @@ pub struct DaemonSetup {
     pub key: PathBuf,
     pub state_dir: PathBuf,
     pub pins: PinGuard,
+    pub run_files: RunFiles,
 }
 
 impl DaemonSetup {
@@ -142,6 +158,7 @@ impl DaemonSetup {
         let state_dir = dir.0.join("state");
         Ok(Self {
             pins: PinGuard(PathBuf::from("/sys/fs/bpf").join(&instance)),
+            run_files: RunFiles(instance.clone()),
             instance,
             config,
             key,

@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
-    daemon::{DaemonSetup, PinGuard, TempDir, lb_binary},
+    daemon::{DaemonSetup, PinGuard, RunFiles, TempDir, lb_binary},
     netns::{ChildGuard, Host, Lab, Netns, mac_str},
 };
 use lb_userspace::offload::{self, Feature};
@@ -134,6 +134,7 @@ check_interval = "200ms"
     std::fs::write(&config, cfg)?;
     Ok(DaemonSetup {
         pins: PinGuard(PathBuf::from("/sys/fs/bpf").join(&instance)),
+        run_files: RunFiles(instance.clone()),
         instance,
         key: dir.0.join("no-key"),
         state_dir: dir.0.join("state"),
