@@ -1245,6 +1245,25 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// One `bpf(cmd, attr)` call of a batch command (aya has no batch API).
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller's attr points at live key/value buffers with room for `count`
+    // entries of the map's key and value sizes (and at the cursors it names); the kernel
+    // writes back `count` and the cursor.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `BPF_MAP_LOOKUP_BATCH` over a whole array map of `len` entries: a few syscalls, not one per
 /// entry. Values come back in key order (arrays return keys `0..len`, checked).
 fn batch_lookup<V: Copy + Default>(fd: BorrowedFd<'_>, len: u32) -> std::io::Result<Vec<V>> {
@@ -1264,24 +1283,13 @@ fn batch_lookup<V: Copy + Default>(fd: BorrowedFd<'_>, len: u32) -> std::io::Res
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: attr points at live key/value buffers with room for `count` entries of the
-        // map's key and value sizes, and at `cursor`/`next`; the kernel writes back `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
+        let r = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
         done += attr.count as usize;
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
+        match r {
             // ENOENT: no entries after this batch.
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                break;
-            }
-            return Err(e);
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
         if attr.count == 0 {
             return Err(std::io::Error::other("batch lookup made no progress"));
@@ -1309,19 +1317,7 @@ fn batch_update<V: Copy>(fd: BorrowedFd<'_>, keys: &[u32], values: &[V]) -> std:
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: attr points at live key/value arrays of `count` elements of the map's key and
-        // value sizes; the kernel writes back only `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
         if attr.count == 0 {
             return Err(std::io::Error::other("batch update made no progress"));
         }
