@@ -90,6 +90,42 @@ pub struct Status {
     /// Times a VIP lost its last active node since the daemon started.
     #[serde(default)]
     pub unserved_episodes: u64,
+    /// Cluster mode (`[cluster]`): absent on a single box.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A balancer of a cluster, as `lb status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This balancer's id.
+    pub id: String,
+    /// Whether it has an etcd session.
+    pub connected: bool,
+    /// Who leads, as last read from etcd.
+    pub leader: Option<String>,
+    pub leading: bool,
+    /// The table revision live in its kernel maps (0: none yet).
+    pub revision: i64,
+    /// SHA-256 of the tables it forwards with (seed, nodes, every VIP's live routes): equal
+    /// on every balancer running the same revision.
+    pub digest: String,
+    /// The live balancers (their reports are in etcd), this one included.
+    pub balancers: Vec<String>,
+    pub counters: ClusterCounters,
+}
+
+/// Cluster-mode events since the daemon started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterCounters {
+    /// Table revisions applied from etcd.
+    pub applied: u64,
+    /// Table revisions written (as the leader).
+    pub written: u64,
+    /// Revisions that could not be applied (invalid, or the kernel write failed).
+    pub refused: u64,
+    /// etcd requests that failed (unreachable, timed out, errors).
+    pub errors: u64,
 }
 
 /// Nodes by state.

@@ -6,7 +6,7 @@
 //! | key | value | lease | written by |
 //! | --- | --- | --- | --- |
 //! | `election/<lease hex>` | the balancer's id | its own | etcd's election API (`campaign`) |
-//! | `liveness/<id>` | [`Liveness`] as JSON | its own | each balancer ([`Cluster::publish_liveness`]) |
+//! | `liveness/<id>` | [`Report`] as JSON | its own | each balancer ([`Cluster::publish`]) |
 //! | `tables` | a table revision (bytes) | none | the leader only ([`Cluster::write_revision`]) |
 //!
 //! - **Lease**: each balancer holds one lease of `lease_ttl`, renewed every third of it by a
@@ -71,6 +71,11 @@ pub enum Error {
          revoked): connect again"
     )]
     LeaseLost { id: String },
+    #[error(
+        "the tables in etcd are at revision {current}, not {expect} as this balancer's are: it \
+         applies the newer one first"
+    )]
+    Behind { expect: i64, current: i64 },
     #[error("etcd key {key}: {reason}")]
     Decode { key: String, reason: String },
     #[error("etcd watch on {key} ended: {reason}")]
@@ -79,13 +84,56 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What one balancer reports about the nodes it hears.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Liveness {
+/// What one balancer's own detector (its heartbeats, its health checks) says of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum NodeView {
+    /// Not heard within its detection window (or never).
+    Down,
+    /// Its agent restarted while up: held drained until the hold-down ends.
+    Held,
+    /// Heard within its detection window; `weight` as advertised (0: none), and whether its
+    /// agent says it is draining.
+    Up { weight: u32, draining: bool },
+}
+
+/// One VIP in a balancer's last conntrack scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// The VIP's revision counter the scan looked at (the leader's, as written in the table
+    /// revision): a report of another revision says nothing of the current moved routes.
+    pub revision: u64,
+    /// The moved routes no tracked flow on this balancer still needs, as inclusive ranges.
+    pub settled: Vec<(u32, u32)>,
+}
+
+/// What one balancer publishes under `liveness/<id>` (attached to its lease).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
     /// The publisher's clock when it published (Unix ms).
     pub published_unix_ms: u64,
-    /// Node id -> milliseconds since the publisher last heard the node, at publication.
-    pub heard_ms_ago: BTreeMap<u32, u64>,
+    /// The table revision live in its kernel maps (0: none yet).
+    pub running: i64,
+    /// Its detector is in fail static (it hears almost no node, so the likelier fault is its
+    /// own receive path): its `Up`s are not evidence that a node lives.
+    #[serde(default)]
+    pub fail_static: bool,
+    /// Node id -> what its own detector says.
+    pub nodes: BTreeMap<u32, NodeView>,
+    /// VIP (as `lb` writes it) -> its last conntrack scan of that VIP's moved routes.
+    #[serde(default)]
+    pub scans: BTreeMap<String, ScanReport>,
+}
+
+impl Report {
+    /// The same report, publication time aside (a report is published again only when this
+    /// differs).
+    pub fn same_as(&self, other: &Report) -> bool {
+        Report {
+            published_unix_ms: other.published_unix_ms,
+            ..self.clone()
+        } == *other
+    }
 }
 
 /// One table revision as written by the leader.
@@ -146,6 +194,7 @@ pub struct Cluster {
     ttl: Duration,
     shared: Arc<Shared>,
     leadership: watch::Receiver<Leadership>,
+    reports: watch::Receiver<BTreeMap<String, Report>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -213,6 +262,7 @@ impl Cluster {
         });
         let prefix = format!("/lb/{}/", cfg.name);
         let (lead_tx, leadership) = watch::channel(Leadership::default());
+        let (reports_tx, reports) = watch::channel(BTreeMap::new());
         let mut c = Self {
             client,
             name: cfg.name.clone(),
@@ -222,6 +272,7 @@ impl Cluster {
             ttl,
             shared,
             leadership,
+            reports,
             tasks: Vec::new(),
         };
         c.tasks = vec![
@@ -233,6 +284,11 @@ impl Cluster {
                 c.id.clone(),
             )),
             tokio::spawn(observe(c.client.clone(), c.election_prefix(), lead_tx)),
+            tokio::spawn(observe_reports(
+                c.client.clone(),
+                c.liveness_prefix(),
+                reports_tx,
+            )),
             tokio::spawn(campaign(
                 c.client.clone(),
                 c.election_name(),
@@ -292,18 +348,13 @@ impl Cluster {
         Ok(())
     }
 
-    /// Publishes what this balancer hears (node id -> time since its last heartbeat) under
-    /// `liveness/<id>`, attached to its lease.
-    pub async fn publish_liveness(&self, heard: &BTreeMap<u32, Duration>) -> Result<()> {
+    /// Publishes this balancer's report under `liveness/<id>`, attached to its lease (the
+    /// publication time is set here).
+    pub async fn publish(&self, report: &Report) -> Result<()> {
         self.alive()?;
-        let report = Liveness {
-            published_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            heard_ms_ago: heard
-                .iter()
-                .map(|(n, d)| (*n, u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
-                .collect(),
+        let report = Report {
+            published_unix_ms: unix_ms_now(),
+            ..report.clone()
         };
         let value = serde_json::to_vec(&report).map_err(|e| Error::Decode {
             key: self.liveness_prefix(),
@@ -319,32 +370,29 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every live balancer's last liveness report, by balancer id.
-    pub async fn liveness(&self) -> Result<BTreeMap<String, Liveness>> {
-        let prefix = self.liveness_prefix();
-        let resp = op(
-            "get liveness",
-            self.client
-                .kv_client()
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let mut out = BTreeMap::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let report: Liveness =
-                serde_json::from_slice(kv.value()).map_err(|e| Error::Decode {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })?;
-            out.insert(key[prefix.len()..].to_string(), report);
-        }
-        Ok(out)
+    /// Every live balancer's last report, by balancer id.
+    pub async fn reports(&self) -> Result<BTreeMap<String, Report>> {
+        read_reports(&self.client, &self.liveness_prefix())
+            .await
+            .map(|(r, _)| r)
     }
 
-    /// Writes a table revision; only the leader can, and only while its term lasts (a
-    /// transaction on its election key). Returns the etcd revision of the write.
-    pub async fn write_revision(&self, bytes: &[u8]) -> Result<i64> {
+    /// Every live balancer's last report, read again at every change under `liveness/`
+    /// (a report that does not decode is left out, and warned about).
+    pub fn watch_reports(&self) -> watch::Receiver<BTreeMap<String, Report>> {
+        self.reports.clone()
+    }
+
+    /// Set (true) once the lease ended for good: connect again.
+    pub fn lease_ended(&self) -> watch::Receiver<bool> {
+        self.shared.lost.subscribe()
+    }
+
+    /// Writes a table revision; only the leader can, only while its term lasts (a
+    /// transaction on its election key), and only over revision `expect` (the one its tables
+    /// derive from; 0: none written yet), so a leader that missed a newer revision cannot
+    /// overwrite it ([`Error::Behind`]). Returns the etcd revision of the write.
+    pub async fn write_revision(&self, bytes: &[u8], expect: i64) -> Result<i64> {
         self.alive()?;
         let not_leader = || Error::NotLeader {
             cluster: self.name.clone(),
@@ -354,18 +402,49 @@ impl Cluster {
         let Some(term) = term.filter(|_| self.shared.lease_alive()) else {
             return Err(not_leader());
         };
+        let key = self.tables_key();
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                term.key(),
-                CompareOp::Equal,
-                term.rev(),
-            )])
-            .and_then([TxnOp::put(self.tables_key(), bytes, None)]);
+            .when([
+                Compare::create_revision(term.key(), CompareOp::Equal, term.rev()),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, expect),
+            ])
+            .and_then([TxnOp::put(key.clone(), bytes, None)])
+            .or_else([TxnOp::get(term.key(), None), TxnOp::get(key.clone(), None)]);
         let resp = op("write tables", self.client.kv_client().txn(txn)).await?;
-        if !resp.succeeded() {
+        if resp.succeeded() {
+            return Ok(resp.header().map_or(0, |h| h.revision()));
+        }
+        // Which compare failed: the term (someone else leads) or the revision.
+        let mut found = resp.op_responses().into_iter().filter_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let term_held = found.next().is_some_and(|g| {
+            g.kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == term.rev())
+        });
+        if !term_held {
             return Err(not_leader());
         }
-        Ok(resp.header().map_or(0, |h| h.revision()))
+        let current = found
+            .next()
+            .and_then(|g| g.kvs().first().map(|kv| kv.mod_revision()))
+            .unwrap_or(0);
+        Err(Error::Behind { expect, current })
+    }
+
+    /// The current table revision (`None`: none written yet).
+    pub async fn current_revision(&self) -> Result<Option<TableRevision>> {
+        let resp = op(
+            "get tables",
+            self.client.kv_client().get(self.tables_key(), None),
+        )
+        .await?;
+        Ok(resp.kvs().first().map(|kv| TableRevision {
+            revision: kv.mod_revision(),
+            bytes: kv.value().to_vec(),
+        }))
     }
 
     /// The table revisions: the current one (if any) first, then every later write, until
@@ -429,13 +508,14 @@ impl Cluster {
         )))
     }
 
-    /// Leaves the cluster: revokes the lease, so this balancer's election key and liveness
-    /// report go at once (the next leader need not wait for the TTL).
-    pub async fn close(mut self) -> Result<()> {
-        for t in self.tasks.drain(..) {
+    /// Leaves the cluster: revokes the lease, so this balancer's election key and report go
+    /// at once (the next leader need not wait for the TTL).
+    pub async fn close(&self) -> Result<()> {
+        for t in &self.tasks {
             t.abort();
         }
         *lock(&self.shared.term) = None;
+        self.shared.lost.send_replace(true);
         op(
             "lease revoke",
             self.client.lease_client().revoke(self.lease),
@@ -443,6 +523,78 @@ impl Cluster {
         .await?;
         info!("cluster {}: balancer {} left", self.name, self.id);
         Ok(())
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Every report under `prefix`, by balancer id, and the etcd revision read at. A report that
+/// does not decode is left out (with a warning): one bad publisher must not blind the leader.
+async fn read_reports(client: &Client, prefix: &str) -> Result<(BTreeMap<String, Report>, i64)> {
+    let resp = op(
+        "get liveness",
+        client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match serde_json::from_slice::<Report>(kv.value()) {
+            Ok(r) => {
+                out.insert(key[prefix.len()..].to_string(), r);
+            }
+            Err(e) => warn!("etcd key {key}: not a balancer report ({e}); ignored"),
+        }
+    }
+    Ok((out, resp.header().map_or(0, |h| h.revision())))
+}
+
+/// Follows the reports: read again at every change under `prefix`. Runs until the handle goes.
+async fn observe_reports(
+    client: Client,
+    prefix: String,
+    tx: watch::Sender<BTreeMap<String, Report>>,
+) {
+    loop {
+        let result = async {
+            let (reports, at) = read_reports(&client, &prefix).await?;
+            tx.send_replace(reports);
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(at + 1);
+            let mut stream = op(
+                "watch liveness",
+                client.watch_client().watch(prefix.clone(), Some(opts)),
+            )
+            .await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(r)) if r.canceled() => return Ok::<_, Error>(()),
+                    Ok(Some(r)) if !r.events().is_empty() => {
+                        tx.send_replace(read_reports(&client, &prefix).await?.0);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(source) => {
+                        return Err(Error::Etcd {
+                            what: "watch liveness",
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!("cluster liveness watch: {e}; again");
+        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 

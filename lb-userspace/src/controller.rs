@@ -496,7 +496,7 @@ impl Controller {
                     advertised_weight: r.advertised_weight,
                     admin_weight: None,
                     admin_drain: false,
-                    restarting: false,
+                    restarting: r.restarting,
                     // Set by `configure` once the operator's drain is known.
                     agent_draining: r.agent_draining.unwrap_or(r.status == NodeState::Draining),
                     state: r.status,
@@ -1170,6 +1170,123 @@ impl Controller {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Cluster mode
+    // -----------------------------------------------------------------------------------------
+
+    /// The controller a cluster's table revision describes: `state` (the leader's tables,
+    /// node states and moved flags) with the node addresses and VIP modes of `cfg` (the
+    /// configuration the revision carries) and the VIPs' revision counters. Refused when the
+    /// two do not name the same nodes and VIPs.
+    pub fn from_revision(
+        state: &State,
+        cfg: &Config,
+        vip_revisions: &BTreeMap<VipKey, u64>,
+    ) -> Result<Self, ControllerError> {
+        let invalid = |e: anyhow::Error| ControllerError::Invalid(format!("{e:#}"));
+        let mut c = Self::from_state(state)?;
+        if c.nodes.len() != cfg.nodes.len() || c.vips.len() != cfg.vips.len() {
+            return Err(ControllerError::Invalid(format!(
+                "the revision's state has {} nodes and {} VIPs, its configuration {} and {}",
+                c.nodes.len(),
+                c.vips.len(),
+                cfg.nodes.len(),
+                cfg.vips.len()
+            )));
+        }
+        for nc in &cfg.nodes {
+            let n = c.nodes.get_mut(&nc.id).ok_or_else(|| {
+                ControllerError::Invalid(format!("node {} has no state in the revision", nc.id))
+            })?;
+            n.mac = match &nc.mac {
+                Some(m) => config::parse_mac(m).map_err(invalid)?,
+                None => [0; 6],
+            };
+            n.ipv4 = nc.ipv4;
+            n.ipv6 = nc.ipv6;
+            n.config_weight = nc.weight;
+            n.admin_weight = nc.admin_weight;
+            n.admin_drain = nc.drain;
+        }
+        for vc in &cfg.vips {
+            let proto = config::parse_proto(&vc.proto).map_err(invalid)?;
+            let key = dataplane::vip_key(vc.addr, vc.port, proto);
+            let v = c.vips.get_mut(&key).ok_or_else(|| {
+                ControllerError::Invalid(format!(
+                    "VIP {} has no table in the revision",
+                    dataplane::vip_display(&key)
+                ))
+            })?;
+            v.spec.mode = vc.mode;
+            v.spec.hash = vc.hash;
+            v.revision = vip_revisions.get(&key).copied().unwrap_or(0);
+        }
+        c.reserve = cfg.daemon.reserve_node;
+        Ok(c)
+    }
+
+    /// Becomes `next` (a cluster revision) and returns the plan that takes the kernel there,
+    /// in the same safe order as a batch's, writing only what differs. A new hash seed
+    /// rewrites every VIP whole. Replay protection (`seen`) stays this balancer's own.
+    pub fn replace_with(&mut self, mut next: Controller) -> Plan {
+        let mut before = self.shape();
+        let served = self.served();
+        let mut ch = Changes {
+            persist: true,
+            ..Changes::default()
+        };
+        for id in self.nodes.keys().chain(next.nodes.keys()) {
+            self.touch_node(&mut ch, *id);
+        }
+        if self.hash_seed != next.hash_seed {
+            before.retain(|k, _| !next.vips.contains_key(k));
+        }
+        for (key, v) in &next.vips {
+            let Some(old) = self.vips.get(key) else {
+                continue;
+            };
+            if before.get(key) != Some(&(v.spec, v.table.route_count())) {
+                continue;
+            }
+            let mut touched = Touched::new(v.table.route_count());
+            if !Arc::ptr_eq(&old.table, &v.table) || old.moved != v.moved {
+                for r in 0..v.table.route_count() {
+                    let was = old.entry(r);
+                    if was != v.entry(r) {
+                        touched.touch(r, || was);
+                    }
+                }
+            }
+            ch.routes_before.insert(*key, touched);
+        }
+        next.seen = std::mem::take(&mut self.seen);
+        next.seen.retain(|id, _| next.nodes.contains_key(id));
+        *self = next;
+        let mut plan = self.compile(&before, ch);
+        self.report_served(&served, &mut plan);
+        plan
+    }
+
+    /// What this controller's node states amount to as a detector's view: the leader turns
+    /// the difference between this and the cluster's merged view into membership events.
+    pub fn node_view(&self, id: u32) -> Option<crate::cluster::NodeView> {
+        use crate::cluster::NodeView;
+        let n = self.nodes.get(&id)?;
+        Some(match n.state {
+            NodeState::Down => NodeView::Down,
+            _ if n.restarting => NodeView::Held,
+            _ => NodeView::Up {
+                weight: n.advertised_weight,
+                draining: n.agent_draining,
+            },
+        })
+    }
+
+    /// Each VIP's revision counter (conntrack scans name the one they looked at).
+    pub fn vip_revisions(&self) -> BTreeMap<VipKey, u64> {
+        self.vips.iter().map(|(k, v)| (*k, v.revision)).collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Views
     // -----------------------------------------------------------------------------------------
 
@@ -1213,6 +1330,7 @@ impl Controller {
                     status: n.state,
                     advertised_weight: n.advertised_weight,
                     agent_draining: Some(n.agent_draining),
+                    restarting: n.restarting,
                     incarnation: inc,
                     sequence: seq,
                 },

@@ -32,6 +32,7 @@ use lb_common::{
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{error, info, warn};
 
+mod clustered;
 mod ops;
 
 use crate::{
@@ -152,6 +153,8 @@ pub struct Daemon {
     servers: Vec<Server>,
     /// The task moving the program's event records into the log.
     _events: Option<Server>,
+    /// Cluster mode (`[cluster]`): the etcd session and what the loop knows of the others.
+    cluster: Option<clustered::Link>,
 }
 
 impl Daemon {
@@ -337,7 +340,17 @@ impl Daemon {
             api: Some(api_rx),
             servers,
             _events: events,
+            cluster: None,
         };
+        if let Some(c) = &d.cfg.cluster {
+            info!(
+                "cluster mode: balancer {} of cluster {} (etcd {}); tables come from the leader",
+                c.id,
+                c.name,
+                c.endpoints.join(",")
+            );
+            d.cluster = Some(clustered::Link::start(c));
+        }
         d.sync_checks();
         d.execute(&plan, None)
             .context("writing the start-up state to the kernel")?;
@@ -434,6 +447,9 @@ impl Daemon {
     /// state is saved and the program stays attached, or is detached as asked).
     pub async fn run(mut self) -> Result<()> {
         let served = self.serve().await;
+        if let Some(link) = self.cluster.take() {
+            link.close().await;
+        }
         let shut = self.shutdown();
         served.and(shut)
     }
@@ -478,6 +494,7 @@ impl Daemon {
         let mut scan_now = false;
         // `lb trace --live` clients: the event log is on while there is at least one.
         let mut watchers = crate::livelog::watch_subscribers();
+        let mut cluster_msgs = Vec::new();
         println!("lb: ready");
         loop {
             let mut inputs: Vec<Input> = Vec::new();
@@ -500,11 +517,18 @@ impl Daemon {
                     }
                 }
                 Some((_, ev)) = self.health_rx.recv() => inputs.push(Input::Membership(ev)),
+                Some(msg) = clustered::next(&mut self.cluster) => cluster_msgs.push(msg),
+                _ = tokio::time::sleep(clustered::RETRY),
+                    if self.cluster.as_ref().is_some_and(|l| l.retry_pending()) => {}
                 Some(call) = next_call(&mut api_rx) => calls.push(call),
                 _ = sleep_until(deadline) => {}
                 Some(res) = scan_rx.recv() => {
                     ct_view = Some(res.view);
-                    inputs.extend(res.settled);
+                    match self.cluster.as_mut() {
+                        // Evidence for the leader, not a decision of this balancer's.
+                        Some(link) => link.scanned(&res.settled),
+                        None => inputs.extend(res.settled),
+                    }
                     self.ct = res.counts;
                     self.ct_scans += 1;
                 }
@@ -609,6 +633,12 @@ impl Daemon {
                     Err(e) => error!("reload refused, nothing changed: {e:#}"),
                 }
             }
+            if let Some(link) = self.cluster.as_mut() {
+                link.drain(&mut cluster_msgs);
+                let local = std::mem::take(&mut inputs);
+                let msgs = std::mem::take(&mut cluster_msgs);
+                self.cluster_round(local, msgs, socket.as_mut()).await;
+            }
             if !inputs.is_empty() {
                 let start = Instant::now();
                 let plan = self.ctl.apply(&inputs);
@@ -633,6 +663,10 @@ impl Daemon {
                 let answer = self.handle(call.req, socket.as_mut());
                 // The client may have gone; the change (if any) is made either way.
                 let _ = call.reply.send(answer);
+            }
+            // A change made on the leader goes out as the next revision at once.
+            if self.change_seq != seq {
+                self.lead(socket.as_mut()).await;
             }
             // After a change, counts (flows per node: `drain --wait`) are taken again at once
             // (or as soon as the running scan returns the table).
@@ -1296,13 +1330,12 @@ impl ScanJob {
             .vips
             .iter()
             .zip(still_needed)
-            .filter_map(|(v, needed)| {
-                let routes: Vec<u32> = v.moved.iter().filter(|r| !needed.contains(r)).collect();
-                (!routes.is_empty()).then_some(Input::Settled {
-                    vip: v.key,
-                    revision: v.revision,
-                    routes,
-                })
+            // Also when none settled: in cluster mode the leader waits for every balancer's
+            // scan of a VIP's revision.
+            .map(|(v, needed)| Input::Settled {
+                vip: v.key,
+                revision: v.revision,
+                routes: v.moved.iter().filter(|r| !needed.contains(r)).collect(),
             })
             .collect();
         ScanResult {

@@ -20,6 +20,7 @@ pub mod objects;
 pub mod observe;
 pub mod offload;
 pub mod persist;
+pub mod replica;
 pub mod routes;
 pub mod running;
 pub mod server;

@@ -1263,6 +1263,7 @@ mod tests {
             fail_static: true,
             unserved_vips: vec![],
             unserved_episodes: 0,
+            cluster: None,
         }
     }
 

@@ -361,6 +361,7 @@ mod tests {
                     status: NodeState::Active,
                     advertised_weight: 0,
                     agent_draining: None,
+                    restarting: false,
                     incarnation: Some(1),
                     sequence: Some(seq),
                 },

@@ -75,6 +75,10 @@ pub struct NodeRecord {
     /// node was always drained by its agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_draining: Option<bool>,
+    /// Held drained after its agent restarted (cluster revisions carry it, so a new leader
+    /// ends the hold-down as the old one would have).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restarting: bool,
     /// Last agent incarnation seen (replay protection survives restarts).
     pub incarnation: Option<u64>,
     /// Last agent sequence seen in that incarnation.
@@ -319,6 +323,7 @@ mod v1 {
                     status: n.status,
                     advertised_weight: 0,
                     agent_draining: None,
+                    restarting: false,
                     incarnation: n.incarnation,
                     sequence: n.sequence,
                 };
@@ -381,6 +386,7 @@ mod tests {
             status,
             advertised_weight: 0,
             agent_draining: None,
+            restarting: false,
             incarnation: None,
             sequence: None,
         }
@@ -396,6 +402,7 @@ mod tests {
                 status: NodeState::Active,
                 advertised_weight: 3,
                 agent_draining: None,
+                restarting: false,
                 incarnation: Some(7),
                 sequence: Some(9),
             },
@@ -533,6 +540,7 @@ mod tests {
                 status: NodeState::Active,
                 advertised_weight: 0,
                 agent_draining: None,
+                restarting: false,
                 incarnation: Some(7),
                 sequence: Some(9),
             }

@@ -5,7 +5,6 @@
 //! No kernel, no namespaces; a missing etcd binary fails the tests.
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 use std::{
-    collections::BTreeMap,
     future::Future,
     net::TcpListener,
     path::{Path, PathBuf},
@@ -15,7 +14,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use lb_userspace::{
-    cluster::{Cluster, Error, OP_TIMEOUT},
+    cluster::{Cluster, Error, NodeView, OP_TIMEOUT, Report},
     config::ClusterConfig,
 };
 
@@ -243,57 +242,72 @@ async fn one_leader_and_failover_within_the_lease() {
     assert!(c.is_leader());
 }
 
+fn report(nodes: &[(u32, NodeView)], running: i64) -> Report {
+    Report {
+        running,
+        nodes: nodes.iter().copied().collect(),
+        ..Report::default()
+    }
+}
+
+const UP: NodeView = NodeView::Up {
+    weight: 0,
+    draining: false,
+};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn liveness_is_shared_and_ends_with_the_lease() {
+async fn reports_are_shared_and_end_with_the_lease() {
     let etcd = Etcd::start().await;
     let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
     let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
-    let ms = Duration::from_millis;
-    a.publish_liveness(&BTreeMap::from([(1, ms(10)), (2, ms(300))]))
+    let mut watched = a.watch_reports();
+    a.publish(&report(&[(1, UP), (2, NodeView::Down)], 5))
         .await
         .unwrap();
-    b.publish_liveness(&BTreeMap::from([(1, ms(20))]))
-        .await
-        .unwrap();
+    b.publish(&report(&[(1, NodeView::Held)], 5)).await.unwrap();
     for c in [&a, &b] {
-        let seen = c.liveness().await.unwrap();
+        let seen = c.reports().await.unwrap();
         assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{}", c.id());
-        assert_eq!(seen["a"].heard_ms_ago, BTreeMap::from([(1, 10), (2, 300)]));
-        assert_eq!(seen["b"].heard_ms_ago, BTreeMap::from([(1, 20)]));
+        assert!(seen["a"].same_as(&report(&[(1, UP), (2, NodeView::Down)], 5)));
+        assert!(seen["b"].same_as(&report(&[(1, NodeView::Held)], 5)));
         assert!(seen["a"].published_unix_ms > 0);
     }
-    // A new report replaces the old one.
-    b.publish_liveness(&BTreeMap::from([(1, ms(5)), (3, ms(7))]))
-        .await
-        .unwrap();
-    assert_eq!(
-        a.liveness().await.unwrap()["b"].heard_ms_ago,
-        BTreeMap::from([(1, 5), (3, 7)])
+    // A new report replaces the old one, and the watch follows.
+    b.publish(&report(&[(1, UP), (3, UP)], 6)).await.unwrap();
+    let t0 = Instant::now();
+    wait_for("the watch shows b's new report", TTL, || {
+        let ok = watched
+            .borrow_and_update()
+            .get("b")
+            .is_some_and(|r| r.running == 6);
+        async move { ok }
+    })
+    .await;
+    println!(
+        "a new report reached the other's watch in {} ms",
+        t0.elapsed().as_millis()
     );
     // b dies: its report goes when its lease expires, a's stays.
     let t0 = Instant::now();
     drop(b);
     wait_for("b's report gone", TTL + Duration::from_secs(1), || async {
-        !a.liveness().await.unwrap().contains_key("b")
+        !a.reports().await.unwrap().contains_key("b")
     })
     .await;
     println!(
-        "a dead balancer's liveness report gone after {} ms",
+        "a dead balancer's report gone after {} ms",
         t0.elapsed().as_millis()
     );
-    assert!(a.liveness().await.unwrap().contains_key("a"));
-    // A report that is not ours is an error naming the key, not a silent skip.
+    assert!(a.reports().await.unwrap().contains_key("a"));
+    // A report that is not one is left out (one bad publisher must not blind the leader).
     let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .unwrap();
     raw.put("/lb/t1/liveness/z", "not json", None)
         .await
         .unwrap();
-    let err = a.liveness().await.unwrap_err();
-    assert!(
-        matches!(&err, Error::Decode { key, .. } if key == "/lb/t1/liveness/z"),
-        "{err}"
-    );
+    let seen = a.reports().await.unwrap();
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,7 +320,7 @@ async fn only_the_leader_writes_tables_and_everyone_sees_them() {
     let mut watch = other.watch_revisions().await.unwrap();
 
     let t0 = Instant::now();
-    let r1 = leader.write_revision(b"tables v1").await.unwrap();
+    let r1 = leader.write_revision(b"tables v1", 0).await.unwrap();
     let seen = tokio::time::timeout(Duration::from_secs(2), watch.next())
         .await
         .unwrap()
@@ -322,10 +336,16 @@ async fn only_the_leader_writes_tables_and_everyone_sees_them() {
     );
 
     // The other may not write, and nothing reaches the watch.
-    let err = other.write_revision(b"rogue").await.unwrap_err();
+    let err = other.write_revision(b"rogue", r1).await.unwrap_err();
     assert!(matches!(err, Error::NotLeader { .. }), "{err}");
     println!("a non-leader's write: {err}");
-    let r2 = leader.write_revision(b"tables v2").await.unwrap();
+    // Nor may the leader write over a revision it has not seen.
+    let err = leader.write_revision(b"blind", 0).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Behind { expect: 0, current } if current == r1),
+        "{err}"
+    );
+    let r2 = leader.write_revision(b"tables v2", r1).await.unwrap();
     assert!(r2 > r1);
     let seen = watch.next().await.unwrap().unwrap();
     assert_eq!(
@@ -360,10 +380,10 @@ async fn only_the_leader_writes_tables_and_everyone_sees_them() {
         .key()
         .to_vec();
     raw.delete(key, None).await.unwrap();
-    let err = leader.write_revision(b"stale").await.unwrap_err();
+    let err = leader.write_revision(b"stale", r2).await.unwrap_err();
     assert!(matches!(err, Error::NotLeader { .. }), "{err}");
     wait_for("the other leads", TTL, || async { other.is_leader() }).await;
-    let r3 = other.write_revision(b"tables v3").await.unwrap();
+    let r3 = other.write_revision(b"tables v3", r2).await.unwrap();
     let seen = watch.next().await.unwrap().unwrap();
     assert_eq!(
         (seen.revision, seen.bytes.as_slice()),
@@ -377,24 +397,21 @@ async fn etcd_down_fails_in_bounded_time_and_back_works() {
     let mut etcd = Etcd::start().await;
     let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
     one_leader(&[&a]).await;
-    let r1 = a.write_revision(b"before").await.unwrap();
+    let r1 = a.write_revision(b"before", 0).await.unwrap();
 
     etcd.kill();
     let bound = OP_TIMEOUT + Duration::from_secs(1);
     let t0 = Instant::now();
-    let err = a
-        .publish_liveness(&BTreeMap::from([(1, Duration::from_millis(1))]))
-        .await
-        .unwrap_err();
+    let err = a.publish(&report(&[(1, UP)], 1)).await.unwrap_err();
     println!(
-        "etcd down: publish_liveness failed in {} ms: {err}",
+        "etcd down: publish failed in {} ms: {err}",
         t0.elapsed().as_millis()
     );
     assert!(t0.elapsed() < bound);
     let t0 = Instant::now();
-    let err = a.liveness().await.unwrap_err();
+    let err = a.reports().await.unwrap_err();
     println!(
-        "etcd down: liveness failed in {} ms: {err}",
+        "etcd down: reports failed in {} ms: {err}",
         t0.elapsed().as_millis()
     );
     assert!(t0.elapsed() < bound);
@@ -408,7 +425,7 @@ async fn etcd_down_fails_in_bounded_time_and_back_works() {
         "etcd down: the leader stopped leading after {} ms",
         gone.as_millis()
     );
-    let err = a.write_revision(b"cut off").await.unwrap_err();
+    let err = a.write_revision(b"cut off", r1).await.unwrap_err();
     assert!(matches!(err, Error::NotLeader { .. }), "{err}");
     let t0 = Instant::now();
     let err = Cluster::connect(&cfg(&etcd, "t1", "n"))

@@ -812,3 +812,90 @@ fn hash_seed_survives_restarts_and_the_kernels_wins() {
     let (c3, _) = Controller::start(&cfg, Some(&st), &kernel).expect("restart");
     assert_eq!(c3.hash_seed(), c.hash_seed() ^ 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Cluster mode: followers that run the leader's table revisions (every one, or only some
+    /// of them, or starting late from nothing) end with the leader's kernel exactly, and no
+    /// step of their plans ever leaves a route toward a node their `NODES` does not hold as
+    /// ACTIVE.
+    #[test]
+    fn followers_of_revisions_run_the_leaders_tables(
+        ops in proptest::collection::vec(op(), 1..30),
+        skips in proptest::collection::vec(any::<bool>(), 30),
+    ) {
+        let mut world = World {
+            nodes: (1..=NODES).map(|n| (n, 1 + n % 2)).collect(),
+            vips: vec![(1, 48), (2, 61), (3, 7)],
+        };
+        let (mut c, mut k) = start(&world.config());
+        let mut every = Controller::empty();
+        let mut ke = Kernel::default();
+        let mut some = Controller::empty();
+        let mut ks = Kernel::default();
+        let follow = |f: &mut Controller, kf: &mut Kernel, cfg: &Config, leader: &Controller| {
+            let rev = crate::replica::Revision::new("a", cfg, leader);
+            let rev = crate::replica::Revision::decode(&rev.encode()).expect("decodes");
+            let cfg = rev.config(&Config::default());
+            let next = Controller::from_revision(&rev.state, &cfg, &rev.vip_revisions())
+                .expect("a revision of a valid controller is valid");
+            let plan = f.replace_with(next);
+            kf.run(&plan);
+        };
+        for (i, op) in ops.iter().enumerate() {
+            let inputs = inputs_of(op, &c);
+            apply(&mut c, &mut k, &inputs);
+            if let Op::Reconfigure(n, w) = *op {
+                if world.nodes.remove(&n).is_none() {
+                    world.nodes.insert(n, w);
+                }
+                if w == 2 {
+                    if world.vips.iter().any(|v| v.0 == 3) {
+                        world.vips.retain(|v| v.0 != 3);
+                    } else {
+                        world.vips.push((3, 7));
+                    }
+                }
+                let p = c.configure(&world.config()).expect("configure");
+                k.run(&p);
+            }
+            let cfg = world.config();
+            follow(&mut every, &mut ke, &cfg, &c);
+            prop_assert_eq!(&ke, &k);
+            prop_assert_eq!(every.vip_revisions(), c.vip_revisions());
+            if !skips[i] {
+                follow(&mut some, &mut ks, &cfg, &c);
+                prop_assert_eq!(&ks, &k);
+            }
+        }
+        let mut late = Controller::empty();
+        let mut kl = Kernel::default();
+        follow(&mut late, &mut kl, &world.config(), &c);
+        prop_assert_eq!(&kl, &k);
+        // A revision with another seed rewrites every VIP whole.
+        let mut reseeded = c.clone();
+        reseeded.hash_seed = c.hash_seed.wrapping_add(1);
+        let plan = late.replace_with(reseeded);
+        prop_assert_eq!(
+            plan.steps.iter().filter(|s| matches!(s, Step::Vip { .. })).count(),
+            c.vips().count()
+        );
+    }
+}
+
+/// A revision whose configuration does not name the state's nodes and VIPs is refused.
+#[test]
+fn a_revision_that_does_not_fit_its_configuration_is_refused() {
+    let cfg = config(&[(1, 1), (2, 1)], &[(1, 64)]);
+    let (c, _) = start(&cfg);
+    let other = config(&[(1, 1)], &[(1, 64)]);
+    let err = Controller::from_revision(&c.snapshot(), &other, &BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("2 nodes"), "{err}");
+    let other = config(&[(1, 1), (3, 1)], &[(1, 64)]);
+    let err = Controller::from_revision(&c.snapshot(), &other, &BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("node 3"), "{err}");
+    let other = config(&[(1, 1), (2, 1)], &[(2, 64)]);
+    let err = Controller::from_revision(&c.snapshot(), &other, &BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("no table"), "{err}");
+}

@@ -248,25 +248,32 @@ impl Daemon {
                 applied: false,
             });
         }
+        // In cluster mode only the leader changes tables; the others hear of it by revision.
+        if let Some(link) = self.cluster.as_ref()
+            && !link.leading()
+        {
+            let leader = link.leader();
+            return Err(Fail::conflict(format!(
+                "cluster mode: balancer {} does not lead{}, and only the leader changes the \
+                 cluster's nodes and VIPs",
+                link.id,
+                leader
+                    .as_deref()
+                    .map_or(" (nobody leads now)".to_string(), |l| format!(
+                        " (balancer {l} does)"
+                    ))
+            ))
+            .hint("run the command against the leader's balancer"));
+        }
         // The global settings first: if they cannot be written, nothing else has changed.
         let globals = global_config(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
         self.dp.set_config(&globals).map_err(kernel)?;
         self.ctl = ctl;
         self.change_seq += 1;
-        // Agents of nodes no longer heartbeat-checked lose their address and own socket.
-        let heard = |id: u32| {
-            next.nodes
-                .iter()
-                .any(|n| n.id == id && n.check == "heartbeat")
-        };
-        self.agents.retain(|id, _| heard(*id));
-        if let Some(r) = socket.as_deref_mut() {
-            r.set_node_keys(keys);
-            r.retain_peers(heard);
+        if let Some(link) = self.cluster.as_mut() {
+            link.dirty = true;
         }
-        sync_membership(&mut self.membership, &next);
-        self.cfg = next;
-        self.sync_checks();
+        self.adopt_config(next, keys, socket.as_deref_mut());
         if let Err(e) = self.execute(&plan, socket) {
             self.resync = true;
             return Err(Fail::internal(format!(
@@ -291,6 +298,30 @@ impl Daemon {
             route_writes,
             applied: true,
         })
+    }
+
+    /// Makes `next` the running configuration's nodes and VIPs for everything beside the
+    /// controller: heartbeat keys and agents' sockets, the detector, the health checks.
+    pub(super) fn adopt_config(
+        &mut self,
+        next: Config,
+        keys: BTreeMap<u32, crate::heartbeat::Key>,
+        socket: Option<&mut Receiver>,
+    ) {
+        // Agents of nodes no longer heartbeat-checked lose their address and own socket.
+        let heard = |id: u32| {
+            next.nodes
+                .iter()
+                .any(|n| n.id == id && n.check == "heartbeat")
+        };
+        self.agents.retain(|id, _| heard(*id));
+        if let Some(r) = socket {
+            r.set_node_keys(keys);
+            r.retain_peers(heard);
+        }
+        sync_membership(&mut self.membership, &next);
+        self.cfg = next;
+        self.sync_checks();
     }
 
     /// The running configuration and the state, on disk before the change is answered.
@@ -387,6 +418,7 @@ impl Daemon {
                 .map(|v| dataplane::vip_display(&v.spec.key))
                 .collect(),
             unserved_episodes: self.unserved_episodes,
+            cluster: self.cluster_status(),
         }
     }
 

@@ -1,0 +1,578 @@
+//! Cluster mode in the daemon (issue 12; docs/control-plane.md, "Cluster mode").
+//!
+//! A task of its own keeps the etcd session (connect, and connect again after a lost lease),
+//! follows the table revisions and the other balancers' reports, and publishes this
+//! balancer's report; it hands everything to the loop as [`Msg`]s, so etcd never blocks
+//! failure detection. The loop, each round:
+//! - turns its own membership events and conntrack scans into this balancer's [`Report`]
+//!   (they are evidence, not decisions: nobody but the leader changes tables);
+//! - applies a newer table revision ([`Daemon::follow`]);
+//! - as the leader only: merges every live balancer's report ([`replica::merge`]), applies the
+//!   resulting events and settled routes to its controller, and writes the result as the next
+//!   revision (guarded by the revision it derives from).
+//!
+//! With etcd unreachable the balancer keeps forwarding on the revision it runs, changes
+//! nothing, warns (rate-limited) and counts; once connected again the watch hands it the
+//! current revision.
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::Daemon;
+use crate::{
+    api,
+    cluster::{Cluster, NodeView, Report, RevisionStream, ScanReport, TableRevision},
+    config::ClusterConfig,
+    controller::{Controller, Input},
+    dataplane,
+    heartbeat::Receiver,
+    membership::{Event, Phase},
+    replica::{self, Revision},
+    server::Server,
+    state,
+};
+
+/// Pause before the session task tries etcd again (and before a leader's failed write is
+/// tried again).
+pub(super) const RETRY: Duration = Duration::from_millis(250);
+/// etcd trouble is warned about at most this often.
+const WARN_PERIOD: Duration = Duration::from_secs(10);
+
+/// What the session task tells the loop.
+pub(super) enum Msg {
+    /// A session (new, or again after a lost lease).
+    Connected(Arc<Cluster>),
+    /// A table revision (the current one first after every (re)connect, then every write).
+    Revision(TableRevision),
+    /// Every live balancer's report (this one's included), after any change.
+    Reports(BTreeMap<String, Report>),
+    /// Who leads changed.
+    Leadership,
+    /// etcd could not be reached or answered an error.
+    Trouble(String),
+}
+
+/// The daemon's side of cluster mode.
+pub(super) struct Link {
+    pub id: String,
+    conn: Option<Arc<Cluster>>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    publish: watch::Sender<Option<Report>>,
+    _task: Server,
+    /// The revision live in the kernel (0: none yet).
+    pub applied: i64,
+    /// The kernel runs tables no revision holds (a leader's write failed): the next revision
+    /// is applied whatever its number.
+    diverged: bool,
+    /// The leader changed its controller and has not written it yet.
+    pub dirty: bool,
+    /// The other live balancers' reports, by id.
+    others: BTreeMap<String, Report>,
+    /// Whether the reports were read since the last connect (a leader decides only then).
+    reports_known: bool,
+    /// This balancer's last conntrack scan, by VIP.
+    scans: BTreeMap<String, ScanReport>,
+    /// Health-checked nodes' last result here (heartbeat nodes: the detector).
+    health: BTreeMap<u32, bool>,
+    /// The report last handed to the publisher.
+    published: Option<Report>,
+    pub counters: api::ClusterCounters,
+    warned: Option<Instant>,
+}
+
+impl Link {
+    /// Starts the session task (it connects in the background: a balancer whose etcd is down
+    /// starts anyway and forwards on the tables it had).
+    pub fn start(cfg: &ClusterConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (publish, publish_rx) = watch::channel(None);
+        Self {
+            id: cfg.id.clone(),
+            conn: None,
+            rx,
+            publish,
+            _task: Server::spawn(session(cfg.clone(), tx, publish_rx)),
+            applied: 0,
+            diverged: false,
+            dirty: false,
+            others: BTreeMap::new(),
+            reports_known: false,
+            scans: BTreeMap::new(),
+            health: BTreeMap::new(),
+            published: None,
+            counters: api::ClusterCounters::default(),
+            warned: None,
+        }
+    }
+
+    /// Messages the session task sent meanwhile.
+    pub fn drain(&mut self, out: &mut Vec<Msg>) {
+        while let Ok(m) = self.rx.try_recv() {
+            out.push(m);
+        }
+    }
+
+    /// Whether a leader's write waits to be tried again.
+    pub fn retry_pending(&self) -> bool {
+        self.dirty && self.conn.is_some()
+    }
+
+    /// Whether this balancer leads now.
+    pub fn leading(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.is_leader())
+    }
+
+    /// Who leads, as last read from etcd.
+    pub fn leader(&self) -> Option<String> {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.watch_leader().borrow().leader.clone())
+    }
+
+    /// Keeps this balancer's evidence from a round's local inputs: health results and scans.
+    pub fn take_evidence(&mut self, inputs: Vec<Input>) {
+        for input in inputs {
+            match input {
+                Input::Membership(Event::NodeUp { node, .. }) => {
+                    self.health.insert(node, true);
+                }
+                Input::Membership(Event::NodeDown { node, .. }) => {
+                    self.health.insert(node, false);
+                }
+                Input::Membership(_) => {}
+                Input::Settled { .. } => {}
+            }
+        }
+    }
+
+    /// A conntrack scan's result: what it found settled, per VIP.
+    pub fn scanned(&mut self, settled: &[Input]) {
+        self.scans = settled
+            .iter()
+            .filter_map(|i| match i {
+                Input::Settled {
+                    vip,
+                    revision,
+                    routes,
+                } => Some((
+                    dataplane::vip_display(vip),
+                    ScanReport {
+                        revision: *revision,
+                        settled: state::ranges(routes.iter().copied()),
+                    },
+                )),
+                Input::Membership(_) => None,
+            })
+            .collect();
+    }
+
+    /// Logs etcd trouble at most once per [`WARN_PERIOD`], and counts it.
+    fn trouble(&mut self, what: &str) {
+        self.counters.errors += 1;
+        let now = Instant::now();
+        if self
+            .warned
+            .is_none_or(|t| now.saturating_duration_since(t) >= WARN_PERIOD)
+        {
+            self.warned = Some(now);
+            warn!(
+                "cluster: {what}; forwarding goes on with table revision {} (nothing changes \
+                 until etcd answers again)",
+                self.applied
+            );
+        }
+    }
+
+    /// Closes the session (its lease revoked: another balancer leads at once).
+    pub async fn close(&self) {
+        if let Some(c) = &self.conn
+            && let Err(e) = tokio::time::timeout(Duration::from_secs(1), c.close())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::cluster::Error::Timeout {
+                        what: "lease revoke",
+                        after: Duration::from_secs(1),
+                    })
+                })
+        {
+            warn!("cluster: leaving: {e}");
+        }
+    }
+}
+
+fn link_trouble(d: &mut Daemon, what: &str) {
+    if let Some(l) = d.cluster.as_mut() {
+        l.trouble(what);
+    }
+}
+
+/// The next message of the session task (never, outside cluster mode).
+pub(super) async fn next(link: &mut Option<Link>) -> Option<Msg> {
+    match link {
+        Some(l) => l.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The etcd session: connect (again after a lost lease), then follow revisions and reports
+/// and publish this balancer's report (the latest wins; published again after a failure and
+/// after every reconnect).
+async fn session(
+    cfg: ClusterConfig,
+    tx: mpsc::UnboundedSender<Msg>,
+    mut publish: watch::Receiver<Option<Report>>,
+) {
+    loop {
+        let c = match Cluster::connect(&cfg).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let _ = tx.send(Msg::Trouble(e.to_string()));
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        if tx.send(Msg::Connected(Arc::clone(&c))).is_err() {
+            return;
+        }
+        let mut reports = c.watch_reports();
+        let mut leadership = c.watch_leader();
+        let mut ended = c.lease_ended();
+        let mut revisions: Option<RevisionStream> = None;
+        let mut unpublished = true;
+        loop {
+            if revisions.is_none() {
+                match c.watch_revisions().await {
+                    Ok(s) => revisions = Some(s),
+                    Err(e) => {
+                        let _ = tx.send(Msg::Trouble(e.to_string()));
+                    }
+                }
+            }
+            tokio::select! {
+                r = next_revision(&mut revisions) => match r {
+                    Some(Ok(t)) => {
+                        let _ = tx.send(Msg::Revision(t));
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(Msg::Trouble(e.to_string()));
+                        revisions = None;
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    None => {
+                        revisions = None;
+                        tokio::time::sleep(RETRY).await;
+                    }
+                },
+                Ok(()) = reports.changed() => {
+                    let r = reports.borrow_and_update().clone();
+                    let _ = tx.send(Msg::Reports(r));
+                }
+                Ok(()) = leadership.changed() => {
+                    leadership.borrow_and_update();
+                    let _ = tx.send(Msg::Leadership);
+                }
+                Ok(()) = publish.changed() => unpublished = true,
+                _ = tokio::time::sleep(RETRY), if unpublished => {}
+                _ = ended.changed() => break,
+            }
+            if unpublished {
+                let report = publish.borrow_and_update().clone();
+                if let Some(report) = report {
+                    match c.publish(&report).await {
+                        Ok(()) => unpublished = false,
+                        Err(e) => {
+                            let _ = tx.send(Msg::Trouble(e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Msg::Trouble(
+            "this balancer's etcd lease ended: joining again".into(),
+        ));
+    }
+}
+
+async fn next_revision(
+    s: &mut Option<RevisionStream>,
+) -> Option<crate::cluster::Result<TableRevision>> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    /// One round of cluster mode (see the module docs): `local` is what this balancer's own
+    /// detector and health checks produced this round, `msgs` what the session task sent.
+    pub(super) async fn cluster_round(
+        &mut self,
+        local: Vec<Input>,
+        msgs: Vec<Msg>,
+        mut socket: Option<&mut Receiver>,
+    ) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        link.take_evidence(local);
+        let mut newest: Option<TableRevision> = None;
+        for m in msgs {
+            match m {
+                Msg::Connected(c) => {
+                    info!("cluster: balancer {} connected to etcd", link.id);
+                    link.conn = Some(c);
+                    link.reports_known = false;
+                    link.published = None;
+                }
+                Msg::Revision(t) => {
+                    if newest.as_ref().is_none_or(|n| t.revision > n.revision) {
+                        newest = Some(t);
+                    }
+                }
+                Msg::Reports(mut r) => {
+                    r.remove(&link.id);
+                    link.others = r;
+                    link.reports_known = true;
+                }
+                Msg::Leadership => {}
+                Msg::Trouble(e) => link.trouble(&e),
+            }
+        }
+        if let Some(t) = newest
+            && (t.revision > link.applied || link.diverged)
+        {
+            let rev = t.revision;
+            if let Err(e) = self.follow(t, socket.as_deref_mut()) {
+                if let Some(l) = self.cluster.as_mut() {
+                    l.counters.refused += 1;
+                }
+                warn!("cluster: table revision {rev} not applied: {e:#}");
+            }
+        }
+        self.publish_report();
+        self.lead(socket).await;
+    }
+
+    /// This balancer's report: its detector's view, its last scans and the revision it runs.
+    fn own_report(&self) -> Report {
+        let Some(link) = self.cluster.as_ref() else {
+            return Report::default();
+        };
+        let nodes = self
+            .cfg
+            .nodes
+            .iter()
+            .map(|n| {
+                let view = if n.check == "heartbeat" {
+                    match self.membership.status(n.id) {
+                        Some(st) if st.phase == Phase::Up => NodeView::Up {
+                            weight: st.weight,
+                            draining: st.draining,
+                        },
+                        Some(st)
+                            if matches!(st.phase, Phase::Joining { .. })
+                                && st.held_after_restart =>
+                        {
+                            NodeView::Held
+                        }
+                        _ => NodeView::Down,
+                    }
+                } else if link.health.get(&n.id).copied().unwrap_or(false) {
+                    NodeView::Up {
+                        weight: 0,
+                        draining: false,
+                    }
+                } else {
+                    NodeView::Down
+                };
+                (n.id, view)
+            })
+            .collect();
+        Report {
+            published_unix_ms: 0,
+            running: link.applied,
+            fail_static: self.membership.holding(),
+            nodes,
+            scans: link.scans.clone(),
+        }
+    }
+
+    fn publish_report(&mut self) {
+        let own = self.own_report();
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        if link.published.as_ref().is_none_or(|p| !p.same_as(&own)) {
+            link.publish.send_replace(Some(own.clone()));
+            link.published = Some(own);
+        }
+    }
+
+    /// The leader's part: decide from every live balancer's report, then write the result.
+    pub(super) async fn lead(&mut self, socket: Option<&mut Receiver>) {
+        let own = self.own_report();
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        if !link.leading() || !link.reports_known {
+            return;
+        }
+        let merged = replica::merge(self.ctl.nodes().map(|n| n.id), &own, &link.others);
+        let mut inputs: Vec<Input> = replica::events(&self.ctl, &merged)
+            .into_iter()
+            .map(Input::Membership)
+            .collect();
+        inputs.extend(replica::settled(&self.ctl, &own, &link.others));
+        if !inputs.is_empty() {
+            link.dirty = true;
+            let plan = self.ctl.apply(&inputs);
+            self.execute_logged(&plan, socket);
+        }
+        self.write_revision().await;
+    }
+
+    /// Writes the controller as the next revision if it changed, or if etcd has none yet
+    /// (leader only).
+    async fn write_revision(&mut self) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(conn) = link
+            .conn
+            .clone()
+            .filter(|_| link.dirty || link.applied == 0)
+        else {
+            return;
+        };
+        let expect = link.applied;
+        let bytes = Revision::new(&link.id, &self.cfg, &self.ctl).encode();
+        let start = Instant::now();
+        let e = match conn.write_revision(&bytes, expect).await {
+            Ok(rev) => {
+                link.applied = rev;
+                link.dirty = false;
+                link.diverged = false;
+                link.counters.written += 1;
+                info!(
+                    "cluster: wrote table revision {rev} ({} KiB, {:?})",
+                    bytes.len() / 1024,
+                    start.elapsed()
+                );
+                return;
+            }
+            Err(e) => e,
+        };
+        use crate::cluster::Error;
+        if !matches!(e, Error::NotLeader { .. } | Error::Behind { .. }) {
+            // etcd trouble: written again next round.
+            link.trouble(&format!("writing table revision: {e}"));
+            return;
+        }
+        // Another leader, or a newer revision: the kernel may run tables no revision holds,
+        // so the current revision is applied whatever its number (now if there is one).
+        info!("cluster: table revision not written: {e}");
+        link.dirty = false;
+        link.diverged = true;
+        match conn.current_revision().await {
+            Ok(Some(t)) => {
+                let rev = t.revision;
+                if let Err(e) = self.follow(t, None) {
+                    warn!("cluster: table revision {rev} not applied: {e:#}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => link_trouble(self, &format!("reading the current table revision: {e}")),
+        }
+    }
+
+    /// Runs a table revision: the controller becomes the revision's, the kernel gets what
+    /// differs (in the safe order, each VIP's changes with one generation flip), and the
+    /// running configuration takes the revision's nodes and VIPs.
+    pub(super) fn follow(&mut self, t: TableRevision, socket: Option<&mut Receiver>) -> Result<()> {
+        let start = Instant::now();
+        let rev = Revision::decode(&t.bytes).map_err(anyhow::Error::msg)?;
+        let cfg = rev.config(&self.cfg);
+        cfg.validate()
+            .context("the revision's configuration is invalid")?;
+        let keys = super::node_keys(&cfg)?;
+        let next = Controller::from_revision(&rev.state, &cfg, &rev.vip_revisions())?;
+        let seed = next.hash_seed();
+        let mut ctl = self.ctl.clone();
+        let plan = ctl.replace_with(next);
+        let config_changed = !super::ops::config_diff(&self.cfg, &cfg).is_empty();
+        if seed != self.dp.hash_seed() {
+            self.dp.set_hash_seed(seed);
+        }
+        self.ctl = ctl;
+        self.adopt_config(cfg, keys, socket);
+        if let Some(l) = self.cluster.as_mut() {
+            l.applied = t.revision;
+            l.diverged = false;
+            l.dirty = false;
+            l.counters.applied += 1;
+        }
+        self.execute(&plan, None)
+            .with_context(|| format!("writing table revision {} to the kernel", t.revision))?;
+        if config_changed {
+            self.save_running()?;
+        }
+        info!(
+            "cluster: running table revision {} of {} ({} route writes, {:?})",
+            t.revision,
+            rev.leader,
+            plan.route_writes(),
+            start.elapsed()
+        );
+        Ok(())
+    }
+
+    /// `lb status`'s cluster part.
+    pub(super) fn cluster_status(&self) -> Option<api::ClusterStatus> {
+        let link = self.cluster.as_ref()?;
+        let mut balancers: Vec<String> = link.others.keys().cloned().collect();
+        balancers.push(link.id.clone());
+        balancers.sort();
+        Some(api::ClusterStatus {
+            id: link.id.clone(),
+            connected: link.conn.is_some(),
+            leader: link.leader(),
+            leading: link.leading(),
+            revision: link.applied,
+            digest: self.tables_digest(),
+            balancers,
+            counters: link.counters.clone(),
+        })
+    }
+
+    /// SHA-256 of what the kernel runs: the hash seed, every node's `NODES` entry and every
+    /// VIP's live routes (from the data plane's mirror of its writes), in key order. Equal
+    /// digests on two balancers mean they forward every flow the same way.
+    pub(super) fn tables_digest(&self) -> String {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&self.dp.hash_seed().to_le_bytes());
+        for n in self.ctl.nodes() {
+            let e = n.entry();
+            buf.extend_from_slice(&n.id.to_le_bytes());
+            buf.extend_from_slice(&e.addr4);
+            buf.extend_from_slice(&e.addr6);
+            buf.extend_from_slice(&e.mac);
+            buf.push(e.state);
+        }
+        for v in self.ctl.vips() {
+            buf.extend_from_slice(dataplane::vip_display(&v.spec.key).as_bytes());
+            buf.extend_from_slice(&v.spec.index.to_le_bytes());
+            for r in self.dp.live_routes(&v.spec.key).unwrap_or(&[]) {
+                buf.extend_from_slice(&r.node.to_le_bytes());
+                buf.extend_from_slice(&r.flags.to_le_bytes());
+            }
+        }
+        crate::running::digest(&buf)
+    }
+}
