@@ -86,6 +86,16 @@ impl Drop for TempDir {
 /// The heartbeat port the lab daemon listens on.
 pub const HB_PORT: u16 = 7711;
 
+/// What a lab daemon's configuration holds.
+struct Spec<'a> {
+    listen: Ipv4Addr,
+    vips: &'a [Ipv4Addr],
+    port: u16,
+    proto: &'a str,
+    routes: u32,
+    conntrack_size: u32,
+}
+
 /// A lab daemon's files and names.
 pub struct DaemonSetup {
     pub instance: String,
@@ -123,6 +133,53 @@ impl DaemonSetup {
         extra_daemon: &str,
     ) -> Result<Self> {
         let instance = format!("lbt{}", lab.prefix);
+        let spec = Spec {
+            listen: lab.lb.ip,
+            vips,
+            port,
+            proto,
+            routes,
+            conntrack_size,
+        };
+        Self::build(lab, instance, &spec, extra_daemon, "")
+    }
+
+    /// One balancer `id` of a cluster (`[cluster]` section `cluster`), on lab host `host`:
+    /// [`DaemonSetup::dsr_many`]'s VIPs and nodes, its own instance, heartbeats on its address.
+    pub fn cluster_member(
+        lab: &Lab,
+        host: &crate::netns::Host,
+        id: &str,
+        vips: &[Ipv4Addr],
+        routes: u32,
+        cluster: &str,
+    ) -> Result<Self> {
+        let spec = Spec {
+            listen: host.ip,
+            vips,
+            port: 7,
+            proto: "tcp",
+            routes,
+            conntrack_size: 65536,
+        };
+        Self::build(lab, format!("lbt{}{id}", lab.prefix), &spec, "", cluster)
+    }
+
+    fn build(
+        lab: &Lab,
+        instance: String,
+        spec: &Spec<'_>,
+        extra_daemon: &str,
+        tail: &str,
+    ) -> Result<Self> {
+        let Spec {
+            listen: listen_ip,
+            vips,
+            port,
+            proto,
+            routes,
+            conntrack_size,
+        } = *spec;
         let dir = TempDir::new("daemon")?;
         let key = dir.0.join("key");
         std::fs::write(
@@ -133,7 +190,7 @@ impl DaemonSetup {
         let listen = if extra_daemon.contains("heartbeat_listen") {
             String::new()
         } else {
-            format!("heartbeat_listen = \"{}:{HB_PORT}\"\n", lab.lb.ip)
+            format!("heartbeat_listen = \"{listen_ip}:{HB_PORT}\"\n")
         };
         let slots = (2 * routes as u64 * vips.len() as u64).max(4096);
         let mut cfg = format!(
@@ -153,6 +210,7 @@ impl DaemonSetup {
                 n.ip
             ));
         }
+        cfg.push_str(tail);
         let config = dir.0.join("lb.toml");
         std::fs::write(&config, cfg)?;
         let state_dir = dir.0.join("state");
@@ -233,9 +291,29 @@ impl DaemonSetup {
     }
 
     fn start_inner(&self, lab: &Lab, extra: &[&str], log: Option<LogLines>) -> Result<ChildGuard> {
+        self.start_in(&lab.lb, extra, log)
+    }
+
+    /// `lb run` on lab host `host` (a cluster member's), its log captured.
+    pub fn start_on(
+        &self,
+        host: &crate::netns::Host,
+        extra: &[&str],
+    ) -> Result<(ChildGuard, LogLines)> {
+        let log = LogLines::default();
+        let child = self.start_in(host, extra, Some(log.clone()))?;
+        Ok((child, log))
+    }
+
+    fn start_in(
+        &self,
+        host: &crate::netns::Host,
+        extra: &[&str],
+        log: Option<LogLines>,
+    ) -> Result<ChildGuard> {
         let lb = lb_binary()?;
-        let mut cmd = lab.lb.ns.command(&lb.to_string_lossy());
-        cmd.args(["run", "--iface", &lab.lb.ifname, "--config"])
+        let mut cmd = host.ns.command(&lb.to_string_lossy());
+        cmd.args(["run", "--iface", &host.ifname, "--config"])
             .arg(&self.config)
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -308,6 +386,33 @@ impl DaemonSetup {
             .arg(&self.key)
             .args(["--interval", interval])
             .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting lb agent")?;
+        Ok(ChildGuard(Some(child)))
+    }
+
+    /// An agent for node `id` beating to every balancer in `balancers`.
+    pub fn agent_to(
+        &self,
+        lab: &Lab,
+        id: u32,
+        interval: &str,
+        balancers: &[Ipv4Addr],
+    ) -> Result<ChildGuard> {
+        let to: Vec<String> = balancers.iter().map(|b| format!("{b}:{HB_PORT}")).collect();
+        let lb = lb_binary()?;
+        let child = lab.nodes[(id - 1) as usize]
+            .ns
+            .command(&lb.to_string_lossy())
+            .args(["agent", "--node-id", &id.to_string(), "--balancer"])
+            .arg(to.join(","))
+            .arg("--key-file")
+            .arg(&self.key)
+            .args(["--interval", interval])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -4,6 +4,7 @@ pub mod charts;
 pub mod cli;
 pub mod daemon;
 pub mod echo;
+pub mod etcd;
 pub mod fixture;
 pub mod lab;
 pub mod labctl;
