@@ -1,5 +1,5 @@
-//! The cluster store (issue 12, in progress): several balancers share one etcd. This module is
-//! the typed API over it; the daemon does not use it yet.
+//! The cluster store (issue 12): several balancers share one etcd. This module is the typed
+//! API over it; the daemon's use of it is `daemon/clustered.rs`, its rules `replica.rs`.
 //!
 //! Every key lives under `/lb/<name>/` (`<name>`: `[cluster] name`):
 //!
@@ -123,6 +123,38 @@ pub struct Report {
     /// VIP (as `lb` writes it) -> its last conntrack scan of that VIP's moved routes.
     #[serde(default)]
     pub scans: BTreeMap<String, ScanReport>,
+    /// A change an `lb` command run on this balancer (not the leader) asks the leader to make.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal: Option<Proposal>,
+    /// The leader's answers to the others' proposals, by balancer id (the last of each).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub answers: BTreeMap<String, Answer>,
+}
+
+/// A change of the cluster's nodes and VIPs proposed to the leader.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Unique per proposing balancer run (its answer names it).
+    pub id: u64,
+    /// Digest of the configuration the change was made against: the leader refuses it if
+    /// the cluster's has changed since (the command is run again on the new one).
+    pub base: String,
+    /// The proposed nodes, VIPs and reserve node (`replica::Shared` as JSON).
+    pub config: String,
+}
+
+/// The leader's answer to a proposal.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub id: u64,
+    /// Why it was refused (`None`: made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What changed.
+    #[serde(default)]
+    pub diff: crate::api::Diff,
+    /// The revision that holds it (the proposer answers its operator once it runs it).
+    pub revision: i64,
 }
 
 impl Report {

@@ -30,8 +30,8 @@ pub struct Config {
 }
 
 /// `[cluster]`: this balancer is one of several sharing a store (etcd), under the key prefix
-/// `/lb/<name>/` (the layout: `docs/control-plane.md`, "Cluster mode"). In progress: the
-/// `cluster` module speaks to the store; the daemon does not use it yet.
+/// `/lb/<name>/` (the layout: `docs/control-plane.md`, "Cluster mode"): it runs the tables the
+/// cluster's leader writes there.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {

@@ -661,8 +661,18 @@ impl Daemon {
             let seq = self.change_seq;
             for call in calls.drain(..) {
                 let answer = self.handle(call.req, socket.as_mut());
-                // The client may have gone; the change (if any) is made either way.
-                let _ = call.reply.send(answer);
+                let forwarded = self.cluster.as_mut().is_some_and(|l| l.take_forwarded());
+                match self.cluster.as_mut() {
+                    // Proposed to the leader: answered when it has answered.
+                    Some(link) if forwarded => link.park(call.reply),
+                    // The client may have gone; the change (if any) is made either way.
+                    _ => {
+                        let _ = call.reply.send(answer);
+                    }
+                }
+            }
+            if self.cluster.is_some() {
+                self.publish_report();
             }
             // A change made on the leader goes out as the next revision at once.
             if self.change_seq != seq {
@@ -695,9 +705,14 @@ impl Daemon {
             .clone()
             .context("started without --config: nothing to reload")?;
         let (cfg, digest) = load_config(&path)?;
-        let diff = self
-            .change(cfg, socket, false)
-            .map_err(|f| anyhow::anyhow!("{}", f.body.error))?;
+        let diff = self.change(cfg, socket, false);
+        if let Some(link) = self.cluster.as_mut()
+            && link.take_forwarded()
+        {
+            info!("reload: the file's nodes and VIPs are proposed to the cluster's leader");
+            return Ok(api::Diff::default());
+        }
+        let diff = diff.map_err(|f| anyhow::anyhow!("{}", f.body.error))?;
         if self.source_sha256.as_deref() != Some(digest.as_str()) {
             self.source_sha256 = Some(digest);
             self.save_running()?;

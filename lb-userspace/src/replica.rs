@@ -80,11 +80,12 @@ impl Revision {
 
     /// `base` (this balancer's own configuration) running the revision's nodes and VIPs.
     pub fn config(&self, base: &Config) -> Config {
-        let mut cfg = base.clone();
-        cfg.nodes = self.nodes.clone();
-        cfg.vips = self.vips.clone();
-        cfg.daemon.reserve_node = self.reserve_node;
-        cfg
+        Shared {
+            nodes: self.nodes.clone(),
+            vips: self.vips.clone(),
+            reserve_node: self.reserve_node,
+        }
+        .apply_to(base)
     }
 
     /// The VIPs' revision counters by key (entries naming no VIP are left out).
@@ -102,6 +103,48 @@ impl Revision {
             .iter()
             .filter_map(|(name, r)| by_name.get(name).map(|k| (*k, *r)))
             .collect()
+    }
+}
+
+/// The part of a configuration the cluster shares: nodes, VIPs, the reserve node (the rest,
+/// `[daemon]` and `[cluster]`, is each balancer's own).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Shared {
+    pub nodes: Vec<NodeConfig>,
+    pub vips: Vec<VipConfig>,
+    pub reserve_node: Option<u32>,
+}
+
+impl Shared {
+    pub fn of(cfg: &Config) -> Self {
+        Self {
+            nodes: cfg.nodes.clone(),
+            vips: cfg.vips.clone(),
+            reserve_node: cfg.daemon.reserve_node,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Strings, numbers and lists only: it always encodes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("not a proposed configuration: {e}"))
+    }
+
+    /// SHA-256 of its JSON: two balancers with the same digest share the same configuration.
+    pub fn digest(&self) -> String {
+        crate::running::digest(self.to_json().as_bytes())
+    }
+
+    /// `base` (a balancer's own configuration) with these nodes and VIPs.
+    pub fn apply_to(&self, base: &Config) -> Config {
+        let mut cfg = base.clone();
+        cfg.nodes = self.nodes.clone();
+        cfg.vips = self.vips.clone();
+        cfg.daemon.reserve_node = self.reserve_node;
+        cfg
     }
 }
 

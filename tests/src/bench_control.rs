@@ -8,7 +8,9 @@
 //!   run through the failure detector on one core;
 //! - failover: an agent is killed in a namespace lab; time until the node's routes point
 //!   elsewhere in the kernel map, with default settings (100 ms interval, k = 3);
-//! - cli update: `lb node weight` issued -> the new table live in every kernel table.
+//! - cli update: `lb node weight` issued -> the new table live in every kernel table;
+//! - cluster update: the same at the leader of three balancers -> the new revision live in
+//!   every balancer's kernel tables.
 //!
 //! Prints a table and writes `target/bench/control.json`.
 use std::{
@@ -365,6 +367,97 @@ fn cli_updates(trials: usize) -> Result<Vec<f64>> {
     Ok(times)
 }
 
+/// cluster_update: `lb node weight` issued at the leader of three balancers -> the new
+/// revision live in every balancer's kernel tables (each VIP's generation word flipped on all
+/// three), times in ms. Each trial starts once no route is flagged moved on any balancer (the
+/// leader clears the flags when every balancer's scan agrees, a few seconds after a change).
+fn cluster_updates(trials: usize) -> Result<Vec<f64>> {
+    use crate::cluster::{Cluster, PORT, ROUTES, VIPS};
+    let c = Cluster::up();
+    let leader = c.leader();
+    let keys: Vec<lb_common::VipKey> = VIPS
+        .iter()
+        .map(|v| lb_userspace::dataplane::vip_key((*v).into(), PORT, lb_common::PROTO_TCP))
+        .collect();
+    let views = c
+        .setups
+        .iter()
+        .map(|s| KernelView::open(s.pin_dir()))
+        .collect::<Result<Vec<_>>>()?;
+    let settled = || -> Result<bool> {
+        for kv in &views {
+            for k in &keys {
+                if kv
+                    .routes(k)?
+                    .iter()
+                    .any(|e| e.flags & lb_common::ROUTE_F_MOVED != 0)
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    };
+    let mut times = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let (weight, want) = if i % 2 == 0 {
+            ("2", ROUTES / 2)
+        } else {
+            ("1", ROUTES / 3)
+        };
+        let calm = Instant::now();
+        while !settled()? {
+            anyhow::ensure!(
+                calm.elapsed() < Duration::from_secs(20),
+                "moved flags not cleared on every balancer within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before: Vec<Vec<u32>> = views
+            .iter()
+            .map(|kv| keys.iter().map(|k| kv.generation(k)).collect())
+            .collect::<Result<_>>()?;
+        let t0 = Instant::now();
+        let mut cli = std::process::Command::new(crate::daemon::lb_binary()?)
+            .args(["node", "weight", "1", weight, "--socket"])
+            .arg(c.setups[leader].socket())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("running lb node weight")?;
+        let mut pending: Vec<(usize, usize)> = (0..views.len())
+            .flat_map(|b| (0..keys.len()).map(move |v| (b, v)))
+            .collect();
+        while !pending.is_empty() {
+            pending.retain(|&(b, v)| {
+                views[b]
+                    .generation(&keys[v])
+                    .map_or(true, |g| g == before[b][v])
+            });
+            if t0.elapsed() > Duration::from_secs(5) {
+                anyhow::bail!(
+                    "lb node weight 1 {weight}: {} tables did not flip within 5 s",
+                    pending.len()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        let status = cli.wait()?;
+        anyhow::ensure!(status.success(), "lb node weight 1 {weight}: {status}");
+        for (b, kv) in views.iter().enumerate() {
+            for k in &keys {
+                let got = kv.routes(k)?.iter().filter(|e| e.node == 1).count() as u32;
+                anyhow::ensure!(
+                    got.abs_diff(want) <= 1,
+                    "balancer {}: after weight {weight} node 1 owns {got} routes, not {want}",
+                    b + 1
+                );
+            }
+        }
+    }
+    Ok(times)
+}
+
 /// Failover times (ms) over `trials` agent kills in a namespace lab, default settings.
 fn failover(trials: usize) -> Result<Vec<f64>> {
     let lab = Lab::new(2)?;
@@ -394,6 +487,16 @@ fn failover(trials: usize) -> Result<Vec<f64>> {
 
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only cluster_update`: that case alone (a development aid; no JSON written).
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--only" && w[1] == "cluster_update")
+    {
+        let cu = cluster_updates(20)?;
+        let (med, min, max) = stats(cu.clone());
+        println!("cluster_update: median {med:.1} ms, min {min:.1} ms, max {max:.1} ms: {cu:.1?}");
+        return Ok(());
+    }
     // `--only cli_update`: that case alone (a development aid; no JSON written).
     if args
         .windows(2)
@@ -432,6 +535,9 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     let cli = cli_updates(20)?;
     let (cli_med, cli_min, cli_max) = stats(cli.clone());
+    eprintln!("cluster update: `lb node weight` at the leader x 20, 3 balancers, 2 VIPs x N = {N}");
+    let cu = cluster_updates(20)?;
+    let (cu_med, cu_min, cu_max) = stats(cu.clone());
 
     println!();
     println!("| benchmark | median | min | max | persister write (off path), median |");
@@ -463,6 +569,10 @@ pub fn run(args: &[String]) -> Result<()> {
         "| cli_update: `lb node weight` issued -> new table live in all {APPLY_VIPS} kernel tables ({} trials) | {cli_med:.1} ms | {cli_min:.1} ms | {cli_max:.1} ms | |",
         cli.len()
     );
+    println!(
+        "| cluster_update: `lb node weight` at the leader -> new revision live in the kernel tables of all 3 balancers ({} trials) | {cu_med:.1} ms | {cu_min:.1} ms | {cu_max:.1} ms | |",
+        cu.len()
+    );
 
     let detail = |rows: &[(&'static str, Spread, f64)]| {
         rows.iter()
@@ -475,6 +585,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .collect::<serde_json::Map<_, _>>()
     };
     let doc = json!({
+        "cluster_update_ms": { "median": cu_med, "min": cu_min, "max": cu_max, "trials": cu, "balancers": 3 },
         "route_update_ms": detail(&updates),
         "apply_ms": detail(&applies),
         "apply_vips": APPLY_VIPS,

@@ -8,8 +8,9 @@
 //!   (they are evidence, not decisions: nobody but the leader changes tables);
 //! - applies a newer table revision ([`Daemon::follow`]);
 //! - as the leader only: merges every live balancer's report ([`replica::merge`]), applies the
-//!   resulting events and settled routes to its controller, and writes the result as the next
-//!   revision (guarded by the revision it derives from).
+//!   resulting events and settled routes to its controller, makes the changes other balancers
+//!   propose (an `lb` command run there), and writes the result as the next revision (guarded
+//!   by the revision it derives from).
 //!
 //! With etcd unreachable the balancer keeps forwarding on the revision it runs, changes
 //! nothing, warns (rate-limited) and counts; once connected again the watch hands it the
@@ -28,14 +29,16 @@ use tracing::{info, warn};
 use super::Daemon;
 use crate::{
     api,
-    cluster::{Cluster, NodeView, Report, RevisionStream, ScanReport, TableRevision},
+    cluster::{
+        Answer, Cluster, NodeView, Proposal, Report, RevisionStream, ScanReport, TableRevision,
+    },
     config::ClusterConfig,
     controller::{Controller, Input},
     dataplane,
     heartbeat::Receiver,
     membership::{Event, Phase},
-    replica::{self, Revision},
-    server::Server,
+    replica::{self, Revision, Shared},
+    server::{Fail, Reply, Server},
     state,
 };
 
@@ -44,6 +47,8 @@ use crate::{
 pub(super) const RETRY: Duration = Duration::from_millis(250);
 /// etcd trouble is warned about at most this often.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
+/// How long an `lb` change made on a follower waits for the leader's answer and its revision.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the session task tells the loop.
 pub(super) enum Msg {
@@ -85,6 +90,16 @@ pub(super) struct Link {
     published: Option<Report>,
     pub counters: api::ClusterCounters,
     warned: Option<Instant>,
+    /// This balancer's change waiting for the leader's answer, since when, and its caller.
+    proposal: Option<(Proposal, Instant)>,
+    parked: Option<tokio::sync::oneshot::Sender<Result<Reply, Fail>>>,
+    /// Set by [`Link::forward`] for the loop: the call just handled waits for an answer.
+    forwarded: bool,
+    next_proposal: u64,
+    /// The leader's answers to the others' proposals (published in its report), and the
+    /// ones that wait for the revision that holds them.
+    answers: BTreeMap<String, Answer>,
+    awaiting: Vec<(String, Answer)>,
 }
 
 impl Link {
@@ -109,6 +124,88 @@ impl Link {
             published: None,
             counters: api::ClusterCounters::default(),
             warned: None,
+            proposal: None,
+            parked: None,
+            forwarded: false,
+            // Unique across this balancer's runs (its earlier answers stay in the leader's report).
+            next_proposal: crate::membership::unix_ms(std::time::SystemTime::now()),
+            answers: BTreeMap::new(),
+            awaiting: Vec::new(),
+        }
+    }
+
+    /// An `lb` change made on this balancer while another leads: proposed to the leader
+    /// (through this balancer's report); the caller is answered once the leader answers and
+    /// the revision that holds the change runs here. The `Err` returned is a marker the loop
+    /// replaces by that answer ([`Link::take_forwarded`]).
+    pub fn forward(&mut self, current: &Shared, next: &Shared) -> Result<api::Diff, Fail> {
+        if self.conn.is_none() {
+            return Err(Fail::internal(
+                "cluster mode: no etcd session, so no leader to make the change",
+            )
+            .hint("`lb status` shows the cluster; changes wait until etcd answers"));
+        }
+        if self.proposal.is_some() {
+            return Err(Fail::conflict(
+                "another change made on this balancer is waiting for the leader's answer",
+            )
+            .hint("try again in a moment"));
+        }
+        self.next_proposal += 1;
+        self.proposal = Some((
+            Proposal {
+                id: self.next_proposal,
+                base: current.digest(),
+                config: next.to_json(),
+            },
+            Instant::now(),
+        ));
+        self.forwarded = true;
+        Err(Fail::internal("forwarded to the leader"))
+    }
+
+    /// Whether the call just handled was forwarded to the leader (its answer comes later).
+    pub fn take_forwarded(&mut self) -> bool {
+        std::mem::take(&mut self.forwarded)
+    }
+
+    /// Holds the caller of the forwarded change until the leader answers.
+    pub fn park(&mut self, reply: tokio::sync::oneshot::Sender<Result<Reply, Fail>>) {
+        self.parked = Some(reply);
+    }
+
+    /// Answers the parked caller when the leader has answered (and, for a change made, once
+    /// this balancer runs the revision that holds it), or after [`FORWARD_TIMEOUT`].
+    fn check_answer(&mut self) {
+        let Some((p, since)) = &self.proposal else {
+            return;
+        };
+        let answer = self
+            .others
+            .values()
+            .filter_map(|r| r.answers.get(&self.id))
+            .find(|a| a.id == p.id);
+        let result = match answer {
+            Some(a) => match &a.error {
+                Some(e) => Err(Fail::conflict(format!(
+                    "the leader refused the change: {e}"
+                ))),
+                None if self.applied >= a.revision => serde_json::to_value(&a.diff)
+                    .map(Reply::Json)
+                    .map_err(|e| Fail::internal(format!("encoding the answer: {e}"))),
+                None => return,
+            },
+            None if since.elapsed() > FORWARD_TIMEOUT => Err(Fail::internal(format!(
+                "the leader ({}) did not answer within {FORWARD_TIMEOUT:?}: the change may \
+                 still be made",
+                self.leader().as_deref().unwrap_or("nobody leads now")
+            ))
+            .hint("`lb status` shows the cluster and the revision running here")),
+            None => return,
+        };
+        self.proposal = None;
+        if let Some(reply) = self.parked.take() {
+            let _ = reply.send(result);
         }
     }
 
@@ -356,8 +453,72 @@ impl Daemon {
                 warn!("cluster: table revision {rev} not applied: {e:#}");
             }
         }
-        self.publish_report();
+        if let Some(l) = self.cluster.as_mut() {
+            l.check_answer();
+        }
+        self.answer_proposals(socket.as_deref_mut());
         self.lead(socket).await;
+        self.publish_report();
+    }
+
+    /// The leader's part for `lb` changes made on other balancers: each proposal is made
+    /// through the same path as a change made here ([`Daemon::change`]), unless the cluster's
+    /// configuration changed since it was made; the answer goes out in this balancer's report
+    /// (a made change's once the revision holding it is written).
+    fn answer_proposals(&mut self, mut socket: Option<&mut Receiver>) {
+        let Some(link) = self.cluster.as_ref() else {
+            return;
+        };
+        if !link.leading() || !link.reports_known {
+            return;
+        }
+        let todo: Vec<(String, Proposal)> = link
+            .others
+            .iter()
+            .filter_map(|(from, r)| {
+                let p = r.proposal.clone()?;
+                let done = link.answers.get(from).is_some_and(|a| a.id == p.id)
+                    || link.awaiting.iter().any(|(f, a)| f == from && a.id == p.id);
+                (!done).then(|| (from.clone(), p))
+            })
+            .collect();
+        for (from, p) in todo {
+            let current = Shared::of(&self.cfg);
+            let made = match Shared::from_json(&p.config) {
+                Err(e) => Err(e),
+                Ok(next) if next.digest() == current.digest() => Ok(api::Diff::default()),
+                Ok(_) if p.base != current.digest() => Err(
+                    "the cluster's configuration changed since the command was run: run it again"
+                        .to_string(),
+                ),
+                Ok(next) => self
+                    .change(next.apply_to(&self.cfg), socket.as_deref_mut(), false)
+                    .map_err(|f| f.body.error),
+            };
+            info!("cluster: balancer {from}'s change {}: {made:?}", p.id);
+            let Some(link) = self.cluster.as_mut() else {
+                return;
+            };
+            let mut answer = Answer {
+                id: p.id,
+                revision: link.applied,
+                ..Answer::default()
+            };
+            match made {
+                Ok(diff) if diff.applied => {
+                    answer.diff = diff;
+                    link.awaiting.push((from, answer));
+                }
+                Ok(diff) => {
+                    answer.diff = diff;
+                    link.answers.insert(from, answer);
+                }
+                Err(e) => {
+                    answer.error = Some(e);
+                    link.answers.insert(from, answer);
+                }
+            }
+        }
     }
 
     /// This balancer's report: its detector's view, its last scans and the revision it runs.
@@ -401,10 +562,12 @@ impl Daemon {
             fail_static: self.membership.holding(),
             nodes,
             scans: link.scans.clone(),
+            proposal: link.proposal.as_ref().map(|(p, _)| p.clone()),
+            answers: link.answers.clone(),
         }
     }
 
-    fn publish_report(&mut self) {
+    pub(super) fn publish_report(&mut self) {
         let own = self.own_report();
         let Some(link) = self.cluster.as_mut() else {
             return;
@@ -460,6 +623,10 @@ impl Daemon {
                 link.dirty = false;
                 link.diverged = false;
                 link.counters.written += 1;
+                for (from, mut a) in std::mem::take(&mut link.awaiting) {
+                    a.revision = rev;
+                    link.answers.insert(from, a);
+                }
                 info!(
                     "cluster: wrote table revision {rev} ({} KiB, {:?})",
                     bytes.len() / 1024,

@@ -248,22 +248,15 @@ impl Daemon {
                 applied: false,
             });
         }
-        // In cluster mode only the leader changes tables; the others hear of it by revision.
-        if let Some(link) = self.cluster.as_ref()
+        // In cluster mode only the leader changes tables: elsewhere the change is proposed to
+        // it, and answered once the revision that holds it runs here.
+        if let Some(link) = self.cluster.as_mut()
             && !link.leading()
         {
-            let leader = link.leader();
-            return Err(Fail::conflict(format!(
-                "cluster mode: balancer {} does not lead{}, and only the leader changes the \
-                 cluster's nodes and VIPs",
-                link.id,
-                leader
-                    .as_deref()
-                    .map_or(" (nobody leads now)".to_string(), |l| format!(
-                        " (balancer {l} does)"
-                    ))
-            ))
-            .hint("run the command against the leader's balancer"));
+            return link.forward(
+                &crate::replica::Shared::of(&self.cfg),
+                &crate::replica::Shared::of(&next),
+            );
         }
         // The global settings first: if they cannot be written, nothing else has changed.
         let globals = global_config(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
