@@ -111,7 +111,7 @@ impl Announcer {
             BIRDC_TIMEOUT,
         )
         .with_context(|| format!("running {what}"))?;
-        check_configure_reply(out.success, &out.text).with_context(|| format!("{what}"))
+        check_configure_reply(out.success, &out.text).context(what)
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod bench_control;
 pub mod charts;
 pub mod cli;
+pub mod cluster_lab;
 pub mod daemon;
 pub mod echo;
 pub mod fixture;
