@@ -27,6 +27,93 @@ pub struct Config {
     /// Several balancers sharing one store; absent: single-box on the state file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// VIPs announced over BGP through bird2; absent: nothing is announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
+}
+
+/// `[bgp]`: this balancer announces its VIPs (/32, /128) through a bird2 it does not run: it
+/// writes `routes_file`, which bird.conf includes, and has bird re-read its configuration with
+/// `birdc -s <socket> configure` (`crate::announce`; the bird.conf it needs:
+/// `docs/control-plane.md`, "Announcing VIPs over BGP (bird2)").
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BgpConfig {
+    /// The `birdc` program: a name looked up on the PATH, or an absolute path.
+    pub birdc: PathBuf,
+    /// bird's control socket (`bird -s`; Debian's default: /run/bird/bird.ctl).
+    pub socket: PathBuf,
+    /// The file bird.conf includes; the balancer writes it (atomically) and owns it.
+    pub routes_file: PathBuf,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            birdc: "birdc".into(),
+            socket: "/run/bird/bird.ctl".into(),
+            routes_file: "/etc/bird/lb-vips.conf".into(),
+        }
+    }
+}
+
+/// Longest path of a Unix socket (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl BgpConfig {
+    /// Every field checked; each problem is one line naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let text = |p: &Path, field: &str| -> Result<String> {
+            let s = p
+                .to_str()
+                .with_context(|| format!("bgp.{field} {p:?} is not UTF-8"))?;
+            if s.chars().any(char::is_control) {
+                bail!("bgp.{field} {s:?} contains a control character");
+            }
+            Ok(s.to_string())
+        };
+        let birdc = text(&self.birdc, "birdc")?;
+        if birdc.is_empty() {
+            bail!("bgp.birdc is empty: use \"birdc\" (looked up on the PATH) or an absolute path");
+        }
+        if birdc.contains('/') && !self.birdc.is_absolute() {
+            bail!(
+                "bgp.birdc {birdc:?}: use a plain name looked up on the PATH (\"birdc\") or an \
+                 absolute path (a relative path depends on the daemon's working directory)"
+            );
+        }
+        if birdc.ends_with('/') {
+            bail!("bgp.birdc {birdc:?} names a directory: give the program");
+        }
+        let socket = text(&self.socket, "socket")?;
+        if !self.socket.is_absolute() || socket.ends_with('/') {
+            bail!("bgp.socket {socket:?}: give bird's control socket as an absolute file path");
+        }
+        if socket.len() > MAX_SOCKET_PATH {
+            bail!(
+                "bgp.socket {socket:?} is {} bytes long: a Unix socket path has at most \
+                 {MAX_SOCKET_PATH}",
+                socket.len()
+            );
+        }
+        let routes = text(&self.routes_file, "routes_file")?;
+        if !self.routes_file.is_absolute() || routes.ends_with('/') {
+            bail!(
+                "bgp.routes_file {routes:?}: give the file bird.conf includes as an absolute file path"
+            );
+        }
+        if routes.contains('"') {
+            bail!(
+                "bgp.routes_file {routes:?} contains '\"', which bird's include \"...\" cannot name"
+            );
+        }
+        if self.routes_file == self.socket {
+            bail!(
+                "bgp.routes_file {routes:?} is bgp.socket: the daemon would overwrite bird's socket"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[cluster]`: this balancer is one of several sharing a store (etcd), under the key prefix
@@ -549,6 +636,9 @@ impl Config {
         if let Some(c) = &self.cluster {
             c.validate()?;
         }
+        if let Some(b) = &self.bgp {
+            b.validate()?;
+        }
         Ok(())
     }
 
@@ -982,6 +1072,81 @@ endpoints = ["http://127.0.0.1:2379", "http://[::1]:2379"]
 name = "edge-1"
 id = "a"
 "#;
+
+    #[test]
+    fn bgp_section_parses_and_is_optional() {
+        assert_eq!(parse(GOOD).unwrap().bgp, None, "absent = nothing announced");
+        // An empty section takes Debian's paths.
+        let b = parse(&format!("{GOOD}\n[bgp]\n")).unwrap().bgp.unwrap();
+        assert_eq!(b, BgpConfig::default());
+        let text = format!(
+            "{GOOD}\n[bgp]\nbirdc = \"/usr/sbin/birdc\"\nsocket = \"/run/b/bird.ctl\"\n\
+             routes_file = \"/etc/bird/vips.conf\"\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let b = cfg.bgp.clone().unwrap();
+        assert_eq!(b.birdc, PathBuf::from("/usr/sbin/birdc"));
+        assert_eq!(b.socket, PathBuf::from("/run/b/bird.ctl"));
+        assert_eq!(b.routes_file, PathBuf::from("/etc/bird/vips.conf"));
+        // It survives running.json (serialize, parse back).
+        let back = Config::parse(&toml::to_string(&cfg).unwrap(), "back").unwrap();
+        assert_eq!(back.bgp, cfg.bgp);
+    }
+
+    #[test]
+    fn bad_bgp_sections_say_what_is_wrong() {
+        let long = format!("socket = \"/{}\"", "s".repeat(MAX_SOCKET_PATH));
+        let cases = [
+            ("birdc = \"\"", "bgp.birdc is empty"),
+            (
+                "birdc = \"bin/birdc\"",
+                "bgp.birdc \"bin/birdc\": use a plain name",
+            ),
+            (
+                "birdc = \"/usr/sbin/\"",
+                "bgp.birdc \"/usr/sbin/\" names a directory",
+            ),
+            (
+                "birdc = \"bird\\nc\"",
+                "bgp.birdc \"bird\\nc\" contains a control character",
+            ),
+            (
+                "socket = \"bird.ctl\"",
+                "bgp.socket \"bird.ctl\": give bird's control socket",
+            ),
+            ("socket = \"/run/bird/\"", "bgp.socket \"/run/bird/\": give"),
+            ("socket = \"\"", "bgp.socket \"\": give"),
+            (
+                long.as_str(),
+                "bytes long: a Unix socket path has at most 107",
+            ),
+            (
+                "routes_file = \"vips.conf\"",
+                "bgp.routes_file \"vips.conf\": give",
+            ),
+            (
+                "routes_file = \"/etc/bird/\"",
+                "bgp.routes_file \"/etc/bird/\": give",
+            ),
+            (
+                "routes_file = \"/etc/a\\\"b\"",
+                "bgp.routes_file \"/etc/a\\\"b\" contains '\"'",
+            ),
+            (
+                "routes_file = \"/run/bird/bird.ctl\"",
+                "bgp.routes_file \"/run/bird/bird.ctl\" is bgp.socket",
+            ),
+            ("bogus = 1", "bogus"),
+        ];
+        for (line, want) in cases {
+            let text = format!("{GOOD}\n[bgp]\n{line}\n");
+            let err = format!("{:#}", Config::parse(&text, "t").unwrap_err());
+            assert!(err.contains(want), "want {want:?} in: {err}");
+            if !err.starts_with("parsing config") {
+                assert!(!err.contains('\n'), "one line: {err}");
+            }
+        }
+    }
 
     #[test]
     fn cluster_section_parses_and_is_optional() {

@@ -1,6 +1,7 @@
 //! Control plane of the load balancer: data-plane loading and map writes, route assignment,
 //! membership (heartbeats, failure detection), persistent state, the daemon and the agent.
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -109,7 +109,7 @@ pub fn node_ip6(i: usize) -> Ipv6Addr {
 }
 
 /// 2001:db8::D for the decimal digits D of `last` (.11 -> ::11, .254 -> ::254).
-fn v6_host(last: u8) -> Ipv6Addr {
+pub fn v6_host(last: u8) -> Ipv6Addr {
     let low = u16::from_str_radix(&last.to_string(), 16).unwrap_or(0);
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, low)
 }
@@ -474,7 +474,7 @@ pub fn all_vips() -> [IpAddr; 4] {
     ]
 }
 
-fn write_key(path: &Path) -> Result<()> {
+pub fn write_key(path: &Path) -> Result<()> {
     let mut raw = [0u8; 32];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut raw))
@@ -492,7 +492,7 @@ fn write_key(path: &Path) -> Result<()> {
 }
 
 /// `ip -n NS -batch -` of `lines`.
-fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
+pub fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["-n", ns, "-batch", "-"])
         .stdin(Stdio::piped())
@@ -515,7 +515,8 @@ fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
+/// `sysctl -qw K=V...` inside namespace `ns`.
+pub fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
     let mut args = vec![
         "ip".to_string(),
         "netns".into(),
@@ -631,14 +632,17 @@ fn build_network(spec: &Spec) -> Result<()> {
 }
 
 /// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     spawn_in(ns, f)
         .join()
         .map_err(|_| anyhow::anyhow!("thread in namespace {ns} panicked"))?
 }
 
 /// `ethtool -K IF tx off`, read back (`lb_userspace::offload`).
-fn tx_csum_off(ifname: &str) -> Result<()> {
+pub fn tx_csum_off(ifname: &str) -> Result<()> {
     lb_userspace::offload::set(ifname, lb_userspace::offload::Feature::TxCsum, false)
 }
 
@@ -866,7 +870,7 @@ fn wait_up(spec: &Spec, mut fg: Option<&mut Child>) -> Result<()> {
 }
 
 /// Polls `f` every 50 ms until it says true; an error from `f` ends the wait.
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let start = Instant::now();
     loop {
         if f().with_context(|| format!("waiting for {what}"))? {
@@ -879,7 +883,8 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) 
     }
 }
 
-fn check_alive(n: &Names, role: &str) -> Result<()> {
+/// Fails with the tail of its log when the lab process `role` is not running.
+pub fn check_alive(n: &Names, role: &str) -> Result<()> {
     if pid_alive_by_file(n, role).is_none() {
         bail!(
             "{role} exited; its log {}:\n{}",
@@ -894,7 +899,8 @@ fn log_has(n: &Names, role: &str, needle: &str) -> bool {
     fs::read_to_string(n.log_dir().join(format!("{role}.log"))).is_ok_and(|s| s.contains(needle))
 }
 
-fn log_tail(n: &Names, role: &str) -> String {
+/// The last 20 lines of the lab process `role`'s log.
+pub fn log_tail(n: &Names, role: &str) -> String {
     let s = fs::read_to_string(n.log_dir().join(format!("{role}.log"))).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -1590,7 +1596,7 @@ pub fn udp_echo_ip(src: Option<IpAddr>, dst: IpAddr, port: u16, msg: &[u8]) -> R
 }
 
 /// Mounts the BPF filesystem at /sys/fs/bpf unless it is there (the lab pins programs).
-fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if mounts.lines().any(|l| {
         let mut f = l.split_whitespace();

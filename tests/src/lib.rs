@@ -3,6 +3,7 @@ pub mod bench_control;
 pub mod charts;
 pub mod cli;
 pub mod cluster;
+pub mod cluster_lab;
 pub mod daemon;
 pub mod echo;
 pub mod etcd;

@@ -386,12 +386,15 @@ const BUILD_PACKAGES: [(&str, &str); 2] = [
 
 /// Debian packages the namespace suites use, installed only when missing: `ip` and `nsenter`
 /// for the labs, headless `chromium` for the status page test (`cli_e2e`), `etcd` for the
-/// cluster store (`cluster_e2e`).
-const TEST_PACKAGES: [(&str, &str); 4] = [
+/// cluster store (`cluster_e2e`), `bird` and `birdc` (bird2) for the BGP router and the
+/// balancers' announcements in the cluster lab (`ecmp_e2e`).
+const TEST_PACKAGES: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("chromium", "chromium"),
     ("etcd", "etcd-server"),
+    ("bird", "bird2"),
+    ("birdc", "bird2"),
 ];
 
 fn ensure_build_packages() -> Result<()> {
@@ -407,15 +410,17 @@ fn ensure_test_packages() -> Result<()> {
         "test packages",
         &TEST_PACKAGES,
         "the namespace suites need them (chromium: the status page test of cli_e2e; \
-         etcd: cluster_e2e)",
+         etcd: cluster_e2e; bird2: ecmp_e2e)",
     )
 }
 
 /// Installs the Debian packages of `list` (`(binary or absolute file, package)`) whose binary
 /// or file is missing; after the install every one must be there.
 fn ensure_packages(what: &str, list: &[(&str, &str)], why: &str) -> Result<()> {
+    // A package may provide several entries (bird2: `bird` and `birdc`): each named once.
     let missing = || -> Vec<&str> {
-        list.iter()
+        let mut v: Vec<&str> = list
+            .iter()
             .filter(|(bin, _)| {
                 if bin.starts_with('/') {
                     !Path::new(bin).is_file()
@@ -424,13 +429,13 @@ fn ensure_packages(what: &str, list: &[(&str, &str)], why: &str) -> Result<()> {
                 }
             })
             .map(|(_, pkg)| *pkg)
-            .collect()
+            .collect();
+        v.dedup();
+        v
     };
-    let names = list
-        .iter()
-        .map(|(_, pkg)| *pkg)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut names: Vec<&str> = list.iter().map(|(_, pkg)| *pkg).collect();
+    names.dedup();
+    let names = names.join(", ");
     let wanted = missing();
     if wanted.is_empty() {
         say(&format!("{what} ({names}): present"));
