@@ -93,6 +93,9 @@ pub struct Status {
     /// Cluster mode (`[cluster]`): absent on a single box.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// `[bgp]`: the VIP addresses bird was last told to announce (absent without `[bgp]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp_announced: Option<Vec<String>>,
 }
 
 /// A balancer of a cluster, as `lb status` shows it.

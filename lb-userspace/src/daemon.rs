@@ -155,6 +155,8 @@ pub struct Daemon {
     _events: Option<Server>,
     /// Cluster mode (`[cluster]`): the etcd session and what the loop knows of the others.
     cluster: Option<clustered::Link>,
+    /// `[bgp]`: the VIPs announced through bird2, and when a failed announcement is tried again.
+    bgp: Option<(crate::announce::Announcer, Option<Instant>)>,
 }
 
 impl Daemon {
@@ -341,6 +343,7 @@ impl Daemon {
             servers,
             _events: events,
             cluster: None,
+            bgp: None,
         };
         if let Some(c) = &d.cfg.cluster {
             info!(
@@ -351,11 +354,15 @@ impl Daemon {
             );
             d.cluster = Some(clustered::Link::start(c));
         }
+        if let Some(b) = &d.cfg.bgp {
+            d.bgp = Some((crate::announce::Announcer::new(b), None));
+        }
         d.sync_checks();
         d.execute(&plan, None)
             .context("writing the start-up state to the kernel")?;
         d.attach()?;
         d.program_id = d.dp.program_mut()?.info().ok().map(|i| i.id());
+        d.sync_announcements();
         // The first save is waited for, so a state directory that cannot be written stops
         // the start instead of being found out at the first failover.
         d.save_running()?;
@@ -447,6 +454,7 @@ impl Daemon {
     /// state is saved and the program stays attached, or is detached as asked).
     pub async fn run(mut self) -> Result<()> {
         let served = self.serve().await;
+        self.withdraw_on_exit();
         if let Some(link) = self.cluster.take() {
             link.close().await;
         }
@@ -681,6 +689,7 @@ impl Daemon {
             // After a change, counts (flows per node: `drain --wait`) are taken again at once
             // (or as soon as the running scan returns the table).
             scan_now |= self.change_seq != seq;
+            self.sync_announcements();
             if scan_now && let Some(view) = ct_view.take() {
                 scan_now = false;
                 let job = self.scan_job(view);
@@ -977,6 +986,62 @@ impl Daemon {
             seq: self.change_seq,
             vips,
             idle: (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32,
+        }
+    }
+
+    /// What bird should announce (`[bgp]`): every VIP address while this balancer can serve:
+    /// its program attached, no kernel write pending a retry, and in cluster mode a table
+    /// revision of the cluster's running (before it, its tables may be stale). Nothing
+    /// otherwise. A failed announcement is tried again a second later.
+    fn sync_announcements(&mut self) {
+        let serving = self.link.is_some()
+            && !self.resync
+            && self.cluster.as_ref().is_none_or(|l| l.applied > 0);
+        let wanted: BTreeSet<std::net::IpAddr> = if serving {
+            self.ctl
+                .vips()
+                .map(|v| dataplane::key_ip(&v.spec.key))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let Some((announcer, retry_at)) = self.bgp.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if announcer.announced() == &wanted && retry_at.is_none() {
+            return;
+        }
+        if retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        match announcer.announce(&wanted) {
+            Ok(()) => {
+                *retry_at = None;
+                info!("bgp: announcing {} VIP addresses", wanted.len());
+            }
+            Err(e) => {
+                if retry_at.is_none() {
+                    error!("bgp: {e:#}; trying again every second");
+                }
+                *retry_at = Some(now + Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// On exit, bird withdraws the VIPs when this balancer stops serving them: in cluster mode
+    /// (the others run the same tables and take its flows; its program would forward on
+    /// tables nobody updates), or when the program is detached. A single box that leaves its
+    /// program forwarding keeps announcing (withdrawing would leave the VIPs unserved).
+    fn withdraw_on_exit(&mut self) {
+        let withdraw = self.cluster.is_some() || self.args.detach_on_exit;
+        if let Some((announcer, _)) = self.bgp.as_mut()
+            && withdraw
+        {
+            match announcer.withdraw_all() {
+                Ok(()) => info!("bgp: VIPs withdrawn"),
+                Err(e) => error!("bgp: withdrawing the VIPs on exit: {e:#}"),
+            }
         }
     }
 

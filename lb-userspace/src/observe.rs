@@ -1264,6 +1264,7 @@ mod tests {
             unserved_vips: vec![],
             unserved_episodes: 0,
             cluster: None,
+            bgp_announced: None,
         }
     }
 

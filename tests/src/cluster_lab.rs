@@ -137,6 +137,7 @@ impl ClusterLab {
             spec.lab_bin.display()
         );
         let names = Names::new(&spec.name)?;
+        remove_instances(&names);
         if !lab::leftovers(&names).is_empty() {
             println!(
                 "cluster lab: removing what an earlier lab {} left behind",
@@ -751,16 +752,265 @@ impl ClusterLab {
     }
 }
 
+impl ClusterLab {
+    // -----------------------------------------------------------------------------------------
+    // Cluster-mode daemons and agents
+    // -----------------------------------------------------------------------------------------
+
+    /// Balancer `i`'s `lb run` instance (pins `/sys/fs/bpf/<instance>`, lock file
+    /// `/run/lb/<instance>.lock`).
+    pub fn instance(&self, i: usize) -> String {
+        format!("{}-lb{i}", self.names.name)
+    }
+    /// Balancer `i`'s control API socket.
+    pub fn api_socket(&self, i: usize) -> PathBuf {
+        self.balancer_dir(i).join("lb.sock")
+    }
+    /// The key every agent and balancer shares.
+    pub fn key_file(&self) -> PathBuf {
+        self.names.run_dir().join("key")
+    }
+
+    /// Balancer `i`'s `lb.toml`: cluster mode on the lab's etcd, `[bgp]` through its bird, the
+    /// lab's dsr-l2 VIPs (IPv4 and IPv6: HTTP on 80, TCP and UDP echo on 7) of `routes` routes,
+    /// every node heartbeat-checked.
+    pub fn balancer_config(&self, i: usize, routes: u32) -> String {
+        let vips: Vec<_> = lab::lab_vips()
+            .into_iter()
+            .filter(|v| v.3 == "dsr-l2")
+            .collect();
+        let bgp = self.bgp_config(i);
+        let mut s = format!(
+            "[daemon]\ninstance = \"{instance}\"\nheartbeat_listen = \"{ip}:{hb}\"\n\
+             key_file = \"{key}\"\nxdp_mode = \"generic\"\nconntrack_size = 65536\n\
+             route_slots = {slots}\napi_socket = \"{sock}\"\n\n\
+             [cluster]\nendpoints = [\"{etcd}\"]\nname = \"{name}\"\nid = \"lb{i}\"\n\n\
+             [bgp]\nbirdc = \"{birdc}\"\nsocket = \"{bsock}\"\nroutes_file = \"{rfile}\"\n",
+            instance = self.instance(i),
+            ip = balancer_ip(i),
+            hb = lab::HB_PORT,
+            key = self.key_file().display(),
+            slots = 2 * routes as usize * vips.len(),
+            sock = self.api_socket(i).display(),
+            etcd = self.etcd_endpoint(),
+            name = self.names.name,
+            birdc = bgp.birdc.display(),
+            bsock = bgp.socket.display(),
+            rfile = bgp.routes_file.display(),
+        );
+        for (addr, port, proto, mode) in vips {
+            s += &format!(
+                "\n[[vip]]\naddr = \"{addr}\"\nport = {port}\nproto = \"{proto}\"\nmode = \"{mode}\"\nroutes = {routes}\n"
+            );
+        }
+        for j in 1..=self.nodes {
+            s += &format!(
+                "\n[[node]]\nid = {j}\nmac = \"{}\"\nipv4 = \"{}\"\nipv6 = \"{}\"\n",
+                node_mac(j),
+                node_ip(j),
+                node_ip6(j)
+            );
+        }
+        s
+    }
+
+    /// Starts `lb run` on balancer `i` (`lb`: the binary), its log in the lab's log dir.
+    pub fn start_daemon(&mut self, lb: &Path, i: usize, routes: u32) -> Result<()> {
+        if !self.key_file().exists() {
+            lab::write_key(&self.key_file())?;
+        }
+        let dir = self.balancer_dir(i);
+        let cfg = dir.join("lb.toml");
+        fs::write(&cfg, self.balancer_config(i, routes))?;
+        let args: Vec<OsString> = vec![
+            "run".into(),
+            "--iface".into(),
+            "eth0".into(),
+            "--config".into(),
+            cfg.into(),
+            "--state-dir".into(),
+            dir.join("state").into(),
+        ];
+        let role = format!("lb-lb{i}");
+        let child = lab::spawn(
+            &self.names,
+            &role,
+            &self.balancer_ns(i),
+            lb.as_os_str(),
+            &args,
+            false,
+        )?;
+        self.children.insert(role.clone(), child);
+        wait_for(
+            &format!("balancer {i}'s daemon to answer"),
+            Duration::from_secs(30),
+            || {
+                lab::check_alive(&self.names, &role)?;
+                Ok(self.lb_status(lb, i).is_ok())
+            },
+        )
+        .with_context(|| {
+            format!(
+                "its log: {}",
+                self.names.log_dir().join(format!("{role}.log")).display()
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Kills balancer `i`'s daemon (SIGKILL): its program stays attached and forwarding on the
+    /// tables it had, bird keeps announcing what it last announced.
+    pub fn kill_daemon(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.children.remove(&format!("lb-lb{i}")) {
+            c.kill().context("killing lb run")?;
+            c.wait().context("waiting for lb run")?;
+        }
+        Ok(())
+    }
+
+    /// Balancer `i` stops forwarding as a dead box on the wire would: its daemon killed, its
+    /// XDP program detached (the namespace does not forward IP, so frames to it go nowhere),
+    /// its bird killed (the router notices by BFD). Its link stays up: with the bridge port
+    /// down instead, the bridge would flood frames for its MAC to the other balancers, whose
+    /// programs would forward them, hiding the failure.
+    pub fn fail_balancer(&mut self, i: usize) -> Result<()> {
+        self.kill_daemon(i)?;
+        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/{}", self.instance(i)));
+        ip_batch(
+            &self.balancer_ns(i),
+            &["link set dev eth0 xdpgeneric off".into()],
+        )?;
+        if let Some(mut c) = self.children.remove(&format!("bird-lb{i}")) {
+            c.kill().context("killing bird")?;
+            c.wait().context("waiting for bird")?;
+        }
+        Ok(())
+    }
+
+    /// Stops balancer `i`'s daemon with SIGTERM and waits for it to exit.
+    pub fn stop_daemon(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.children.remove(&format!("lb-lb{i}")) {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            c.wait().context("waiting for lb run")?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `j`'s agent, beating to every balancer.
+    pub fn start_agent(&mut self, lb: &Path, j: usize) -> Result<()> {
+        let to: Vec<String> = (1..=self.balancers)
+            .map(|i| format!("{}:{}", balancer_ip(i), lab::HB_PORT))
+            .collect();
+        let args: Vec<OsString> = vec![
+            "agent".into(),
+            "--node-id".into(),
+            j.to_string().into(),
+            "--balancer".into(),
+            to.join(",").into(),
+            "--key-file".into(),
+            self.key_file().into(),
+        ];
+        let role = format!("agent-{j}");
+        let child = lab::spawn(
+            &self.names,
+            &role,
+            &self.node_ns(j),
+            lb.as_os_str(),
+            &args,
+            false,
+        )?;
+        self.children.insert(role, child);
+        Ok(())
+    }
+
+    /// Stops node `j`'s agent (SIGKILL: the node fails as far as heartbeats tell).
+    pub fn kill_agent(&mut self, j: usize) -> Result<()> {
+        if let Some(mut c) = self.children.remove(&format!("agent-{j}")) {
+            c.kill().context("killing lb agent")?;
+            c.wait().context("waiting for lb agent")?;
+        }
+        Ok(())
+    }
+
+    /// `lb status --json` of balancer `i`.
+    pub fn lb_status(&self, lb: &Path, i: usize) -> Result<serde_json::Value> {
+        let out = Command::new(lb)
+            .args(["status", "--json", "--socket"])
+            .arg(self.api_socket(i))
+            .stdin(Stdio::null())
+            .output()
+            .context("running lb status")?;
+        ensure!(
+            out.status.success(),
+            "lb status (balancer {i}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until balancers `live` run one revision (the same digest), each with `active`
+    /// nodes and announcing every VIP address; returns (revision, digest).
+    pub fn wait_converged(
+        &self,
+        lb: &Path,
+        live: &[usize],
+        active: usize,
+        timeout: Duration,
+    ) -> Result<(i64, String)> {
+        let mut last = String::new();
+        let mut got = (0, String::new());
+        wait_for("the balancers to run one revision", timeout, || {
+            let st = live
+                .iter()
+                .map(|i| self.lb_status(lb, *i))
+                .collect::<Result<Vec<_>>>()?;
+            let first = &st[0]["cluster"];
+            let ok = st.iter().all(|s| {
+                s["cluster"]["revision"] == first["revision"]
+                    && s["cluster"]["digest"] == first["digest"]
+                    && s["nodes"]["active"] == active
+                    && s["bgp_announced"].as_array().is_some_and(|a| !a.is_empty())
+            }) && first["revision"].as_i64().unwrap_or(0) > 0;
+            last = st
+                .iter()
+                .map(|s| format!("{} {} {}", s["cluster"], s["nodes"], s["bgp_announced"]))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if ok {
+                got = (
+                    first["revision"].as_i64().unwrap_or(0),
+                    first["digest"].as_str().unwrap_or("").to_string(),
+                );
+            }
+            Ok(ok)
+        })
+        .with_context(|| format!("last seen: {last}"))?;
+        Ok(got)
+    }
+}
+
 impl Drop for ClusterLab {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.children) {
             let _ = c.kill();
             let _ = c.wait();
         }
+        remove_instances(&self.names);
         match lab::down(&self.names) {
             Ok(_) => {}
             Err(e) => eprintln!("cluster lab {}: removing it: {e:#}", self.names.name),
         }
+    }
+}
+
+/// The balancer daemons' pins and lock files: named after their instances (`<lab>-lbI`), not
+/// the lab, so `lab::down` does not know them.
+fn remove_instances(n: &Names) {
+    for i in 1..=MAX_BALANCERS {
+        let instance = format!("{}-lb{i}", n.name);
+        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/{instance}"));
+        let _ = fs::remove_file(format!("/run/lb/{instance}.lock"));
     }
 }
 

@@ -412,6 +412,10 @@ impl Daemon {
                 .collect(),
             unserved_episodes: self.unserved_episodes,
             cluster: self.cluster_status(),
+            bgp_announced: self
+                .bgp
+                .as_ref()
+                .map(|(a, _)| a.announced().iter().map(|ip| ip.to_string()).collect()),
         }
     }
 

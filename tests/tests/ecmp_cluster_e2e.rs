@@ -1,0 +1,228 @@
+//! Cluster mode behind a real ECMP router (issue 12), as root: the cluster lab
+//! (`lb_tests::cluster_lab`: client, router with bird2 multipath and BFD, three balancers each
+//! with bird2, three nodes, etcd) with `lb run` in cluster mode on every balancer, announcing
+//! the VIPs through `[bgp]`, and `lb agent` on every node beating to all three. Long-lived TCP
+//! connections from the client, spread by the router's L4 hash over the balancers:
+//! - a balancer dies as a box (daemon killed, program detached, bird gone): the router drops it
+//!   (BFD) and its flows, and some of the others' (hash-threshold ECMP), move to the other
+//!   balancers, which run the same tables: no connection breaks; the recovery time is printed;
+//! - a balancer's daemon stops (SIGTERM): it withdraws the VIPs, the router moves its flows,
+//!   none breaks.
+//!
+//! Namespaces `lbcfaillab-*`.
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    cluster_lab::{ClusterLab, ClusterSpec},
+    daemon::lb_binary,
+    lab::{DSR_VIP, DSR_VIP6, ECHO_PORT, ROUTES},
+    netns::spawn_in,
+};
+
+const BALANCERS: usize = 3;
+const NODES: usize = 3;
+
+/// Per connection: the error if it broke, and its longest wait for an answer after the mark.
+type Outcome = Vec<(Option<String>, Duration)>;
+
+/// Connections held from the client, each written to and read back in turn until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<anyhow::Result<Outcome>>,
+    marked: Arc<AtomicBool>,
+}
+
+impl Load {
+    fn start(lab: &ClusterLab, n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let marked = Arc::new(AtomicBool::new(false));
+        let (stop2, marked2) = (stop.clone(), marked.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = spawn_in(&lab.client_ns(), move || {
+            let mut conns = Vec::new();
+            for k in 0..n {
+                let vip: IpAddr = if k % 3 == 2 {
+                    DSR_VIP6.into()
+                } else {
+                    DSR_VIP.into()
+                };
+                let s = TcpStream::connect_timeout(
+                    &SocketAddr::new(vip, ECHO_PORT),
+                    Duration::from_secs(3),
+                )?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                conns.push((s, None::<String>, Duration::ZERO));
+            }
+            let _ = tx.send(());
+            let mut buf = [0u8; 5];
+            while !stop2.load(Ordering::Relaxed) {
+                let marked = marked2.load(Ordering::Relaxed);
+                for (s, err, longest) in conns.iter_mut().filter(|c| c.1.is_none()) {
+                    let t = Instant::now();
+                    let r = s.write_all(b"ping\n").and_then(|()| s.read_exact(&mut buf));
+                    match r {
+                        Ok(()) if &buf == b"ping\n" => {
+                            if marked {
+                                *longest = (*longest).max(t.elapsed());
+                            }
+                        }
+                        Ok(()) => *err = Some(format!("echo answered {buf:?}")),
+                        Err(e) => *err = Some(e.to_string()),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(conns.into_iter().map(|c| (c.1, c.2)).collect())
+        });
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        Self {
+            stop,
+            handle,
+            marked,
+        }
+    }
+
+    /// From now on, each connection's longest wait for an answer is kept.
+    fn mark(&self) {
+        self.marked.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops: the broken connections' errors, and the longest wait for an answer after the
+    /// mark (how long the slowest connection stalled).
+    fn stop(self) -> (Vec<String>, u128) {
+        self.stop.store(true, Ordering::Relaxed);
+        let r = self.handle.join().unwrap().unwrap();
+        let stall = r.iter().map(|c| c.1).max().unwrap_or_default().as_millis();
+        (r.into_iter().filter_map(|c| c.0).collect(), stall)
+    }
+}
+
+fn vips() -> Vec<IpAddr> {
+    vec![DSR_VIP.into(), DSR_VIP6.into()]
+}
+
+fn up(name: &str) -> ClusterLab {
+    let mut lab = ClusterLab::new(&ClusterSpec {
+        name: name.into(),
+        balancers: BALANCERS,
+        nodes: NODES,
+        lab_bin: env!("CARGO_BIN_EXE_lb-lab").into(),
+    })
+    .unwrap();
+    let lb = lb_binary().unwrap();
+    let t0 = Instant::now();
+    for i in 1..=BALANCERS {
+        lab.start_daemon(&lb, i, ROUTES).unwrap();
+    }
+    for j in 1..=NODES {
+        lab.start_agent(&lb, j).unwrap();
+    }
+    let all: Vec<usize> = (1..=BALANCERS).collect();
+    lab.wait_converged(&lb, &all, NODES, Duration::from_secs(30))
+        .unwrap();
+    lab.wait_nexthops(&vips(), &(1..=BALANCERS).collect(), Duration::from_secs(10))
+        .unwrap();
+    println!(
+        "3 balancers on one revision, announcing, 3 next hops at the router: {} ms",
+        t0.elapsed().as_millis()
+    );
+    lab
+}
+
+#[test]
+fn balancer_deaths_behind_ecmp_break_no_connection() {
+    lb_tests::lab::require_root().unwrap();
+    let mut lab = up("lbcfaillab");
+    let lb = lb_binary().unwrap();
+    // Routes moved while nodes joined settle first: every route is then unmoved.
+    let all: Vec<usize> = (1..=BALANCERS).collect();
+    let settle = Instant::now();
+    let (rev, _) = lab
+        .wait_converged(&lb, &all, NODES, Duration::from_secs(30))
+        .unwrap();
+    println!("revision {rev} after {} ms", settle.elapsed().as_millis());
+
+    let load = Load::start(&lab, 90);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = lab_forwarded(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    let carried: Vec<u64> = lab_forwarded(&lab)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    println!("packets each balancer carried in 0.5 s: {carried:?}");
+
+    // Balancer 2 dies as a box.
+    load.mark();
+    let t0 = Instant::now();
+    lab.fail_balancer(2).unwrap();
+    lab.wait_nexthops(&vips(), &[1, 3].into(), Duration::from_secs(3))
+        .unwrap();
+    let dropped = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let (broken, slowest) = load.stop();
+    println!(
+        "balancer 2 died under 90 connections: the router dropped it after {} ms; the \
+         longest stall of a connection {slowest} ms; {} broken",
+        dropped.as_millis(),
+        broken.len()
+    );
+    assert!(broken.is_empty(), "broken: {broken:?}");
+
+    // Balancer 3's daemon stops cleanly: it withdraws, the router moves its flows to 1.
+    let load = Load::start(&lab, 60);
+    load.mark();
+    let t0 = Instant::now();
+    lab.stop_daemon(3).unwrap();
+    lab.wait_nexthops(&vips(), &[1].into(), Duration::from_secs(3))
+        .unwrap();
+    let withdrawn = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let (broken, slowest) = load.stop();
+    println!(
+        "balancer 3's daemon stopped (SIGTERM): withdrawn from the router {} ms later; the \
+         longest stall of a connection {slowest} ms; {} broken",
+        withdrawn.as_millis(),
+        broken.len()
+    );
+    assert!(broken.is_empty(), "broken: {broken:?}");
+}
+
+/// Packets each balancer forwarded with XDP (its interface's TX counter: XDP_TX frames).
+fn lab_forwarded(lab: &ClusterLab) -> Vec<u64> {
+    (1..=BALANCERS)
+        .map(|i| {
+            let ns = lab.balancer_ns(i);
+            spawn_in(&ns, || {
+                // /proc/thread-self/net is this thread's namespace (/sys is not).
+                let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+                let line = dev
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("eth0:"))
+                    .ok_or_else(|| anyhow::anyhow!("no eth0 in {dev}"))?;
+                // Receive: 8 fields, then transmit: bytes, packets.
+                let fields: Vec<&str> = line
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                Ok(fields.get(9).and_then(|f| f.parse().ok()).unwrap_or(0))
+            })
+            .join()
+            .unwrap()
+            .unwrap_or(0)
+        })
+        .collect()
+}
