@@ -129,6 +129,15 @@ pub struct ClusterCounters {
     pub refused: u64,
     /// etcd requests that failed (unreachable, timed out, errors).
     pub errors: u64,
+    /// Flows on moved routes this balancer shares (its last scan), and those beyond
+    /// `replica::MAX_PINS` it could not.
+    #[serde(default)]
+    pub flows_exported: u64,
+    #[serde(default)]
+    pub flows_unshared: u64,
+    /// Other balancers' moved-route flows recorded in this balancer's conntrack now.
+    #[serde(default)]
+    pub flows_imported: u64,
 }
 
 /// Nodes by state.

@@ -129,6 +129,10 @@ pub struct Report {
     /// The leader's answers to the others' proposals, by balancer id (the last of each).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub answers: BTreeMap<String, Answer>,
+    /// The flows on moved routes this balancer keeps on their old nodes
+    /// (`replica::encode_pins`): every other balancer records them too.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pins: String,
 }
 
 /// A change of the cluster's nodes and VIPs proposed to the leader.

@@ -46,6 +46,7 @@ use crate::{
     membership::{self, Event, Membership},
     offload::{self, Feature},
     persist::Persister,
+    replica::Pin,
     routes::{NodeState, RouteTable},
     running,
     server::{self, Call, Server},
@@ -489,6 +490,7 @@ impl Daemon {
         let mut ct_view: Option<CtView> = Some(CtView {
             table: self.dp.conntrack_view()?,
             moved_since: HashMap::new(),
+            imported: HashMap::new(),
         });
         let mut maintenance = tokio::time::interval(MAINTENANCE_PERIOD);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -531,10 +533,11 @@ impl Daemon {
                 Some(call) = next_call(&mut api_rx) => calls.push(call),
                 _ = sleep_until(deadline) => {}
                 Some(res) = scan_rx.recv() => {
+                    let imported = res.view.imported.len();
                     ct_view = Some(res.view);
                     match self.cluster.as_mut() {
                         // Evidence for the leader, not a decision of this balancer's.
-                        Some(link) => link.scanned(&res.settled),
+                        Some(link) => link.scanned(&res.settled, &res.pins, imported),
                         None => inputs.extend(res.settled),
                     }
                     self.ct = res.counts;
@@ -689,6 +692,8 @@ impl Daemon {
             // After a change, counts (flows per node: `drain --wait`) are taken again at once
             // (or as soon as the running scan returns the table).
             scan_now |= self.change_seq != seq;
+            // Cluster mode: after a new revision, and when the others' shared flows changed.
+            scan_now |= self.cluster.as_mut().is_some_and(|l| l.take_rescan());
             self.sync_announcements();
             if scan_now && let Some(view) = ct_view.take() {
                 scan_now = false;
@@ -966,7 +971,10 @@ impl Daemon {
     }
 
     /// What a conntrack scan needs.
-    fn scan_job(&self, view: CtView) -> ScanJob {
+    fn scan_job(&mut self, mut view: CtView) -> ScanJob {
+        // The seed flows hash with: a cluster revision may have brought another one since the
+        // view was made.
+        view.table.set_seed(self.dp.hash_seed());
         let vips: Vec<ScanVip> = self
             .ctl
             .vips()
@@ -986,6 +994,8 @@ impl Daemon {
             seq: self.change_seq,
             vips,
             idle: (self.cfg.daemon.flow_idle_timeout.as_nanos() >> lb_common::CT_TIME_SHIFT) as u32,
+            share: self.cluster.is_some(),
+            import: self.cluster.as_mut().and_then(|l| l.take_import()),
         }
     }
 
@@ -1296,6 +1306,9 @@ struct ScanVip {
 struct CtView {
     table: CtTable,
     moved_since: HashMap<(VipKey, u32), u32>,
+    /// Other balancers' moved-route flows recorded here (cluster mode), with the stamp they
+    /// were recorded at: while the entry is unchanged, the flow has not come here.
+    imported: HashMap<FlowKey, u32>,
 }
 
 /// A conntrack scan, run on a blocking task: expire entries that no flow needs, and find the
@@ -1325,17 +1338,67 @@ struct ScanJob {
     vips: Vec<ScanVip>,
     /// `flow_idle_timeout` in `CtEntry::last_seen` units.
     idle: u32,
+    /// Cluster mode: collect this balancer's moved-route flows to share.
+    share: bool,
+    /// Cluster mode: every moved-route flow the other balancers share now, when it changed
+    /// since the last scan (recorded here if missing; earlier imports no longer shared and
+    /// never seen here are removed).
+    import: Option<Vec<Pin>>,
 }
 
 struct ScanResult {
     view: CtView,
     settled: Vec<Input>,
     counts: ops::CtCounts,
+    /// This balancer's flows on moved routes kept on a previous owner (`share` only).
+    pins: Vec<Pin>,
 }
 
 impl ScanJob {
+    /// Records the other balancers' shared flows missing here, and removes the earlier
+    /// imports they no longer share (unless the flow came here since: then it is this
+    /// balancer's own). An import takes no `CT_F_KEEP`: a hit here sets it.
+    fn import(&mut self, now: u32) {
+        let Some(wanted) = self.import.take() else {
+            return;
+        };
+        let table = &mut self.view.table;
+        let imported = &mut self.view.imported;
+        let wanted_keys: std::collections::HashSet<FlowKey> =
+            wanted.iter().map(|p| p.key).collect();
+        imported.retain(|key, stamp| {
+            let unseen = table
+                .get(key)
+                .is_some_and(|e| e.flags & CT_F_KEEP == 0 && e.last_seen == *stamp);
+            if !unseen {
+                return false;
+            }
+            if wanted_keys.contains(key) {
+                return true;
+            }
+            table.remove(key);
+            false
+        });
+        for p in wanted {
+            if table.get(&p.key).is_none()
+                && table.insert(
+                    &p.key,
+                    &lb_common::CtEntry {
+                        node: p.node,
+                        vip: p.vip,
+                        last_seen: now,
+                        flags: 0,
+                    },
+                )
+            {
+                imported.insert(p.key, now);
+            }
+        }
+    }
+
     fn run(mut self) -> ScanResult {
         let now = coarse_now();
+        self.import(now);
         let by_key: BTreeMap<VipKey, usize> = self
             .vips
             .iter()
@@ -1353,6 +1416,7 @@ impl ScanJob {
         self.view.moved_since = since;
         let table = &mut self.view.table;
         let mut still_needed: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.vips.len()];
+        let mut pins = Vec::new();
         let mut counts = ops::CtCounts {
             seq: self.seq,
             ..Default::default()
@@ -1404,6 +1468,19 @@ impl ScanJob {
                 .is_some_and(|n| matches!(n.state, NodeState::Active | NodeState::Draining));
             if v.table.owner(route) != Some(ct.node) && owner_live {
                 still_needed[i].insert(route);
+                // Shared unless it is another balancer's flow that never came here.
+                let foreign = self
+                    .view
+                    .imported
+                    .get(&key)
+                    .is_some_and(|stamp| ct.flags & CT_F_KEEP == 0 && ct.last_seen == *stamp);
+                if self.share && !foreign {
+                    pins.push(Pin {
+                        key,
+                        node: ct.node,
+                        vip: ct.vip,
+                    });
+                }
             }
         }
         let settled = self
@@ -1422,6 +1499,7 @@ impl ScanJob {
             view: self.view,
             settled,
             counts,
+            pins,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! the first balancer (the leader itself first, then by id) that holds the node up.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::VipKey;
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use lb_common::{FlowKey, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -271,6 +272,91 @@ pub fn settled(ctl: &Controller, own: &Report, others: &BTreeMap<String, Report>
     out
 }
 
+/// A flow on a moved route that its balancer keeps on its old node: shared with the other
+/// balancers, so that it keeps that node wherever ECMP sends it (docs/control-plane.md,
+/// "Moved routes across balancers").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pin {
+    pub key: FlowKey,
+    /// The node its conntrack entry names.
+    pub node: u32,
+    /// Its VIP's index (the same on every balancer running one revision).
+    pub vip: u32,
+}
+
+/// Most pins one report carries (46 bytes each, base64: ~500 KiB, well inside etcd's default
+/// 1.5 MiB request limit); the rest are counted, not shared.
+pub const MAX_PINS: usize = 8192;
+/// One pin on the wire: src 16, dst 16, sport 2, dport 2, proto 1, family 1, node 4, vip 4.
+const PIN_BYTES: usize = 46;
+
+/// Pins as one base64 string (ports in network order as the key holds them, numbers LE).
+pub fn encode_pins(pins: &[Pin]) -> String {
+    let mut b = Vec::with_capacity(pins.len() * PIN_BYTES);
+    for p in pins {
+        b.extend_from_slice(&p.key.src);
+        b.extend_from_slice(&p.key.dst);
+        b.extend_from_slice(&p.key.sport.to_ne_bytes());
+        b.extend_from_slice(&p.key.dport.to_ne_bytes());
+        b.push(p.key.proto);
+        b.push(p.key.family);
+        b.extend_from_slice(&p.node.to_le_bytes());
+        b.extend_from_slice(&p.vip.to_le_bytes());
+    }
+    BASE64.encode(b)
+}
+
+/// The inverse of [`encode_pins`]; a string that is not one is an error (one line).
+pub fn decode_pins(text: &str) -> Result<Vec<Pin>, String> {
+    let b = BASE64
+        .decode(text)
+        .map_err(|e| format!("shared flows: not base64: {e}"))?;
+    if b.len() % PIN_BYTES != 0 {
+        return Err(format!(
+            "shared flows: {} bytes is not a whole number of {PIN_BYTES}-byte records",
+            b.len()
+        ));
+    }
+    Ok(b.chunks_exact(PIN_BYTES)
+        .map(|r| {
+            let arr = |at: usize| -> [u8; 16] {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&r[at..at + 16]);
+                a
+            };
+            let u16_at = |at: usize| u16::from_ne_bytes([r[at], r[at + 1]]);
+            let u32_at = |at: usize| u32::from_le_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
+            Pin {
+                key: FlowKey {
+                    src: arr(0),
+                    dst: arr(16),
+                    sport: u16_at(32),
+                    dport: u16_at(34),
+                    proto: r[36],
+                    family: r[37],
+                    _pad: [0; 2],
+                },
+                node: u32_at(38),
+                vip: u32_at(42),
+            }
+        })
+        .collect())
+}
+
+/// Every pin the other balancers share (reports whose pins do not decode are skipped, and
+/// named in the returned errors), sorted and without duplicates.
+pub fn wanted_pins(others: &BTreeMap<String, Report>) -> (Vec<Pin>, Vec<String>) {
+    let mut all = BTreeSet::new();
+    let mut errors = Vec::new();
+    for (id, r) in others {
+        match decode_pins(&r.pins) {
+            Ok(p) => all.extend(p),
+            Err(e) => errors.push(format!("balancer {id}: {e}")),
+        }
+    }
+    (all.into_iter().collect(), errors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +446,68 @@ mod tests {
         )]);
         // A controller without moved routes settles nothing whatever the reports say.
         assert!(settled(&Controller::empty(), &Report::default(), &others).is_empty());
+    }
+
+    #[test]
+    fn pins_round_trip_and_bad_ones_are_refused() {
+        let pins = vec![
+            Pin {
+                key: FlowKey {
+                    src: [1; 16],
+                    dst: [2; 16],
+                    sport: 0x1234,
+                    dport: 80u16.to_be(),
+                    proto: 6,
+                    family: lb_common::FAMILY_V6,
+                    _pad: [0; 2],
+                },
+                node: 7,
+                vip: 3,
+            },
+            Pin::default_v4(),
+        ];
+        assert_eq!(decode_pins(&encode_pins(&pins)).unwrap(), pins);
+        assert_eq!(decode_pins("").unwrap(), vec![]);
+        assert!(decode_pins("!!").unwrap_err().contains("base64"));
+        assert!(
+            decode_pins(&BASE64.encode([0u8; 45]))
+                .unwrap_err()
+                .contains("46-byte")
+        );
+        let others = BTreeMap::from([
+            (
+                "a".to_string(),
+                Report {
+                    pins: encode_pins(&pins),
+                    ..Report::default()
+                },
+            ),
+            (
+                "b".to_string(),
+                Report {
+                    pins: "not pins".into(),
+                    ..Report::default()
+                },
+            ),
+        ]);
+        let (w, errors) = wanted_pins(&others);
+        assert_eq!(w.len(), 2);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("balancer b"), "{errors:?}");
+    }
+
+    impl Pin {
+        fn default_v4() -> Self {
+            Pin {
+                key: FlowKey {
+                    src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    family: lb_common::FAMILY_V4,
+                    ..FlowKey::default()
+                },
+                node: 1,
+                vip: 0,
+            }
+        }
     }
 
     #[test]

@@ -870,7 +870,7 @@ impl ClusterLab {
 
     /// Balancer `i` stops forwarding as a dead box on the wire would: its daemon killed, its
     /// XDP program detached (the namespace does not forward IP, so frames to it go nowhere),
-    /// its bird killed (the router notices by BFD). Its link stays up: with the bridge port
+    /// its bird frozen (the router notices by BFD). Its link stays up: with the bridge port
     /// down instead, the bridge would flood frames for its MAC to the other balancers, whose
     /// programs would forward them, hiding the failure.
     pub fn fail_balancer(&mut self, i: usize) -> Result<()> {
@@ -880,9 +880,12 @@ impl ClusterLab {
             &self.balancer_ns(i),
             &["link set dev eth0 xdpgeneric off".into()],
         )?;
-        if let Some(mut c) = self.children.remove(&format!("bird-lb{i}")) {
-            c.kill().context("killing bird")?;
-            c.wait().context("waiting for bird")?;
+        // Frozen, not killed: a killed bird's BGP socket would still close (a FIN the router
+        // acts on at once), a dead box sends nothing; the router notices by BFD. (Dropping
+        // the lab kills it.)
+        if let Some(c) = self.children.get(&format!("bird-lb{i}")) {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
         }
         Ok(())
     }

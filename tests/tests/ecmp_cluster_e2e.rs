@@ -226,3 +226,89 @@ fn lab_forwarded(lab: &ClusterLab) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Issue 12 item 5: flows on *moved* routes. Node 3 joins while 90 connections run on nodes 1
+/// and 2: a third of the routes move to node 3, and each flow on them stays on its old node
+/// only through a conntrack entry, recorded by the balancer that carries it. Then balancer 2
+/// dies and the router moves its flows (and, hash-threshold, some of the others') to other
+/// balancers: each must find the flow's entry there too.
+#[test]
+fn flows_on_moved_routes_keep_their_node_when_ecmp_moves_them() {
+    lb_tests::lab::require_root().unwrap();
+    let mut lab = ClusterLab::new(&ClusterSpec {
+        name: "lbcmovelab".into(),
+        balancers: BALANCERS,
+        nodes: NODES,
+        lab_bin: env!("CARGO_BIN_EXE_lb-lab").into(),
+    })
+    .unwrap();
+    let lb = lb_binary().unwrap();
+    for i in 1..=BALANCERS {
+        lab.start_daemon(&lb, i, ROUTES).unwrap();
+    }
+    for j in 1..NODES {
+        lab.start_agent(&lb, j).unwrap();
+    }
+    let all: Vec<usize> = (1..=BALANCERS).collect();
+    lab.wait_converged(&lb, &all, NODES - 1, Duration::from_secs(30))
+        .unwrap();
+    lab.wait_nexthops(&vips(), &(1..=BALANCERS).collect(), Duration::from_secs(10))
+        .unwrap();
+    let load = Load::start(&lab, 90);
+    // Node 3 joins: a third of every table moves to it, flagged moved.
+    let t0 = Instant::now();
+    lab.start_agent(&lb, NODES).unwrap();
+    lab.wait_converged(&lb, &all, NODES, Duration::from_secs(10))
+        .unwrap();
+    let joined = t0.elapsed();
+    let shared = wait_shared(&lab, &lb, Duration::from_secs(5));
+    println!(
+        "node 3 joined: every balancer on the new revision after {} ms; moved-route flows \
+         shared: {shared}",
+        joined.as_millis()
+    );
+    load.mark();
+    let t1 = Instant::now();
+    lab.fail_balancer(2).unwrap();
+    lab.wait_nexthops(&vips(), &[1, 3].into(), Duration::from_secs(3))
+        .unwrap();
+    let dropped = t1.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let (broken, stall) = load.stop();
+    println!(
+        "balancer 2 died {} ms after node 3 joined (routes moved): the router dropped it after \
+         {} ms; longest stall {stall} ms; {} of 90 connections broken",
+        (t1 - t0).as_millis(),
+        dropped.as_millis(),
+        broken.len()
+    );
+    assert!(broken.is_empty(), "broken: {broken:?}");
+}
+
+/// Waits until every balancer has imported the others' moved-route flows (`lb status`
+/// counters); returns what they show.
+fn wait_shared(lab: &ClusterLab, lb: &std::path::Path, limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let st: Vec<serde_json::Value> = (1..=BALANCERS)
+            .map(|i| lab.lb_status(lb, i).unwrap()["cluster"]["counters"].clone())
+            .collect();
+        let ok = st
+            .iter()
+            .all(|c| c["flows_imported"].as_u64().unwrap_or(0) > 0);
+        if ok || t0.elapsed() > limit {
+            return format!(
+                "{} after {} ms",
+                st.iter()
+                    .map(|c| format!(
+                        "exported {} imported {}",
+                        c["flows_exported"], c["flows_imported"]
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                t0.elapsed().as_millis()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

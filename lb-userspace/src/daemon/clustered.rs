@@ -100,6 +100,13 @@ pub(super) struct Link {
     /// ones that wait for the revision that holds them.
     answers: BTreeMap<String, Answer>,
     awaiting: Vec<(String, Answer)>,
+    /// This balancer's moved-route flows as last scanned (encoded for its report).
+    pins: String,
+    /// The others' shared flows, and the set waiting for the next scan to record it.
+    wanted: Vec<replica::Pin>,
+    import: Option<Vec<replica::Pin>>,
+    /// A scan is due (a new revision, or new shared flows).
+    rescan: bool,
 }
 
 impl Link {
@@ -131,7 +138,38 @@ impl Link {
             next_proposal: crate::membership::unix_ms(std::time::SystemTime::now()),
             answers: BTreeMap::new(),
             awaiting: Vec::new(),
+            pins: String::new(),
+            wanted: Vec::new(),
+            import: None,
+            rescan: false,
         }
+    }
+
+    /// The others' shared flows for the next scan to record, if they changed.
+    pub fn take_import(&mut self) -> Option<Vec<replica::Pin>> {
+        self.import.take()
+    }
+
+    /// Whether a scan is due now.
+    pub fn take_rescan(&mut self) -> bool {
+        std::mem::take(&mut self.rescan)
+    }
+
+    /// The other balancers' reports changed: their shared flows, if changed, go to the next
+    /// scan (at once).
+    fn take_reports(&mut self, mut r: BTreeMap<String, Report>) {
+        r.remove(&self.id);
+        let (wanted, errors) = replica::wanted_pins(&r);
+        for e in errors {
+            self.trouble(&e);
+        }
+        if wanted != self.wanted {
+            self.wanted = wanted.clone();
+            self.import = Some(wanted);
+            self.rescan = true;
+        }
+        self.others = r;
+        self.reports_known = true;
     }
 
     /// An `lb` change made on this balancer while another leads: proposed to the leader
@@ -249,8 +287,15 @@ impl Link {
         }
     }
 
-    /// A conntrack scan's result: what it found settled, per VIP.
-    pub fn scanned(&mut self, settled: &[Input]) {
+    /// A conntrack scan's result: what it found settled, per VIP; the moved-route flows it
+    /// keeps on previous owners (shared, up to [`replica::MAX_PINS`]); how many of the
+    /// others' it holds.
+    pub fn scanned(&mut self, settled: &[Input], pins: &[replica::Pin], imported: usize) {
+        let shared = &pins[..pins.len().min(replica::MAX_PINS)];
+        self.pins = replica::encode_pins(shared);
+        self.counters.flows_exported = shared.len() as u64;
+        self.counters.flows_unshared = (pins.len() - shared.len()) as u64;
+        self.counters.flows_imported = imported as u64;
         self.scans = settled
             .iter()
             .filter_map(|i| match i {
@@ -433,11 +478,7 @@ impl Daemon {
                         newest = Some(t);
                     }
                 }
-                Msg::Reports(mut r) => {
-                    r.remove(&link.id);
-                    link.others = r;
-                    link.reports_known = true;
-                }
+                Msg::Reports(r) => link.take_reports(r),
                 Msg::Leadership => {}
                 Msg::Trouble(e) => link.trouble(&e),
             }
@@ -564,6 +605,7 @@ impl Daemon {
             scans: link.scans.clone(),
             proposal: link.proposal.as_ref().map(|(p, _)| p.clone()),
             answers: link.answers.clone(),
+            pins: link.pins.clone(),
         }
     }
 
@@ -684,6 +726,8 @@ impl Daemon {
             l.diverged = false;
             l.dirty = false;
             l.counters.applied += 1;
+            // Routes that moved: the flows this balancer keeps on old nodes are shared soon.
+            l.rescan = true;
         }
         self.execute(&plan, None)
             .with_context(|| format!("writing table revision {} to the kernel", t.revision))?;
