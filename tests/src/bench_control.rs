@@ -10,7 +10,9 @@
 //!   elsewhere in the kernel map, with default settings (100 ms interval, k = 3);
 //! - cli update: `lb node weight` issued -> the new table live in every kernel table;
 //! - cluster update: the same at the leader of three balancers -> the new revision live in
-//!   every balancer's kernel tables.
+//!   every balancer's kernel tables;
+//! - balancer failover: one of three balancers behind an ECMP router dies under load:
+//!   connections broken (`balancer_failover_broken`), detection, longest stall.
 //!
 //! Prints a table and writes `target/bench/control.json`.
 use std::{
@@ -458,6 +460,53 @@ fn cluster_updates(trials: usize) -> Result<Vec<f64>> {
     Ok(times)
 }
 
+/// balancer_failover: three cluster-mode balancers behind the cluster lab's ECMP router
+/// (bird2, BFD), 90 long-lived connections from the client; one balancer dies as a box (its
+/// program detached, its bird frozen). Per trial (a fresh lab each, a different balancer):
+/// connections broken, ms until the router dropped it, the longest stall of a connection.
+fn balancer_failovers(trials: usize) -> Result<Vec<(usize, f64, f64)>> {
+    use crate::cluster_lab::{ClusterLab, ClusterSpec, Load};
+    let lb = crate::daemon::lb_binary()?;
+    let lab_bin = lb.with_file_name("lb-lab");
+    let mut out = Vec::with_capacity(trials);
+    for t in 0..trials {
+        let mut lab = ClusterLab::new(&ClusterSpec {
+            name: "lbcbenchlab".into(),
+            balancers: 3,
+            nodes: 3,
+            lab_bin: lab_bin.clone(),
+        })?;
+        for i in 1..=3 {
+            lab.start_daemon(&lb, i, N)?;
+        }
+        for j in 1..=3 {
+            lab.start_agent(&lb, j)?;
+        }
+        lab.wait_converged(&lb, &[1, 2, 3], 3, Duration::from_secs(30))?;
+        let vips: Vec<std::net::IpAddr> =
+            vec![crate::lab::DSR_VIP.into(), crate::lab::DSR_VIP6.into()];
+        lab.wait_nexthops(&vips, &[1, 2, 3].into(), Duration::from_secs(10))?;
+        let load = Load::start(&lab, 90);
+        std::thread::sleep(Duration::from_secs(1));
+        let dead = 1 + t % 3;
+        let rest: std::collections::BTreeSet<usize> = (1..=3).filter(|i| *i != dead).collect();
+        load.mark();
+        let t0 = Instant::now();
+        lab.fail_balancer(dead)?;
+        lab.wait_nexthops(&vips, &rest, Duration::from_secs(5))?;
+        let detect = t0.elapsed().as_secs_f64() * 1e3;
+        std::thread::sleep(Duration::from_secs(3));
+        let (broken, stall) = load.stop();
+        eprintln!(
+            "  balancer {dead} died: router dropped it after {detect:.0} ms, longest stall \
+             {stall} ms, {} broken",
+            broken.len()
+        );
+        out.push((broken.len(), detect, stall as f64));
+    }
+    Ok(out)
+}
+
 /// Failover times (ms) over `trials` agent kills in a namespace lab, default settings.
 fn failover(trials: usize) -> Result<Vec<f64>> {
     let lab = Lab::new(2)?;
@@ -487,6 +536,15 @@ fn failover(trials: usize) -> Result<Vec<f64>> {
 
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only balancer_failover`: that case alone (a development aid; no JSON written).
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--only" && w[1] == "balancer_failover")
+    {
+        let bf = balancer_failovers(3)?;
+        println!("balancer_failover (broken, detect ms, stall ms): {bf:?}");
+        return Ok(());
+    }
     // `--only cluster_update`: that case alone (a development aid; no JSON written).
     if args
         .windows(2)
@@ -538,6 +596,14 @@ pub fn run(args: &[String]) -> Result<()> {
     eprintln!("cluster update: `lb node weight` at the leader x 20, 3 balancers, 2 VIPs x N = {N}");
     let cu = cluster_updates(20)?;
     let (cu_med, cu_min, cu_max) = stats(cu.clone());
+    let bf_trials = if quick { 1 } else { 3 };
+    eprintln!(
+        "balancer failover: one of 3 balancers behind the ECMP router dies under 90 connections, {bf_trials} trials"
+    );
+    let bf = balancer_failovers(bf_trials)?;
+    let bf_broken: usize = bf.iter().map(|b| b.0).sum();
+    let (bf_det_med, _, bf_det_max) = stats(bf.iter().map(|b| b.1).collect());
+    let (bf_stall_med, _, bf_stall_max) = stats(bf.iter().map(|b| b.2).collect());
 
     println!();
     println!("| benchmark | median | min | max | persister write (off path), median |");
@@ -574,6 +640,17 @@ pub fn run(args: &[String]) -> Result<()> {
         cu.len()
     );
 
+    println!(
+        "| balancer_failover_broken: connections broken when 1 of 3 balancers behind the ECMP router dies under 90 ({} trials) | {bf_broken} | | | |",
+        bf.len()
+    );
+    println!(
+        "| balancer failover: router drops the dead balancer (BFD 30 ms x 5) | {bf_det_med:.0} ms | | {bf_det_max:.0} ms | |"
+    );
+    println!(
+        "| balancer failover: longest stall of a connection (one TCP retransmission) | {bf_stall_med:.0} ms | | {bf_stall_max:.0} ms | |"
+    );
+
     let detail = |rows: &[(&'static str, Spread, f64)]| {
         rows.iter()
             .map(|(e, (med, min, max), save)| {
@@ -585,6 +662,14 @@ pub fn run(args: &[String]) -> Result<()> {
             .collect::<serde_json::Map<_, _>>()
     };
     let doc = json!({
+        "balancer_failover_broken": bf_broken,
+        "balancer_failover": {
+            "trials": bf.len(),
+            "connections": 90,
+            "broken": bf.iter().map(|b| b.0).collect::<Vec<_>>(),
+            "router_detect_ms": bf.iter().map(|b| b.1).collect::<Vec<_>>(),
+            "longest_stall_ms": bf.iter().map(|b| b.2).collect::<Vec<_>>(),
+        },
         "cluster_update_ms": { "median": cu_med, "min": cu_min, "max": cu_max, "trials": cu, "balancers": 3 },
         "route_update_ms": detail(&updates),
         "apply_ms": detail(&applies),

@@ -32,6 +32,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -1004,6 +1009,83 @@ impl Drop for ClusterLab {
             Ok(_) => {}
             Err(e) => eprintln!("cluster lab {}: removing it: {e:#}", self.names.name),
         }
+    }
+}
+
+/// Per connection: the error if it broke, and its longest wait for an answer after the mark.
+type Outcome = Vec<(Option<String>, Duration)>;
+
+/// Long-lived TCP connections from the client to the lab's dsr-l2 VIPs' echo port (two in
+/// three IPv4, one IPv6), each written to and read back in turn until stopped: a reset or an
+/// answer missing for 3 s is a broken connection.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<anyhow::Result<Outcome>>,
+    marked: Arc<AtomicBool>,
+}
+
+impl Load {
+    pub fn start(lab: &ClusterLab, n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let marked = Arc::new(AtomicBool::new(false));
+        let (stop2, marked2) = (stop.clone(), marked.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = crate::netns::spawn_in(&lab.client_ns(), move || {
+            let mut conns = Vec::new();
+            for k in 0..n {
+                let vip: IpAddr = if k % 3 == 2 {
+                    lab::DSR_VIP6.into()
+                } else {
+                    lab::DSR_VIP.into()
+                };
+                let s = TcpStream::connect_timeout(
+                    &SocketAddr::new(vip, lab::ECHO_PORT),
+                    Duration::from_secs(3),
+                )?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                conns.push((s, None::<String>, Duration::ZERO));
+            }
+            let _ = tx.send(());
+            let mut buf = [0u8; 5];
+            while !stop2.load(Ordering::Relaxed) {
+                let marked = marked2.load(Ordering::Relaxed);
+                for (s, err, longest) in conns.iter_mut().filter(|c| c.1.is_none()) {
+                    let t = Instant::now();
+                    let r = s.write_all(b"ping\n").and_then(|()| s.read_exact(&mut buf));
+                    match r {
+                        Ok(()) if &buf == b"ping\n" => {
+                            if marked {
+                                *longest = (*longest).max(t.elapsed());
+                            }
+                        }
+                        Ok(()) => *err = Some(format!("echo answered {buf:?}")),
+                        Err(e) => *err = Some(e.to_string()),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(conns.into_iter().map(|c| (c.1, c.2)).collect())
+        });
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        Self {
+            stop,
+            handle,
+            marked,
+        }
+    }
+
+    /// From now on, each connection's longest wait for an answer is kept.
+    pub fn mark(&self) {
+        self.marked.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops: the broken connections' errors, and the longest wait for an answer after the
+    /// mark (how long the slowest connection stalled).
+    pub fn stop(self) -> (Vec<String>, u128) {
+        self.stop.store(true, Ordering::Relaxed);
+        let r = self.handle.join().unwrap().unwrap();
+        let stall = r.iter().map(|c| c.1).max().unwrap_or_default().as_millis();
+        (r.into_iter().filter_map(|c| c.0).collect(), stall)
     }
 }
 

@@ -12,100 +12,19 @@
 //! Namespaces `lbcfaillab-*`.
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    cluster_lab::{ClusterLab, ClusterSpec},
+    cluster_lab::{ClusterLab, ClusterSpec, Load},
     daemon::lb_binary,
-    lab::{DSR_VIP, DSR_VIP6, ECHO_PORT, ROUTES},
+    lab::{DSR_VIP, DSR_VIP6, ROUTES},
     netns::spawn_in,
 };
 
 const BALANCERS: usize = 3;
 const NODES: usize = 3;
-
-/// Per connection: the error if it broke, and its longest wait for an answer after the mark.
-type Outcome = Vec<(Option<String>, Duration)>;
-
-/// Connections held from the client, each written to and read back in turn until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<anyhow::Result<Outcome>>,
-    marked: Arc<AtomicBool>,
-}
-
-impl Load {
-    fn start(lab: &ClusterLab, n: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let marked = Arc::new(AtomicBool::new(false));
-        let (stop2, marked2) = (stop.clone(), marked.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = spawn_in(&lab.client_ns(), move || {
-            let mut conns = Vec::new();
-            for k in 0..n {
-                let vip: IpAddr = if k % 3 == 2 {
-                    DSR_VIP6.into()
-                } else {
-                    DSR_VIP.into()
-                };
-                let s = TcpStream::connect_timeout(
-                    &SocketAddr::new(vip, ECHO_PORT),
-                    Duration::from_secs(3),
-                )?;
-                s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                conns.push((s, None::<String>, Duration::ZERO));
-            }
-            let _ = tx.send(());
-            let mut buf = [0u8; 5];
-            while !stop2.load(Ordering::Relaxed) {
-                let marked = marked2.load(Ordering::Relaxed);
-                for (s, err, longest) in conns.iter_mut().filter(|c| c.1.is_none()) {
-                    let t = Instant::now();
-                    let r = s.write_all(b"ping\n").and_then(|()| s.read_exact(&mut buf));
-                    match r {
-                        Ok(()) if &buf == b"ping\n" => {
-                            if marked {
-                                *longest = (*longest).max(t.elapsed());
-                            }
-                        }
-                        Ok(()) => *err = Some(format!("echo answered {buf:?}")),
-                        Err(e) => *err = Some(e.to_string()),
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok(conns.into_iter().map(|c| (c.1, c.2)).collect())
-        });
-        rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        Self {
-            stop,
-            handle,
-            marked,
-        }
-    }
-
-    /// From now on, each connection's longest wait for an answer is kept.
-    fn mark(&self) {
-        self.marked.store(true, Ordering::Relaxed);
-    }
-
-    /// Stops: the broken connections' errors, and the longest wait for an answer after the
-    /// mark (how long the slowest connection stalled).
-    fn stop(self) -> (Vec<String>, u128) {
-        self.stop.store(true, Ordering::Relaxed);
-        let r = self.handle.join().unwrap().unwrap();
-        let stall = r.iter().map(|c| c.1).max().unwrap_or_default().as_millis();
-        (r.into_iter().filter_map(|c| c.0).collect(), stall)
-    }
-}
 
 fn vips() -> Vec<IpAddr> {
     vec![DSR_VIP.into(), DSR_VIP6.into()]
