@@ -226,3 +226,113 @@ fn etcd_down_keeps_forwarding_and_changes_nothing_until_back() {
     assert!(c.revision().0 > rev0);
     c.same_kernel_tables();
 }
+
+/// Random sequences of node failures and joins, drains and undrains made on any balancer, and
+/// heartbeat loss toward one balancer: after every step each balancer runs the same revision
+/// with the node states a model predicts, and the same pinned tables. The seed is printed
+/// (`LB_TEST_SEED` replays one).
+#[test]
+fn random_sequences_leave_every_balancer_on_the_same_tables() {
+    use rand::{Rng as _, SeedableRng as _};
+    lb_tests::lab::require_root().unwrap();
+    let seed: u64 = std::env::var("LB_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (LB_TEST_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut c = Cluster::up();
+    let mut running = [true; NODES];
+    let mut drained = [false; NODES];
+    // (node index, balancer index) whose heartbeats are blackholed.
+    let mut deaf: Option<(usize, usize)> = None;
+    let ips = c.ips();
+    let t_all = Instant::now();
+    for step in 0..14 {
+        let j = rng.gen_range(0..NODES);
+        let i = rng.gen_range(0..3);
+        // The last running node is never failed: fail static holds a node that goes silent
+        // when every up node is (docs/control-plane.md), so silence cannot take it down.
+        let running_now = running.iter().filter(|r| **r).count();
+        let what = match rng.gen_range(0..3) {
+            0 if running[j] && running_now == 1 => {
+                c.agents[(j + 1) % NODES] = Some(
+                    c.setups[0]
+                        .agent_to(&c.lab, ((j + 1) % NODES) as u32 + 1, "100ms", &ips)
+                        .unwrap(),
+                );
+                running[(j + 1) % NODES] = true;
+                format!("node {} joins", (j + 1) % NODES + 1)
+            }
+            0 => {
+                if running[j] {
+                    drop(c.agents[j].take());
+                } else {
+                    c.agents[j] = Some(
+                        c.setups[0]
+                            .agent_to(&c.lab, j as u32 + 1, "100ms", &ips)
+                            .unwrap(),
+                    );
+                }
+                running[j] = !running[j];
+                format!(
+                    "node {} {}",
+                    j + 1,
+                    if running[j] { "joins" } else { "fails" }
+                )
+            }
+            1 => {
+                let verb = if drained[j] { "undrain" } else { "drain" };
+                let out = c.lb(i, &["node", verb, &(j + 1).to_string()]);
+                assert!(
+                    out.status.success(),
+                    "lb node {verb} on balancer {}: {out:?}",
+                    i + 1
+                );
+                drained[j] = !drained[j];
+                format!("lb node {verb} {} on balancer {}", j + 1, i + 1)
+            }
+            _ => {
+                let (on, (dj, di)) = match deaf.take() {
+                    Some(d) => (false, d),
+                    None => {
+                        deaf = Some((j, i));
+                        (true, (j, i))
+                    }
+                };
+                let ip = c.ips()[di];
+                c.lab.nodes[dj]
+                    .ns
+                    .ip(&[
+                        "route",
+                        if on { "add" } else { "del" },
+                        "blackhole",
+                        &format!("{ip}/32"),
+                    ])
+                    .unwrap();
+                format!(
+                    "heartbeats of node {} toward balancer {} {}",
+                    dj + 1,
+                    di + 1,
+                    if on { "lost" } else { "back" }
+                )
+            }
+        };
+        let active = (0..NODES).filter(|k| running[*k] && !drained[*k]).count();
+        let draining = (0..NODES).filter(|k| running[*k] && drained[*k]).count();
+        let took = c.converged(active, draining, Duration::from_secs(15));
+        if what.starts_with("heartbeats") {
+            // Heartbeat loss toward one balancer must change nothing, also once its detector
+            // has taken the node down (3 x 100 ms).
+            std::thread::sleep(Duration::from_millis(600));
+            c.converged(active, draining, Duration::from_secs(2));
+        }
+        c.same_kernel_tables();
+        println!(
+            "step {step}: {what}: every balancer on one revision ({active} active, {draining} \
+             draining) after {} ms",
+            took.as_millis()
+        );
+    }
+    println!("14 steps in {} ms", t_all.elapsed().as_millis());
+}
