@@ -681,7 +681,16 @@ impl Daemon {
         use crate::cluster::Error;
         if !matches!(e, Error::NotLeader { .. } | Error::Behind { .. }) {
             // etcd trouble: written again next round.
-            link.trouble(&format!("writing table revision: {e}"));
+            let hint = if e.to_string().contains("too large") {
+                " (etcd refuses requests over its --max-request-bytes, 1.5 MiB by default: \
+                 raise it for this many VIPs)"
+            } else {
+                ""
+            };
+            link.trouble(&format!(
+                "writing table revision ({} KiB): {e}{hint}",
+                bytes.len() / 1024
+            ));
             return;
         }
         // Another leader, or a newer revision: the kernel may run tables no revision holds,
