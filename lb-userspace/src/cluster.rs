@@ -597,15 +597,38 @@ async fn observe_reports(
     prefix: String,
     tx: watch::Sender<BTreeMap<String, Report>>,
 ) {
+    follow_prefix(
+        client,
+        prefix,
+        "liveness",
+        tx,
+        |client, prefix| async move { read_reports(&client, &prefix).await },
+    )
+    .await
+}
+
+/// Keeps `tx` at `read`'s view of the keys under `prefix`: read once, then again at every
+/// change (a watch from the etcd revision the view was read at, so nothing in between is
+/// missed); after an error, all over again after [`RETRY`]. Runs until the handle goes.
+async fn follow_prefix<T, F, Fut>(
+    client: Client,
+    prefix: String,
+    what: &'static str,
+    tx: watch::Sender<T>,
+    read: F,
+) where
+    F: Fn(Client, String) -> Fut,
+    Fut: Future<Output = Result<(T, i64)>>,
+{
     loop {
         let result = async {
-            let (reports, at) = read_reports(&client, &prefix).await?;
-            tx.send_replace(reports);
+            let (view, at) = read(client.clone(), prefix.clone()).await?;
+            tx.send_replace(view);
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(at + 1);
             let mut stream = op(
-                "watch liveness",
+                "watch",
                 client.watch_client().watch(prefix.clone(), Some(opts)),
             )
             .await?;
@@ -613,13 +636,13 @@ async fn observe_reports(
                 match stream.message().await {
                     Ok(Some(r)) if r.canceled() => return Ok::<_, Error>(()),
                     Ok(Some(r)) if !r.events().is_empty() => {
-                        tx.send_replace(read_reports(&client, &prefix).await?.0);
+                        tx.send_replace(read(client.clone(), prefix.clone()).await?.0);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => return Ok(()),
                     Err(source) => {
                         return Err(Error::Etcd {
-                            what: "watch liveness",
+                            what: "watch",
                             source,
                         });
                     }
@@ -628,7 +651,7 @@ async fn observe_reports(
         }
         .await;
         if let Err(e) = result {
-            tracing::debug!("cluster liveness watch: {e}; again");
+            tracing::debug!("cluster {what} watch: {e}; again");
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -699,53 +722,28 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, shared: Arc<Share
 /// change under the election prefix. Runs until the handle goes (also after the lease ended:
 /// who leads is still worth knowing).
 async fn observe(client: Client, prefix: String, tx: watch::Sender<Leadership>) {
-    let read = |client: Client, prefix: String| async move {
-        let opts = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let resp = op("get election", client.kv_client().get(prefix, Some(opts))).await?;
-        let first = resp.kvs().first();
-        Ok::<_, Error>(Leadership {
-            leader: first.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-            revision: resp.header().map_or(0, |h| h.revision()),
-            key: first.map(|kv| kv.key().to_vec()),
-        })
-    };
-    loop {
-        let result = async {
-            let view = read(client.clone(), prefix.clone()).await?;
-            let from = view.revision + 1;
-            tx.send_replace(view);
-            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
-            let mut stream = op(
-                "watch election",
-                client.watch_client().watch(prefix.clone(), Some(opts)),
-            )
-            .await?;
-            loop {
-                match stream.message().await {
-                    Ok(Some(r)) if r.canceled() => return Ok::<_, Error>(()),
-                    Ok(Some(r)) if !r.events().is_empty() => {
-                        tx.send_replace(read(client.clone(), prefix.clone()).await?);
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Ok(()),
-                    Err(source) => {
-                        return Err(Error::Etcd {
-                            what: "watch election",
-                            source,
-                        });
-                    }
-                }
-            }
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::debug!("cluster election watch: {e}; again");
-        }
-        tokio::time::sleep(RETRY).await;
-    }
+    follow_prefix(
+        client,
+        prefix,
+        "election",
+        tx,
+        |client, prefix| async move {
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(1);
+            let resp = op("get election", client.kv_client().get(prefix, Some(opts))).await?;
+            let first = resp.kvs().first();
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let view = Leadership {
+                leader: first.map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                revision,
+                key: first.map(|kv| kv.key().to_vec()),
+            };
+            Ok((view, revision))
+        },
+    )
+    .await
 }
 
 /// Campaigns until this balancer leads, holds the term until etcd shows its key gone (or the

@@ -156,8 +156,9 @@ pub struct Daemon {
     _events: Option<Server>,
     /// Cluster mode (`[cluster]`): the etcd session and what the loop knows of the others.
     cluster: Option<clustered::Link>,
-    /// `[bgp]`: the VIPs announced through bird2, and when a failed announcement is tried again.
-    bgp: Option<(crate::announce::Announcer, Option<Instant>)>,
+    /// `[bgp]`: the VIPs announced through bird2, when a failed announcement is tried again,
+    /// and whether bird was told anything yet (at start its file may hold an earlier run's set).
+    bgp: Option<(crate::announce::Announcer, Option<Instant>, bool)>,
 }
 
 impl Daemon {
@@ -356,7 +357,7 @@ impl Daemon {
             d.cluster = Some(clustered::Link::start(c));
         }
         if let Some(b) = &d.cfg.bgp {
-            d.bgp = Some((crate::announce::Announcer::new(b), None));
+            d.bgp = Some((crate::announce::Announcer::new(b), None, false));
         }
         d.sync_checks();
         d.execute(&plan, None)
@@ -1015,11 +1016,11 @@ impl Daemon {
         } else {
             BTreeSet::new()
         };
-        let Some((announcer, retry_at)) = self.bgp.as_mut() else {
+        let Some((announcer, retry_at, told)) = self.bgp.as_mut() else {
             return;
         };
         let now = Instant::now();
-        if announcer.announced() == &wanted && retry_at.is_none() {
+        if *told && announcer.announced() == &wanted && retry_at.is_none() {
             return;
         }
         if retry_at.is_some_and(|t| now < t) {
@@ -1028,6 +1029,7 @@ impl Daemon {
         match announcer.announce(&wanted) {
             Ok(()) => {
                 *retry_at = None;
+                *told = true;
                 info!("bgp: announcing {} VIP addresses", wanted.len());
             }
             Err(e) => {
@@ -1045,7 +1047,7 @@ impl Daemon {
     /// program forwarding keeps announcing (withdrawing would leave the VIPs unserved).
     fn withdraw_on_exit(&mut self) {
         let withdraw = self.cluster.is_some() || self.args.detach_on_exit;
-        if let Some((announcer, _)) = self.bgp.as_mut()
+        if let Some((announcer, _, _)) = self.bgp.as_mut()
             && withdraw
         {
             match announcer.withdraw_all() {

@@ -415,7 +415,7 @@ impl Daemon {
             bgp_announced: self
                 .bgp
                 .as_ref()
-                .map(|(a, _)| a.announced().iter().map(|ip| ip.to_string()).collect()),
+                .map(|(a, _, _)| a.announced().iter().map(|ip| ip.to_string()).collect()),
         }
     }
 
