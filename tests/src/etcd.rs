@@ -1,6 +1,7 @@
 //! One etcd server (Debian's `etcd-server`, installed by `cargo xtask setup`) for the cluster
-//! suites, inside a lab namespace, on a temporary data dir; killed (and the dir removed) when
-//! dropped. `kill` and `run` stop and start it again on the same data.
+//! suites, inside a lab namespace or on free loopback ports, on a temporary data dir; killed
+//! (and the dir removed) when dropped. `kill` and `run` stop and start it again on the same
+//! data.
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -22,8 +23,11 @@ pub const PEER_PORT: u16 = 2380;
 pub struct Etcd {
     child: Option<Child>,
     dir: TempDir,
-    ns: String,
+    /// The namespace it runs in (`None`: this process's).
+    ns: Option<String>,
     ip: Ipv4Addr,
+    client_port: u16,
+    peer_port: u16,
 }
 
 /// The etcd binary (setup installs it; its absence fails the suite with this message).
@@ -41,15 +45,36 @@ impl Etcd {
         let mut e = Self {
             child: None,
             dir: TempDir::new("etcd")?,
-            ns: ns.name.clone(),
+            ns: Some(ns.name.clone()),
             ip,
+            client_port: CLIENT_PORT,
+            peer_port: PEER_PORT,
+        };
+        e.run()?;
+        Ok(e)
+    }
+
+    /// Starts etcd on 127.0.0.1 (this process's namespace) on free ports.
+    pub fn start_local() -> Result<Self> {
+        let free = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let mut e = Self {
+            child: None,
+            dir: TempDir::new("etcd")?,
+            ns: None,
+            ip: Ipv4Addr::LOCALHOST,
+            client_port: free()?,
+            peer_port: free()?,
         };
         e.run()?;
         Ok(e)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{CLIENT_PORT}", self.ip)
+        format!("http://{}:{}", self.ip, self.client_port)
     }
 
     fn log(&self) -> PathBuf {
@@ -58,14 +83,20 @@ impl Etcd {
 
     /// Starts etcd on its data dir (again, after [`Etcd::kill`]) and waits until it answers.
     pub fn run(&mut self) -> Result<()> {
-        let peer = format!("http://{}:{PEER_PORT}", self.ip);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log())?;
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(binary()?)
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary()?);
+                c
+            }
+            None => std::process::Command::new(binary()?),
+        };
+        let child = cmd
             .arg("--name=lbtest")
             .arg(format!("--data-dir={}", self.dir.0.join("data").display()))
             .arg(format!("--listen-client-urls={}", self.endpoint()))
@@ -105,18 +136,19 @@ impl Etcd {
 
     /// Whether etcd answers `GET /health` with `"health":"true"` (asked from its namespace).
     pub fn healthy(&self) -> bool {
-        let addr = SocketAddr::from((self.ip, CLIENT_PORT));
-        spawn_in(&self.ns, move || {
+        let addr = SocketAddr::from((self.ip, self.client_port));
+        let ask = move || -> Result<bool> {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
             s.set_read_timeout(Some(Duration::from_millis(500)))?;
             s.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
             let mut body = String::new();
             s.read_to_string(&mut body)?;
             Ok(body.contains("\"health\":\"true\""))
-        })
-        .join()
-        .ok()
-        .and_then(|r| r.ok())
+        };
+        match &self.ns {
+            Some(ns) => spawn_in(ns, ask).join().ok().and_then(|r| r.ok()),
+            None => ask().ok(),
+        }
         .unwrap_or(false)
     }
 

@@ -1,149 +1,22 @@
 //! The cluster store API (`lb_userspace::cluster`) against a real etcd (Debian's `etcd-server`,
-//! which `cargo xtask setup` installs) on 127.0.0.1 with free ports and a temporary data dir:
+//! which `cargo xtask setup` installs; `lb_tests::etcd`) on 127.0.0.1 with free ports and a temporary data dir:
 //! one leader, failover within the lease TTL, liveness reports tied to the lease, table
 //! revisions written by the leader only and seen by the others, and etcd going away and back.
 //! No kernel, no namespaces; a missing etcd binary fails the tests.
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 use std::{
     future::Future,
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use futures_util::StreamExt as _;
+use lb_tests::etcd::Etcd;
 use lb_userspace::{
     cluster::{Cluster, Error, NodeView, OP_TIMEOUT, Report},
     config::ClusterConfig,
 };
 
 const TTL: Duration = Duration::from_secs(2);
-
-/// One etcd server; killed (and its data dir removed) when dropped.
-struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-fn etcd_binary() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).find(|d| d.join("etcd").is_file()))
-        .map(|d| d.join("etcd"));
-    on_path
-        .or_else(|| Some(PathBuf::from("/usr/bin/etcd")).filter(|p| p.is_file()))
-        .expect("etcd is not installed: run `cargo xtask setup` (it installs etcd-server)")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Etcd {
-    async fn start() -> Self {
-        let mut e = Self {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        e.run().await;
-        e
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("etcd.log")
-    }
-
-    /// Starts etcd on the data dir (again, after `kill`) and waits until it answers.
-    async fn run(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .unwrap();
-        let child = Command::new(etcd_binary())
-            .arg("--name=lbtest")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={}", self.endpoint()))
-            .arg(format!("--advertise-client-urls={}", self.endpoint()))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=lbtest={peer}"))
-            .arg("--initial-cluster-state=new")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("etcd exited ({st}) at start: {}", tail(&self.log()));
-            }
-            if ready(&self.endpoint()).await {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd not ready within 20 s: {}",
-                tail(&self.log())
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        println!(
-            "etcd on {} ready in {} ms",
-            self.endpoint(),
-            started.elapsed().as_millis()
-        );
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn ready(endpoint: &str) -> bool {
-    let get = async {
-        let mut c = etcd_client::Client::connect([endpoint], None).await?;
-        c.get("/ready", None).await
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), get).await,
-        Ok(Ok(_))
-    )
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
 
 fn cfg(etcd: &Etcd, name: &str, id: &str) -> ClusterConfig {
     ClusterConfig {
@@ -191,7 +64,7 @@ async fn one_leader(cs: &[&Cluster]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_failover_within_the_lease() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_local().unwrap();
     let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
     let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
     assert_eq!(a.lease_ttl(), TTL);
@@ -257,7 +130,7 @@ const UP: NodeView = NodeView::Up {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_are_shared_and_end_with_the_lease() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_local().unwrap();
     let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
     let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
     let mut watched = a.watch_reports();
@@ -312,7 +185,7 @@ async fn reports_are_shared_and_end_with_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_writes_tables_and_everyone_sees_them() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_local().unwrap();
     let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
     let b = Cluster::connect(&cfg(&etcd, "t1", "b")).await.unwrap();
     let lead = one_leader(&[&a, &b]).await;
@@ -394,7 +267,7 @@ async fn only_the_leader_writes_tables_and_everyone_sees_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_fails_in_bounded_time_and_back_works() {
-    let mut etcd = Etcd::start().await;
+    let mut etcd = Etcd::start_local().unwrap();
     let a = Cluster::connect(&cfg(&etcd, "t1", "a")).await.unwrap();
     one_leader(&[&a]).await;
     let r1 = a.write_revision(b"before", 0).await.unwrap();
@@ -447,7 +320,7 @@ async fn etcd_down_fails_in_bounded_time_and_back_works() {
 
     // etcd back on the same data: a new member connects and sees the tables written before;
     // exactly one of the two leads (the old one renews its lease if etcd kept it).
-    etcd.run().await;
+    etcd.run().unwrap();
     let n = Cluster::connect(&cfg(&etcd, "t1", "n")).await.unwrap();
     let mut watch = n.watch_revisions().await.unwrap();
     let seen = watch.next().await.unwrap().unwrap();
