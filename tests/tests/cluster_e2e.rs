@@ -1,6 +1,6 @@
 //! The cluster store API (`lb_userspace::cluster`) against a real etcd (Debian's `etcd-server`,
-//! which `cargo xtask setup` installs; `lb_tests::etcd`) on 127.0.0.1 with free ports and a temporary data dir:
-//! one leader, failover within the lease TTL, liveness reports tied to the lease, table
+//! which `cargo xtask setup` installs; `lb_tests::etcd`) on 127.0.0.1 with free ports and a
+//! temporary data dir: one leader, failover within the lease TTL, liveness reports tied to the lease, table
 //! revisions written by the leader only and seen by the others, and etcd going away and back.
 //! No kernel, no namespaces; a missing etcd binary fails the tests.
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
