@@ -684,11 +684,9 @@ impl Daemon {
                 }
             }
             if self.cluster.is_some() {
+                // A change made here is proposed to the leader: made at once if that is us.
+                self.answer_proposals(socket.as_mut()).await;
                 self.publish_report();
-            }
-            // A change made on the leader goes out as the next revision at once.
-            if self.change_seq != seq {
-                self.lead(socket.as_mut()).await;
             }
             // After a change, counts (flows per node: `drain --wait`) are taken again at once
             // (or as soon as the running scan returns the table).

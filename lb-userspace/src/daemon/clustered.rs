@@ -73,11 +73,8 @@ pub(super) struct Link {
     _task: Server,
     /// The revision live in the kernel (0: none yet).
     pub applied: i64,
-    /// The kernel runs tables no revision holds (a leader's write failed): the next revision
-    /// is applied whatever its number.
-    diverged: bool,
-    /// The leader changed its controller and has not written it yet.
-    pub dirty: bool,
+    /// When the leader's last write failed (etcd trouble): the next is tried [`RETRY`] later.
+    write_failed: Option<Instant>,
     /// The other live balancers' reports, by id.
     others: BTreeMap<String, Report>,
     /// Whether the reports were read since the last connect (a leader decides only then).
@@ -96,10 +93,8 @@ pub(super) struct Link {
     /// Set by [`Link::forward`] for the loop: the call just handled waits for an answer.
     forwarded: bool,
     next_proposal: u64,
-    /// The leader's answers to the others' proposals (published in its report), and the
-    /// ones that wait for the revision that holds them.
+    /// The leader's answers to the others' proposals (published in its report).
     answers: BTreeMap<String, Answer>,
-    awaiting: Vec<(String, Answer)>,
     /// This balancer's moved-route flows as last scanned (encoded for its report).
     pins: String,
     /// The others' shared flows, and the set waiting for the next scan to record it.
@@ -122,8 +117,7 @@ impl Link {
             publish,
             _task: Server::spawn(session(cfg.clone(), tx, publish_rx)),
             applied: 0,
-            diverged: false,
-            dirty: false,
+            write_failed: None,
             others: BTreeMap::new(),
             reports_known: false,
             scans: BTreeMap::new(),
@@ -137,7 +131,6 @@ impl Link {
             // Unique across this balancer's runs (its earlier answers stay in the leader's report).
             next_proposal: crate::membership::unix_ms(std::time::SystemTime::now()),
             answers: BTreeMap::new(),
-            awaiting: Vec::new(),
             pins: String::new(),
             wanted: Vec::new(),
             import: None,
@@ -212,6 +205,23 @@ impl Link {
         self.parked = Some(reply);
     }
 
+    /// This balancer's own proposal, answered by itself as the leader.
+    fn answer_own(&mut self, a: &Answer) {
+        if self.proposal.as_ref().is_none_or(|(p, _)| p.id != a.id) {
+            return;
+        }
+        self.proposal = None;
+        let result = match &a.error {
+            Some(e) => Err(Fail::conflict(format!("the change was not made: {e}"))),
+            None => serde_json::to_value(&a.diff)
+                .map(Reply::Json)
+                .map_err(|e| Fail::internal(format!("encoding the answer: {e}"))),
+        };
+        if let Some(reply) = self.parked.take() {
+            let _ = reply.send(result);
+        }
+    }
+
     /// Answers the parked caller when the leader has answered (and, for a change made, once
     /// this balancer runs the revision that holds it), or after [`FORWARD_TIMEOUT`].
     fn check_answer(&mut self) {
@@ -254,9 +264,9 @@ impl Link {
         }
     }
 
-    /// Whether a leader's write waits to be tried again.
+    /// Whether a leader's failed write waits to be tried again.
     pub fn retry_pending(&self) -> bool {
-        self.dirty && self.conn.is_some()
+        self.write_failed.is_some() && self.conn.is_some()
     }
 
     /// Whether this balancer leads now.
@@ -484,7 +494,7 @@ impl Daemon {
             }
         }
         if let Some(t) = newest
-            && (t.revision > link.applied || link.diverged)
+            && t.revision > link.applied
         {
             let rev = t.revision;
             if let Err(e) = self.follow(t, socket.as_deref_mut()) {
@@ -497,69 +507,95 @@ impl Daemon {
         if let Some(l) = self.cluster.as_mut() {
             l.check_answer();
         }
-        self.answer_proposals(socket.as_deref_mut());
+        self.answer_proposals(socket.as_deref_mut()).await;
         self.lead(socket).await;
         self.publish_report();
     }
 
-    /// The leader's part for `lb` changes made on other balancers: each proposal is made
-    /// through the same path as a change made here ([`Daemon::change`]), unless the cluster's
-    /// configuration changed since it was made; the answer goes out in this balancer's report
-    /// (a made change's once the revision holding it is written).
-    fn answer_proposals(&mut self, mut socket: Option<&mut Receiver>) {
+    /// The leader's part for `lb` changes (made on any balancer, this one included): each
+    /// proposal is checked again here, unless the cluster's configuration changed since it was
+    /// made, written to etcd as the next revision and only then made here
+    /// ([`Daemon::install`]); the answer goes to this balancer's caller directly and to the
+    /// others in its report.
+    pub(super) async fn answer_proposals(&mut self, mut socket: Option<&mut Receiver>) {
         let Some(link) = self.cluster.as_ref() else {
             return;
         };
         if !link.leading() || !link.reports_known {
             return;
         }
-        let todo: Vec<(String, Proposal)> = link
+        let mut todo: Vec<(String, Proposal)> = link
             .others
             .iter()
             .filter_map(|(from, r)| {
                 let p = r.proposal.clone()?;
-                let done = link.answers.get(from).is_some_and(|a| a.id == p.id)
-                    || link.awaiting.iter().any(|(f, a)| f == from && a.id == p.id);
+                let done = link.answers.get(from).is_some_and(|a| a.id == p.id);
                 (!done).then(|| (from.clone(), p))
             })
             .collect();
+        if let Some((p, _)) = &link.proposal {
+            todo.push((link.id.clone(), p.clone()));
+        }
         for (from, p) in todo {
-            let current = Shared::of(&self.cfg);
-            let made = match Shared::from_json(&p.config) {
-                Err(e) => Err(e),
-                Ok(next) if next.digest() == current.digest() => Ok(api::Diff::default()),
-                Ok(_) if p.base != current.digest() => Err(
-                    "the cluster's configuration changed since the command was run: run it again"
-                        .to_string(),
-                ),
-                Ok(next) => self
-                    .change(next.apply_to(&self.cfg), socket.as_deref_mut(), false)
-                    .map_err(|f| f.body.error),
-            };
-            info!("cluster: balancer {from}'s change {}: {made:?}", p.id);
+            let answer = self.make_proposal(&p, socket.as_deref_mut()).await;
+            info!("cluster: balancer {from}'s change {}: {answer:?}", p.id);
             let Some(link) = self.cluster.as_mut() else {
                 return;
             };
-            let mut answer = Answer {
-                id: p.id,
-                revision: link.applied,
-                ..Answer::default()
-            };
-            match made {
-                Ok(diff) if diff.applied => {
-                    answer.diff = diff;
-                    link.awaiting.push((from, answer));
-                }
-                Ok(diff) => {
-                    answer.diff = diff;
-                    link.answers.insert(from, answer);
-                }
-                Err(e) => {
-                    answer.error = Some(e);
-                    link.answers.insert(from, answer);
-                }
+            if from == link.id {
+                link.answer_own(&answer);
+            } else {
+                link.answers.insert(from, answer);
             }
         }
+    }
+
+    /// Makes one proposal (leader only): written first, then installed here.
+    async fn make_proposal(&mut self, p: &Proposal, socket: Option<&mut Receiver>) -> Answer {
+        let mut answer = Answer {
+            id: p.id,
+            revision: self.cluster.as_ref().map_or(0, |l| l.applied),
+            ..Answer::default()
+        };
+        let current = Shared::of(&self.cfg);
+        let next = match Shared::from_json(&p.config) {
+            Err(e) => {
+                answer.error = Some(e);
+                return answer;
+            }
+            // Already so (e.g. made by an earlier leader): nothing to do.
+            Ok(next) if next.digest() == current.digest() => return answer,
+            Ok(_) if p.base != current.digest() => {
+                answer.error = Some(
+                    "the cluster's configuration changed since the command was run: run it again"
+                        .into(),
+                );
+                return answer;
+            }
+            Ok(next) => next,
+        };
+        let c = match self.prepare(next.apply_to(&self.cfg), false) {
+            Err(f) => {
+                answer.error = Some(f.body.error);
+                return answer;
+            }
+            Ok(super::ops::Prepared::Done(diff)) => {
+                answer.diff = diff;
+                return answer;
+            }
+            Ok(super::ops::Prepared::Change(c)) => c,
+        };
+        match self.write(&c.next, &c.ctl).await {
+            Ok(rev) => {
+                answer.revision = rev;
+                match self.install(*c, socket) {
+                    Ok(diff) => answer.diff = diff,
+                    Err(f) => answer.error = Some(f.body.error),
+                }
+            }
+            Err(e) => answer.error = Some(format!("the cluster store did not take it: {e}")),
+        }
+        answer
     }
 
     /// This balancer's report: its detector's view, its last scans and the revision it runs.
@@ -620,94 +656,101 @@ impl Daemon {
         }
     }
 
-    /// The leader's part: decide from every live balancer's report, then write the result.
+    /// The leader's part: decide from every live balancer's report; the result is written to
+    /// etcd first and run here only once written, so no kernel ever runs tables no revision
+    /// holds (with etcd unreachable, nothing changes anywhere). Writes the first revision of a
+    /// cluster too.
     pub(super) async fn lead(&mut self, socket: Option<&mut Receiver>) {
         let own = self.own_report();
-        let Some(link) = self.cluster.as_mut() else {
+        let Some(link) = self.cluster.as_ref() else {
             return;
         };
-        if !link.leading() || !link.reports_known {
+        if !link.leading()
+            || !link.reports_known
+            || link.write_failed.is_some_and(|t| t.elapsed() < RETRY)
+        {
             return;
         }
+        let bootstrap = link.applied == 0;
         let merged = replica::merge(self.ctl.nodes().map(|n| n.id), &own, &link.others);
         let mut inputs: Vec<Input> = replica::events(&self.ctl, &merged)
             .into_iter()
             .map(Input::Membership)
             .collect();
         inputs.extend(replica::settled(&self.ctl, &own, &link.others));
-        if !inputs.is_empty() {
-            link.dirty = true;
-            let plan = self.ctl.apply(&inputs);
+        if inputs.is_empty() && !bootstrap {
+            return;
+        }
+        let mut next = self.ctl.clone();
+        let plan = next.apply(&inputs);
+        if plan.steps.is_empty() && !plan.persist && !bootstrap {
+            return;
+        }
+        if self.write(&self.cfg.clone(), &next).await.is_ok() {
+            self.ctl = next;
             self.execute_logged(&plan, socket);
         }
-        self.write_revision().await;
     }
 
-    /// Writes the controller as the next revision if it changed, or if etcd has none yet
-    /// (leader only).
-    async fn write_revision(&mut self) {
+    /// Writes `ctl` running `cfg` as the next revision (leader only), over the revision this
+    /// balancer runs; on success that is the revision it runs. Another leader or a newer
+    /// revision: the current one is applied here (nothing was changed locally).
+    async fn write(
+        &mut self,
+        cfg: &crate::config::Config,
+        ctl: &Controller,
+    ) -> Result<i64, String> {
         let Some(link) = self.cluster.as_mut() else {
-            return;
+            return Err("not in cluster mode".into());
         };
-        let Some(conn) = link
-            .conn
-            .clone()
-            .filter(|_| link.dirty || link.applied == 0)
-        else {
-            return;
+        let Some(conn) = link.conn.clone() else {
+            return Err("no etcd session".into());
         };
         let expect = link.applied;
-        let bytes = Revision::new(&link.id, &self.cfg, &self.ctl).encode();
+        let bytes = Revision::new(&link.id, cfg, ctl).encode();
         let start = Instant::now();
         let e = match conn.write_revision(&bytes, expect).await {
             Ok(rev) => {
                 link.applied = rev;
-                link.dirty = false;
-                link.diverged = false;
+                link.write_failed = None;
                 link.counters.written += 1;
-                for (from, mut a) in std::mem::take(&mut link.awaiting) {
-                    a.revision = rev;
-                    link.answers.insert(from, a);
-                }
                 info!(
                     "cluster: wrote table revision {rev} ({} KiB, {:?})",
                     bytes.len() / 1024,
                     start.elapsed()
                 );
-                return;
+                return Ok(rev);
             }
             Err(e) => e,
         };
         use crate::cluster::Error;
         if !matches!(e, Error::NotLeader { .. } | Error::Behind { .. }) {
-            // etcd trouble: written again next round.
+            // etcd trouble: the change is decided again and written next round.
             let hint = if e.to_string().contains("too large") {
                 " (etcd refuses requests over its --max-request-bytes, 1.5 MiB by default: \
                  raise it for this many VIPs)"
             } else {
                 ""
             };
+            link.write_failed = Some(Instant::now());
             link.trouble(&format!(
                 "writing table revision ({} KiB): {e}{hint}",
                 bytes.len() / 1024
             ));
-            return;
+            return Err(e.to_string());
         }
-        // Another leader, or a newer revision: the kernel may run tables no revision holds,
-        // so the current revision is applied whatever its number (now if there is one).
         info!("cluster: table revision not written: {e}");
-        link.dirty = false;
-        link.diverged = true;
         match conn.current_revision().await {
-            Ok(Some(t)) => {
+            Ok(Some(t)) if t.revision > expect => {
                 let rev = t.revision;
                 if let Err(e) = self.follow(t, None) {
                     warn!("cluster: table revision {rev} not applied: {e:#}");
                 }
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => link_trouble(self, &format!("reading the current table revision: {e}")),
         }
+        Err(e.to_string())
     }
 
     /// Runs a table revision: the controller becomes the revision's, the kernel gets what
@@ -732,8 +775,6 @@ impl Daemon {
         self.adopt_config(cfg, keys, socket);
         if let Some(l) = self.cluster.as_mut() {
             l.applied = t.revision;
-            l.diverged = false;
-            l.dirty = false;
             l.counters.applied += 1;
             // Routes that moved: the flows this balancer keeps on old nodes are shared soon.
             l.rescan = true;

@@ -57,6 +57,22 @@ pub fn drop_name(i: u32) -> String {
     out
 }
 
+/// A change [`Daemon::prepare`] worked out: the configuration, the heartbeat keys it implies,
+/// the controller after it and the kernel writes that take the kernel there.
+pub(super) struct Change {
+    pub next: Config,
+    keys: BTreeMap<u32, crate::heartbeat::Key>,
+    pub ctl: crate::controller::Controller,
+    plan: crate::controller::Plan,
+    changes: Vec<String>,
+}
+
+pub(super) enum Prepared {
+    /// Nothing to make (a dry run, or no change): what it would do.
+    Done(Diff),
+    Change(Box<Change>),
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Result<Reply, Fail> {
     serde_json::to_value(v)
         .map(Reply::Json)
@@ -214,14 +230,31 @@ impl Daemon {
     }
 
     /// Makes the running configuration `next` (or, `dry_run`, says what that would do). The
-    /// one path of every change: API calls, `lb apply`, SIGHUP.
+    /// one path of every change: API calls, `lb apply`, SIGHUP. In cluster mode a change is
+    /// checked here, then proposed to the leader (this balancer's own leader part included),
+    /// which writes it to etcd before any kernel runs it (`Link::forward`).
     pub(super) fn change(
         &mut self,
         next: Config,
-        mut socket: Option<&mut Receiver>,
+        socket: Option<&mut Receiver>,
         dry_run: bool,
     ) -> Result<Diff, Fail> {
-        let start = Instant::now();
+        let c = match self.prepare(next, dry_run)? {
+            Prepared::Done(diff) => return Ok(diff),
+            Prepared::Change(c) => c,
+        };
+        if let Some(link) = self.cluster.as_mut() {
+            return link.forward(
+                &crate::replica::Shared::of(&self.cfg),
+                &crate::replica::Shared::of(&c.next),
+            );
+        }
+        self.install(*c, socket)
+    }
+
+    /// Checks `next` and works out what it changes, on a copy of the controller: a refused
+    /// configuration changes nothing. `Done` for a dry run or no change.
+    pub(super) fn prepare(&self, next: Config, dry_run: bool) -> Result<Prepared, Fail> {
         let mut next = next;
         // What only a restart changes keeps its running value (so the running configuration
         // says what runs); the diff names it.
@@ -242,30 +275,42 @@ impl Daemon {
             format!("! daemon.{what} differs: it changes at the next restart (the running value is kept)")
         }));
         if dry_run || changes.is_empty() {
-            return Ok(Diff {
+            return Ok(Prepared::Done(Diff {
                 changes,
                 route_writes,
                 applied: false,
-            });
+            }));
         }
-        // In cluster mode only the leader changes tables: elsewhere the change is proposed to
-        // it, and answered once the revision that holds it runs here.
-        if let Some(link) = self.cluster.as_mut()
-            && !link.leading()
-        {
-            return link.forward(
-                &crate::replica::Shared::of(&self.cfg),
-                &crate::replica::Shared::of(&next),
-            );
-        }
+        Ok(Prepared::Change(Box::new(Change {
+            next,
+            keys,
+            ctl,
+            plan,
+            changes,
+        })))
+    }
+
+    /// Makes a prepared change: the global settings, the controller, the kernel writes, then
+    /// the running configuration and the state on disk.
+    pub(super) fn install(
+        &mut self,
+        c: Change,
+        mut socket: Option<&mut Receiver>,
+    ) -> Result<Diff, Fail> {
+        let start = Instant::now();
+        let Change {
+            next,
+            keys,
+            ctl,
+            plan,
+            changes,
+        } = c;
+        let route_writes = plan.route_writes() as u64;
         // The global settings first: if they cannot be written, nothing else has changed.
         let globals = global_config(&next).map_err(|e| Fail::bad(format!("{e:#}")))?;
         self.dp.set_config(&globals).map_err(kernel)?;
         self.ctl = ctl;
         self.change_seq += 1;
-        if let Some(link) = self.cluster.as_mut() {
-            link.dirty = true;
-        }
         self.adopt_config(next, keys, socket.as_deref_mut());
         if let Err(e) = self.execute(&plan, socket) {
             self.resync = true;
