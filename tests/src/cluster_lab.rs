@@ -1,7 +1,9 @@
 //! The cluster lab: several balancers behind an ECMP router, in network namespaces, for issue
 //! 12's cluster mode (etcd, BGP, several `lb run`). It builds the network, the router, the
-//! balancers' bird2, the nodes' servers and an etcd; what runs on the balancers (today nothing
-//! but bird: the tests add forwarders or daemons) is the caller's.
+//! balancers' bird2, the nodes' servers and an etcd; what runs on the balancers besides bird
+//! (forwarders, `lb run` daemons: [`ClusterLab::start_daemon`]) is the caller's.
+//! `lb-lab up --balancers N` (`crate::cluster_labctl`) runs it with daemons and agents and
+//! leaves it running ([`ClusterLab::keep_running`]).
 //!
 //! ```text
 //!   <name>-client   198.18.200.2, 2001:db8:200::2; default route via the router
@@ -99,7 +101,8 @@ pub struct ClusterSpec {
     pub lab_bin: PathBuf,
 }
 
-/// A running cluster lab; dropping it removes everything of it.
+/// A running cluster lab; dropping it removes everything of it, unless it was told to keep
+/// running ([`ClusterLab::keep_running`], [`ClusterLab::attach`]).
 pub struct ClusterLab {
     names: Names,
     balancers: usize,
@@ -108,6 +111,8 @@ pub struct ClusterLab {
     /// Our children by role (`bird-router`, `bird-lb1`, `etcd`, `serve-1`...), killed and
     /// reaped on drop (`lab::down` also finds them by name).
     children: BTreeMap<String, Child>,
+    /// Dropping leaves the lab running (`lb-lab up --balancers N`; `lab::down` removes it).
+    keep: bool,
 }
 
 /// An installed program: on the PATH, else in /usr/sbin or /sbin (bird lives there).
@@ -156,6 +161,7 @@ impl ClusterLab {
             nodes: spec.nodes,
             birdc: program("birdc")?,
             children: BTreeMap::new(),
+            keep: false,
         };
         // From here on, a failure drops `me`, which removes what was built.
         let started = Instant::now();
@@ -168,6 +174,25 @@ impl ClusterLab {
             started.elapsed().as_millis()
         );
         Ok(me)
+    }
+
+    /// The running cluster lab called `names` (`balancers` and `nodes` as it was built), to
+    /// look at and operate; dropping this leaves it running.
+    pub fn attach(names: Names, balancers: usize, nodes: usize) -> Result<Self> {
+        Ok(Self {
+            names,
+            balancers,
+            nodes,
+            birdc: program("birdc")?,
+            children: BTreeMap::new(),
+            keep: true,
+        })
+    }
+
+    /// Lets the lab outlive this value (and this process): its processes run on by
+    /// themselves; `lab::down` (`lb-lab down`) removes it.
+    pub fn keep_running(mut self) {
+        self.keep = true;
     }
 
     fn build(&mut self, spec: &ClusterSpec) -> Result<()> {
@@ -765,7 +790,7 @@ impl ClusterLab {
     /// Balancer `i`'s `lb run` instance (pins `/sys/fs/bpf/<instance>`, lock file
     /// `/run/lb/<instance>.lock`).
     pub fn instance(&self, i: usize) -> String {
-        format!("{}-lb{i}", self.names.name)
+        self.names.balancer_instance(i)
     }
     /// Balancer `i`'s control API socket.
     pub fn api_socket(&self, i: usize) -> PathBuf {
@@ -1000,6 +1025,10 @@ impl ClusterLab {
 
 impl Drop for ClusterLab {
     fn drop(&mut self) {
+        if self.keep {
+            // Our `Child` handles go without killing or waiting for anything.
+            return;
+        }
         for (_, mut c) in std::mem::take(&mut self.children) {
             let _ = c.kill();
             let _ = c.wait();
@@ -1089,11 +1118,11 @@ impl Load {
     }
 }
 
-/// The balancer daemons' pins and lock files: named after their instances (`<lab>-lbI`), not
-/// the lab, so `lab::down` does not know them.
+/// The balancer daemons' pins and lock files (named after their instances, `<lab>-lbI`;
+/// `lab::down` removes them too, after stopping the processes).
 fn remove_instances(n: &Names) {
     for i in 1..=MAX_BALANCERS {
-        let instance = format!("{}-lb{i}", n.name);
+        let instance = n.balancer_instance(i);
         let _ = fs::remove_dir_all(format!("/sys/fs/bpf/{instance}"));
         let _ = fs::remove_file(format!("/run/lb/{instance}.lock"));
     }

@@ -25,8 +25,10 @@
 //! after a crash: namespaces `<name>-*`, processes whose `argv[0]` is `<name>:<role>` (or
 //! listed in `/run/<name>/pids/`, or running in a lab namespace), the pins
 //! `/sys/fs/bpf/<name>` (the daemon's) and `/sys/fs/bpf/<name>-peers` (the bridge side's
-//! `XDP_PASS` programs), the daemon's socket and lock under `/run/lb/`, and `/run/<name>/`
-//! (config, key, state, logs, pid files).
+//! `XDP_PASS` programs), the daemon's socket and lock under `/run/lb/` (a cluster lab's
+//! balancers, `crate::cluster_lab`: the pins `/sys/fs/bpf/<name>-lbI` and locks
+//! `/run/lb/<name>-lbI.lock` of their instances), and `/run/<name>/` (config, key, state, logs,
+//! pid files).
 use std::{
     ffi::OsString,
     fs,
@@ -169,7 +171,7 @@ impl Names {
     pub fn key(&self) -> PathBuf {
         self.run_dir().join("key")
     }
-    fn lab_file(&self) -> PathBuf {
+    pub(crate) fn lab_file(&self) -> PathBuf {
         self.run_dir().join("lab.json")
     }
     /// The daemon's instance (its pins, socket and lock are named after it).
@@ -188,19 +190,31 @@ impl Names {
     fn lock(&self) -> PathBuf {
         PathBuf::from(lb_userspace::api::SOCKET_DIR).join(format!("{}.lock", self.name))
     }
+    /// Balancer `i`'s `lb run` instance in a cluster lab (`crate::cluster_lab`): its pins
+    /// `/sys/fs/bpf/<name>-lbI` and lock `/run/lb/<name>-lbI.lock`.
+    pub fn balancer_instance(&self, i: usize) -> String {
+        format!("{}-lb{i}", self.name)
+    }
     /// `argv[0]` of the lab's processes: `<name>:<role>`.
     fn arg0(&self, role: &str) -> String {
         format!("{}:{role}", self.name)
     }
-    /// Every path the lab creates outside its namespaces.
+    /// Every path the lab creates outside its namespaces (a cluster lab's balancers: their
+    /// instances' pins and locks).
     fn paths(&self) -> Vec<PathBuf> {
-        vec![
+        let mut v = vec![
             self.pin_dir(),
             self.peer_pin_dir(),
             self.socket(),
             self.lock(),
-            self.run_dir(),
-        ]
+        ];
+        for i in 1..=crate::cluster_lab::MAX_BALANCERS {
+            let instance = self.balancer_instance(i);
+            v.push(PathBuf::from("/sys/fs/bpf").join(&instance));
+            v.push(PathBuf::from(lb_userspace::api::SOCKET_DIR).join(format!("{instance}.lock")));
+        }
+        v.push(self.run_dir());
+        v
     }
 }
 
@@ -235,6 +249,9 @@ pub struct Recorded {
     pub xdp_why: String,
     pub lb: PathBuf,
     pub foreground: bool,
+    /// A cluster lab's balancer count (`lb-lab up --balancers N`); 0: the single-balancer lab.
+    #[serde(default)]
+    pub balancers: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,21 +317,7 @@ pub fn up_with_banner(spec: &Spec, foreground: bool, banner: bool) -> Result<()>
         );
     }
     let n = &spec.names;
-    if let Some(rec) = read_recorded(n)
-        && pid_alive_by_file(n, "daemon").is_some()
-    {
-        bail!(
-            "the lab {} is already up ({} nodes, started {}): `cargo xtask lab status` shows it, \
-             `cargo xtask lab down` removes it",
-            n.name,
-            rec.nodes,
-            if rec.foreground {
-                "in the foreground by `cargo xtask run`"
-            } else {
-                "by `cargo xtask lab up`"
-            }
-        );
-    }
+    refuse_if_up(n)?;
     if !leftovers(n).is_empty() {
         println!("lab: removing what an earlier lab {} left behind", n.name);
         println!("{}", down(n)?.summary(n));
@@ -344,6 +347,34 @@ pub fn up_with_banner(spec: &Spec, foreground: bool, banner: bool) -> Result<()>
             Err(e)
         }
     }
+}
+
+/// Fails when the lab called `n` (single or cluster) is up: its record is there and its
+/// balancer daemon (one of them, for a cluster lab) or the cluster's etcd runs.
+pub fn refuse_if_up(n: &Names) -> Result<()> {
+    let Some(rec) = read_recorded(n) else {
+        return Ok(());
+    };
+    let mut roles = vec!["daemon".to_string(), "etcd".into()];
+    roles.extend((1..=rec.balancers).map(|i| format!("lb-lb{i}")));
+    if !roles.iter().any(|r| pid_alive_by_file(n, r).is_some()) {
+        return Ok(());
+    }
+    let what = if rec.balancers > 0 {
+        format!("{} balancers, {} nodes", rec.balancers, rec.nodes)
+    } else {
+        format!("{} nodes", rec.nodes)
+    };
+    bail!(
+        "the lab {} is already up ({what}, started {}): `cargo xtask lab status` shows it, \
+         `cargo xtask lab down` removes it",
+        n.name,
+        match (rec.foreground, rec.balancers > 0) {
+            (true, false) => "in the foreground by `cargo xtask run`",
+            (true, true) => "in the foreground by `cargo xtask lab up --foreground`",
+            (false, _) => "by `cargo xtask lab up`",
+        }
+    );
 }
 
 fn up_foreground(spec: &Spec, banner: bool) -> Result<()> {
@@ -393,6 +424,7 @@ fn build_and_start(spec: &Spec, foreground: bool, banner: bool) -> Result<Option
         xdp_why: xdp_why.clone(),
         lb: spec.lb.clone(),
         foreground,
+        balancers: 0,
     };
     fs::write(n.lab_file(), serde_json::to_vec_pretty(&rec)?)?;
     check_stop()?;
@@ -1014,7 +1046,7 @@ fn cmdline(pid: u32) -> Vec<String> {
 }
 
 /// The pid in `pids/<role>.pid` if that process still runs (same start time).
-fn pid_alive_by_file(n: &Names, role: &str) -> Option<u32> {
+pub fn pid_alive_by_file(n: &Names, role: &str) -> Option<u32> {
     let s = fs::read_to_string(n.pid_dir().join(format!("{role}.pid"))).ok()?;
     let mut it = s.split_whitespace();
     let pid: u32 = it.next()?.parse().ok()?;
@@ -1221,7 +1253,8 @@ pub fn reap(pid: u32) {
 // status
 // ---------------------------------------------------------------------------------------------
 
-fn read_recorded(n: &Names) -> Option<Recorded> {
+/// What the lab called `n` recorded about itself (`/run/<name>/lab.json`), if it did.
+pub fn read_recorded(n: &Names) -> Option<Recorded> {
     serde_json::from_slice(&fs::read(n.lab_file()).ok()?).ok()
 }
 
@@ -1242,11 +1275,9 @@ pub fn status(n: &Names, lb: &Path) -> Result<bool> {
         }
         return Ok(false);
     };
-    let mut ok = true;
-    let mut want_ns = vec![n.ns("br"), n.ns("client"), n.ns("gw")];
-    want_ns.extend((1..=rec.nodes).map(|i| n.ns(&format!("node{i}"))));
-    let have = lab_namespaces(n);
-    let missing: Vec<&String> = want_ns.iter().filter(|ns| !have.contains(ns)).collect();
+    if rec.balancers > 0 {
+        return crate::cluster_labctl::status(n, lb, &rec);
+    }
     println!(
         "lab {}: {} nodes, set up for XDP {} mode{}",
         n.name,
@@ -1258,34 +1289,13 @@ pub fn status(n: &Names, lb: &Path) -> Result<bool> {
             ""
         }
     );
-    if missing.is_empty() {
-        println!("  namespaces: {} present", want_ns.len());
-    } else {
-        ok = false;
-        println!(
-            "  namespaces: MISSING {}",
-            missing
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-    }
+    let mut want_ns = vec![n.ns("br"), n.ns("client"), n.ns("gw")];
+    want_ns.extend((1..=rec.nodes).map(|i| n.ns(&format!("node{i}"))));
     let mut roles = vec!["daemon".to_string()];
     for i in 1..=rec.nodes {
         roles.extend(["agent", "decap", "serve"].map(|r| format!("{r}-{i}")));
     }
-    let mut line = String::new();
-    for r in &roles {
-        match pid_alive_by_file(n, r) {
-            Some(pid) => line += &format!(" {r}={pid}"),
-            None => {
-                ok = false;
-                line += &format!(" {r}=DEAD");
-            }
-        }
-    }
-    println!("  processes:{line}");
+    let mut ok = print_present(n, &want_ns, &roles);
     match lb_status(lb, n) {
         Ok(s) => {
             println!(
@@ -1316,6 +1326,36 @@ pub fn status(n: &Names, lb: &Path) -> Result<bool> {
         lb.display()
     );
     Ok(ok)
+}
+
+/// Prints which of the namespaces `want_ns` and processes `roles` (by pid file) of lab `n` are
+/// there; true when all are.
+pub fn print_present(n: &Names, want_ns: &[String], roles: &[String]) -> bool {
+    let mut ok = true;
+    let have = lab_namespaces(n);
+    let missing: Vec<&str> = want_ns
+        .iter()
+        .filter(|ns| !have.contains(ns))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        println!("  namespaces: {} present", want_ns.len());
+    } else {
+        ok = false;
+        println!("  namespaces: MISSING {}", missing.join(" "));
+    }
+    let mut line = String::new();
+    for r in roles {
+        match pid_alive_by_file(n, r) {
+            Some(pid) => line += &format!(" {r}={pid}"),
+            None => {
+                ok = false;
+                line += &format!(" {r}=DEAD");
+            }
+        }
+    }
+    println!("  processes:{line}");
+    ok
 }
 
 // ---------------------------------------------------------------------------------------------

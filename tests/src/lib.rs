@@ -4,6 +4,7 @@ pub mod charts;
 pub mod cli;
 pub mod cluster;
 pub mod cluster_lab;
+pub mod cluster_labctl;
 pub mod daemon;
 pub mod echo;
 pub mod etcd;

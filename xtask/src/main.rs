@@ -42,7 +42,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// The lab, kept running in the background: `up`, `down`, `status` (root).
+    /// The lab, kept running in the background: `up [--balancers N]`, `down`, `status` (root).
     Lab {
         #[command(flatten)]
         setup: SetupArgs,
@@ -83,6 +83,10 @@ enum LabAction {
         /// `auto` (native XDP where the veths allow it) or `generic`.
         #[arg(long, default_value = "auto")]
         xdp: String,
+        /// The cluster lab: N balancers (2..=8) in cluster mode behind a router doing ECMP over
+        /// BGP (bird2), with etcd; every node's agent beats to all of them.
+        #[arg(long, value_name = "N")]
+        balancers: Option<u32>,
         /// Keep the balancer in the foreground until Ctrl-C, then remove the lab (what
         /// `cargo xtask run` without arguments does).
         #[arg(long)]
@@ -142,6 +146,7 @@ fn real_main() -> Result<()> {
                 LabAction::Up {
                     nodes,
                     xdp,
+                    balancers,
                     foreground,
                 } => {
                     let mut a: Vec<OsString> = vec![
@@ -151,6 +156,9 @@ fn real_main() -> Result<()> {
                         "--xdp".into(),
                         xdp.into(),
                     ];
+                    if let Some(b) = balancers {
+                        a.extend(["--balancers".into(), b.to_string().into()]);
+                    }
                     if foreground {
                         a.push("--foreground".into());
                         return lab_foreground(&root, &a);
