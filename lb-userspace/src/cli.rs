@@ -912,6 +912,45 @@ fn render_status(s: &Status) -> String {
             ),
         ),
     ];
+    if let Some(c) = &s.cluster {
+        pairs.push((
+            "cluster",
+            format!(
+                "balancer {} of {} ({}), {}; revision {}, tables {}",
+                c.id,
+                c.balancers.join(" "),
+                if c.connected {
+                    "etcd up"
+                } else {
+                    "NO ETCD SESSION"
+                },
+                match (&c.leader, c.leading) {
+                    (_, true) => "leading".to_string(),
+                    (Some(l), false) => format!("{l} leads"),
+                    (None, false) => "NOBODY LEADS".to_string(),
+                },
+                c.revision,
+                c.digest.get(..16).unwrap_or(&c.digest)
+            ),
+        ));
+        pairs.push((
+            "cluster flows",
+            format!(
+                "{} shared, {} of others' held, {} errors",
+                c.counters.flows_exported, c.counters.flows_imported, c.counters.errors
+            ),
+        ));
+    }
+    if let Some(b) = &s.bgp_announced {
+        pairs.push((
+            "bgp",
+            if b.is_empty() {
+                "announcing nothing".to_string()
+            } else {
+                format!("announcing {}", b.join(" "))
+            },
+        ));
+    }
     if s.fail_static {
         pairs.push((
             "FAIL STATIC",

@@ -26,6 +26,14 @@ fn tables_agree_through_failures_drains_and_heartbeat_loss() {
     c.same_kernel_tables();
     let leader = c.leader();
     let follower = (leader + 1) % 3;
+    // `lb status` says who leads and what runs.
+    let out = String::from_utf8_lossy(&c.lb(follower, &["status"]).stdout).into_owned();
+    assert!(
+        out.contains(&format!("b{} leads", leader + 1)) && out.contains("revision"),
+        "{out}"
+    );
+    let out = String::from_utf8_lossy(&c.lb(leader, &["status"]).stdout).into_owned();
+    assert!(out.contains("leading"), "{out}");
     // Route owners, moved flags aside (the leader clears those as flows settle).
     let owners0 = c.owners(leader);
 
