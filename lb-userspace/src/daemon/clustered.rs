@@ -75,6 +75,11 @@ pub(super) struct Link {
     pub applied: i64,
     /// When the leader's last write failed (etcd trouble): the next is tried [`RETRY`] later.
     write_failed: Option<Instant>,
+    /// The leader decides again only when something it decides from changed: the others'
+    /// reports, leadership, the revision running, or its own report (`decided_on`). A loop
+    /// round comes with every heartbeat; the settled-routes intersection is not free.
+    decide: bool,
+    decided_on: Option<Report>,
     /// The other live balancers' reports, by id.
     others: BTreeMap<String, Report>,
     /// Whether the reports were read since the last connect (a leader decides only then).
@@ -118,6 +123,8 @@ impl Link {
             _task: Server::spawn(session(cfg.clone(), tx, publish_rx)),
             applied: 0,
             write_failed: None,
+            decide: true,
+            decided_on: None,
             others: BTreeMap::new(),
             reports_known: false,
             scans: BTreeMap::new(),
@@ -163,6 +170,7 @@ impl Link {
         }
         self.others = r;
         self.reports_known = true;
+        self.decide = true;
     }
 
     /// An `lb` change made on this balancer while another leads: proposed to the leader
@@ -480,6 +488,7 @@ impl Daemon {
                 Msg::Connected(c) => {
                     info!("cluster: balancer {} connected to etcd", link.id);
                     link.conn = Some(c);
+                    link.decide = true;
                     link.reports_known = false;
                     link.published = None;
                 }
@@ -489,7 +498,7 @@ impl Daemon {
                     }
                 }
                 Msg::Reports(r) => link.take_reports(r),
-                Msg::Leadership => {}
+                Msg::Leadership => link.decide = true,
                 Msg::Trouble(e) => link.trouble(&e),
             }
         }
@@ -588,6 +597,9 @@ impl Daemon {
         match self.write(&c.next, &c.ctl).await {
             Ok(rev) => {
                 answer.revision = rev;
+                if let Some(l) = self.cluster.as_mut() {
+                    l.decide = true;
+                }
                 match self.install(*c, socket) {
                     Ok(diff) => answer.diff = diff,
                     Err(f) => answer.error = Some(f.body.error),
@@ -672,6 +684,16 @@ impl Daemon {
             return;
         }
         let bootstrap = link.applied == 0;
+        if !bootstrap && !link.decide && link.decided_on.as_ref().is_some_and(|r| r.same_as(&own)) {
+            return;
+        }
+        if let Some(l) = self.cluster.as_mut() {
+            l.decide = false;
+            l.decided_on = Some(own.clone());
+        }
+        let Some(link) = self.cluster.as_ref() else {
+            return;
+        };
         let merged = replica::merge(self.ctl.nodes().map(|n| n.id), &own, &link.others);
         let mut inputs: Vec<Input> = replica::events(&self.ctl, &merged)
             .into_iter()
@@ -689,6 +711,9 @@ impl Daemon {
         if self.write(&self.cfg.clone(), &next).await.is_ok() {
             self.ctl = next;
             self.execute_logged(&plan, socket);
+        } else if let Some(l) = self.cluster.as_mut() {
+            // Decided again at the next try.
+            l.decide = true;
         }
     }
 
@@ -776,6 +801,7 @@ impl Daemon {
         if let Some(l) = self.cluster.as_mut() {
             l.applied = t.revision;
             l.counters.applied += 1;
+            l.decide = true;
             // Routes that moved: the flows this balancer keeps on old nodes are shared soon.
             l.rescan = true;
         }
