@@ -7,10 +7,10 @@
 //! - turns its own membership events and conntrack scans into this balancer's [`Report`]
 //!   (they are evidence, not decisions: nobody but the leader changes tables);
 //! - applies a newer table revision ([`Daemon::follow`]);
-//! - as the leader only: merges every live balancer's report ([`replica::merge`]), applies the
-//!   resulting events and settled routes to its controller, makes the changes other balancers
-//!   propose (an `lb` command run there), and writes the result as the next revision (guarded
-//!   by the revision it derives from).
+//! - as the leader only: merges every live balancer's report ([`replica::merge`]) into events
+//!   and settled routes, and makes the `lb` changes proposed by any balancer (itself
+//!   included); each result is written as the next revision first (guarded by its term and
+//!   the revision it derives from) and runs here only once written.
 //!
 //! With etcd unreachable the balancer keeps forwarding on the revision it runs, changes
 //! nothing, warns (rate-limited) and counts; once connected again the watch hands it the
