@@ -31,11 +31,10 @@ pub struct Revision {
     pub format: u32,
     /// The balancer that wrote it.
     pub leader: String,
-    /// The cluster's nodes and VIPs (its running configuration: `lb` changes made on the
-    /// leader included).
-    pub nodes: Vec<NodeConfig>,
-    pub vips: Vec<VipConfig>,
-    pub reserve_node: Option<u32>,
+    /// The cluster's nodes, VIPs and reserve node (its running configuration: `lb` changes
+    /// included), flattened into the revision's fields.
+    #[serde(flatten)]
+    pub shared: Shared,
     /// Node states, tables, moved flags and the hash seed (the state file's format).
     pub state: State,
     /// VIP (as `lb` writes it) -> its revision counter: conntrack scans report on one.
@@ -48,9 +47,7 @@ impl Revision {
         Self {
             format: REVISION_FORMAT,
             leader: leader.to_string(),
-            nodes: cfg.nodes.clone(),
-            vips: cfg.vips.clone(),
-            reserve_node: cfg.daemon.reserve_node,
+            shared: Shared::of(cfg),
             state: ctl.snapshot(),
             vip_revisions: ctl
                 .vip_revisions()
@@ -81,12 +78,7 @@ impl Revision {
 
     /// `base` (this balancer's own configuration) running the revision's nodes and VIPs.
     pub fn config(&self, base: &Config) -> Config {
-        Shared {
-            nodes: self.nodes.clone(),
-            vips: self.vips.clone(),
-            reserve_node: self.reserve_node,
-        }
-        .apply_to(base)
+        self.shared.apply_to(base)
     }
 
     /// The VIPs' revision counters by key (entries naming no VIP are left out).

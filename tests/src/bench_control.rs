@@ -298,54 +298,76 @@ fn cli_updates(trials: usize) -> Result<Vec<f64>> {
         Duration::from_secs(20),
     )?
     .context("not every node came up within 20 s")?;
-    let owned = |key: &lb_common::VipKey| -> Result<u32> {
-        Ok(kv.routes(key)?.iter().filter(|e| e.node == 1).count() as u32)
-    };
-    // No moved flag anywhere: the moved flags a change sets are cleared by the daemon a few
-    // ms later (another generation flip), so each trial starts once the last one settled.
+    weight_changes(
+        &[kv],
+        &keys,
+        &setup.socket(),
+        trials,
+        [N * 2 / (APPLY_NODES + 1), N / APPLY_NODES],
+        Duration::from_secs(10),
+    )
+}
+
+/// `trials` times `lb node weight 1 W` (W alternating 2, 1) against the API `socket`: ms from
+/// the CLI's spawn until every table of `keys` flipped its generation in every kernel of
+/// `views`, then checks node 1 owns `shares[0]` (weight 2) or `shares[1]` (weight 1) of each,
+/// within one route. Each trial starts once no route is flagged moved anywhere (the flags a
+/// change sets are cleared a little later, by another flip), waiting up to `settle`.
+fn weight_changes(
+    views: &[KernelView],
+    keys: &[lb_common::VipKey],
+    socket: &std::path::Path,
+    trials: usize,
+    shares: [u32; 2],
+    settle: Duration,
+) -> Result<Vec<f64>> {
     let settled = || -> Result<bool> {
-        for k in &keys {
-            if kv
-                .routes(k)?
-                .iter()
-                .any(|e| e.flags & lb_common::ROUTE_F_MOVED != 0)
-            {
-                return Ok(false);
+        for kv in views {
+            for k in keys {
+                if kv
+                    .routes(k)?
+                    .iter()
+                    .any(|e| e.flags & lb_common::ROUTE_F_MOVED != 0)
+                {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)
     };
     let mut times = Vec::with_capacity(trials);
     for i in 0..trials {
-        let (weight, want) = if i % 2 == 0 {
-            ("2", N * 2 / (APPLY_NODES + 1))
-        } else {
-            ("1", N / APPLY_NODES)
-        };
+        let (weight, want) = [("2", shares[0]), ("1", shares[1])][i % 2];
         let calm = Instant::now();
         while !settled()? {
             anyhow::ensure!(
-                calm.elapsed() < Duration::from_secs(10),
-                "moved flags not cleared within 10 s"
+                calm.elapsed() < settle,
+                "moved flags not cleared everywhere within {settle:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        let before = keys
+        let before: Vec<Vec<u32>> = views
             .iter()
-            .map(|k| kv.generation(k))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|kv| keys.iter().map(|k| kv.generation(k)).collect())
+            .collect::<Result<_>>()?;
         let t0 = Instant::now();
         let mut cli = std::process::Command::new(crate::daemon::lb_binary()?)
             .args(["node", "weight", "1", weight, "--socket"])
-            .arg(setup.socket())
+            .arg(socket)
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("running lb node weight")?;
-        // Each table flips its generation word once when the change goes live: polling the 16
-        // words is cheap, so the poller takes nothing from the daemon's core.
-        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        // Each table flips its generation word once when the change goes live: polling the
+        // words is cheap, so the poller takes nothing from the daemons' cores.
+        let mut pending: Vec<(usize, usize)> = (0..views.len())
+            .flat_map(|b| (0..keys.len()).map(move |v| (b, v)))
+            .collect();
         while !pending.is_empty() {
-            pending.retain(|&v| kv.generation(&keys[v]).map_or(true, |g| g == before[v]));
+            pending.retain(|&(b, v)| {
+                views[b]
+                    .generation(&keys[v])
+                    .map_or(true, |g| g == before[b][v])
+            });
             if t0.elapsed() > Duration::from_secs(5) {
                 anyhow::bail!(
                     "lb node weight 1 {weight}: {} tables did not flip within 5 s",
@@ -358,12 +380,15 @@ fn cli_updates(trials: usize) -> Result<Vec<f64>> {
         let status = cli.wait()?;
         anyhow::ensure!(status.success(), "lb node weight 1 {weight}: {status}");
         // What went live is the new share (exact: N * w / W rounded either way).
-        for k in &keys {
-            let got = owned(k)?;
-            anyhow::ensure!(
-                got.abs_diff(want) <= 1,
-                "after weight {weight}: node 1 owns {got} routes; expected {want}"
-            );
+        for (b, kv) in views.iter().enumerate() {
+            for k in keys {
+                let got = kv.routes(k)?.iter().filter(|e| e.node == 1).count() as u32;
+                anyhow::ensure!(
+                    got.abs_diff(want) <= 1,
+                    "kernel {}: after weight {weight} node 1 owns {got} routes, not {want}",
+                    b + 1
+                );
+            }
         }
     }
     Ok(times)
@@ -386,78 +411,14 @@ fn cluster_updates(trials: usize) -> Result<Vec<f64>> {
         .iter()
         .map(|s| KernelView::open(s.pin_dir()))
         .collect::<Result<Vec<_>>>()?;
-    let settled = || -> Result<bool> {
-        for kv in &views {
-            for k in &keys {
-                if kv
-                    .routes(k)?
-                    .iter()
-                    .any(|e| e.flags & lb_common::ROUTE_F_MOVED != 0)
-                {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
-    };
-    let mut times = Vec::with_capacity(trials);
-    for i in 0..trials {
-        let (weight, want) = if i % 2 == 0 {
-            ("2", ROUTES / 2)
-        } else {
-            ("1", ROUTES / 3)
-        };
-        let calm = Instant::now();
-        while !settled()? {
-            anyhow::ensure!(
-                calm.elapsed() < Duration::from_secs(20),
-                "moved flags not cleared on every balancer within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let before: Vec<Vec<u32>> = views
-            .iter()
-            .map(|kv| keys.iter().map(|k| kv.generation(k)).collect())
-            .collect::<Result<_>>()?;
-        let t0 = Instant::now();
-        let mut cli = std::process::Command::new(crate::daemon::lb_binary()?)
-            .args(["node", "weight", "1", weight, "--socket"])
-            .arg(c.setups[leader].socket())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("running lb node weight")?;
-        let mut pending: Vec<(usize, usize)> = (0..views.len())
-            .flat_map(|b| (0..keys.len()).map(move |v| (b, v)))
-            .collect();
-        while !pending.is_empty() {
-            pending.retain(|&(b, v)| {
-                views[b]
-                    .generation(&keys[v])
-                    .map_or(true, |g| g == before[b][v])
-            });
-            if t0.elapsed() > Duration::from_secs(5) {
-                anyhow::bail!(
-                    "lb node weight 1 {weight}: {} tables did not flip within 5 s",
-                    pending.len()
-                );
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-        let status = cli.wait()?;
-        anyhow::ensure!(status.success(), "lb node weight 1 {weight}: {status}");
-        for (b, kv) in views.iter().enumerate() {
-            for k in &keys {
-                let got = kv.routes(k)?.iter().filter(|e| e.node == 1).count() as u32;
-                anyhow::ensure!(
-                    got.abs_diff(want) <= 1,
-                    "balancer {}: after weight {weight} node 1 owns {got} routes, not {want}",
-                    b + 1
-                );
-            }
-        }
-    }
-    Ok(times)
+    weight_changes(
+        &views,
+        &keys,
+        &c.setups[leader].socket(),
+        trials,
+        [ROUTES / 2, ROUTES / 3],
+        Duration::from_secs(20),
+    )
 }
 
 /// balancer_failover: three cluster-mode balancers behind the cluster lab's ECMP router

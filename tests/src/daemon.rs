@@ -375,24 +375,7 @@ impl DaemonSetup {
         interval: &str,
         extra: &[&str],
     ) -> Result<ChildGuard> {
-        let lb = lb_binary()?;
-        let node = &lab.nodes[(id - 1) as usize];
-        let child = node
-            .ns
-            .command(&lb.to_string_lossy())
-            .args(["agent", "--node-id", &id.to_string(), "--balancer"])
-            .arg(format!("{}:{HB_PORT}", lab.lb.ip))
-            .arg("--key-file")
-            .arg(&self.key)
-            .args(["--interval", interval])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting lb agent")?;
-        Ok(ChildGuard(Some(child)))
+        self.spawn_agent(lab, id, interval, &[lab.lb.ip], extra)
     }
 
     /// An agent for node `id` beating to every balancer in `balancers`.
@@ -402,6 +385,17 @@ impl DaemonSetup {
         id: u32,
         interval: &str,
         balancers: &[Ipv4Addr],
+    ) -> Result<ChildGuard> {
+        self.spawn_agent(lab, id, interval, balancers, &[])
+    }
+
+    fn spawn_agent(
+        &self,
+        lab: &Lab,
+        id: u32,
+        interval: &str,
+        balancers: &[Ipv4Addr],
+        extra: &[&str],
     ) -> Result<ChildGuard> {
         let to: Vec<String> = balancers.iter().map(|b| format!("{b}:{HB_PORT}")).collect();
         let lb = lb_binary()?;
@@ -413,6 +407,7 @@ impl DaemonSetup {
             .arg("--key-file")
             .arg(&self.key)
             .args(["--interval", interval])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

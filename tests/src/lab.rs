@@ -792,6 +792,31 @@ source_v6 = "{IPIP_SRC6}"
     s
 }
 
+/// `lb-lab --name <name> <args>` (`bin`: the lb-lab binary), its output echoed to stderr.
+pub fn lab_cli(bin: &Path, name: &str, args: &[&str]) -> Result<std::process::Output> {
+    let out = Command::new(bin)
+        .args(["--name", name])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running lb-lab {}", args.join(" ")))?;
+    eprintln!(
+        "--- lb-lab {} ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// [`lab_cli`] that must succeed; its stdout.
+pub fn lab_cli_ok(bin: &Path, name: &str, args: &[&str]) -> Result<String> {
+    let out = lab_cli(bin, name, args)?;
+    ensure!(out.status.success(), "lb-lab {} failed", args.join(" "));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Starts `program args` in namespace `ns` with `argv[0]` = `<name>:<role>`, in a session of
 /// its own, and records its pid. Output: the terminal (`inherit`) or appended to
 /// `logs/<role>.log` (a restarted process continues its log).

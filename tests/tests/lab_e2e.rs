@@ -7,7 +7,7 @@
 //! `lb-lab`: a lab someone is running is not touched.
 use std::{
     net::{IpAddr, SocketAddr},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
@@ -25,26 +25,11 @@ fn names() -> Names {
 
 /// `lb-lab --name lbtlab ARGS` (the binary cargo built next to this test).
 fn lab_cmd(args: &[&str]) -> Result<Output> {
-    let out = Command::new(env!("CARGO_BIN_EXE_lb-lab"))
-        .args(["--name", NAME])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running lb-lab {}", args.join(" ")))?;
-    eprintln!(
-        "--- lb-lab {} ({}):\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out)
+    lab::lab_cli(env!("CARGO_BIN_EXE_lb-lab").as_ref(), NAME, args)
 }
 
 fn lab_ok(args: &[&str]) -> Result<String> {
-    let out = lab_cmd(args)?;
-    ensure!(out.status.success(), "lb-lab {} failed", args.join(" "));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    lab::lab_cli_ok(env!("CARGO_BIN_EXE_lb-lab").as_ref(), NAME, args)
 }
 
 /// Removes the lab however the test ends.

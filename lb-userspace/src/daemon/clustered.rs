@@ -662,7 +662,9 @@ impl Daemon {
         let Some(link) = self.cluster.as_mut() else {
             return;
         };
-        if link.published.as_ref().is_none_or(|p| !p.same_as(&own)) {
+        // Own reports carry no publication time (`publish` stamps the copy it sends), so `==`
+        // compares them without a copy.
+        if link.published.as_ref() != Some(&own) {
             link.publish.send_replace(Some(own.clone()));
             link.published = Some(own);
         }
@@ -684,7 +686,7 @@ impl Daemon {
             return;
         }
         let bootstrap = link.applied == 0;
-        if !bootstrap && !link.decide && link.decided_on.as_ref().is_some_and(|r| r.same_as(&own)) {
+        if !bootstrap && !link.decide && link.decided_on.as_ref() == Some(&own) {
             return;
         }
         if let Some(l) = self.cluster.as_mut() {
